@@ -1,0 +1,21 @@
+"""bncore: fast, numerically stable batch normalization for CPUs."""
+
+from ._config import show_config
+from ._threads import get_num_threads, num_threads, set_num_threads
+from ._version import __version__
+from .functional import batch_norm, moments
+from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "__version__",
+    "batch_norm",
+    "get_num_threads",
+    "moments",
+    "num_threads",
+    "set_num_threads",
+    "show_config",
+]

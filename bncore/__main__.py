@@ -1,0 +1,172 @@
+"""``python -m bncore``: build information, a self-check, a quick speed report.
+
+The self-check runs every public function on small adversarial inputs and
+compares it with bncore.reference (float64 NumPy); the speed report times
+training and eval forwards of a (32, 64, 56, 56) float32 batch against the
+same computation written with NumPy array operations. Exit status 1 if any check fails.
+"""
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+import bncore
+from bncore import reference
+
+SPEED_SHAPE = (32, 64, 56, 56)
+
+
+def _self_check_cases():
+    """(name, function returning the largest error, tolerance) triples."""
+    rng = np.random.default_rng(2024)
+    cases = []
+    for dtype, tol in ((np.float32, 2e-5), (np.float64, 1e-11)):
+        for shape, axis in (((16, 8), 1), ((4, 6, 9), 1), ((3, 5, 7, 7), 1),
+                            ((2, 3, 4, 5, 6), 1), ((4, 5, 5, 6), -1)):
+            x = (rng.standard_normal(shape) * 3 + 1000).astype(dtype)
+            channels = shape[axis]
+            weight = rng.standard_normal(channels)
+            bias = rng.standard_normal(channels)
+            label = f"{np.dtype(dtype).name} {shape} axis={axis}"
+            cases.append((f"batch_norm train {label}",
+                          _train_error(x, weight, bias, axis), tol))
+            cases.append((f"batch_norm eval  {label}",
+                          _eval_error(x, weight, bias, axis, rng), tol))
+            cases.append((f"moments          {label}", _moments_error(x, axis), tol))
+            cases.append((f"BatchNorm        {label}", _module_error(x, axis), tol))
+    return cases
+
+
+def _train_error(x, weight, bias, axis):
+    def run():
+        channels = x.shape[axis]
+        running = (np.zeros(channels, x.dtype), np.ones(channels, x.dtype))
+        y = bncore.batch_norm(x, *running, weight, bias, training=True, axis=axis)
+        expected = reference.batch_norm(x, np.zeros(channels), np.ones(channels), weight,
+                                        bias, training=True, axis=axis)
+        return max(_max_abs(y, expected.y),
+                   _max_abs(running[0], expected.running_mean),
+                   _max_abs(running[1], expected.running_var))
+    return run
+
+
+def _eval_error(x, weight, bias, axis, rng):
+    def run():
+        channels = x.shape[axis]
+        mean = (rng.standard_normal(channels) + 1000).astype(x.dtype)
+        var = rng.uniform(0.5, 9, channels).astype(x.dtype)
+        y = bncore.batch_norm(x, mean, var, weight, bias, training=False, axis=axis)
+        expected = reference.batch_norm(x, mean, var, weight, bias, training=False, axis=axis)
+        return _max_abs(y, expected.y)
+    return run
+
+
+def _moments_error(x, axis):
+    def run():
+        mean, var = bncore.moments(x, axis=axis)
+        ref_mean, ref_var = reference.moments(x, axis=axis)
+        return max(_max_abs(mean, ref_mean) / 1000, _max_abs(var / ref_var, 1.0))
+    return run
+
+
+def _module_error(x, axis):
+    def run():
+        layer = bncore.BatchNorm(x.shape[axis], axis=axis, dtype=x.dtype)
+        errors = []
+        for training in (True, False):
+            layer.train(training)
+            y = layer(x)
+            expected = reference.batch_norm(
+                x, layer.running_mean, layer.running_var, training=False, axis=axis
+            ) if not training else reference.batch_norm(x, training=True, axis=axis)
+            errors.append(_max_abs(y, expected.y))
+        return max(errors)
+    return run
+
+
+def _max_abs(a, b):
+    """Largest error, absolute below 1 and relative above: float32 outputs
+    of a few hundred carry their rounding error in proportion."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b) / np.maximum(1.0, np.abs(b))))
+
+
+def self_check(out):
+    print("\nself-check against bncore.reference (float64 NumPy):", file=out)
+    failures = 0
+    for name, run, tolerance in _self_check_cases():
+        error = run()
+        ok = error <= tolerance
+        failures += not ok
+        print(f"  {'ok  ' if ok else 'FAIL'} {name:52s} max error {error:.1e} "
+              f"(tolerance {tolerance:.0e})", file=out)
+    print(f"  {'all passed' if not failures else f'{failures} FAILED'}", file=out)
+    return failures == 0
+
+
+def _median_time(function, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def numpy_batch_norm(x, running_mean, running_var, training, eps=1e-5):
+    """Batch norm as NumPy users write it: whole-array operations, in the
+    input's dtype, with temporaries (the peer bncore replaces)."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if training:
+        mean = x.mean(axis=axes)
+        var = x.var(axis=axes)
+    else:
+        mean, var = running_mean, running_var
+    return (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+
+
+def speed_report(out, repeats=11):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(SPEED_SHAPE, dtype=np.float32)
+    y = np.empty_like(x)
+    channels = SPEED_SHAPE[1]
+    running_mean = np.zeros(channels, np.float32)
+    running_var = np.ones(channels, np.float32)
+    moved = 2 * x.nbytes  # one read and one write: the memory-bound minimum
+    workloads = [
+        ("training forward",
+         lambda: bncore.batch_norm(x, running_mean, running_var, training=True, out=y),
+         lambda: numpy_batch_norm(x, running_mean, running_var, training=True)),
+        ("eval forward",
+         lambda: bncore.batch_norm(x, running_mean, running_var, training=False, out=y),
+         lambda: numpy_batch_norm(x, running_mean, running_var, training=False)),
+    ]
+    print(f"\nspeed: float32 {SPEED_SHAPE} ({x.nbytes / 1e6:.0f} MB), "
+          f"{bncore.get_num_threads()} threads, median of {repeats}", file=out)
+    print(f"  {'workload':18s} {'bncore':>10s} {'GB/s':>6s} {'NumPy':>10s} {'speed-up':>9s}",
+          file=out)
+    for name, fast, slow in workloads:
+        fast_time = _median_time(fast, repeats)
+        slow_time = _median_time(slow, max(3, repeats // 3))
+        print(f"  {name:18s} {fast_time * 1e3:8.2f}ms {moved / fast_time / 1e9:6.1f} "
+              f"{slow_time * 1e3:8.1f}ms {slow_time / fast_time:8.1f}x", file=out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bncore", description=__doc__.splitlines()[0])
+    parser.add_argument("--no-speed", action="store_true", help="skip the speed report")
+    args = parser.parse_args(argv)
+    out = sys.stdout
+    bncore.show_config(out)
+    passed = self_check(out)
+    if not args.no_speed:
+        speed_report(out)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,674 @@
+"""bncore's compiled layer: every hot loop, without the GIL.
+
+The input arrives as a flat C-contiguous buffer seen as (outer, C, inner)
+(DESIGN.md, "One canonical view"). Nothing here validates what functional.py
+has already checked: an exception raised inside a parallel region can hang
+the process. The entry points only check that the buffers they are handed are
+of the dtype and layout they read, so that a wrong call from Python is an
+exception instead of memory corruption.
+
+Two loop orders:
+
+* planar (inner >= PLANAR_MIN_INNER): each (n, c) pair is a contiguous run of
+  ``inner`` values, vectorised along the run;
+* interleaved: rows of W = C * inner values, vectorised across the row;
+  column j belongs to channel j // inner.
+
+Statistics are the triple (count, mean, M2) per channel. A block (a few
+thousand values, in L1) gives its triple from sums shifted by one of its own
+values, accumulated in float64, so nothing cancels (float64 input gets a
+second, corrected pass around the block mean: Chan, Golub & LeVeque, "Algorithms
+for computing the sample variance", 1983). Blocks merge into chunks and chunks
+into channels with Chan's pairwise update, always in the same order. Block and
+chunk boundaries come from the shape alone, never from the thread count, so
+every result is bitwise identical for any number of threads.
+"""
+
+cimport numpy as cnp
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+from libc.stdlib cimport free, malloc
+
+cnp.import_array()
+
+cdef extern from "_openmp.h" nogil:
+    int BN_OPENMP_ENABLED
+    int BN_OPENMP_VERSION
+    const char *BN_COMPILER
+    int bn_omp_max_threads()
+
+cdef extern from "_leaf_loops.h" nogil:
+    enum: BN_LANES
+    void bn_lane_shifted_sums_f32(const float *x, Py_ssize_t n, double shift,
+                                  double *s1, double *s2)
+    void bn_lane_shifted_sums_f64(const double *x, Py_ssize_t n, double shift,
+                                  double *s1, double *s2)
+    void bn_column_shifted_sums_f32(const float *x, Py_ssize_t n, const double *shift,
+                                    double *s1, double *s2)
+    void bn_column_shifted_sums_f64(const double *x, Py_ssize_t n, const double *shift,
+                                    double *s1, double *s2)
+    void bn_affine_f32(const float *x, float *y, Py_ssize_t n,
+                       float mean_hi, float mean_lo, float scale, float shift)
+    void bn_affine_f64(const double *x, double *y, Py_ssize_t n,
+                       double mean_hi, double mean_lo, double scale, double shift)
+    void bn_column_affine_f32(const float *x, float *y, Py_ssize_t n,
+                              const float *mean_hi, const float *mean_lo,
+                              const float *scale, const float *shift)
+    void bn_column_affine_f64(const double *x, double *y, Py_ssize_t n,
+                              const double *mean_hi, const double *mean_lo,
+                              const double *scale, const double *shift)
+
+ctypedef fused floating:
+    float
+    double
+
+OPENMP_ENABLED = bool(BN_OPENMP_ENABLED)
+OPENMP_VERSION = BN_OPENMP_VERSION
+COMPILER = BN_COMPILER.decode("utf-8", "replace")
+
+cdef enum:
+    # Runs at least this long are walked as runs (planar order); shorter ones
+    # are read as rows across channels, where the vector is the row.
+    PLANAR_MIN_INNER = 32
+    # Values per statistics block: 2048 float64 are 16 KiB, so the second
+    # (corrected) pass of a float64 block reads from L1.
+    BLOCK_LEN = 2048
+    # Blocks per chunk, the unit of parallel work: 64 Ki values, large enough
+    # that scheduling costs nothing, small enough to balance a few channels.
+    CHUNK_BLOCKS = 32
+    # Interleaved layout: columns per tile (the per-column accumulators of a
+    # tile, 5 x 512 float64, stay in L1) and rows per block.
+    COLUMN_TILE = 512
+    ROW_BLOCK = 32
+    # At most this many row chunks per column, so the chunk results kept for
+    # the ordered merge stay O(C) in size.
+    MAX_ROW_CHUNKS = 64
+    # Below this many values a call runs on the calling thread: waking an
+    # OpenMP team costs microseconds, more than such a call takes.
+    SERIAL_MAX_VALUES = 65536
+    # Fuse statistics and normalisation per channel when one channel fits in
+    # half of a 1 MiB L2, so its second read comes from cache.
+    FUSED_CHANNEL_BYTES = 512 * 1024
+
+
+# --------------------------------------------------------------------------
+# The statistics algebra: (count, mean, M2) triples.
+
+cdef struct Moments:
+    double count
+    double mean
+    double m2
+
+
+cdef inline Moments empty_moments() noexcept nogil:
+    cdef Moments m
+    m.count = 0.0
+    m.mean = 0.0
+    m.m2 = 0.0
+    return m
+
+
+cdef inline void merge_moments(Moments *acc, Moments part) noexcept nogil:
+    """Chan et al.'s pairwise update: acc <- acc merged with part."""
+    cdef double n, delta
+    if part.count == 0.0:
+        return
+    if acc.count == 0.0:
+        acc[0] = part
+        return
+    n = acc.count + part.count
+    delta = part.mean - acc.mean
+    acc.mean = acc.mean + delta * (part.count / n)
+    acc.m2 = acc.m2 + part.m2 + delta * delta * (acc.count * part.count / n)
+    acc.count = n
+
+
+cdef inline Moments moments_from_shifted_sums(double count, double shift,
+                                              double s1, double s2) noexcept nogil:
+    """The triple of values x given s1 = sum(x - shift), s2 = sum((x - shift)^2).
+
+    M2 = s2 - s1^2 / n is the corrected two-pass formula: it cannot cancel
+    badly because shift lies inside the data, so s1 is small against s2.
+    """
+    cdef Moments m
+    m.count = count
+    m.mean = shift + s1 / count
+    m.m2 = s2 - s1 * s1 / count
+    if m.m2 < 0.0:      # rounding only; a NaN fails the test and stays NaN
+        m.m2 = 0.0
+    return m
+
+
+cdef inline double lanes_total(const double *lanes) noexcept nogil:
+    cdef double total = 0.0
+    cdef int k
+    for k in range(BN_LANES):
+        total = total + lanes[k]
+    return total
+
+
+cdef inline void lane_shifted_sums(const floating *x, Py_ssize_t n, double shift,
+                                   double *s1, double *s2) noexcept nogil:
+    if floating is float:
+        bn_lane_shifted_sums_f32(x, n, shift, s1, s2)
+    else:
+        bn_lane_shifted_sums_f64(x, n, shift, s1, s2)
+
+
+cdef Moments block_moments(const floating *x, Py_ssize_t nruns, Py_ssize_t runlen,
+                           Py_ssize_t stride) noexcept nogil:
+    """The triple of ``nruns`` runs of ``runlen`` values, ``stride`` apart.
+
+    One pass of sums shifted by the block's first value. For float32 input
+    that is exact enough: the float64 accumulators have 29 bits to spare. For
+    float64 input a second pass shifted by the first pass's mean makes the
+    result as accurate as a two-pass algorithm. A constant block gives M2 = 0
+    exactly, since every shifted value is exactly 0.
+    """
+    cdef double s1[BN_LANES]
+    cdef double s2[BN_LANES]
+    cdef double count = <double>(nruns * runlen)
+    cdef double shift = x[0]
+    cdef Moments m
+    cdef Py_ssize_t r
+    cdef int k, npass
+    for npass in range(1 if floating is float else 2):
+        for k in range(BN_LANES):
+            s1[k] = 0.0
+            s2[k] = 0.0
+        for r in range(nruns):
+            lane_shifted_sums(x + r * stride, runlen, shift, s1, s2)
+        m = moments_from_shifted_sums(count, shift, lanes_total(s1), lanes_total(s2))
+        shift = m.mean
+    return m
+
+
+cdef inline void finish_channel(Moments m, double eps, Py_ssize_t c, double *mean,
+                                double *m2, double *invstd) noexcept nogil:
+    mean[c] = m.mean
+    m2[c] = m.m2
+    if invstd != NULL:
+        invstd[c] = 1.0 / sqrt(m.m2 / m.count + eps)
+
+
+cdef inline void affine_params(double mean, double invstd, const double *weight,
+                               const double *bias, Py_ssize_t c,
+                               floating *hi, floating *lo, floating *scale,
+                               floating *shift) noexcept nogil:
+    """The per-channel constants of y = ((x - hi) - lo) * scale + shift.
+
+    hi + lo is the float64 mean split into two values of the input type, so
+    the subtraction keeps the mean's low bits (bn_affine in _leaf_loops.h).
+    """
+    cdef double w = 1.0 if weight == NULL else weight[c]
+    cdef double b = 0.0 if bias == NULL else bias[c]
+    hi[0] = <floating>mean
+    lo[0] = <floating>(mean - <double>hi[0])
+    scale[0] = <floating>(w * invstd)
+    shift[0] = <floating>b
+
+
+cdef inline int team_size(int requested, Py_ssize_t nitems, Py_ssize_t nvalues) noexcept nogil:
+    if nvalues <= SERIAL_MAX_VALUES or nitems < 2 or requested < 2:
+        return 1
+    if requested > nitems:
+        return <int>nitems
+    return requested
+
+
+# --------------------------------------------------------------------------
+# Planar order: channel c is `outer` runs of `inner` values, C * inner apart.
+
+cdef struct Planar:
+    Py_ssize_t outer
+    Py_ssize_t channels
+    Py_ssize_t inner
+    Py_ssize_t blocks_per_run      # > 0 when a block is a piece of one run
+    Py_ssize_t runs_per_block      # > 0 when a block is several whole runs
+    Py_ssize_t blocks_per_channel
+    Py_ssize_t chunks_per_channel
+
+
+cdef Planar planar_geometry(Py_ssize_t outer, Py_ssize_t channels,
+                            Py_ssize_t inner) noexcept nogil:
+    cdef Planar g
+    g.outer = outer
+    g.channels = channels
+    g.inner = inner
+    if inner >= BLOCK_LEN:
+        g.blocks_per_run = (inner + BLOCK_LEN - 1) // BLOCK_LEN
+        g.runs_per_block = 0
+        g.blocks_per_channel = outer * g.blocks_per_run
+    else:
+        g.blocks_per_run = 0
+        g.runs_per_block = BLOCK_LEN // inner
+        g.blocks_per_channel = (outer + g.runs_per_block - 1) // g.runs_per_block
+    g.chunks_per_channel = (g.blocks_per_channel + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+    return g
+
+
+cdef inline Py_ssize_t planar_block(const Planar *g, Py_ssize_t c, Py_ssize_t b,
+                                    Py_ssize_t *nruns, Py_ssize_t *runlen) noexcept nogil:
+    """Offset of block b of channel c; its run count and length go to the pointers."""
+    cdef Py_ssize_t run, start
+    if g.runs_per_block == 0:
+        run = b // g.blocks_per_run
+        start = (b % g.blocks_per_run) * BLOCK_LEN
+        nruns[0] = 1
+        runlen[0] = min(<Py_ssize_t>BLOCK_LEN, g.inner - start)
+    else:
+        run = b * g.runs_per_block
+        start = 0
+        nruns[0] = min(g.runs_per_block, g.outer - run)
+        runlen[0] = g.inner
+    return (run * g.channels + c) * g.inner + start
+
+
+cdef Moments planar_chunk_moments(const floating *x, const Planar *g, Py_ssize_t c,
+                                  Py_ssize_t chunk) noexcept nogil:
+    cdef Moments acc = empty_moments()
+    cdef Py_ssize_t b, offset, nruns = 0, runlen = 0
+    cdef Py_ssize_t first = chunk * CHUNK_BLOCKS
+    cdef Py_ssize_t last = min(first + CHUNK_BLOCKS, g.blocks_per_channel)
+    for b in range(first, last):
+        offset = planar_block(g, c, b, &nruns, &runlen)
+        merge_moments(&acc, block_moments(x + offset, nruns, runlen, g.channels * g.inner))
+    return acc
+
+
+cdef void planar_chunk_affine(const floating *x, floating *y, const Planar *g, Py_ssize_t c,
+                              Py_ssize_t chunk, floating hi, floating lo, floating scale,
+                              floating shift) noexcept nogil:
+    cdef Py_ssize_t b, r, offset, nruns = 0, runlen = 0
+    cdef Py_ssize_t first = chunk * CHUNK_BLOCKS
+    cdef Py_ssize_t last = min(first + CHUNK_BLOCKS, g.blocks_per_channel)
+    for b in range(first, last):
+        offset = planar_block(g, c, b, &nruns, &runlen)
+        for r in range(nruns):
+            if floating is float:
+                bn_affine_f32(x + offset, y + offset, runlen, hi, lo, scale, shift)
+            else:
+                bn_affine_f64(x + offset, y + offset, runlen, hi, lo, scale, shift)
+            offset = offset + g.channels * g.inner
+
+
+cdef void planar_moments(const floating *x, const Planar *g, Moments *chunks,
+                         double eps, double *mean, double *m2, double *invstd,
+                         int nthreads) noexcept nogil:
+    """Per-channel statistics via a chunk table merged in order."""
+    cdef Py_ssize_t item, c, k
+    cdef Py_ssize_t nchunks = g.chunks_per_channel
+    cdef Moments acc
+    for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="static"):
+        chunks[item] = planar_chunk_moments(x, g, item // nchunks, item % nchunks)
+    for c in range(g.channels):
+        acc = empty_moments()
+        for k in range(nchunks):
+            merge_moments(&acc, chunks[c * nchunks + k])
+        finish_channel(acc, eps, c, mean, m2, invstd)
+
+
+cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
+                           const double *mean, const double *invstd,
+                           const double *weight, const double *bias,
+                           int nthreads) noexcept nogil:
+    cdef Py_ssize_t item, c
+    cdef Py_ssize_t nchunks = g.chunks_per_channel
+    cdef floating hi = 0, lo = 0, scale = 0, shift = 0
+    for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="static"):
+        c = item // nchunks
+        affine_params(mean[c], invstd[c], weight, bias, c, &hi, &lo, &scale, &shift)
+        planar_chunk_affine(x, y, g, c, item % nchunks, hi, lo, scale, shift)
+
+
+cdef void planar_train_fused(const floating *x, floating *y, const Planar *g,
+                             const double *weight, const double *bias, double eps,
+                             double *mean, double *m2, double *invstd,
+                             int nthreads) noexcept nogil:
+    """Statistics then normalisation channel by channel, while it is in cache.
+
+    Merges the same chunks in the same order as planar_moments, so the
+    statistics are bitwise those of the two-phase path.
+    """
+    cdef Py_ssize_t c, k
+    cdef Moments acc
+    cdef floating hi = 0, lo = 0, scale = 0, shift = 0
+    for c in prange(g.channels, num_threads=nthreads, schedule="static"):
+        acc = empty_moments()
+        for k in range(g.chunks_per_channel):
+            merge_moments(&acc, planar_chunk_moments(x, g, c, k))
+        finish_channel(acc, eps, c, mean, m2, invstd)
+        affine_params(mean[c], invstd[c], weight, bias, c, &hi, &lo, &scale, &shift)
+        for k in range(g.chunks_per_channel):
+            planar_chunk_affine(x, y, g, c, k, hi, lo, scale, shift)
+
+
+# --------------------------------------------------------------------------
+# Interleaved order: `outer` rows of W = C * inner values; column j belongs to
+# channel j // inner. Work items are (row chunk, column tile) pairs.
+
+cdef struct Interleaved:
+    Py_ssize_t rows
+    Py_ssize_t width
+    Py_ssize_t channels
+    Py_ssize_t inner
+    Py_ssize_t chunk_rows
+    Py_ssize_t nchunks
+    Py_ssize_t ntiles
+
+
+cdef Interleaved interleaved_geometry(Py_ssize_t outer, Py_ssize_t channels,
+                                      Py_ssize_t inner) noexcept nogil:
+    cdef Interleaved g
+    cdef Py_ssize_t min_rows
+    g.rows = outer
+    g.width = channels * inner
+    g.channels = channels
+    g.inner = inner
+    # Whole row blocks per chunk, at most MAX_ROW_CHUNKS chunks, and chunks
+    # of about CHUNK_BLOCKS * BLOCK_LEN values when the rows are short.
+    min_rows = (CHUNK_BLOCKS * BLOCK_LEN) // g.width
+    g.chunk_rows = max((outer + MAX_ROW_CHUNKS - 1) // MAX_ROW_CHUNKS, min_rows)
+    g.chunk_rows = ((g.chunk_rows + ROW_BLOCK - 1) // ROW_BLOCK) * ROW_BLOCK
+    g.nchunks = (outer + g.chunk_rows - 1) // g.chunk_rows
+    g.ntiles = (g.width + COLUMN_TILE - 1) // COLUMN_TILE
+    return g
+
+
+cdef inline void column_shifted_sums(const floating *x, Py_ssize_t n, const double *shift,
+                                     double *s1, double *s2) noexcept nogil:
+    if floating is float:
+        bn_column_shifted_sums_f32(x, n, shift, s1, s2)
+    else:
+        bn_column_shifted_sums_f64(x, n, shift, s1, s2)
+
+
+cdef void interleaved_item_moments(const floating *x, const Interleaved *g, Py_ssize_t item,
+                                   double *chunk_mean, double *chunk_m2) noexcept nogil:
+    """Per-column triples of one (row chunk, column tile) item.
+
+    Row blocks of ROW_BLOCK rows work like block_moments, column by column:
+    sums shifted by the block's first row (and for float64 a second pass
+    around the block means), merged into the chunk in row order.
+    """
+    cdef double shift[COLUMN_TILE]
+    cdef double s1[COLUMN_TILE]
+    cdef double s2[COLUMN_TILE]
+    cdef Moments acc[COLUMN_TILE]
+    cdef Moments block
+    cdef Py_ssize_t chunk = item // g.ntiles
+    cdef Py_ssize_t j0 = (item % g.ntiles) * COLUMN_TILE
+    cdef Py_ssize_t ncols = min(<Py_ssize_t>COLUMN_TILE, g.width - j0)
+    cdef Py_ssize_t r0 = chunk * g.chunk_rows
+    cdef Py_ssize_t r_end = min(r0 + g.chunk_rows, g.rows)
+    cdef Py_ssize_t rb, nrows, r, j
+    cdef const floating *row0
+    cdef int npass, npasses = 1 if floating is float else 2
+    for j in range(ncols):
+        acc[j] = empty_moments()
+    rb = r0
+    while rb < r_end:
+        nrows = min(<Py_ssize_t>ROW_BLOCK, r_end - rb)
+        row0 = x + rb * g.width + j0
+        for j in range(ncols):
+            shift[j] = row0[j]
+        for npass in range(npasses):
+            for j in range(ncols):
+                s1[j] = 0.0
+                s2[j] = 0.0
+            for r in range(nrows):
+                column_shifted_sums(row0 + r * g.width, ncols, shift, s1, s2)
+            for j in range(ncols):
+                block = moments_from_shifted_sums(<double>nrows, shift[j], s1[j], s2[j])
+                if npass + 1 < npasses:
+                    shift[j] = block.mean
+                else:
+                    merge_moments(&acc[j], block)
+        rb = rb + nrows
+    for j in range(ncols):
+        chunk_mean[chunk * g.width + j0 + j] = acc[j].mean
+        chunk_m2[chunk * g.width + j0 + j] = acc[j].m2
+
+
+cdef void interleaved_moments(const floating *x, const Interleaved *g,
+                              double *chunk_mean, double *chunk_m2, double eps,
+                              double *mean, double *m2, double *invstd,
+                              int nthreads) noexcept nogil:
+    cdef Py_ssize_t item, c, q, k, j
+    cdef Moments acc, part
+    for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
+        interleaved_item_moments(x, g, item, chunk_mean, chunk_m2)
+    for c in range(g.channels):
+        acc = empty_moments()
+        for q in range(g.inner):
+            j = c * g.inner + q
+            for k in range(g.nchunks):
+                part.count = <double>(min(g.chunk_rows, g.rows - k * g.chunk_rows))
+                part.mean = chunk_mean[k * g.width + j]
+                part.m2 = chunk_m2[k * g.width + j]
+                merge_moments(&acc, part)
+        finish_channel(acc, eps, c, mean, m2, invstd)
+
+
+cdef void interleaved_normalize(const floating *x, floating *y, const Interleaved *g,
+                                const floating *hi, const floating *lo,
+                                const floating *scale, const floating *shift,
+                                int nthreads) noexcept nogil:
+    """y = ((x - hi) - lo) * scale + shift with per-column constants."""
+    cdef Py_ssize_t item, r, r0, r_end, j0, ncols, offset
+    for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
+        r0 = (item // g.ntiles) * g.chunk_rows
+        r_end = min(r0 + g.chunk_rows, g.rows)
+        j0 = (item % g.ntiles) * COLUMN_TILE
+        ncols = min(<Py_ssize_t>COLUMN_TILE, g.width - j0)
+        for r in range(r0, r_end):
+            offset = r * g.width + j0
+            if floating is float:
+                bn_column_affine_f32(x + offset, y + offset, ncols,
+                                     hi + j0, lo + j0, scale + j0, shift + j0)
+            else:
+                bn_column_affine_f64(x + offset, y + offset, ncols,
+                                     hi + j0, lo + j0, scale + j0, shift + j0)
+
+
+cdef int interleaved_normalize_channels(const floating *x, floating *y, const Interleaved *g,
+                                        const double *mean, const double *invstd,
+                                        const double *weight, const double *bias,
+                                        int nthreads) noexcept nogil:
+    """Expand per-channel constants to per-column ones and normalise.
+
+    Returns -1 when the column constants (4 * W values) cannot be allocated.
+    """
+    cdef floating *params = <floating *>malloc(4 * g.width * sizeof(floating))
+    cdef Py_ssize_t j, c
+    if params == NULL:
+        return -1
+    for j in range(g.width):
+        c = j // g.inner
+        affine_params(mean[c], invstd[c], weight, bias, c, params + j,
+                      params + g.width + j, params + 2 * g.width + j,
+                      params + 3 * g.width + j)
+    interleaved_normalize(x, y, g, params, params + g.width, params + 2 * g.width,
+                          params + 3 * g.width, nthreads)
+    free(params)
+    return 0
+
+
+# --------------------------------------------------------------------------
+# Drivers: choose the loop order and the team, allocate the small tables.
+
+cdef int moments_driver(const floating *x, Py_ssize_t outer, Py_ssize_t channels,
+                        Py_ssize_t inner, double eps, double *mean, double *m2,
+                        double *invstd, int requested) noexcept nogil:
+    """Statistics of every channel; returns -1 when out of memory."""
+    cdef Planar p
+    cdef Interleaved q
+    cdef Moments *chunks
+    cdef double *chunk_stats
+    cdef Py_ssize_t nvalues = outer * channels * inner
+    if inner >= PLANAR_MIN_INNER:
+        p = planar_geometry(outer, channels, inner)
+        chunks = <Moments *>malloc(channels * p.chunks_per_channel * sizeof(Moments))
+        if chunks == NULL:
+            return -1
+        planar_moments(x, &p, chunks, eps, mean, m2, invstd,
+                       team_size(requested, channels * p.chunks_per_channel, nvalues))
+        free(chunks)
+    else:
+        q = interleaved_geometry(outer, channels, inner)
+        chunk_stats = <double *>malloc(2 * q.nchunks * q.width * sizeof(double))
+        if chunk_stats == NULL:
+            return -1
+        interleaved_moments(x, &q, chunk_stats, chunk_stats + q.nchunks * q.width, eps,
+                            mean, m2, invstd,
+                            team_size(requested, q.nchunks * q.ntiles, nvalues))
+        free(chunk_stats)
+    return 0
+
+
+cdef int normalize_driver(const floating *x, floating *y, Py_ssize_t outer,
+                          Py_ssize_t channels, Py_ssize_t inner, const double *mean,
+                          const double *invstd, const double *weight, const double *bias,
+                          int requested) noexcept nogil:
+    cdef Planar p
+    cdef Interleaved q
+    cdef Py_ssize_t nvalues = outer * channels * inner
+    if inner >= PLANAR_MIN_INNER:
+        p = planar_geometry(outer, channels, inner)
+        planar_normalize(x, y, &p, mean, invstd, weight, bias,
+                         team_size(requested, channels * p.chunks_per_channel, nvalues))
+        return 0
+    q = interleaved_geometry(outer, channels, inner)
+    return interleaved_normalize_channels(
+        x, y, &q, mean, invstd, weight, bias,
+        team_size(requested, q.nchunks * q.ntiles, nvalues))
+
+
+cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize_t channels,
+                      Py_ssize_t inner, const double *weight, const double *bias, double eps,
+                      double *mean, double *m2, double *invstd, int requested) noexcept nogil:
+    cdef Planar p
+    cdef int nthreads
+    cdef Py_ssize_t nvalues = outer * channels * inner
+    if inner >= PLANAR_MIN_INNER:
+        p = planar_geometry(outer, channels, inner)
+        nthreads = team_size(requested, channels, nvalues)
+        if (outer * inner * <Py_ssize_t>sizeof(floating) <= FUSED_CHANNEL_BYTES
+                and channels >= 2 * nthreads):
+            planar_train_fused(x, y, &p, weight, bias, eps, mean, m2, invstd, nthreads)
+            return 0
+    if moments_driver(x, outer, channels, inner, eps, mean, m2, invstd, requested) < 0:
+        return -1
+    return normalize_driver(x, y, outer, channels, inner, mean, invstd, weight, bias,
+                            requested)
+
+
+# --------------------------------------------------------------------------
+# Python entry points. Arguments are NumPy arrays prepared by functional.py;
+# the checks below only keep a wrong call from touching foreign memory.
+
+cdef void *data_of(object array, int typenum, Py_ssize_t size, bint writeable,
+                   str name) except NULL:
+    if not cnp.PyArray_Check(array):
+        raise TypeError(f"{name}: expected a NumPy array")
+    cdef cnp.ndarray a = <cnp.ndarray>array
+    if cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise TypeError(f"{name}: expected a C-contiguous array of type number {typenum}")
+    if cnp.PyArray_SIZE(a) != size:
+        raise ValueError(f"{name}: expected {size} values, got {cnp.PyArray_SIZE(a)}")
+    if writeable and not cnp.PyArray_ISWRITEABLE(a):
+        raise ValueError(f"{name}: expected a writeable array")
+    if size == 0:
+        raise ValueError(f"{name}: empty arrays never reach the kernels")
+    return cnp.PyArray_DATA(a)
+
+
+cdef const double *optional_params(object array, Py_ssize_t channels, str name) except? NULL:
+    if array is None:
+        return NULL
+    return <const double *>data_of(array, cnp.NPY_FLOAT64, channels, False, name)
+
+
+cdef int input_typenum(object x) except -1:
+    if not cnp.PyArray_Check(x):
+        raise TypeError("x: expected a NumPy array")
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>x)
+    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+        raise TypeError("x: expected float32 or float64")
+    return typenum
+
+
+def moments(x, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+            mean, m2, int num_threads):
+    """Fill mean[C] and m2[C] (float64) with each channel's mean and sum of
+    squared deviations. x is a C-contiguous (outer, C, inner) buffer."""
+    cdef int typenum = input_typenum(x)
+    cdef Py_ssize_t n = outer * channels * inner
+    cdef void *px = data_of(x, typenum, n, False, "x")
+    cdef double *pmean = <double *>data_of(mean, cnp.NPY_FLOAT64, channels, True, "mean")
+    cdef double *pm2 = <double *>data_of(m2, cnp.NPY_FLOAT64, channels, True, "m2")
+    cdef int status
+    with nogil:
+        if typenum == cnp.NPY_FLOAT32:
+            status = moments_driver(<const float *>px, outer, channels, inner, 0.0,
+                                    pmean, pm2, NULL, num_threads)
+        else:
+            status = moments_driver(<const double *>px, outer, channels, inner, 0.0,
+                                    pmean, pm2, NULL, num_threads)
+    if status < 0:
+        raise MemoryError("bncore: out of memory for the per-chunk statistics")
+
+
+def normalize(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+              mean, invstd, weight, bias, int num_threads):
+    """y = (x - mean) * invstd * weight + bias per channel, y may be x.
+
+    mean and invstd are float64[C]; weight and bias float64[C] or None."""
+    cdef int typenum = input_typenum(x)
+    cdef Py_ssize_t n = outer * channels * inner
+    cdef void *px = data_of(x, typenum, n, False, "x")
+    cdef void *py = data_of(y, typenum, n, True, "y")
+    cdef const double *pmean = <const double *>data_of(mean, cnp.NPY_FLOAT64, channels, False, "mean")
+    cdef const double *pinvstd = <const double *>data_of(invstd, cnp.NPY_FLOAT64, channels, False, "invstd")
+    cdef const double *pweight = optional_params(weight, channels, "weight")
+    cdef const double *pbias = optional_params(bias, channels, "bias")
+    cdef int status
+    with nogil:
+        if typenum == cnp.NPY_FLOAT32:
+            status = normalize_driver(<const float *>px, <float *>py, outer, channels, inner,
+                                      pmean, pinvstd, pweight, pbias, num_threads)
+        else:
+            status = normalize_driver(<const double *>px, <double *>py, outer, channels, inner,
+                                      pmean, pinvstd, pweight, pbias, num_threads)
+    if status < 0:
+        raise MemoryError("bncore: out of memory for the per-column constants")
+
+
+def train_forward(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+                  weight, bias, double eps, mean, m2, invstd, int num_threads):
+    """Batch statistics into mean, m2, invstd (float64[C]) and the normalised
+    batch into y (which may be x)."""
+    cdef int typenum = input_typenum(x)
+    cdef Py_ssize_t n = outer * channels * inner
+    cdef void *px = data_of(x, typenum, n, False, "x")
+    cdef void *py = data_of(y, typenum, n, True, "y")
+    cdef const double *pweight = optional_params(weight, channels, "weight")
+    cdef const double *pbias = optional_params(bias, channels, "bias")
+    cdef double *pmean = <double *>data_of(mean, cnp.NPY_FLOAT64, channels, True, "mean")
+    cdef double *pm2 = <double *>data_of(m2, cnp.NPY_FLOAT64, channels, True, "m2")
+    cdef double *pinvstd = <double *>data_of(invstd, cnp.NPY_FLOAT64, channels, True, "invstd")
+    cdef int status
+    with nogil:
+        if typenum == cnp.NPY_FLOAT32:
+            status = train_driver(<const float *>px, <float *>py, outer, channels, inner,
+                                  pweight, pbias, eps, pmean, pm2, pinvstd, num_threads)
+        else:
+            status = train_driver(<const double *>px, <double *>py, outer, channels, inner,
+                                  pweight, pbias, eps, pmean, pm2, pinvstd, num_threads)
+    if status < 0:
+        raise MemoryError("bncore: out of memory for the per-chunk statistics")
+
+
+def max_threads():
+    """OpenMP's current default team size (OMP_NUM_THREADS, threadpoolctl)."""
+    return bn_omp_max_threads()

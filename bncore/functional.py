@@ -1,0 +1,307 @@
+"""Functional batch normalization: validate, canonicalise, allocate, dispatch.
+
+Every argument is checked here, before any kernel runs and before any running
+statistic is written, so a call that raises leaves every array as it was.
+The input is then seen without copying as (outer, C, inner) - outer the
+product of the dimensions before the feature axis, inner of those after it -
+and handed to the compiled layer with the thread count for the call.
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+from . import _kernels, _threads
+
+__all__ = ["batch_norm", "moments"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# --------------------------------------------------------------------------
+# Argument checks. Each names the argument and what was expected.
+
+def _as_input(input, name="input"):
+    x = input if isinstance(input, np.ndarray) else np.asarray(input)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have at least 2 dimensions (batch and features), "
+            f"got shape {x.shape}"
+        )
+    return x
+
+
+def _feature_axis(axis, ndim):
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an input with {ndim} dimensions")
+    return int(axis) % ndim
+
+
+def _canonical_shape(shape, axis):
+    """(outer, C, inner) of an array of this shape with features on axis."""
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+
+
+def _real_number(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_momentum(momentum):
+    if momentum is None:
+        raise TypeError(
+            "momentum must be a number in [0, 1], got None; for a cumulative "
+            "moving average use the module API, BatchNorm(momentum=None)"
+        )
+    value = _real_number(momentum, "momentum")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    return value
+
+
+def _check_eps(eps):
+    value = _real_number(eps, "eps")
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return value
+
+
+def _channel_vector(value, name, channels, axis):
+    """weight or bias as a float64 (C,) array, or None."""
+    if value is None:
+        return None
+    array = value if isinstance(value, np.ndarray) else np.asarray(value)
+    if array.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got dtype {array.dtype}")
+    if array.shape != (channels,):
+        raise ValueError(
+            f"{name} has shape {array.shape}, expected ({channels},) "
+            f"to match input.shape[{axis}]"
+        )
+    return np.ascontiguousarray(array, dtype=np.float64)
+
+
+def _check_running_buffer(buffer, name, channels, axis, training):
+    if not isinstance(buffer, np.ndarray):
+        raise TypeError(
+            f"{name} must be a NumPy array of float32 or float64, got {type(buffer).__name__}"
+        )
+    if buffer.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {buffer.dtype}")
+    if buffer.shape != (channels,):
+        raise ValueError(
+            f"{name} has shape {buffer.shape}, expected ({channels},) "
+            f"to match input.shape[{axis}]"
+        )
+    if training:
+        # Training updates the buffer in place; say so before anything runs.
+        if not buffer.flags.writeable:
+            raise ValueError(f"{name} is read-only, but training updates it in place")
+        if not buffer.flags.c_contiguous:
+            raise ValueError(f"{name} must be contiguous, since training updates it in place")
+
+
+def _check_running_stats(running_mean, running_var, channels, axis, training):
+    if (running_mean is None) != (running_var is None):
+        given, missing = (
+            ("running_mean", "running_var") if running_var is None
+            else ("running_var", "running_mean")
+        )
+        raise ValueError(f"{given} was given without {missing}: pass both or neither")
+    if running_mean is None:
+        if not training:
+            raise ValueError(
+                "running_mean and running_var are required when training=False "
+                "(evaluation normalises with the running statistics)"
+            )
+        return False
+    _check_running_buffer(running_mean, "running_mean", channels, axis, training)
+    _check_running_buffer(running_var, "running_var", channels, axis, training)
+    if training and np.may_share_memory(running_mean, running_var):
+        raise ValueError("running_mean and running_var must not share memory")
+    return True
+
+
+def _same_buffer(a, b):
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.strides == b.strides
+        and a.shape == b.shape
+    )
+
+
+def _check_out(out, input):
+    """Whether out is exactly the input (in-place); raises if it is unusable."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.dtype != input.dtype:
+        raise TypeError(f"out has dtype {out.dtype}, expected {input.dtype} to match input")
+    if out.shape != input.shape:
+        raise ValueError(f"out has shape {out.shape}, expected {input.shape} to match input")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    if np.may_share_memory(out, input):
+        if _same_buffer(out, input):
+            return True
+        if np.shares_memory(out, input):
+            raise ValueError(
+                "out overlaps input without being the same array; pass out=input "
+                "for an in-place call, or a separate array"
+            )
+    return False
+
+
+def _check_ddof(ddof):
+    if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral):
+        raise TypeError(f"ddof must be a non-negative integer, got {type(ddof).__name__}")
+    if ddof < 0:
+        raise ValueError(f"ddof must be >= 0, got {ddof}")
+    return int(ddof)
+
+
+# --------------------------------------------------------------------------
+# Public API
+
+def moments(x, *, axis=1, ddof=0, num_threads=None):
+    """Per-feature mean and variance, accurate for any offset of the data.
+
+    Parameters
+    ----------
+    x : array_like, float32 or float64, at least 2-D
+    axis : int
+        The feature axis; statistics reduce over every other axis.
+    ddof : int
+        The variance divides by ``n - ddof``, n the number of values per
+        feature. Where ``n - ddof <= 0`` the variance is NaN; with no values
+        at all the mean is NaN too.
+    num_threads : int, optional
+
+    Returns
+    -------
+    mean, var : float64 arrays of shape (C,)
+        float64 whatever the input dtype: the precision they were
+        accumulated in.
+    """
+    x = _as_input(x, "x")
+    ax = _feature_axis(axis, x.ndim)
+    ddof = _check_ddof(ddof)
+    nthreads = _threads.resolve(num_threads)
+    outer, channels, inner = _canonical_shape(x.shape, ax)
+    count = outer * inner
+    mean = np.empty(channels)
+    m2 = np.empty(channels)
+    if count == 0 or channels == 0:
+        mean.fill(np.nan)
+        return mean, np.full(channels, np.nan)
+    _kernels.moments(np.ascontiguousarray(x), outer, channels, inner, mean, m2, nthreads)
+    if count - ddof <= 0:
+        return mean, np.full(channels, np.nan)
+    return mean, m2 / (count - ddof)
+
+
+def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+               training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None,
+               num_threads=None, return_stats=False):
+    """Batch normalization with the arguments and semantics of PyTorch's
+    ``torch.nn.functional.batch_norm``.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per feature, where in
+    training mean and var are the batch's (biased variance) and in evaluation
+    the running statistics. In training, given running buffers are updated in
+    place: ``running = (1 - momentum) * running + momentum * batch``, with the
+    unbiased batch variance for running_var.
+
+    Parameters
+    ----------
+    input : array_like, float32 or float64, at least 2-D
+        Copied once if not C-contiguous; never modified unless ``out=input``.
+    running_mean, running_var : ndarray of shape (C,), float32 or float64
+        Both or neither. Required when ``training=False``.
+    weight, bias : array_like of shape (C,), optional
+    training : bool
+    momentum : float in [0, 1]
+    eps : float >= 0
+    axis : int
+        The feature axis; ``axis=-1`` is channels-last.
+    out : ndarray, optional
+        C-contiguous, of the input's shape and dtype; may be the input itself.
+    num_threads : int, optional
+        Threads for this call (see ``bncore.set_num_threads``).
+    return_stats : bool
+        Also return the float64 mean and ``1 / sqrt(var + eps)`` the output was
+        normalised with, as needed by ``batch_norm_backward``.
+
+    Returns
+    -------
+    y, or (y, mean, invstd) with ``return_stats=True``.
+
+    Notes
+    -----
+    An empty batch (no values per feature) gives an empty output and leaves
+    the running statistics untouched; its returned statistics are NaN.
+    """
+    x = _as_input(input)
+    ax = _feature_axis(axis, x.ndim)
+    outer, channels, inner = _canonical_shape(x.shape, ax)
+    training = bool(training)
+    momentum = _check_momentum(momentum)
+    eps = _check_eps(eps)
+    has_running = _check_running_stats(running_mean, running_var, channels, ax, training)
+    weight = _channel_vector(weight, "weight", channels, ax)
+    bias = _channel_vector(bias, "bias", channels, ax)
+    in_place = out is not None and _check_out(out, x)
+    nthreads = _threads.resolve(num_threads)
+    count = outer * inner
+    if training and count == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, "
+            f"got input size {x.shape}"
+        )
+
+    source = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    y = out if out is not None else np.empty(x.shape, dtype=x.dtype)
+    if in_place:
+        source = y
+
+    if training:
+        mean = np.empty(channels)
+        m2 = np.empty(channels)
+        invstd = np.empty(channels)
+        if count == 0 or channels == 0:
+            mean.fill(np.nan)
+            invstd.fill(np.nan)
+        else:
+            _kernels.train_forward(source, y, outer, channels, inner, weight, bias, eps,
+                                   mean, m2, invstd, nthreads)
+            if has_running:
+                _update_running(running_mean, running_var, mean, m2, count, momentum)
+    else:
+        mean = np.array(running_mean, dtype=np.float64)
+        invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+        if x.size:
+            _kernels.normalize(source, y, outer, channels, inner, mean, invstd,
+                               weight, bias, nthreads)
+
+    if return_stats:
+        return y, mean, invstd
+    return y
+
+
+def _update_running(running_mean, running_var, mean, m2, count, momentum):
+    """running = (1 - momentum) * running + momentum * batch, in float64.
+
+    Both new values are computed before either buffer is written.
+    """
+    unbiased_var = m2 / (count - 1)
+    new_mean = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+    new_var = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased_var
+    running_mean[...] = new_mean
+    running_var[...] = new_var

@@ -1,0 +1,262 @@
+"""Batch normalization layers: parameters, running statistics and modes.
+
+The layers mirror ``torch.nn.BatchNorm1d/2d/3d``: same constructor, same
+attributes, same state-dict keys, same train/eval behaviour. They hold NumPy
+arrays and delegate all arithmetic to ``bncore.functional``.
+"""
+
+import numbers
+
+import numpy as np
+
+from .functional import _check_eps, _feature_axis, batch_norm
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class BatchNorm:
+    """Batch normalization over the feature axis of an input of any rank >= 2.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the size of the feature axis.
+    eps : float
+        Added to the variance before the square root.
+    momentum : float in [0, 1] or None
+        PyTorch's convention: ``running = (1 - momentum) * running +
+        momentum * batch``. None keeps a cumulative average of all batches.
+        (Keras and ONNX write the same thing as ``1 - momentum``.)
+    affine : bool
+        Learnable ``weight`` (ones) and ``bias`` (zeros); None when False.
+    track_running_stats : bool
+        Keep ``running_mean``, ``running_var`` and ``num_batches_tracked``;
+        when False the batch statistics are used in eval mode too.
+    axis : int
+        The feature axis; -1 for channels-last input.
+    dtype : float32 or float64
+        Of the parameters, the running statistics and the accepted input.
+
+    A new layer is in training mode. Call it as ``bn(x)``.
+    """
+
+    #: Input ranks the layer accepts; None means any rank >= 2.
+    accepted_ndims = None
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, axis=1, dtype=np.float32):
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(
+                f"num_features must be a positive integer, got {type(num_features).__name__}"
+            )
+        if num_features < 1:
+            raise ValueError(f"num_features must be at least 1, got {num_features}")
+        if momentum is not None:
+            if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+                raise TypeError(
+                    f"momentum must be a number in [0, 1] or None, got {type(momentum).__name__}"
+                )
+            if not 0.0 <= momentum <= 1.0:
+                raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+            momentum = float(momentum)
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+        if dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+
+        self.num_features = int(num_features)
+        self.eps = _check_eps(eps)
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = int(axis)
+        self.dtype = dtype
+        self.training = True
+        self.weight = np.ones(self.num_features, dtype) if self.affine else None
+        self.bias = np.zeros(self.num_features, dtype) if self.affine else None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(self.num_features, dtype)
+            self.running_var = np.ones(self.num_features, dtype)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = None
+            self.running_var = None
+            self.num_batches_tracked = None
+
+    # -- modes -------------------------------------------------------------
+
+    def train(self, mode=True):
+        """Set training mode (or eval mode with ``mode=False``); returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set evaluation mode; returns self."""
+        return self.train(False)
+
+    # -- state -------------------------------------------------------------
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self):
+        self.reset_running_stats()
+        if self.affine:
+            self.weight.fill(1)
+            self.bias.fill(0)
+
+    def _state_keys(self):
+        keys = []
+        if self.affine:
+            keys += ["weight", "bias"]
+        if self.track_running_stats:
+            keys += ["running_mean", "running_var", "num_batches_tracked"]
+        return keys
+
+    def state_dict(self):
+        """Copies of the parameters and buffers under PyTorch's keys."""
+        state = {}
+        for key in self._state_keys():
+            if key == "num_batches_tracked":
+                state[key] = np.array(self.num_batches_tracked, dtype=np.int64)
+            else:
+                state[key] = getattr(self, key).copy()
+        return state
+
+    def load_state_dict(self, state_dict):
+        """Load a state dict (NumPy arrays, PyTorch tensors, anything
+        ``np.asarray`` takes). All entries are checked before any is loaded."""
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(
+                f"state_dict must be a mapping, got {type(state_dict).__name__}"
+            )
+        expected = self._state_keys()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict.keys() if k not in expected]
+        if missing or unexpected:
+            raise ValueError(
+                f"state_dict does not match {type(self).__name__}: "
+                f"missing keys {missing}, unexpected keys {unexpected}"
+            )
+        loaded = {}
+        for key in expected:
+            value = np.asarray(state_dict[key])
+            if key == "num_batches_tracked":
+                loaded[key] = self._checked_count(value)
+                continue
+            if value.dtype.kind != "f":
+                raise TypeError(
+                    f"state_dict[{key!r}] must be floating point, got dtype {value.dtype}"
+                )
+            if value.shape != (self.num_features,):
+                raise ValueError(
+                    f"state_dict[{key!r}] has shape {value.shape}, "
+                    f"expected ({self.num_features},)"
+                )
+            loaded[key] = value
+        for key, value in loaded.items():
+            if key == "num_batches_tracked":
+                self.num_batches_tracked = value
+            else:
+                np.copyto(getattr(self, key), value, casting="unsafe")
+
+    @staticmethod
+    def _checked_count(value):
+        if value.dtype.kind not in "iu":
+            raise TypeError(
+                f"state_dict['num_batches_tracked'] must be an integer, got dtype {value.dtype}"
+            )
+        if value.size != 1:
+            raise ValueError(
+                f"state_dict['num_batches_tracked'] must hold one value, got shape {value.shape}"
+            )
+        count = int(value.reshape(()))
+        if count < 0:
+            raise ValueError(f"state_dict['num_batches_tracked'] must be >= 0, got {count}")
+        return count
+
+    # -- forward -----------------------------------------------------------
+
+    def _check_input(self, x):
+        if x.dtype != self.dtype:
+            raise TypeError(
+                f"input has dtype {x.dtype}, but {type(self).__name__} holds {self.dtype}; "
+                f"convert the input or build the layer with dtype={x.dtype}"
+            )
+        if self.accepted_ndims is not None and x.ndim not in self.accepted_ndims:
+            wanted = " or ".join(f"{n}D" for n in self.accepted_ndims)
+            raise ValueError(f"{type(self).__name__} expected {wanted} input (got {x.ndim}D input)")
+        if x.ndim < 2:
+            raise ValueError(f"input must have at least 2 dimensions, got shape {x.shape}")
+        axis = _feature_axis(self.axis, x.ndim)
+        if x.shape[axis] != self.num_features:
+            raise ValueError(
+                f"input.shape[{axis}] is {x.shape[axis]}, expected num_features="
+                f"{self.num_features}"
+            )
+
+    def forward(self, input):
+        x = input if isinstance(input, np.ndarray) else np.asarray(input)
+        self._check_input(x)
+        use_batch_stats = self.training or not self.track_running_stats
+        updates = self.training and self.track_running_stats
+        momentum = self.momentum
+        if updates and momentum is None:
+            # Cumulative average: batch k (from 1) gets weight 1/k.
+            momentum = 1.0 / (self.num_batches_tracked + 1)
+        # Without tracking the running buffers are None and batch statistics
+        # are used in both modes; with tracking, eval reads them and training
+        # updates them.
+        y = batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=use_batch_stats,
+            momentum=0.0 if momentum is None else momentum,
+            eps=self.eps,
+            axis=self.axis,
+        )
+        # Counted after the call succeeded, and only for batches that had
+        # values (an empty batch leaves the running statistics untouched).
+        if updates and x.size:
+            self.num_batches_tracked += 1
+        return y
+
+    __call__ = forward
+
+    def __repr__(self):
+        return (
+            f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, axis={self.axis}, "
+            f"dtype={self.dtype.name})"
+        )
+
+
+class BatchNorm1d(BatchNorm):
+    """Batch normalization of (N, C) or (N, C, L) input."""
+
+    accepted_ndims = (2, 3)
+
+
+class BatchNorm2d(BatchNorm):
+    """Batch normalization of (N, C, H, W) input (``axis=-1`` for NHWC)."""
+
+    accepted_ndims = (4,)
+
+
+class BatchNorm3d(BatchNorm):
+    """Batch normalization of (N, C, D, H, W) input (``axis=-1`` for NDHWC)."""
+
+    accepted_ndims = (5,)
