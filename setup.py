@@ -12,6 +12,8 @@ Environment switches:
                            checked build for CI, slow
   BNCORE_NATIVE=1          add -march=native (the binary then only runs on
                            CPUs like the build machine's; off by default)
+  BNCORE_NO_DISPATCH=1     no AVX2 / AVX-512 clones of the inner loops, only
+                           the baseline instruction set
 """
 
 import os
@@ -113,7 +115,8 @@ def build_extensions():
         "bncore._kernels",
         sources=["bncore/_kernels.pyx"],
         include_dirs=[np.get_include(), "bncore"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
+        + ([("BN_NO_DISPATCH", "1")] if _flag_enabled("BNCORE_NO_DISPATCH") else []),
         extra_compile_args=optimise + openmp_compile,
         extra_link_args=openmp_link,
     )

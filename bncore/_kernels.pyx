@@ -308,39 +308,55 @@ cdef void planar_moments(const floating *x, const Planar *g, Moments *chunks,
         finish_channel(acc, eps, c, mean, m2, invstd)
 
 
+cdef void planar_normalize_item(const floating *x, floating *y, const Planar *g,
+                                Py_ssize_t item, const double *mean, const double *invstd,
+                                const double *weight, const double *bias) noexcept nogil:
+    cdef Py_ssize_t c = item // g.chunks_per_channel
+    cdef floating hi = 0, lo = 0, scale = 0, shift = 0
+    affine_params(mean[c], invstd[c], weight, bias, c, &hi, &lo, &scale, &shift)
+    planar_chunk_affine(x, y, g, c, item % g.chunks_per_channel, hi, lo, scale, shift)
+
+
 cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
                            const double *mean, const double *invstd,
                            const double *weight, const double *bias,
                            int nthreads) noexcept nogil:
-    cdef Py_ssize_t item, c
-    cdef Py_ssize_t nchunks = g.chunks_per_channel
+    # Every prange body here is one call: locals of the called function are
+    # private to its thread by construction, which Cython cannot guarantee for
+    # variables written through pointers inside the loop.
+    cdef Py_ssize_t item
+    for item in prange(g.channels * g.chunks_per_channel, num_threads=nthreads,
+                       schedule="static"):
+        planar_normalize_item(x, y, g, item, mean, invstd, weight, bias)
+
+
+cdef void planar_train_channel(const floating *x, floating *y, const Planar *g,
+                               Py_ssize_t c, const double *weight, const double *bias,
+                               double eps, double *mean, double *m2,
+                               double *invstd) noexcept nogil:
+    """Statistics then normalisation of channel c, while it is in cache.
+
+    Merges the same chunks in the same order as planar_moments, so the
+    statistics are bitwise those of the two-phase path.
+    """
+    cdef Py_ssize_t k
+    cdef Moments acc = empty_moments()
     cdef floating hi = 0, lo = 0, scale = 0, shift = 0
-    for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="static"):
-        c = item // nchunks
-        affine_params(mean[c], invstd[c], weight, bias, c, &hi, &lo, &scale, &shift)
-        planar_chunk_affine(x, y, g, c, item % nchunks, hi, lo, scale, shift)
+    for k in range(g.chunks_per_channel):
+        merge_moments(&acc, planar_chunk_moments(x, g, c, k))
+    finish_channel(acc, eps, c, mean, m2, invstd)
+    affine_params(mean[c], invstd[c], weight, bias, c, &hi, &lo, &scale, &shift)
+    for k in range(g.chunks_per_channel):
+        planar_chunk_affine(x, y, g, c, k, hi, lo, scale, shift)
 
 
 cdef void planar_train_fused(const floating *x, floating *y, const Planar *g,
                              const double *weight, const double *bias, double eps,
                              double *mean, double *m2, double *invstd,
                              int nthreads) noexcept nogil:
-    """Statistics then normalisation channel by channel, while it is in cache.
-
-    Merges the same chunks in the same order as planar_moments, so the
-    statistics are bitwise those of the two-phase path.
-    """
-    cdef Py_ssize_t c, k
-    cdef Moments acc
-    cdef floating hi = 0, lo = 0, scale = 0, shift = 0
+    cdef Py_ssize_t c
     for c in prange(g.channels, num_threads=nthreads, schedule="static"):
-        acc = empty_moments()
-        for k in range(g.chunks_per_channel):
-            merge_moments(&acc, planar_chunk_moments(x, g, c, k))
-        finish_channel(acc, eps, c, mean, m2, invstd)
-        affine_params(mean[c], invstd[c], weight, bias, c, &hi, &lo, &scale, &shift)
-        for k in range(g.chunks_per_channel):
-            planar_chunk_affine(x, y, g, c, k, hi, lo, scale, shift)
+        planar_train_channel(x, y, g, c, weight, bias, eps, mean, m2, invstd)
 
 
 # --------------------------------------------------------------------------
@@ -450,25 +466,32 @@ cdef void interleaved_moments(const floating *x, const Interleaved *g,
         finish_channel(acc, eps, c, mean, m2, invstd)
 
 
+cdef void interleaved_normalize_item(const floating *x, floating *y, const Interleaved *g,
+                                     Py_ssize_t item, const floating *hi, const floating *lo,
+                                     const floating *scale, const floating *shift) noexcept nogil:
+    """y = ((x - hi) - lo) * scale + shift with per-column constants, one item."""
+    cdef Py_ssize_t r, offset
+    cdef Py_ssize_t r0 = (item // g.ntiles) * g.chunk_rows
+    cdef Py_ssize_t r_end = min(r0 + g.chunk_rows, g.rows)
+    cdef Py_ssize_t j0 = (item % g.ntiles) * COLUMN_TILE
+    cdef Py_ssize_t ncols = min(<Py_ssize_t>COLUMN_TILE, g.width - j0)
+    for r in range(r0, r_end):
+        offset = r * g.width + j0
+        if floating is float:
+            bn_column_affine_f32(x + offset, y + offset, ncols,
+                                 hi + j0, lo + j0, scale + j0, shift + j0)
+        else:
+            bn_column_affine_f64(x + offset, y + offset, ncols,
+                                 hi + j0, lo + j0, scale + j0, shift + j0)
+
+
 cdef void interleaved_normalize(const floating *x, floating *y, const Interleaved *g,
                                 const floating *hi, const floating *lo,
                                 const floating *scale, const floating *shift,
                                 int nthreads) noexcept nogil:
-    """y = ((x - hi) - lo) * scale + shift with per-column constants."""
-    cdef Py_ssize_t item, r, r0, r_end, j0, ncols, offset
+    cdef Py_ssize_t item
     for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
-        r0 = (item // g.ntiles) * g.chunk_rows
-        r_end = min(r0 + g.chunk_rows, g.rows)
-        j0 = (item % g.ntiles) * COLUMN_TILE
-        ncols = min(<Py_ssize_t>COLUMN_TILE, g.width - j0)
-        for r in range(r0, r_end):
-            offset = r * g.width + j0
-            if floating is float:
-                bn_column_affine_f32(x + offset, y + offset, ncols,
-                                     hi + j0, lo + j0, scale + j0, shift + j0)
-            else:
-                bn_column_affine_f64(x + offset, y + offset, ncols,
-                                     hi + j0, lo + j0, scale + j0, shift + j0)
+        interleaved_normalize_item(x, y, g, item, hi, lo, scale, shift)
 
 
 cdef int interleaved_normalize_channels(const floating *x, floating *y, const Interleaved *g,

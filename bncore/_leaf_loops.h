@@ -22,6 +22,19 @@
 #define BN_RESTRICT
 #endif
 
+/* Run-time dispatch: GCC compiles each leaf loop for AVX-512 (x86-64-v4),
+ * AVX2 (x86-64-v3) and the baseline, and the dynamic loader picks the best
+ * one the CPU has (an ifunc), so one portable binary gets wide vectors
+ * without -march=native. The lane order above makes all three give the same
+ * bits, and -ffp-contract=off keeps FMA out. Other compilers and platforms
+ * get the baseline. BNCORE_NO_DISPATCH=1 at build time turns it off. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
+    && defined(__linux__) && !defined(BN_NO_DISPATCH)
+#define BN_LEAF __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) static
+#else
+#define BN_LEAF static inline
+#endif
+
 #define BN_T float
 #define BN_SFX(name) name##_f32
 #include "_leaf_loops_impl.h"

@@ -1,21 +1,9 @@
 /* Template body of _leaf_loops.h: BN_T is the element type, BN_SFX names the
  * functions for it. */
 
-/* s[lane] += x[i] over a run. */
-static inline void BN_SFX(bn_lane_sums)(
-    const BN_T *BN_RESTRICT x, ptrdiff_t n, double *BN_RESTRICT s)
-{
-    ptrdiff_t i = 0;
-    for (; i + BN_LANES <= n; i += BN_LANES)
-        for (int k = 0; k < BN_LANES; k++)
-            s[k] += (double)x[i + k];
-    for (int k = 0; i + k < n; k++)
-        s[k] += (double)x[i + k];
-}
-
 /* s1[lane] += x[i] - shift and s2[lane] += (x[i] - shift)^2 over a run: the
  * shifted sums, which do not cancel when shift is close to the mean. */
-static inline void BN_SFX(bn_lane_shifted_sums)(
+BN_LEAF void BN_SFX(bn_lane_shifted_sums)(
     const BN_T *BN_RESTRICT x, ptrdiff_t n, double shift,
     double *BN_RESTRICT s1, double *BN_RESTRICT s2)
 {
@@ -33,16 +21,9 @@ static inline void BN_SFX(bn_lane_shifted_sums)(
     }
 }
 
-/* Column-wise versions for the interleaved layout: one row of n values,
+/* Column-wise shifted sums for the interleaved layout: one row of n values,
  * value j belongs to column j. */
-static inline void BN_SFX(bn_column_sums)(
-    const BN_T *BN_RESTRICT x, ptrdiff_t n, double *BN_RESTRICT s)
-{
-    for (ptrdiff_t j = 0; j < n; j++)
-        s[j] += (double)x[j];
-}
-
-static inline void BN_SFX(bn_column_shifted_sums)(
+BN_LEAF void BN_SFX(bn_column_shifted_sums)(
     const BN_T *BN_RESTRICT x, ptrdiff_t n, const double *BN_RESTRICT shift,
     double *BN_RESTRICT s1, double *BN_RESTRICT s2)
 {
@@ -57,7 +38,7 @@ static inline void BN_SFX(bn_column_shifted_sums)(
  * as two floats of the element type whose sum is the float64 mean: x - hi is
  * exact when x is near the mean (Sterbenz), so the low bits of a large mean
  * are not lost, which the folded x * a + b form would lose. */
-static inline void BN_SFX(bn_affine)(
+BN_LEAF void BN_SFX(bn_affine)(
     const BN_T *x, BN_T *y, ptrdiff_t n,
     BN_T mean_hi, BN_T mean_lo, BN_T scale, BN_T shift)
 {
@@ -65,11 +46,63 @@ static inline void BN_SFX(bn_affine)(
         y[i] = ((x[i] - mean_hi) - mean_lo) * scale + shift;
 }
 
-static inline void BN_SFX(bn_column_affine)(
+BN_LEAF void BN_SFX(bn_column_affine)(
     const BN_T *x, BN_T *y, ptrdiff_t n,
     const BN_T *BN_RESTRICT mean_hi, const BN_T *BN_RESTRICT mean_lo,
     const BN_T *BN_RESTRICT scale, const BN_T *BN_RESTRICT shift)
 {
     for (ptrdiff_t j = 0; j < n; j++)
         y[j] = ((x[j] - mean_hi[j]) - mean_lo[j]) * scale[j] + shift[j];
+}
+
+/* The backward pass's two sums over a run: s_dy[lane] += dy and
+ * s_dy_dev[lane] += dy * (x - mean), in float64. */
+BN_LEAF void BN_SFX(bn_lane_grad_sums)(
+    const BN_T *BN_RESTRICT x, const BN_T *BN_RESTRICT dy, ptrdiff_t n, double mean,
+    double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)
+{
+    ptrdiff_t i = 0;
+    for (; i + BN_LANES <= n; i += BN_LANES)
+        for (int k = 0; k < BN_LANES; k++) {
+            double g = (double)dy[i + k];
+            s_dy[k] += g;
+            s_dy_dev[k] += g * ((double)x[i + k] - mean);
+        }
+    for (int k = 0; i + k < n; k++) {
+        double g = (double)dy[i + k];
+        s_dy[k] += g;
+        s_dy_dev[k] += g * ((double)x[i + k] - mean);
+    }
+}
+
+BN_LEAF void BN_SFX(bn_column_grad_sums)(
+    const BN_T *BN_RESTRICT x, const BN_T *BN_RESTRICT dy, ptrdiff_t n,
+    const double *BN_RESTRICT mean, double *BN_RESTRICT s_dy,
+    double *BN_RESTRICT s_dy_dev)
+{
+    for (ptrdiff_t j = 0; j < n; j++) {
+        double g = (double)dy[j];
+        s_dy[j] += g;
+        s_dy_dev[j] += g * ((double)x[j] - mean[j]);
+    }
+}
+
+/* dx = dy * k + (((x - mean_hi) - mean_lo) * c1 + c0) over a run: the
+ * training-mode input gradient with its per-channel constants folded
+ * (functional.py's batch_norm_backward documents them). dx may be x or dy. */
+BN_LEAF void BN_SFX(bn_grad_input)(
+    const BN_T *x, const BN_T *dy, BN_T *dx, ptrdiff_t n,
+    BN_T mean_hi, BN_T mean_lo, BN_T k, BN_T c1, BN_T c0)
+{
+    for (ptrdiff_t i = 0; i < n; i++)
+        dx[i] = dy[i] * k + (((x[i] - mean_hi) - mean_lo) * c1 + c0);
+}
+
+BN_LEAF void BN_SFX(bn_column_grad_input)(
+    const BN_T *x, const BN_T *dy, BN_T *dx, ptrdiff_t n,
+    const BN_T *BN_RESTRICT mean_hi, const BN_T *BN_RESTRICT mean_lo,
+    const BN_T *BN_RESTRICT k, const BN_T *BN_RESTRICT c1, const BN_T *BN_RESTRICT c0)
+{
+    for (ptrdiff_t j = 0; j < n; j++)
+        dx[j] = dy[j] * k[j] + (((x[j] - mean_hi[j]) - mean_lo[j]) * c1[j] + c0[j]);
 }
