@@ -3,7 +3,7 @@
 from ._config import show_config
 from ._threads import get_num_threads, num_threads, set_num_threads
 from ._version import __version__
-from .functional import batch_norm, moments
+from .functional import batch_norm, batch_norm_backward, moments
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "BatchNorm3d",
     "__version__",
     "batch_norm",
+    "batch_norm_backward",
     "get_num_threads",
     "moments",
     "num_threads",

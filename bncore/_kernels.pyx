@@ -57,6 +57,24 @@ cdef extern from "_leaf_loops.h" nogil:
     void bn_column_affine_f64(const double *x, double *y, Py_ssize_t n,
                               const double *mean_hi, const double *mean_lo,
                               const double *scale, const double *shift)
+    void bn_lane_grad_sums_f32(const float *x, const float *dy, Py_ssize_t n, double mean,
+                               double *s_dy, double *s_dy_dev)
+    void bn_lane_grad_sums_f64(const double *x, const double *dy, Py_ssize_t n, double mean,
+                               double *s_dy, double *s_dy_dev)
+    void bn_column_grad_sums_f32(const float *x, const float *dy, Py_ssize_t n,
+                                 const double *mean, double *s_dy, double *s_dy_dev)
+    void bn_column_grad_sums_f64(const double *x, const double *dy, Py_ssize_t n,
+                                 const double *mean, double *s_dy, double *s_dy_dev)
+    void bn_grad_input_f32(const float *x, const float *dy, float *dx, Py_ssize_t n,
+                           float mean_hi, float mean_lo, float k, float c1, float c0)
+    void bn_grad_input_f64(const double *x, const double *dy, double *dx, Py_ssize_t n,
+                           double mean_hi, double mean_lo, double k, double c1, double c0)
+    void bn_column_grad_input_f32(const float *x, const float *dy, float *dx, Py_ssize_t n,
+                                  const float *mean_hi, const float *mean_lo,
+                                  const float *k, const float *c1, const float *c0)
+    void bn_column_grad_input_f64(const double *x, const double *dy, double *dx, Py_ssize_t n,
+                                  const double *mean_hi, const double *mean_lo,
+                                  const double *k, const double *c1, const double *c0)
 
 ctypedef fused floating:
     float
@@ -518,6 +536,292 @@ cdef int interleaved_normalize_channels(const floating *x, floating *y, const In
 
 
 # --------------------------------------------------------------------------
+# Backward. Per channel two float64 sums, S_dy = sum(dy) and
+# S_dev = sum(dy * (x - mean)), over the same blocks and chunks as the
+# statistics and added in a fixed order; then per value
+#   dx = k * dy + ((x - mean) * c1 + c0),   k = weight * invstd,
+#   c1 = -k * invstd^2 * S_dev / n,  c0 = -k * S_dy / n   (training),
+# which is k * (dy - mean(dy) - xhat * mean(dy * xhat)) with the constants
+# folded; in eval (frozen statistics) c1 = c0 = 0 and dx = k * dy.
+
+cdef struct GradSums:
+    double dy
+    double dy_dev
+
+
+cdef inline GradSums add_grad_sums(GradSums a, GradSums b) noexcept nogil:
+    a.dy = a.dy + b.dy
+    a.dy_dev = a.dy_dev + b.dy_dev
+    return a
+
+
+cdef inline void grad_constants(GradSums sums, double count, double mean, double invstd,
+                                const double *weight, Py_ssize_t c, bint training,
+                                floating *hi, floating *lo, floating *k, floating *c1,
+                                floating *c0) noexcept nogil:
+    cdef double w = 1.0 if weight == NULL else weight[c]
+    cdef double scale = w * invstd
+    hi[0] = <floating>mean
+    lo[0] = <floating>(mean - <double>hi[0])
+    k[0] = <floating>scale
+    if training:
+        c1[0] = <floating>(-scale * invstd * invstd * (sums.dy_dev / count))
+        c0[0] = <floating>(-scale * (sums.dy / count))
+    else:
+        c1[0] = 0
+        c0[0] = 0
+
+
+cdef inline void grad_input_run(const floating *x, const floating *dy, floating *dx,
+                                Py_ssize_t n, floating hi, floating lo, floating k,
+                                floating c1, floating c0, bint training) noexcept nogil:
+    if training:
+        if floating is float:
+            bn_grad_input_f32(x, dy, dx, n, hi, lo, k, c1, c0)
+        else:
+            bn_grad_input_f64(x, dy, dx, n, hi, lo, k, c1, c0)
+    else:
+        # dx = dy * k: the input does not enter, so a NaN in it cannot either.
+        if floating is float:
+            bn_affine_f32(dy, dx, n, 0, 0, k, 0)
+        else:
+            bn_affine_f64(dy, dx, n, 0, 0, k, 0)
+
+
+cdef struct BackwardArgs:
+    # Inputs shared by every work item of one backward call.
+    const double *mean
+    const double *invstd
+    const double *weight
+    double *grad_weight     # out: S_dev * invstd
+    double *grad_bias       # out: S_dy
+    bint training
+
+
+cdef GradSums planar_chunk_grad_sums(const floating *x, const floating *dy, const Planar *g,
+                                     Py_ssize_t c, Py_ssize_t chunk,
+                                     double mean) noexcept nogil:
+    cdef double lanes_dy[BN_LANES]
+    cdef double lanes_dev[BN_LANES]
+    cdef Py_ssize_t b, r, offset, nruns = 0, runlen = 0
+    cdef Py_ssize_t first = chunk * CHUNK_BLOCKS
+    cdef Py_ssize_t last = min(first + CHUNK_BLOCKS, g.blocks_per_channel)
+    cdef GradSums sums
+    cdef int k
+    for k in range(BN_LANES):
+        lanes_dy[k] = 0.0
+        lanes_dev[k] = 0.0
+    for b in range(first, last):
+        offset = planar_block(g, c, b, &nruns, &runlen)
+        for r in range(nruns):
+            if floating is float:
+                bn_lane_grad_sums_f32(x + offset, dy + offset, runlen, mean, lanes_dy, lanes_dev)
+            else:
+                bn_lane_grad_sums_f64(x + offset, dy + offset, runlen, mean, lanes_dy, lanes_dev)
+            offset = offset + g.channels * g.inner
+    sums.dy = lanes_total(lanes_dy)
+    sums.dy_dev = lanes_total(lanes_dev)
+    return sums
+
+
+cdef void planar_chunk_grad_input(const floating *x, const floating *dy, floating *dx,
+                                  const Planar *g, Py_ssize_t c, Py_ssize_t chunk,
+                                  GradSums sums, const BackwardArgs *a) noexcept nogil:
+    cdef Py_ssize_t b, r, offset, nruns = 0, runlen = 0
+    cdef Py_ssize_t first = chunk * CHUNK_BLOCKS
+    cdef Py_ssize_t last = min(first + CHUNK_BLOCKS, g.blocks_per_channel)
+    cdef floating hi = 0, lo = 0, k = 0, c1 = 0, c0 = 0
+    grad_constants(sums, <double>(g.outer * g.inner), a.mean[c], a.invstd[c], a.weight, c,
+                   a.training, &hi, &lo, &k, &c1, &c0)
+    for b in range(first, last):
+        offset = planar_block(g, c, b, &nruns, &runlen)
+        for r in range(nruns):
+            grad_input_run(x + offset, dy + offset, dx + offset, runlen, hi, lo, k, c1, c0,
+                           a.training)
+            offset = offset + g.channels * g.inner
+
+
+cdef inline void finish_grad_channel(GradSums sums, Py_ssize_t c,
+                                     const BackwardArgs *a) noexcept nogil:
+    a.grad_bias[c] = sums.dy
+    a.grad_weight[c] = sums.dy_dev * a.invstd[c]
+
+
+cdef void planar_backward_channel(const floating *x, const floating *dy, floating *dx,
+                                  const Planar *g, Py_ssize_t c,
+                                  const BackwardArgs *a) noexcept nogil:
+    """Both passes over channel c back to back, the second from cache; adds
+    the chunk sums in the order planar_backward does."""
+    cdef GradSums sums
+    cdef Py_ssize_t k
+    sums.dy = 0.0
+    sums.dy_dev = 0.0
+    for k in range(g.chunks_per_channel):
+        sums = add_grad_sums(sums, planar_chunk_grad_sums(x, dy, g, c, k, a.mean[c]))
+    finish_grad_channel(sums, c, a)
+    for k in range(g.chunks_per_channel):
+        planar_chunk_grad_input(x, dy, dx, g, c, k, sums, a)
+
+
+cdef void planar_backward_sums_item(const floating *x, const floating *dy, const Planar *g,
+                                    Py_ssize_t item, const BackwardArgs *a,
+                                    GradSums *chunks) noexcept nogil:
+    cdef Py_ssize_t c = item // g.chunks_per_channel
+    chunks[item] = planar_chunk_grad_sums(x, dy, g, c, item % g.chunks_per_channel, a.mean[c])
+
+
+cdef void planar_backward_input_item(const floating *x, const floating *dy, floating *dx,
+                                     const Planar *g, Py_ssize_t item, const BackwardArgs *a,
+                                     const GradSums *totals) noexcept nogil:
+    cdef Py_ssize_t c = item // g.chunks_per_channel
+    planar_chunk_grad_input(x, dy, dx, g, c, item % g.chunks_per_channel, totals[c], a)
+
+
+cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
+                         const Planar *g, const BackwardArgs *a, int requested) noexcept nogil:
+    cdef Py_ssize_t nitems = g.channels * g.chunks_per_channel
+    cdef Py_ssize_t nvalues = g.outer * g.channels * g.inner
+    cdef int nthreads = team_size(requested, g.channels, nvalues)
+    cdef Py_ssize_t item, c, k
+    cdef GradSums *chunks
+    cdef GradSums *totals
+    if (2 * g.outer * g.inner * <Py_ssize_t>sizeof(floating) <= FUSED_CHANNEL_BYTES
+            and g.channels >= 2 * nthreads):
+        for c in prange(g.channels, num_threads=nthreads, schedule="static"):
+            planar_backward_channel(x, dy, dx, g, c, a)
+        return 0
+    chunks = <GradSums *>malloc((nitems + g.channels) * sizeof(GradSums))
+    if chunks == NULL:
+        return -1
+    totals = chunks + nitems
+    nthreads = team_size(requested, nitems, nvalues)
+    for item in prange(nitems, num_threads=nthreads, schedule="static"):
+        planar_backward_sums_item(x, dy, g, item, a, chunks)
+    for c in range(g.channels):
+        totals[c].dy = 0.0
+        totals[c].dy_dev = 0.0
+        for k in range(g.chunks_per_channel):
+            totals[c] = add_grad_sums(totals[c], chunks[c * g.chunks_per_channel + k])
+        finish_grad_channel(totals[c], c, a)
+    for item in prange(nitems, num_threads=nthreads, schedule="static"):
+        planar_backward_input_item(x, dy, dx, g, item, a, totals)
+    free(chunks)
+    return 0
+
+
+cdef void interleaved_grad_sums_item(const floating *x, const floating *dy,
+                                     const Interleaved *g, Py_ssize_t item,
+                                     const double *mean, double *chunk_dy,
+                                     double *chunk_dev) noexcept nogil:
+    """Per-column sums of one (row chunk, column tile) item, row by row."""
+    cdef double column_mean[COLUMN_TILE]
+    cdef double s_dy[COLUMN_TILE]
+    cdef double s_dev[COLUMN_TILE]
+    cdef Py_ssize_t chunk = item // g.ntiles
+    cdef Py_ssize_t j0 = (item % g.ntiles) * COLUMN_TILE
+    cdef Py_ssize_t ncols = min(<Py_ssize_t>COLUMN_TILE, g.width - j0)
+    cdef Py_ssize_t r0 = chunk * g.chunk_rows
+    cdef Py_ssize_t r_end = min(r0 + g.chunk_rows, g.rows)
+    cdef Py_ssize_t r, j, offset
+    for j in range(ncols):
+        column_mean[j] = mean[(j0 + j) // g.inner]
+        s_dy[j] = 0.0
+        s_dev[j] = 0.0
+    for r in range(r0, r_end):
+        offset = r * g.width + j0
+        if floating is float:
+            bn_column_grad_sums_f32(x + offset, dy + offset, ncols, column_mean, s_dy, s_dev)
+        else:
+            bn_column_grad_sums_f64(x + offset, dy + offset, ncols, column_mean, s_dy, s_dev)
+    for j in range(ncols):
+        chunk_dy[chunk * g.width + j0 + j] = s_dy[j]
+        chunk_dev[chunk * g.width + j0 + j] = s_dev[j]
+
+
+cdef void interleaved_grad_input_item(const floating *x, const floating *dy, floating *dx,
+                                      const Interleaved *g, Py_ssize_t item,
+                                      const floating *constants, bint training) noexcept nogil:
+    """dx for one item; constants holds hi, lo, k, c1, c0 per column, W apart."""
+    cdef Py_ssize_t r, offset
+    cdef Py_ssize_t w = g.width
+    cdef Py_ssize_t r0 = (item // g.ntiles) * g.chunk_rows
+    cdef Py_ssize_t r_end = min(r0 + g.chunk_rows, g.rows)
+    cdef Py_ssize_t j0 = (item % g.ntiles) * COLUMN_TILE
+    cdef Py_ssize_t ncols = min(<Py_ssize_t>COLUMN_TILE, g.width - j0)
+    cdef const floating *hi = constants + j0
+    cdef const floating *lo = constants + w + j0
+    cdef const floating *k = constants + 2 * w + j0
+    cdef const floating *c1 = constants + 3 * w + j0
+    cdef const floating *c0 = constants + 4 * w + j0
+    for r in range(r0, r_end):
+        offset = r * w + j0
+        if training:
+            if floating is float:
+                bn_column_grad_input_f32(x + offset, dy + offset, dx + offset, ncols,
+                                         hi, lo, k, c1, c0)
+            else:
+                bn_column_grad_input_f64(x + offset, dy + offset, dx + offset, ncols,
+                                         hi, lo, k, c1, c0)
+        else:
+            # c1 and c0 are 0 in eval: dx = ((dy - 0) - 0) * k + 0.
+            if floating is float:
+                bn_column_affine_f32(dy + offset, dx + offset, ncols, c1, c1, k, c0)
+            else:
+                bn_column_affine_f64(dy + offset, dx + offset, ncols, c1, c1, k, c0)
+
+
+cdef int interleaved_backward(const floating *x, const floating *dy, floating *dx,
+                              const Interleaved *g, const BackwardArgs *a,
+                              int requested) noexcept nogil:
+    cdef Py_ssize_t nitems = g.nchunks * g.ntiles
+    cdef int nthreads = team_size(requested, nitems, g.rows * g.width)
+    cdef Py_ssize_t item, c, q, k, j, w = g.width
+    cdef double *chunk_sums = <double *>malloc(2 * g.nchunks * w * sizeof(double))
+    cdef floating *constants = <floating *>malloc(5 * w * sizeof(floating))
+    cdef GradSums sums, part
+    if chunk_sums == NULL or constants == NULL:
+        free(chunk_sums)
+        free(constants)
+        return -1
+    for item in prange(nitems, num_threads=nthreads, schedule="static"):
+        interleaved_grad_sums_item(x, dy, g, item, a.mean, chunk_sums,
+                                   chunk_sums + g.nchunks * w)
+    for c in range(g.channels):
+        sums.dy = 0.0
+        sums.dy_dev = 0.0
+        for q in range(g.inner):
+            j = c * g.inner + q
+            for k in range(g.nchunks):
+                part.dy = chunk_sums[k * w + j]
+                part.dy_dev = chunk_sums[(g.nchunks + k) * w + j]
+                sums = add_grad_sums(sums, part)
+        finish_grad_channel(sums, c, a)
+        for q in range(g.inner):
+            j = c * g.inner + q
+            grad_constants(sums, <double>(g.rows * g.inner), a.mean[c], a.invstd[c],
+                           a.weight, c, a.training, constants + j, constants + w + j,
+                           constants + 2 * w + j, constants + 3 * w + j,
+                           constants + 4 * w + j)
+    for item in prange(nitems, num_threads=nthreads, schedule="static"):
+        interleaved_grad_input_item(x, dy, dx, g, item, constants, a.training)
+    free(chunk_sums)
+    free(constants)
+    return 0
+
+
+cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
+                         Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+                         const BackwardArgs *a, int requested) noexcept nogil:
+    cdef Planar p
+    cdef Interleaved q
+    if inner >= PLANAR_MIN_INNER:
+        p = planar_geometry(outer, channels, inner)
+        return planar_backward(x, dy, dx, &p, a, requested)
+    q = interleaved_geometry(outer, channels, inner)
+    return interleaved_backward(x, dy, dx, &q, a, requested)
+
+
+# --------------------------------------------------------------------------
 # Drivers: choose the loop order and the team, allocate the small tables.
 
 cdef int moments_driver(const floating *x, Py_ssize_t outer, Py_ssize_t channels,
@@ -695,3 +999,33 @@ def train_forward(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
 def max_threads():
     """OpenMP's current default team size (OMP_NUM_THREADS, threadpoolctl)."""
     return bn_omp_max_threads()
+
+
+def backward(x, dy, dx, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+             mean, invstd, weight, bint training, grad_weight, grad_bias,
+             int num_threads):
+    """Input gradient into dx (which may be x or dy) and the float64 sums
+    grad_weight = sum(dy * xhat), grad_bias = sum(dy) per channel."""
+    cdef int typenum = input_typenum(x)
+    cdef Py_ssize_t n = outer * channels * inner
+    cdef void *px = data_of(x, typenum, n, False, "x")
+    cdef void *pdy = data_of(dy, typenum, n, False, "dy")
+    cdef void *pdx = data_of(dx, typenum, n, True, "dx")
+    cdef BackwardArgs args
+    cdef int status
+    args.mean = <const double *>data_of(mean, cnp.NPY_FLOAT64, channels, False, "mean")
+    args.invstd = <const double *>data_of(invstd, cnp.NPY_FLOAT64, channels, False, "invstd")
+    args.weight = optional_params(weight, channels, "weight")
+    args.grad_weight = <double *>data_of(grad_weight, cnp.NPY_FLOAT64, channels, True,
+                                         "grad_weight")
+    args.grad_bias = <double *>data_of(grad_bias, cnp.NPY_FLOAT64, channels, True, "grad_bias")
+    args.training = training
+    with nogil:
+        if typenum == cnp.NPY_FLOAT32:
+            status = backward_driver(<const float *>px, <const float *>pdy, <float *>pdx,
+                                     outer, channels, inner, &args, num_threads)
+        else:
+            status = backward_driver(<const double *>px, <const double *>pdy, <double *>pdx,
+                                     outer, channels, inner, &args, num_threads)
+    if status < 0:
+        raise MemoryError("bncore: out of memory for the per-chunk gradient sums")

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _kernels, _threads
 
-__all__ = ["batch_norm", "moments"]
+__all__ = ["batch_norm", "batch_norm_backward", "moments"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -136,27 +136,34 @@ def _same_buffer(a, b):
     )
 
 
-def _check_out(out, input):
-    """Whether out is exactly the input (in-place); raises if it is unusable."""
+def _check_out(out, like, operands):
+    """Whether out is exactly one of the operands (an in-place call).
+
+    out must have the shape and dtype of ``like``, be C-contiguous and
+    writeable, and may share memory with an operand (name -> array) only by
+    being exactly that array.
+    """
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.dtype != input.dtype:
-        raise TypeError(f"out has dtype {out.dtype}, expected {input.dtype} to match input")
-    if out.shape != input.shape:
-        raise ValueError(f"out has shape {out.shape}, expected {input.shape} to match input")
+    if out.dtype != like.dtype:
+        raise TypeError(f"out has dtype {out.dtype}, expected {like.dtype} to match input")
+    if out.shape != like.shape:
+        raise ValueError(f"out has shape {out.shape}, expected {like.shape} to match input")
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
     if not out.flags.writeable:
         raise ValueError("out is read-only")
-    if np.may_share_memory(out, input):
-        if _same_buffer(out, input):
-            return True
-        if np.shares_memory(out, input):
-            raise ValueError(
-                "out overlaps input without being the same array; pass out=input "
-                "for an in-place call, or a separate array"
-            )
-    return False
+    in_place = False
+    for name, operand in operands.items():
+        if np.may_share_memory(out, operand):
+            if _same_buffer(out, operand):
+                in_place = True
+            elif np.shares_memory(out, operand):
+                raise ValueError(
+                    f"out overlaps {name} without being the same array; pass "
+                    f"out={name} for an in-place call, or a separate array"
+                )
+    return in_place
 
 
 def _check_ddof(ddof):
@@ -257,7 +264,7 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     has_running = _check_running_stats(running_mean, running_var, channels, ax, training)
     weight = _channel_vector(weight, "weight", channels, ax)
     bias = _channel_vector(bias, "bias", channels, ax)
-    in_place = out is not None and _check_out(out, x)
+    in_place = out is not None and _check_out(out, x, {"input": x})
     nthreads = _threads.resolve(num_threads)
     count = outer * inner
     if training and count == 1:
@@ -293,6 +300,75 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     if return_stats:
         return y, mean, invstd
     return y
+
+
+def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, training=True,
+                        axis=1, out=None, num_threads=None):
+    """Gradients of ``batch_norm`` with respect to its input, weight and bias.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/dy, of the input's shape and dtype.
+    input : array_like, float32 or float64
+        The forward's input.
+    mean, invstd : array_like of shape (C,)
+        What the forward normalised with: ``batch_norm(..., return_stats=True)``
+        returns them.
+    weight : array_like of shape (C,), optional
+        The forward's weight (None: 1).
+    training : bool
+        True when mean and invstd were the batch's own statistics (they then
+        depend on the input), False for frozen statistics (eval mode).
+    axis : int
+        The feature axis used in the forward.
+    out : ndarray, optional
+        For grad_input: C-contiguous, of the input's shape and dtype; may be
+        exactly grad_output or input (overwritten in place).
+    num_threads : int, optional
+
+    Returns
+    -------
+    grad_input, grad_weight, grad_bias
+        With ``xhat = (x - mean) * invstd`` and n values per feature:
+        ``grad_weight = sum(dy * xhat)``, ``grad_bias = sum(dy)`` (shape (C,),
+        the input's dtype, summed in float64), and in training
+        ``grad_input = weight * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))``,
+        in eval ``grad_input = dy * weight * invstd``.
+    """
+    x = _as_input(input)
+    dy = _as_input(grad_output, "grad_output")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"grad_output has dtype {dy.dtype}, expected {x.dtype} to match input")
+    if dy.shape != x.shape:
+        raise ValueError(f"grad_output has shape {dy.shape}, expected {x.shape} to match input")
+    ax = _feature_axis(axis, x.ndim)
+    outer, channels, inner = _canonical_shape(x.shape, ax)
+    training = bool(training)
+    for name, value in (("mean", mean), ("invstd", invstd)):
+        if value is None:
+            raise TypeError(
+                f"{name} is required: pass what the forward normalised with "
+                "(batch_norm(..., return_stats=True) returns it)"
+            )
+    mean = _channel_vector(mean, "mean", channels, ax)
+    invstd = _channel_vector(invstd, "invstd", channels, ax)
+    weight = _channel_vector(weight, "weight", channels, ax)
+    if out is not None:
+        _check_out(out, x, {"input": x, "grad_output": dy})
+    nthreads = _threads.resolve(num_threads)
+
+    grad_input = out if out is not None else np.empty(x.shape, dtype=x.dtype)
+    grad_weight = np.zeros(channels)
+    grad_bias = np.zeros(channels)
+    if x.size:
+        _kernels.backward(
+            x if x.flags.c_contiguous else np.ascontiguousarray(x),
+            dy if dy.flags.c_contiguous else np.ascontiguousarray(dy),
+            grad_input, outer, channels, inner, mean, invstd, weight, training,
+            grad_weight, grad_bias, nthreads,
+        )
+    return grad_input, grad_weight.astype(x.dtype), grad_bias.astype(x.dtype)
 
 
 def _update_running(running_mean, running_var, mean, m2, count, momentum):

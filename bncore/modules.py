@@ -9,7 +9,7 @@ import numbers
 
 import numpy as np
 
-from .functional import _check_eps, _feature_axis, batch_norm
+from .functional import _check_eps, _feature_axis, batch_norm, batch_norm_backward
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -40,6 +40,13 @@ class BatchNorm:
         Of the parameters, the running statistics and the accepted input.
 
     A new layer is in training mode. Call it as ``bn(x)``.
+
+    ``bn.backward(grad_output)`` then returns the gradient with respect to
+    that call's input and sets ``bn.grad_weight`` and ``bn.grad_bias``. For
+    it the layer keeps a reference to the last input (not a copy) and its
+    statistics: modifying that array in place before ``backward`` changes the
+    gradient, and a layer shared by several threads should not be used for
+    ``backward``.
     """
 
     #: Input ranks the layer accepts; None means any rank >= 2.
@@ -78,6 +85,9 @@ class BatchNorm:
         self.axis = int(axis)
         self.dtype = dtype
         self.training = True
+        self.grad_weight = None
+        self.grad_bias = None
+        self._saved = None  # (input, mean, invstd, used batch statistics)
         self.weight = np.ones(self.num_features, dtype) if self.affine else None
         self.bias = np.zeros(self.num_features, dtype) if self.affine else None
         if self.track_running_stats:
@@ -216,7 +226,7 @@ class BatchNorm:
         # Without tracking the running buffers are None and batch statistics
         # are used in both modes; with tracking, eval reads them and training
         # updates them.
-        y = batch_norm(
+        y, mean, invstd = batch_norm(
             x,
             self.running_mean,
             self.running_var,
@@ -226,7 +236,9 @@ class BatchNorm:
             momentum=0.0 if momentum is None else momentum,
             eps=self.eps,
             axis=self.axis,
+            return_stats=True,
         )
+        self._saved = (x, mean, invstd, use_batch_stats)
         # Counted after the call succeeded, and only for batches that had
         # values (an empty batch leaves the running statistics untouched).
         if updates and x.size:
@@ -234,6 +246,29 @@ class BatchNorm:
         return y
 
     __call__ = forward
+
+    def backward(self, grad_output):
+        """dL/dx for the last forward call, given dL/dy.
+
+        Sets ``grad_weight`` and ``grad_bias`` (None when ``affine=False``).
+        In training mode (or without running statistics) the gradient flows
+        through the batch statistics; in eval mode they are constants.
+        """
+        if self._saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() called before any forward call")
+        x, mean, invstd, used_batch_stats = self._saved
+        dy = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
+        if dy.shape != x.shape:
+            raise ValueError(
+                f"grad_output has shape {dy.shape}, expected {x.shape}, the shape of "
+                "the last forward call's input"
+            )
+        grad_input, grad_weight, grad_bias = batch_norm_backward(
+            dy, x, mean, invstd, self.weight, training=used_batch_stats, axis=self.axis
+        )
+        self.grad_weight = grad_weight if self.affine else None
+        self.grad_bias = grad_bias if self.affine else None
+        return grad_input
 
     def __repr__(self):
         return (
