@@ -239,9 +239,9 @@ class BatchNorm:
             return_stats=True,
         )
         self._saved = (x, mean, invstd, use_batch_stats)
-        # Counted after the call succeeded, and only for batches that had
-        # values (an empty batch leaves the running statistics untouched).
-        if updates and x.size:
+        # Counted after the call succeeded, empty batches included, as
+        # PyTorch does (an empty batch leaves the running statistics alone).
+        if updates:
             self.num_batches_tracked += 1
         return y
 

@@ -1,0 +1,176 @@
+"""The oracle: slow, obviously correct float64 NumPy twins of bncore's functions.
+
+The test suite holds every compiled result against this module. It is written
+for the reader, not for speed:
+
+* every input is converted to float64 (exactly, for float32 data) and viewed
+  channel-first as a ``(C, n)`` array with ``np.moveaxis`` + ``reshape``;
+* statistics are two-pass: the mean is a correctly rounded sum
+  (``math.fsum``) divided by ``n``, then ``M2`` is the correctly rounded sum
+  of squared deviations, with the corrected two-pass term of Chan, Golub &
+  LeVeque (1983) removing what is left of the mean's rounding error;
+* a channel whose values are all equal has, exactly, that value as its mean
+  and ``M2 == 0`` (no rounding can enter: the formula is not even evaluated);
+* nothing is modified in place: new running statistics are *returned*.
+
+It imports nothing from the rest of bncore, so a bug in the package cannot
+leak into the oracle. Use it on small arrays only (one ``math.fsum`` per
+channel over a Python list).
+"""
+
+import math
+from collections import namedtuple
+
+import numpy as np
+
+__all__ = ["BatchNormResult", "batch_norm", "moments"]
+
+#: What :func:`batch_norm` returns. All fields are float64 arrays.
+#:
+#: ``y``
+#:     the normalized output, shape of the input, C-contiguous.
+#: ``mean``, ``invstd``
+#:     shape ``(C,)``: the mean and ``1 / sqrt(var + eps)`` that ``y`` was
+#:     normalized with (batch statistics in training, running ones in eval).
+#: ``running_mean``, ``running_var``
+#:     NEW arrays holding the running statistics after the call (a float64
+#:     copy of the inputs when they are not updated), or ``None`` when the
+#:     corresponding argument was ``None``.
+BatchNormResult = namedtuple(
+    "BatchNormResult", ["y", "mean", "invstd", "running_mean", "running_var"]
+)
+
+
+def _normalize_axis(ndim, axis):
+    if ndim < 2:
+        raise ValueError(f"input must have at least 2 dimensions, got {ndim}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for a {ndim}-D input")
+    return axis % ndim
+
+
+def _channels(x, axis):
+    """float64 copy of ``x`` as a ``(C, n)`` array, and the normalized axis."""
+    x = np.asarray(x)
+    ax = _normalize_axis(x.ndim, axis)
+    c = x.shape[ax]
+    xc = np.moveaxis(x.astype(np.float64), ax, 0).reshape(c, -1)
+    return xc, ax
+
+
+def _fsum(values):
+    """Correctly rounded sum of a 1-D float64 array."""
+    return math.fsum(values.tolist())
+
+
+def _channel_moments(xc):
+    """Per row of the ``(C, n)`` array: ``(n, mean, M2)``; NaN when n == 0."""
+    c, n = xc.shape
+    mean = np.full(c, np.nan)
+    m2 = np.full(c, np.nan)
+    if n == 0:
+        return n, mean, m2
+    for k in range(c):
+        row = xc[k]
+        if np.all(row == row[0]):
+            # All values equal: exact answer, no arithmetic.
+            mean[k] = row[0]
+            m2[k] = 0.0
+            continue
+        mu = _fsum(row) / n
+        d = row - mu
+        # Corrected two-pass algorithm: sum(d)**2 / n is what the rounding
+        # of mu added to sum(d*d); it is tiny but removing it costs nothing.
+        m2[k] = max(_fsum(d * d) - _fsum(d) ** 2 / n, 0.0)
+        mean[k] = mu
+    return n, mean, m2
+
+
+def moments(x, *, axis=1, ddof=0):
+    """Per-channel ``(mean, var)`` of ``x`` along every axis but ``axis``.
+
+    Returns two float64 arrays of shape ``(C,)``; ``var = M2 / (n - ddof)``
+    where ``n`` is the number of values per channel. Both are NaN where
+    ``n == 0``; ``var`` is NaN where ``n - ddof <= 0``.
+    """
+    xc, _ = _channels(x, axis)
+    n, mean, m2 = _channel_moments(xc)
+    if n - ddof > 0:
+        var = m2 / (n - ddof)
+    else:
+        var = np.full_like(m2, np.nan)
+    return mean, var
+
+
+def batch_norm(
+    input,
+    running_mean=None,
+    running_var=None,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    *,
+    axis=1,
+):
+    """Batch normalization with PyTorch's semantics, in float64.
+
+    Same arguments as ``bncore.batch_norm`` (without ``out``, ``num_threads``
+    and ``return_stats``). Returns a :data:`BatchNormResult`
+    ``(y, mean, invstd, running_mean, running_var)``; the arguments are never
+    modified.
+
+    Training: ``y`` is normalized with the batch mean and the *biased* batch
+    variance; when running statistics are given, the returned ones are
+    ``(1 - momentum) * running + momentum * batch``, the variance using the
+    *unbiased* batch variance ``M2 / (n - 1)``. With zero values per channel
+    ``y`` is empty, ``mean``/``invstd`` are NaN and the running statistics
+    are returned unchanged. With exactly one value per channel it raises
+    ``ValueError`` like PyTorch.
+
+    Eval: ``y`` is normalized with ``running_mean`` and ``running_var``
+    (both required).
+
+    ``y = (x - mean) * invstd * weight + bias`` with ``invstd =
+    1 / sqrt(var + eps)``; ``weight=None`` means 1 and ``bias=None`` means 0.
+    """
+    x = np.asarray(input)
+    xc, ax = _channels(x, axis)
+    c, n = xc.shape
+
+    rm = None if running_mean is None else np.array(running_mean, dtype=np.float64)
+    rv = None if running_var is None else np.array(running_var, dtype=np.float64)
+    if (rm is None) != (rv is None):
+        raise ValueError("running_mean and running_var must be given together")
+    for name, a in (("running_mean", rm), ("running_var", rv)):
+        if a is not None and a.shape != (c,):
+            raise ValueError(f"{name} has shape {a.shape}, expected {(c,)}")
+
+    if training:
+        if n == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, "
+                f"got input size {x.shape}"
+            )
+        n, mean, m2 = _channel_moments(xc)
+        var = m2 / n if n > 0 else m2  # biased; m2 is already NaN when n == 0
+        if rm is not None and n > 0:
+            m = float(momentum)
+            rm = (1.0 - m) * rm + m * mean
+            rv = (1.0 - m) * rv + m * (m2 / (n - 1))
+    else:
+        if rm is None:
+            raise ValueError("running_mean and running_var are required in eval mode")
+        mean = rm.copy()
+        var = rv.copy()
+
+    invstd = 1.0 / np.sqrt(var + eps)
+    w = np.ones(c) if weight is None else np.asarray(weight, dtype=np.float64).reshape(c)
+    b = np.zeros(c) if bias is None else np.asarray(bias, dtype=np.float64).reshape(c)
+
+    col = (slice(None), None)
+    yc = (xc - mean[col]) * invstd[col] * w[col] + b[col]
+    moved_shape = np.moveaxis(x, ax, 0).shape
+    y = np.ascontiguousarray(np.moveaxis(yc.reshape(moved_shape), 0, ax))
+    return BatchNormResult(y, mean, invstd, rm, rv)

@@ -1,0 +1,65 @@
+"""The build: OpenMP really compiled in, `python -m bncore` runs, show_config
+reports what it should."""
+
+import io
+import os
+import subprocess
+import sys
+import sysconfig
+
+import numpy as np
+import pytest
+
+import bncore
+from bncore import _config
+
+
+def _linux_gcc():
+    if not sys.platform.startswith("linux"):
+        return False
+    compiler = str(_config.build_info().get("compiler", "")) + " " + str(
+        sysconfig.get_config_var("CC") or "")
+    return "gcc" in compiler.lower()
+
+
+def test_build_info_keys():
+    info = _config.build_info()
+    assert isinstance(info, dict)
+    assert isinstance(info["openmp"], bool)
+
+
+def test_openmp_enabled():
+    """A Linux/gcc build that silently lost OpenMP is a broken build; set
+    BNCORE_ALLOW_SERIAL_BUILD=1 to accept a deliberately serial one."""
+    if os.environ.get("BNCORE_ALLOW_SERIAL_BUILD") == "1":
+        pytest.skip("serial build explicitly allowed")
+    if not _linux_gcc():
+        pytest.skip("OpenMP is only required on Linux with gcc")
+    assert _config.build_info()["openmp"] is True, (
+        "bncore was built without OpenMP; rebuild with a compiler that supports "
+        "-fopenmp or set BNCORE_ALLOW_SERIAL_BUILD=1")
+
+
+def test_show_config_reports_versions():
+    buf = io.StringIO()
+    saved = sys.stdout
+    sys.stdout = buf
+    try:
+        bncore.show_config()
+    finally:
+        sys.stdout = saved
+    text = buf.getvalue().lower()
+    assert bncore.__version__ in text
+    assert np.__version__ in text
+    for word in ("openmp", "numpy", "cython", "thread", "compiler"):
+        assert word in text, word
+
+
+def test_python_m_bncore_runs():
+    """`python -m bncore` (build info, self-check, quick speed report) exits 0;
+    about a second on 2 cores."""
+    res = subprocess.run([sys.executable, "-m", "bncore"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "bncore" in res.stdout.lower()
+    assert bncore.__version__ in res.stdout

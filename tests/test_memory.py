@@ -1,0 +1,81 @@
+"""Memory: no temporary array the size of the input (DESIGN.md), and no
+growth over repeated calls. NumPy reports its allocations to tracemalloc, so
+any input-sized NumPy temporary shows up in the traced peak."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import bncore
+from conftest import DTYPE_PARAMS, make_input, make_params
+
+SHAPE = (16, 8, 64, 64)  # 524288 values: 2 MiB in float32, 4 MiB in float64
+
+
+def _peak(fn):
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        result = fn()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    return peak, result
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+def test_no_input_sized_temporaries(dtype, training, axis):
+    x = make_input(SHAPE, dtype, axis, seed=500)
+    c = SHAPE[axis]
+    w, b, rm, rv = make_params(c, dtype, seed=500)
+    out = np.empty_like(x)
+    bncore.batch_norm(x, rm, rv, w, b, training, axis=axis, out=out)  # warm up
+    # with out given: only per-channel scratch may be allocated
+    peak, _ = _peak(lambda: bncore.batch_norm(x, rm, rv, w, b, training, axis=axis,
+                                              out=out))
+    assert peak < 0.1 * x.nbytes, f"peak {peak} bytes for a {x.nbytes}-byte input"
+    # in place: the same
+    peak, _ = _peak(lambda: bncore.batch_norm(out, rm, rv, w, b, training, axis=axis,
+                                              out=out))
+    assert peak < 0.1 * x.nbytes
+    # without out: the output and nothing else of that size
+    peak, y = _peak(lambda: bncore.batch_norm(x, rm, rv, w, b, training, axis=axis))
+    assert peak < 1.1 * x.nbytes
+    # moments: nothing of that size
+    peak, _ = _peak(lambda: bncore.moments(x, axis=axis))
+    assert peak < 0.1 * x.nbytes
+
+
+def test_non_contiguous_input_copied_once():
+    x = make_input(SHAPE, np.float32, 1, seed=501)
+    xf = np.asfortranarray(x)
+    peak, _ = _peak(lambda: bncore.batch_norm(xf, training=True))
+    assert peak < 2.1 * x.nbytes  # one copy + the output
+
+
+def test_no_growth_over_repeated_calls():
+    x = make_input((8, 4, 32, 32), np.float32, 1, seed=502)
+    w, b, rm, rv = make_params(4, np.float32, seed=502)
+    out = np.empty_like(x)
+    bn = bncore.BatchNorm2d(4)
+    for _ in range(5):  # warm up caches of any kind
+        bncore.batch_norm(x, rm, rv, w, b, True, out=out)
+        bn(x)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(200):
+            bncore.batch_norm(x, rm, rv, w, b, True, out=out)
+            bncore.moments(x)
+        bn_y = None
+        for _ in range(50):
+            bn_y = bn(x)
+        del bn_y
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert after - before < 64 * 1024, f"grew by {after - before} bytes"
