@@ -79,3 +79,22 @@ def test_no_growth_over_repeated_calls():
     finally:
         tracemalloc.stop()
     assert after - before < 64 * 1024, f"grew by {after - before} bytes"
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+def test_backward_has_no_input_sized_temporaries(dtype, training, axis):
+    x = make_input(SHAPE, dtype, axis, seed=503)
+    dy = make_input(SHAPE, dtype, axis, seed=504)
+    w = make_params(SHAPE[axis], dtype, seed=503)[0]
+    _, mean, invstd = bncore.batch_norm(x, training=True, axis=axis, return_stats=True)
+    out = np.empty_like(x)
+    # with out given (or in place into dy): only per-channel arrays
+    peak, _ = _peak(lambda: bncore.batch_norm_backward(dy, x, mean, invstd, w,
+                                                       training=training, axis=axis, out=out))
+    assert peak < 0.1 * x.nbytes, f"peak {peak} bytes for a {x.nbytes}-byte input"
+    # allocating: grad_input and nothing else of that size
+    peak, _ = _peak(lambda: bncore.batch_norm_backward(dy, x, mean, invstd, w,
+                                                       training=training, axis=axis))
+    assert peak < 1.1 * x.nbytes
