@@ -14,14 +14,19 @@ Two loop orders:
 * interleaved: rows of W = C * inner values, vectorised across the row;
   column j belongs to channel j // inner.
 
-Statistics are the triple (count, mean, M2) per channel. A block (a few
-thousand values, in L1) gives its triple from sums shifted by one of its own
-values, accumulated in float64, so nothing cancels (float64 input gets a
-second, corrected pass around the block mean: Chan, Golub & LeVeque, "Algorithms
-for computing the sample variance", 1983). Blocks merge into chunks and chunks
-into channels with Chan's pairwise update, always in the same order. Block and
-chunk boundaries come from the shape alone, never from the thread count, so
-every result is bitwise identical for any number of threads.
+Statistics are the triple (count, mean, M2) per channel, with the mean kept
+as an offset from the channel's origin, its first value: every block of the
+channel subtracts the same origin, so the offsets are small numbers whose
+differences (in Chan's merge) do not lose the digits a large mean would.
+A block (a few thousand values, in L1) gives its triple from float64 sums of
+x - origin; float64 input gets a second, corrected pass around the block's
+mean (Chan, Golub & LeVeque, "Algorithms for computing the sample variance",
+1983). Blocks merge into chunks and chunks into channels with Chan's pairwise
+update, always in the same order. Block and chunk boundaries come from the
+shape alone, never from the thread count, so every result is bitwise
+identical for any number of threads. The final mean is returned as a float64
+and the residual that float64 could not hold, so the normalization can
+subtract it exactly.
 """
 
 cimport numpy as cnp
@@ -39,14 +44,14 @@ cdef extern from "_openmp.h" nogil:
 
 cdef extern from "_leaf_loops.h" nogil:
     enum: BN_LANES
-    void bn_lane_shifted_sums_f32(const float *x, Py_ssize_t n, double shift,
-                                  double *s1, double *s2)
-    void bn_lane_shifted_sums_f64(const double *x, Py_ssize_t n, double shift,
-                                  double *s1, double *s2)
-    void bn_column_shifted_sums_f32(const float *x, Py_ssize_t n, const double *shift,
-                                    double *s1, double *s2)
-    void bn_column_shifted_sums_f64(const double *x, Py_ssize_t n, const double *shift,
-                                    double *s1, double *s2)
+    void bn_lane_shifted_sums_f32(const float *x, Py_ssize_t n, double origin,
+                                  double offset, double *s1, double *s2)
+    void bn_lane_shifted_sums_f64(const double *x, Py_ssize_t n, double origin,
+                                  double offset, double *s1, double *s2)
+    void bn_column_shifted_sums_f32(const float *x, Py_ssize_t n, const double *origin,
+                                    const double *offset, double *s1, double *s2)
+    void bn_column_shifted_sums_f64(const double *x, Py_ssize_t n, const double *origin,
+                                    const double *offset, double *s1, double *s2)
     void bn_affine_f32(const float *x, float *y, Py_ssize_t n,
                        float mean_hi, float mean_lo, float scale, float shift)
     void bn_affine_f64(const double *x, double *y, Py_ssize_t n,
@@ -114,7 +119,7 @@ cdef enum:
 
 cdef struct Moments:
     double count
-    double mean
+    double mean     # an offset from the channel's origin (module docstring)
     double m2
 
 
@@ -141,16 +146,17 @@ cdef inline void merge_moments(Moments *acc, Moments part) noexcept nogil:
     acc.count = n
 
 
-cdef inline Moments moments_from_shifted_sums(double count, double shift,
+cdef inline Moments moments_from_shifted_sums(double count, double offset,
                                               double s1, double s2) noexcept nogil:
-    """The triple of values x given s1 = sum(x - shift), s2 = sum((x - shift)^2).
+    """The triple given s1 = sum(d) and s2 = sum(d^2), d = x - origin - offset.
 
     M2 = s2 - s1^2 / n is the corrected two-pass formula: it cannot cancel
-    badly because shift lies inside the data, so s1 is small against s2.
+    badly because origin + offset lies inside the data, so s1 is small
+    against s2.
     """
     cdef Moments m
     m.count = count
-    m.mean = shift + s1 / count
+    m.mean = offset + s1 / count
     m.m2 = s2 - s1 * s1 / count
     if m.m2 < 0.0:      # rounding only; a NaN fails the test and stays NaN
         m.m2 = 0.0
@@ -165,28 +171,29 @@ cdef inline double lanes_total(const double *lanes) noexcept nogil:
     return total
 
 
-cdef inline void lane_shifted_sums(const floating *x, Py_ssize_t n, double shift,
-                                   double *s1, double *s2) noexcept nogil:
+cdef inline void lane_shifted_sums(const floating *x, Py_ssize_t n, double origin,
+                                   double offset, double *s1, double *s2) noexcept nogil:
     if floating is float:
-        bn_lane_shifted_sums_f32(x, n, shift, s1, s2)
+        bn_lane_shifted_sums_f32(x, n, origin, offset, s1, s2)
     else:
-        bn_lane_shifted_sums_f64(x, n, shift, s1, s2)
+        bn_lane_shifted_sums_f64(x, n, origin, offset, s1, s2)
 
 
 cdef Moments block_moments(const floating *x, Py_ssize_t nruns, Py_ssize_t runlen,
-                           Py_ssize_t stride) noexcept nogil:
-    """The triple of ``nruns`` runs of ``runlen`` values, ``stride`` apart.
+                           Py_ssize_t stride, double origin) noexcept nogil:
+    """The triple of ``nruns`` runs of ``runlen`` values, ``stride`` apart,
+    with its mean as an offset from ``origin``.
 
-    One pass of sums shifted by the block's first value. For float32 input
-    that is exact enough: the float64 accumulators have 29 bits to spare. For
-    float64 input a second pass shifted by the first pass's mean makes the
-    result as accurate as a two-pass algorithm. A constant block gives M2 = 0
-    exactly, since every shifted value is exactly 0.
+    For float32 input one pass of float64 sums of x - origin is exact
+    enough: the accumulators have 29 bits to spare. For float64 input a
+    second pass around the first pass's mean makes it as accurate as a
+    two-pass algorithm. A constant block gives M2 = 0 exactly, since every
+    shifted value is exactly 0.
     """
     cdef double s1[BN_LANES]
     cdef double s2[BN_LANES]
     cdef double count = <double>(nruns * runlen)
-    cdef double shift = x[0]
+    cdef double offset = 0.0
     cdef Moments m
     cdef Py_ssize_t r
     cdef int k, npass
@@ -195,34 +202,63 @@ cdef Moments block_moments(const floating *x, Py_ssize_t nruns, Py_ssize_t runle
             s1[k] = 0.0
             s2[k] = 0.0
         for r in range(nruns):
-            lane_shifted_sums(x + r * stride, runlen, shift, s1, s2)
-        m = moments_from_shifted_sums(count, shift, lanes_total(s1), lanes_total(s2))
-        shift = m.mean
+            lane_shifted_sums(x + r * stride, runlen, origin, offset, s1, s2)
+        m = moments_from_shifted_sums(count, offset, lanes_total(s1), lanes_total(s2))
+        offset = m.mean
     return m
 
 
-cdef inline void finish_channel(Moments m, double eps, Py_ssize_t c, double *mean,
-                                double *m2, double *invstd) noexcept nogil:
-    mean[c] = m.mean
-    m2[c] = m.m2
-    if invstd != NULL:
-        invstd[c] = 1.0 / sqrt(m.m2 / m.count + eps)
+cdef struct StatsOut:
+    # Where a statistics pass stores each channel's results.
+    double eps
+    double *mean        # float64 mean
+    double *residual    # origin + offset - mean, for the exact split; or NULL
+    double *m2          # sum of squared deviations
+    double *invstd      # 1 / sqrt(m2 / count + eps); or NULL
 
 
-cdef inline void affine_params(double mean, double invstd, const double *weight,
-                               const double *bias, Py_ssize_t c,
-                               floating *hi, floating *lo, floating *scale,
-                               floating *shift) noexcept nogil:
+cdef struct AffineIn:
+    # What a normalization pass reads per channel.
+    const double *mean
+    const double *residual    # or NULL (eval: the mean is exactly a float64)
+    const double *invstd
+    const double *weight      # or NULL for 1
+    const double *bias        # or NULL for 0
+
+
+cdef inline double channel_origin(const floating *x, Py_ssize_t c,
+                                  Py_ssize_t inner) noexcept nogil:
+    """The first value of channel c, in either loop order."""
+    return x[c * inner]
+
+
+cdef inline void finish_channel(Moments m, double origin, Py_ssize_t c,
+                                const StatsOut *out) noexcept nogil:
+    """Store channel c's statistics; the residual is what the float64 mean
+    could not hold of origin + offset."""
+    out.mean[c] = origin + m.mean
+    if out.residual != NULL:
+        out.residual[c] = (origin - out.mean[c]) + m.mean
+    out.m2[c] = m.m2
+    if out.invstd != NULL:
+        out.invstd[c] = 1.0 / sqrt(m.m2 / m.count + out.eps)
+
+
+cdef inline void affine_params(const AffineIn *a, Py_ssize_t c, floating *hi, floating *lo,
+                               floating *scale, floating *shift) noexcept nogil:
     """The per-channel constants of y = ((x - hi) - lo) * scale + shift.
 
-    hi + lo is the float64 mean split into two values of the input type, so
-    the subtraction keeps the mean's low bits (bn_affine in _leaf_loops.h).
+    hi + lo is the mean (plus its residual, when known) split into two values
+    of the input type, so the subtraction keeps the mean's low bits
+    (bn_affine in _leaf_loops_impl.h).
     """
-    cdef double w = 1.0 if weight == NULL else weight[c]
-    cdef double b = 0.0 if bias == NULL else bias[c]
+    cdef double w = 1.0 if a.weight == NULL else a.weight[c]
+    cdef double b = 0.0 if a.bias == NULL else a.bias[c]
+    cdef double extra = 0.0 if a.residual == NULL else a.residual[c]
+    cdef double mean = a.mean[c]
     hi[0] = <floating>mean
-    lo[0] = <floating>(mean - <double>hi[0])
-    scale[0] = <floating>(w * invstd)
+    lo[0] = <floating>((mean - <double>hi[0]) + extra)
+    scale[0] = <floating>(w * a.invstd[c])
     shift[0] = <floating>b
 
 
@@ -288,18 +324,21 @@ cdef Moments planar_chunk_moments(const floating *x, const Planar *g, Py_ssize_t
     cdef Py_ssize_t b, offset, nruns = 0, runlen = 0
     cdef Py_ssize_t first = chunk * CHUNK_BLOCKS
     cdef Py_ssize_t last = min(first + CHUNK_BLOCKS, g.blocks_per_channel)
+    cdef double origin = channel_origin(x, c, g.inner)
     for b in range(first, last):
         offset = planar_block(g, c, b, &nruns, &runlen)
-        merge_moments(&acc, block_moments(x + offset, nruns, runlen, g.channels * g.inner))
+        merge_moments(&acc, block_moments(x + offset, nruns, runlen, g.channels * g.inner,
+                                          origin))
     return acc
 
 
 cdef void planar_chunk_affine(const floating *x, floating *y, const Planar *g, Py_ssize_t c,
-                              Py_ssize_t chunk, floating hi, floating lo, floating scale,
-                              floating shift) noexcept nogil:
+                              Py_ssize_t chunk, const AffineIn *a) noexcept nogil:
     cdef Py_ssize_t b, r, offset, nruns = 0, runlen = 0
     cdef Py_ssize_t first = chunk * CHUNK_BLOCKS
     cdef Py_ssize_t last = min(first + CHUNK_BLOCKS, g.blocks_per_channel)
+    cdef floating hi = 0, lo = 0, scale = 0, shift = 0
+    affine_params(a, c, &hi, &lo, &scale, &shift)
     for b in range(first, last):
         offset = planar_block(g, c, b, &nruns, &runlen)
         for r in range(nruns):
@@ -310,71 +349,61 @@ cdef void planar_chunk_affine(const floating *x, floating *y, const Planar *g, P
             offset = offset + g.channels * g.inner
 
 
+cdef void planar_finish(const floating *x, const Planar *g, const Moments *chunks,
+                        Py_ssize_t c, const StatsOut *out) noexcept nogil:
+    """Merge channel c's chunks in order and store its statistics."""
+    cdef Moments acc = empty_moments()
+    cdef Py_ssize_t k
+    for k in range(g.chunks_per_channel):
+        merge_moments(&acc, chunks[c * g.chunks_per_channel + k])
+    finish_channel(acc, channel_origin(x, c, g.inner), c, out)
+
+
+# Every prange body below is one call: the locals of the called function are
+# private to its thread by construction, which Cython cannot guarantee for
+# variables written through pointers inside the loop.
+
 cdef void planar_moments(const floating *x, const Planar *g, Moments *chunks,
-                         double eps, double *mean, double *m2, double *invstd,
-                         int nthreads) noexcept nogil:
-    """Per-channel statistics via a chunk table merged in order."""
-    cdef Py_ssize_t item, c, k
+                         const StatsOut *out, int nthreads) noexcept nogil:
+    """Per-channel statistics via a table of chunk triples merged in order."""
+    cdef Py_ssize_t item, c
     cdef Py_ssize_t nchunks = g.chunks_per_channel
-    cdef Moments acc
     for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="static"):
         chunks[item] = planar_chunk_moments(x, g, item // nchunks, item % nchunks)
     for c in range(g.channels):
-        acc = empty_moments()
-        for k in range(nchunks):
-            merge_moments(&acc, chunks[c * nchunks + k])
-        finish_channel(acc, eps, c, mean, m2, invstd)
-
-
-cdef void planar_normalize_item(const floating *x, floating *y, const Planar *g,
-                                Py_ssize_t item, const double *mean, const double *invstd,
-                                const double *weight, const double *bias) noexcept nogil:
-    cdef Py_ssize_t c = item // g.chunks_per_channel
-    cdef floating hi = 0, lo = 0, scale = 0, shift = 0
-    affine_params(mean[c], invstd[c], weight, bias, c, &hi, &lo, &scale, &shift)
-    planar_chunk_affine(x, y, g, c, item % g.chunks_per_channel, hi, lo, scale, shift)
+        planar_finish(x, g, chunks, c, out)
 
 
 cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
-                           const double *mean, const double *invstd,
-                           const double *weight, const double *bias,
-                           int nthreads) noexcept nogil:
-    # Every prange body here is one call: locals of the called function are
-    # private to its thread by construction, which Cython cannot guarantee for
-    # variables written through pointers inside the loop.
+                           const AffineIn *a, int nthreads) noexcept nogil:
     cdef Py_ssize_t item
-    for item in prange(g.channels * g.chunks_per_channel, num_threads=nthreads,
-                       schedule="static"):
-        planar_normalize_item(x, y, g, item, mean, invstd, weight, bias)
+    cdef Py_ssize_t nchunks = g.chunks_per_channel
+    for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="static"):
+        planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
 
 
 cdef void planar_train_channel(const floating *x, floating *y, const Planar *g,
-                               Py_ssize_t c, const double *weight, const double *bias,
-                               double eps, double *mean, double *m2,
-                               double *invstd) noexcept nogil:
+                               Py_ssize_t c, Moments *chunks, const StatsOut *out,
+                               const AffineIn *a) noexcept nogil:
     """Statistics then normalisation of channel c, while it is in cache.
 
     Merges the same chunks in the same order as planar_moments, so the
     statistics are bitwise those of the two-phase path.
     """
     cdef Py_ssize_t k
-    cdef Moments acc = empty_moments()
-    cdef floating hi = 0, lo = 0, scale = 0, shift = 0
     for k in range(g.chunks_per_channel):
-        merge_moments(&acc, planar_chunk_moments(x, g, c, k))
-    finish_channel(acc, eps, c, mean, m2, invstd)
-    affine_params(mean[c], invstd[c], weight, bias, c, &hi, &lo, &scale, &shift)
+        chunks[c * g.chunks_per_channel + k] = planar_chunk_moments(x, g, c, k)
+    planar_finish(x, g, chunks, c, out)
     for k in range(g.chunks_per_channel):
-        planar_chunk_affine(x, y, g, c, k, hi, lo, scale, shift)
+        planar_chunk_affine(x, y, g, c, k, a)
 
 
 cdef void planar_train_fused(const floating *x, floating *y, const Planar *g,
-                             const double *weight, const double *bias, double eps,
-                             double *mean, double *m2, double *invstd,
+                             Moments *chunks, const StatsOut *out, const AffineIn *a,
                              int nthreads) noexcept nogil:
     cdef Py_ssize_t c
     for c in prange(g.channels, num_threads=nthreads, schedule="static"):
-        planar_train_channel(x, y, g, c, weight, bias, eps, mean, m2, invstd)
+        planar_train_channel(x, y, g, c, chunks, out, a)
 
 
 # --------------------------------------------------------------------------
@@ -409,12 +438,13 @@ cdef Interleaved interleaved_geometry(Py_ssize_t outer, Py_ssize_t channels,
     return g
 
 
-cdef inline void column_shifted_sums(const floating *x, Py_ssize_t n, const double *shift,
-                                     double *s1, double *s2) noexcept nogil:
+cdef inline void column_shifted_sums(const floating *x, Py_ssize_t n, const double *origin,
+                                     const double *offset, double *s1,
+                                     double *s2) noexcept nogil:
     if floating is float:
-        bn_column_shifted_sums_f32(x, n, shift, s1, s2)
+        bn_column_shifted_sums_f32(x, n, origin, offset, s1, s2)
     else:
-        bn_column_shifted_sums_f64(x, n, shift, s1, s2)
+        bn_column_shifted_sums_f64(x, n, origin, offset, s1, s2)
 
 
 cdef void interleaved_item_moments(const floating *x, const Interleaved *g, Py_ssize_t item,
@@ -422,10 +452,11 @@ cdef void interleaved_item_moments(const floating *x, const Interleaved *g, Py_s
     """Per-column triples of one (row chunk, column tile) item.
 
     Row blocks of ROW_BLOCK rows work like block_moments, column by column:
-    sums shifted by the block's first row (and for float64 a second pass
+    sums of x minus its channel's origin (and for float64 a second pass
     around the block means), merged into the chunk in row order.
     """
-    cdef double shift[COLUMN_TILE]
+    cdef double origin[COLUMN_TILE]
+    cdef double offset[COLUMN_TILE]
     cdef double s1[COLUMN_TILE]
     cdef double s2[COLUMN_TILE]
     cdef Moments acc[COLUMN_TILE]
@@ -440,22 +471,23 @@ cdef void interleaved_item_moments(const floating *x, const Interleaved *g, Py_s
     cdef int npass, npasses = 1 if floating is float else 2
     for j in range(ncols):
         acc[j] = empty_moments()
+        origin[j] = channel_origin(x, (j0 + j) // g.inner, g.inner)
     rb = r0
     while rb < r_end:
         nrows = min(<Py_ssize_t>ROW_BLOCK, r_end - rb)
         row0 = x + rb * g.width + j0
         for j in range(ncols):
-            shift[j] = row0[j]
+            offset[j] = 0.0
         for npass in range(npasses):
             for j in range(ncols):
                 s1[j] = 0.0
                 s2[j] = 0.0
             for r in range(nrows):
-                column_shifted_sums(row0 + r * g.width, ncols, shift, s1, s2)
+                column_shifted_sums(row0 + r * g.width, ncols, origin, offset, s1, s2)
             for j in range(ncols):
-                block = moments_from_shifted_sums(<double>nrows, shift[j], s1[j], s2[j])
+                block = moments_from_shifted_sums(<double>nrows, offset[j], s1[j], s2[j])
                 if npass + 1 < npasses:
-                    shift[j] = block.mean
+                    offset[j] = block.mean
                 else:
                     merge_moments(&acc[j], block)
         rb = rb + nrows
@@ -464,24 +496,31 @@ cdef void interleaved_item_moments(const floating *x, const Interleaved *g, Py_s
         chunk_m2[chunk * g.width + j0 + j] = acc[j].m2
 
 
+cdef void interleaved_finish(const floating *x, const Interleaved *g, const double *chunk_mean,
+                             const double *chunk_m2, Py_ssize_t c,
+                             const StatsOut *out) noexcept nogil:
+    """Merge channel c's columns and chunks in order and store its statistics."""
+    cdef Moments acc = empty_moments()
+    cdef Moments part
+    cdef Py_ssize_t q, k, j
+    for q in range(g.inner):
+        j = c * g.inner + q
+        for k in range(g.nchunks):
+            part.count = <double>(min(g.chunk_rows, g.rows - k * g.chunk_rows))
+            part.mean = chunk_mean[k * g.width + j]
+            part.m2 = chunk_m2[k * g.width + j]
+            merge_moments(&acc, part)
+    finish_channel(acc, channel_origin(x, c, g.inner), c, out)
+
+
 cdef void interleaved_moments(const floating *x, const Interleaved *g,
-                              double *chunk_mean, double *chunk_m2, double eps,
-                              double *mean, double *m2, double *invstd,
+                              double *chunk_mean, double *chunk_m2, const StatsOut *out,
                               int nthreads) noexcept nogil:
-    cdef Py_ssize_t item, c, q, k, j
-    cdef Moments acc, part
+    cdef Py_ssize_t item, c
     for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
         interleaved_item_moments(x, g, item, chunk_mean, chunk_m2)
     for c in range(g.channels):
-        acc = empty_moments()
-        for q in range(g.inner):
-            j = c * g.inner + q
-            for k in range(g.nchunks):
-                part.count = <double>(min(g.chunk_rows, g.rows - k * g.chunk_rows))
-                part.mean = chunk_mean[k * g.width + j]
-                part.m2 = chunk_m2[k * g.width + j]
-                merge_moments(&acc, part)
-        finish_channel(acc, eps, c, mean, m2, invstd)
+        interleaved_finish(x, g, chunk_mean, chunk_m2, c, out)
 
 
 cdef void interleaved_normalize_item(const floating *x, floating *y, const Interleaved *g,
@@ -503,34 +542,23 @@ cdef void interleaved_normalize_item(const floating *x, floating *y, const Inter
                                  hi + j0, lo + j0, scale + j0, shift + j0)
 
 
-cdef void interleaved_normalize(const floating *x, floating *y, const Interleaved *g,
-                                const floating *hi, const floating *lo,
-                                const floating *scale, const floating *shift,
-                                int nthreads) noexcept nogil:
-    cdef Py_ssize_t item
-    for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
-        interleaved_normalize_item(x, y, g, item, hi, lo, scale, shift)
-
-
-cdef int interleaved_normalize_channels(const floating *x, floating *y, const Interleaved *g,
-                                        const double *mean, const double *invstd,
-                                        const double *weight, const double *bias,
-                                        int nthreads) noexcept nogil:
+cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved *g,
+                               const AffineIn *a, int nthreads) noexcept nogil:
     """Expand per-channel constants to per-column ones and normalise.
 
     Returns -1 when the column constants (4 * W values) cannot be allocated.
     """
-    cdef floating *params = <floating *>malloc(4 * g.width * sizeof(floating))
-    cdef Py_ssize_t j, c
+    cdef Py_ssize_t w = g.width
+    cdef floating *params = <floating *>malloc(4 * w * sizeof(floating))
+    cdef Py_ssize_t j, item
     if params == NULL:
         return -1
-    for j in range(g.width):
-        c = j // g.inner
-        affine_params(mean[c], invstd[c], weight, bias, c, params + j,
-                      params + g.width + j, params + 2 * g.width + j,
-                      params + 3 * g.width + j)
-    interleaved_normalize(x, y, g, params, params + g.width, params + 2 * g.width,
-                          params + 3 * g.width, nthreads)
+    for j in range(w):
+        affine_params(a, j // g.inner, params + j, params + w + j, params + 2 * w + j,
+                      params + 3 * w + j)
+    for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
+        interleaved_normalize_item(x, y, g, item, params, params + w, params + 2 * w,
+                                   params + 3 * w)
     free(params)
     return 0
 
@@ -825,8 +853,7 @@ cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
 # Drivers: choose the loop order and the team, allocate the small tables.
 
 cdef int moments_driver(const floating *x, Py_ssize_t outer, Py_ssize_t channels,
-                        Py_ssize_t inner, double eps, double *mean, double *m2,
-                        double *invstd, int requested) noexcept nogil:
+                        Py_ssize_t inner, const StatsOut *out, int requested) noexcept nogil:
     """Statistics of every channel; returns -1 when out of memory."""
     cdef Planar p
     cdef Interleaved q
@@ -838,56 +865,69 @@ cdef int moments_driver(const floating *x, Py_ssize_t outer, Py_ssize_t channels
         chunks = <Moments *>malloc(channels * p.chunks_per_channel * sizeof(Moments))
         if chunks == NULL:
             return -1
-        planar_moments(x, &p, chunks, eps, mean, m2, invstd,
+        planar_moments(x, &p, chunks, out,
                        team_size(requested, channels * p.chunks_per_channel, nvalues))
         free(chunks)
-    else:
-        q = interleaved_geometry(outer, channels, inner)
-        chunk_stats = <double *>malloc(2 * q.nchunks * q.width * sizeof(double))
-        if chunk_stats == NULL:
-            return -1
-        interleaved_moments(x, &q, chunk_stats, chunk_stats + q.nchunks * q.width, eps,
-                            mean, m2, invstd,
-                            team_size(requested, q.nchunks * q.ntiles, nvalues))
-        free(chunk_stats)
+        return 0
+    q = interleaved_geometry(outer, channels, inner)
+    chunk_stats = <double *>malloc(2 * q.nchunks * q.width * sizeof(double))
+    if chunk_stats == NULL:
+        return -1
+    interleaved_moments(x, &q, chunk_stats, chunk_stats + q.nchunks * q.width, out,
+                        team_size(requested, q.nchunks * q.ntiles, nvalues))
+    free(chunk_stats)
     return 0
 
 
 cdef int normalize_driver(const floating *x, floating *y, Py_ssize_t outer,
-                          Py_ssize_t channels, Py_ssize_t inner, const double *mean,
-                          const double *invstd, const double *weight, const double *bias,
+                          Py_ssize_t channels, Py_ssize_t inner, const AffineIn *a,
                           int requested) noexcept nogil:
     cdef Planar p
     cdef Interleaved q
     cdef Py_ssize_t nvalues = outer * channels * inner
     if inner >= PLANAR_MIN_INNER:
         p = planar_geometry(outer, channels, inner)
-        planar_normalize(x, y, &p, mean, invstd, weight, bias,
+        planar_normalize(x, y, &p, a,
                          team_size(requested, channels * p.chunks_per_channel, nvalues))
         return 0
     q = interleaved_geometry(outer, channels, inner)
-    return interleaved_normalize_channels(
-        x, y, &q, mean, invstd, weight, bias,
-        team_size(requested, q.nchunks * q.ntiles, nvalues))
+    return interleaved_normalize(x, y, &q, a,
+                                 team_size(requested, q.nchunks * q.ntiles, nvalues))
 
 
 cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize_t channels,
-                      Py_ssize_t inner, const double *weight, const double *bias, double eps,
-                      double *mean, double *m2, double *invstd, int requested) noexcept nogil:
+                      Py_ssize_t inner, StatsOut *out, AffineIn *a,
+                      int requested) noexcept nogil:
+    """Statistics into out, then y normalised with them (a.mean, a.invstd and
+    a.residual are pointed at out's arrays here)."""
     cdef Planar p
-    cdef int nthreads
+    cdef Moments *chunks
+    cdef int nthreads, status = 0
     cdef Py_ssize_t nvalues = outer * channels * inner
-    if inner >= PLANAR_MIN_INNER:
-        p = planar_geometry(outer, channels, inner)
-        nthreads = team_size(requested, channels, nvalues)
-        if (outer * inner * <Py_ssize_t>sizeof(floating) <= FUSED_CHANNEL_BYTES
-                and channels >= 2 * nthreads):
-            planar_train_fused(x, y, &p, weight, bias, eps, mean, m2, invstd, nthreads)
-            return 0
-    if moments_driver(x, outer, channels, inner, eps, mean, m2, invstd, requested) < 0:
+    out.residual = <double *>malloc(channels * sizeof(double))
+    if out.residual == NULL:
         return -1
-    return normalize_driver(x, y, outer, channels, inner, mean, invstd, weight, bias,
-                            requested)
+    a.mean = out.mean
+    a.residual = out.residual
+    a.invstd = out.invstd
+    p = planar_geometry(outer, channels, inner)
+    nthreads = team_size(requested, channels, nvalues)
+    if (inner >= PLANAR_MIN_INNER
+            and outer * inner * <Py_ssize_t>sizeof(floating) <= FUSED_CHANNEL_BYTES
+            and channels >= 2 * nthreads):
+        chunks = <Moments *>malloc(channels * p.chunks_per_channel * sizeof(Moments))
+        if chunks == NULL:
+            status = -1
+        else:
+            planar_train_fused(x, y, &p, chunks, out, a, nthreads)
+            free(chunks)
+    elif moments_driver(x, outer, channels, inner, out, requested) < 0:
+        status = -1
+    else:
+        status = normalize_driver(x, y, outer, channels, inner, a, requested)
+    free(out.residual)
+    out.residual = NULL
+    return status
 
 
 # --------------------------------------------------------------------------
@@ -932,16 +972,20 @@ def moments(x, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     cdef int typenum = input_typenum(x)
     cdef Py_ssize_t n = outer * channels * inner
     cdef void *px = data_of(x, typenum, n, False, "x")
-    cdef double *pmean = <double *>data_of(mean, cnp.NPY_FLOAT64, channels, True, "mean")
-    cdef double *pm2 = <double *>data_of(m2, cnp.NPY_FLOAT64, channels, True, "m2")
+    cdef StatsOut out
     cdef int status
+    out.eps = 0.0
+    out.mean = <double *>data_of(mean, cnp.NPY_FLOAT64, channels, True, "mean")
+    out.residual = NULL
+    out.m2 = <double *>data_of(m2, cnp.NPY_FLOAT64, channels, True, "m2")
+    out.invstd = NULL
     with nogil:
         if typenum == cnp.NPY_FLOAT32:
-            status = moments_driver(<const float *>px, outer, channels, inner, 0.0,
-                                    pmean, pm2, NULL, num_threads)
+            status = moments_driver(<const float *>px, outer, channels, inner, &out,
+                                    num_threads)
         else:
-            status = moments_driver(<const double *>px, outer, channels, inner, 0.0,
-                                    pmean, pm2, NULL, num_threads)
+            status = moments_driver(<const double *>px, outer, channels, inner, &out,
+                                    num_threads)
     if status < 0:
         raise MemoryError("bncore: out of memory for the per-chunk statistics")
 
@@ -955,18 +999,20 @@ def normalize(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     cdef Py_ssize_t n = outer * channels * inner
     cdef void *px = data_of(x, typenum, n, False, "x")
     cdef void *py = data_of(y, typenum, n, True, "y")
-    cdef const double *pmean = <const double *>data_of(mean, cnp.NPY_FLOAT64, channels, False, "mean")
-    cdef const double *pinvstd = <const double *>data_of(invstd, cnp.NPY_FLOAT64, channels, False, "invstd")
-    cdef const double *pweight = optional_params(weight, channels, "weight")
-    cdef const double *pbias = optional_params(bias, channels, "bias")
+    cdef AffineIn a
     cdef int status
+    a.mean = <const double *>data_of(mean, cnp.NPY_FLOAT64, channels, False, "mean")
+    a.residual = NULL
+    a.invstd = <const double *>data_of(invstd, cnp.NPY_FLOAT64, channels, False, "invstd")
+    a.weight = optional_params(weight, channels, "weight")
+    a.bias = optional_params(bias, channels, "bias")
     with nogil:
         if typenum == cnp.NPY_FLOAT32:
             status = normalize_driver(<const float *>px, <float *>py, outer, channels, inner,
-                                      pmean, pinvstd, pweight, pbias, num_threads)
+                                      &a, num_threads)
         else:
-            status = normalize_driver(<const double *>px, <double *>py, outer, channels, inner,
-                                      pmean, pinvstd, pweight, pbias, num_threads)
+            status = normalize_driver(<const double *>px, <double *>py, outer, channels,
+                                      inner, &a, num_threads)
     if status < 0:
         raise MemoryError("bncore: out of memory for the per-column constants")
 
@@ -979,19 +1025,23 @@ def train_forward(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     cdef Py_ssize_t n = outer * channels * inner
     cdef void *px = data_of(x, typenum, n, False, "x")
     cdef void *py = data_of(y, typenum, n, True, "y")
-    cdef const double *pweight = optional_params(weight, channels, "weight")
-    cdef const double *pbias = optional_params(bias, channels, "bias")
-    cdef double *pmean = <double *>data_of(mean, cnp.NPY_FLOAT64, channels, True, "mean")
-    cdef double *pm2 = <double *>data_of(m2, cnp.NPY_FLOAT64, channels, True, "m2")
-    cdef double *pinvstd = <double *>data_of(invstd, cnp.NPY_FLOAT64, channels, True, "invstd")
+    cdef StatsOut out
+    cdef AffineIn a
     cdef int status
+    out.eps = eps
+    out.mean = <double *>data_of(mean, cnp.NPY_FLOAT64, channels, True, "mean")
+    out.residual = NULL
+    out.m2 = <double *>data_of(m2, cnp.NPY_FLOAT64, channels, True, "m2")
+    out.invstd = <double *>data_of(invstd, cnp.NPY_FLOAT64, channels, True, "invstd")
+    a.weight = optional_params(weight, channels, "weight")
+    a.bias = optional_params(bias, channels, "bias")
     with nogil:
         if typenum == cnp.NPY_FLOAT32:
             status = train_driver(<const float *>px, <float *>py, outer, channels, inner,
-                                  pweight, pbias, eps, pmean, pm2, pinvstd, num_threads)
+                                  &out, &a, num_threads)
         else:
             status = train_driver(<const double *>px, <double *>py, outer, channels, inner,
-                                  pweight, pbias, eps, pmean, pm2, pinvstd, num_threads)
+                                  &out, &a, num_threads)
     if status < 0:
         raise MemoryError("bncore: out of memory for the per-chunk statistics")
 

@@ -1,21 +1,23 @@
 /* Template body of _leaf_loops.h: BN_T is the element type, BN_SFX names the
  * functions for it. */
 
-/* s1[lane] += x[i] - shift and s2[lane] += (x[i] - shift)^2 over a run: the
- * shifted sums, which do not cancel when shift is close to the mean. */
+/* With d = (x[i] - origin) - offset: s1[lane] += d and s2[lane] += d * d
+ * over a run. These shifted sums do not cancel when origin + offset is close
+ * to the data; keeping the two apart keeps a float64 origin's low bits
+ * (x - origin is exact when x is near origin). */
 BN_LEAF void BN_SFX(bn_lane_shifted_sums)(
-    const BN_T *BN_RESTRICT x, ptrdiff_t n, double shift,
+    const BN_T *BN_RESTRICT x, ptrdiff_t n, double origin, double offset,
     double *BN_RESTRICT s1, double *BN_RESTRICT s2)
 {
     ptrdiff_t i = 0;
     for (; i + BN_LANES <= n; i += BN_LANES)
         for (int k = 0; k < BN_LANES; k++) {
-            double d = (double)x[i + k] - shift;
+            double d = ((double)x[i + k] - origin) - offset;
             s1[k] += d;
             s2[k] += d * d;
         }
     for (int k = 0; i + k < n; k++) {
-        double d = (double)x[i + k] - shift;
+        double d = ((double)x[i + k] - origin) - offset;
         s1[k] += d;
         s2[k] += d * d;
     }
@@ -24,11 +26,11 @@ BN_LEAF void BN_SFX(bn_lane_shifted_sums)(
 /* Column-wise shifted sums for the interleaved layout: one row of n values,
  * value j belongs to column j. */
 BN_LEAF void BN_SFX(bn_column_shifted_sums)(
-    const BN_T *BN_RESTRICT x, ptrdiff_t n, const double *BN_RESTRICT shift,
-    double *BN_RESTRICT s1, double *BN_RESTRICT s2)
+    const BN_T *BN_RESTRICT x, ptrdiff_t n, const double *BN_RESTRICT origin,
+    const double *BN_RESTRICT offset, double *BN_RESTRICT s1, double *BN_RESTRICT s2)
 {
     for (ptrdiff_t j = 0; j < n; j++) {
-        double d = (double)x[j] - shift[j];
+        double d = ((double)x[j] - origin[j]) - offset[j];
         s1[j] += d;
         s2[j] += d * d;
     }
