@@ -53,15 +53,19 @@ cdef extern from "_leaf_loops.h" nogil:
     void bn_column_shifted_sums_f64(const double *x, Py_ssize_t n, const double *origin,
                                     const double *offset, double *s1, double *s2)
     void bn_affine_f32(const float *x, float *y, Py_ssize_t n,
-                       float mean_hi, float mean_lo, float scale, float shift)
+                       float mean_hi, float mean_lo, float scale, float shift, int stream)
     void bn_affine_f64(const double *x, double *y, Py_ssize_t n,
-                       double mean_hi, double mean_lo, double scale, double shift)
+                       double mean_hi, double mean_lo, double scale, double shift,
+                       int stream)
     void bn_column_affine_f32(const float *x, float *y, Py_ssize_t n,
                               const float *mean_hi, const float *mean_lo,
-                              const float *scale, const float *shift)
+                              const float *scale, const float *shift, int stream)
     void bn_column_affine_f64(const double *x, double *y, Py_ssize_t n,
                               const double *mean_hi, const double *mean_lo,
-                              const double *scale, const double *shift)
+                              const double *scale, const double *shift, int stream)
+    void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
+    void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
+    void bn_stream_fence()
     void bn_lane_grad_sums_f32(const float *x, const float *dy, Py_ssize_t n, double mean,
                                double *s_dy, double *s_dy_dev)
     void bn_lane_grad_sums_f64(const double *x, const double *dy, Py_ssize_t n, double mean,
@@ -71,15 +75,19 @@ cdef extern from "_leaf_loops.h" nogil:
     void bn_column_grad_sums_f64(const double *x, const double *dy, Py_ssize_t n,
                                  const double *mean, double *s_dy, double *s_dy_dev)
     void bn_grad_input_f32(const float *x, const float *dy, float *dx, Py_ssize_t n,
-                           float mean_hi, float mean_lo, float k, float c1, float c0)
+                           float mean_hi, float mean_lo, float k, float c1, float c0,
+                           int stream)
     void bn_grad_input_f64(const double *x, const double *dy, double *dx, Py_ssize_t n,
-                           double mean_hi, double mean_lo, double k, double c1, double c0)
+                           double mean_hi, double mean_lo, double k, double c1, double c0,
+                           int stream)
     void bn_column_grad_input_f32(const float *x, const float *dy, float *dx, Py_ssize_t n,
                                   const float *mean_hi, const float *mean_lo,
-                                  const float *k, const float *c1, const float *c0)
+                                  const float *k, const float *c1, const float *c0,
+                                  int stream)
     void bn_column_grad_input_f64(const double *x, const double *dy, double *dx, Py_ssize_t n,
                                   const double *mean_hi, const double *mean_lo,
-                                  const double *k, const double *c1, const double *c0)
+                                  const double *k, const double *c1, const double *c0,
+                                  int stream)
 
 ctypedef fused floating:
     float
@@ -112,6 +120,9 @@ cdef enum:
     # Fuse statistics and normalisation per channel when one channel fits in
     # half of a 1 MiB L2, so its second read comes from cache.
     FUSED_CHANNEL_BYTES = 512 * 1024
+    # Outputs at least this large are written with streaming stores: they
+    # would not stay in cache anyway (benchmarks/compare.py --stream-sweep).
+    STREAM_MIN_BYTES = 16 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------
@@ -224,6 +235,7 @@ cdef struct AffineIn:
     const double *invstd
     const double *weight      # or NULL for 1
     const double *bias        # or NULL for 0
+    int stream                # write the output with streaming stores
 
 
 cdef inline double channel_origin(const floating *x, Py_ssize_t c,
@@ -343,10 +355,12 @@ cdef void planar_chunk_affine(const floating *x, floating *y, const Planar *g, P
         offset = planar_block(g, c, b, &nruns, &runlen)
         for r in range(nruns):
             if floating is float:
-                bn_affine_f32(x + offset, y + offset, runlen, hi, lo, scale, shift)
+                bn_affine_f32(x + offset, y + offset, runlen, hi, lo, scale, shift, a.stream)
             else:
-                bn_affine_f64(x + offset, y + offset, runlen, hi, lo, scale, shift)
+                bn_affine_f64(x + offset, y + offset, runlen, hi, lo, scale, shift, a.stream)
             offset = offset + g.channels * g.inner
+    if a.stream:
+        bn_stream_fence()
 
 
 cdef void planar_finish(const floating *x, const Planar *g, const Moments *chunks,
@@ -525,7 +539,8 @@ cdef void interleaved_moments(const floating *x, const Interleaved *g,
 
 cdef void interleaved_normalize_item(const floating *x, floating *y, const Interleaved *g,
                                      Py_ssize_t item, const floating *hi, const floating *lo,
-                                     const floating *scale, const floating *shift) noexcept nogil:
+                                     const floating *scale, const floating *shift,
+                                     int stream) noexcept nogil:
     """y = ((x - hi) - lo) * scale + shift with per-column constants, one item."""
     cdef Py_ssize_t r, offset
     cdef Py_ssize_t r0 = (item // g.ntiles) * g.chunk_rows
@@ -536,10 +551,12 @@ cdef void interleaved_normalize_item(const floating *x, floating *y, const Inter
         offset = r * g.width + j0
         if floating is float:
             bn_column_affine_f32(x + offset, y + offset, ncols,
-                                 hi + j0, lo + j0, scale + j0, shift + j0)
+                                 hi + j0, lo + j0, scale + j0, shift + j0, stream)
         else:
             bn_column_affine_f64(x + offset, y + offset, ncols,
-                                 hi + j0, lo + j0, scale + j0, shift + j0)
+                                 hi + j0, lo + j0, scale + j0, shift + j0, stream)
+    if stream:
+        bn_stream_fence()
 
 
 cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved *g,
@@ -558,7 +575,7 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
                       params + 3 * w + j)
     for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
         interleaved_normalize_item(x, y, g, item, params, params + w, params + 2 * w,
-                                   params + 3 * w)
+                                   params + 3 * w, a.stream)
     free(params)
     return 0
 
@@ -602,18 +619,19 @@ cdef inline void grad_constants(GradSums sums, double count, double mean, double
 
 cdef inline void grad_input_run(const floating *x, const floating *dy, floating *dx,
                                 Py_ssize_t n, floating hi, floating lo, floating k,
-                                floating c1, floating c0, bint training) noexcept nogil:
+                                floating c1, floating c0, bint training,
+                                int stream) noexcept nogil:
     if training:
         if floating is float:
-            bn_grad_input_f32(x, dy, dx, n, hi, lo, k, c1, c0)
+            bn_grad_input_f32(x, dy, dx, n, hi, lo, k, c1, c0, stream)
         else:
-            bn_grad_input_f64(x, dy, dx, n, hi, lo, k, c1, c0)
+            bn_grad_input_f64(x, dy, dx, n, hi, lo, k, c1, c0, stream)
     else:
         # dx = dy * k: the input does not enter, so a NaN in it cannot either.
         if floating is float:
-            bn_affine_f32(dy, dx, n, 0, 0, k, 0)
+            bn_affine_f32(dy, dx, n, 0, 0, k, 0, stream)
         else:
-            bn_affine_f64(dy, dx, n, 0, 0, k, 0)
+            bn_affine_f64(dy, dx, n, 0, 0, k, 0, stream)
 
 
 cdef struct BackwardArgs:
@@ -624,6 +642,7 @@ cdef struct BackwardArgs:
     double *grad_weight     # out: S_dev * invstd
     double *grad_bias       # out: S_dy
     bint training
+    int stream              # write grad_input with streaming stores
 
 
 cdef GradSums planar_chunk_grad_sums(const floating *x, const floating *dy, const Planar *g,
@@ -665,8 +684,10 @@ cdef void planar_chunk_grad_input(const floating *x, const floating *dy, floatin
         offset = planar_block(g, c, b, &nruns, &runlen)
         for r in range(nruns):
             grad_input_run(x + offset, dy + offset, dx + offset, runlen, hi, lo, k, c1, c0,
-                           a.training)
+                           a.training, a.stream)
             offset = offset + g.channels * g.inner
+    if a.stream:
+        bn_stream_fence()
 
 
 cdef inline void finish_grad_channel(GradSums sums, Py_ssize_t c,
@@ -768,7 +789,8 @@ cdef void interleaved_grad_sums_item(const floating *x, const floating *dy,
 
 cdef void interleaved_grad_input_item(const floating *x, const floating *dy, floating *dx,
                                       const Interleaved *g, Py_ssize_t item,
-                                      const floating *constants, bint training) noexcept nogil:
+                                      const floating *constants, bint training,
+                                      int stream) noexcept nogil:
     """dx for one item; constants holds hi, lo, k, c1, c0 per column, W apart."""
     cdef Py_ssize_t r, offset
     cdef Py_ssize_t w = g.width
@@ -786,16 +808,18 @@ cdef void interleaved_grad_input_item(const floating *x, const floating *dy, flo
         if training:
             if floating is float:
                 bn_column_grad_input_f32(x + offset, dy + offset, dx + offset, ncols,
-                                         hi, lo, k, c1, c0)
+                                         hi, lo, k, c1, c0, stream)
             else:
                 bn_column_grad_input_f64(x + offset, dy + offset, dx + offset, ncols,
-                                         hi, lo, k, c1, c0)
+                                         hi, lo, k, c1, c0, stream)
         else:
             # c1 and c0 are 0 in eval: dx = ((dy - 0) - 0) * k + 0.
             if floating is float:
-                bn_column_affine_f32(dy + offset, dx + offset, ncols, c1, c1, k, c0)
+                bn_column_affine_f32(dy + offset, dx + offset, ncols, c1, c1, k, c0, stream)
             else:
-                bn_column_affine_f64(dy + offset, dx + offset, ncols, c1, c1, k, c0)
+                bn_column_affine_f64(dy + offset, dx + offset, ncols, c1, c1, k, c0, stream)
+    if stream:
+        bn_stream_fence()
 
 
 cdef int interleaved_backward(const floating *x, const floating *dy, floating *dx,
@@ -831,7 +855,7 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
                            constants + 2 * w + j, constants + 3 * w + j,
                            constants + 4 * w + j)
     for item in prange(nitems, num_threads=nthreads, schedule="static"):
-        interleaved_grad_input_item(x, dy, dx, g, item, constants, a.training)
+        interleaved_grad_input_item(x, dy, dx, g, item, constants, a.training, a.stream)
     free(chunk_sums)
     free(constants)
     return 0
@@ -956,6 +980,20 @@ cdef const double *optional_params(object array, Py_ssize_t channels, str name) 
     return <const double *>data_of(array, cnp.NPY_FLOAT64, channels, False, name)
 
 
+cdef Py_ssize_t stream_min_bytes = STREAM_MIN_BYTES
+
+
+def set_stream_min_bytes(Py_ssize_t nbytes):
+    """Outputs of at least nbytes get streaming stores (for benchmarks)."""
+    global stream_min_bytes
+    stream_min_bytes = nbytes
+
+
+cdef inline int streams(Py_ssize_t nvalues, int typenum) noexcept:
+    cdef Py_ssize_t itemsize = 4 if typenum == cnp.NPY_FLOAT32 else 8
+    return nvalues * itemsize >= stream_min_bytes
+
+
 cdef int input_typenum(object x) except -1:
     if not cnp.PyArray_Check(x):
         raise TypeError("x: expected a NumPy array")
@@ -1006,6 +1044,7 @@ def normalize(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     a.invstd = <const double *>data_of(invstd, cnp.NPY_FLOAT64, channels, False, "invstd")
     a.weight = optional_params(weight, channels, "weight")
     a.bias = optional_params(bias, channels, "bias")
+    a.stream = streams(n, typenum)
     with nogil:
         if typenum == cnp.NPY_FLOAT32:
             status = normalize_driver(<const float *>px, <float *>py, outer, channels, inner,
@@ -1035,6 +1074,7 @@ def train_forward(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     out.invstd = <double *>data_of(invstd, cnp.NPY_FLOAT64, channels, True, "invstd")
     a.weight = optional_params(weight, channels, "weight")
     a.bias = optional_params(bias, channels, "bias")
+    a.stream = streams(n, typenum)
     with nogil:
         if typenum == cnp.NPY_FLOAT32:
             status = train_driver(<const float *>px, <float *>py, outer, channels, inner,
@@ -1044,6 +1084,37 @@ def train_forward(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
                                   &out, &a, num_threads)
     if status < 0:
         raise MemoryError("bncore: out of memory for the per-chunk statistics")
+
+
+cdef void copy_item(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t item,
+                    int stream) noexcept nogil:
+    cdef Py_ssize_t start = item * CHUNK_BLOCKS * BLOCK_LEN
+    cdef Py_ssize_t length = min(<Py_ssize_t>(CHUNK_BLOCKS * BLOCK_LEN), n - start)
+    if floating is float:
+        bn_copy_f32(x + start, y + start, length, stream)
+    else:
+        bn_copy_f64(x + start, y + start, length, stream)
+    if stream:
+        bn_stream_fence()
+
+
+def copy(x, y, bint stream, int num_threads):
+    """y[:] = x with the same chunks, team and stores as the kernels: the
+    benchmarks' yardstick for one read and one write of a tensor."""
+    cdef int typenum = input_typenum(x)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x)
+    cdef void *px = data_of(x, typenum, n, False, "x")
+    cdef void *py = data_of(y, typenum, n, True, "y")
+    cdef Py_ssize_t item, chunk = CHUNK_BLOCKS * BLOCK_LEN
+    cdef Py_ssize_t nitems = (n + chunk - 1) // chunk
+    cdef int nthreads = num_threads if nitems > 1 else 1
+    with nogil:
+        if typenum == cnp.NPY_FLOAT32:
+            for item in prange(nitems, num_threads=nthreads, schedule="static"):
+                copy_item(<const float *>px, <float *>py, n, item, stream)
+        else:
+            for item in prange(nitems, num_threads=nthreads, schedule="static"):
+                copy_item(<const double *>px, <double *>py, n, item, stream)
 
 
 def max_threads():
@@ -1070,6 +1141,7 @@ def backward(x, dy, dx, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
                                          "grad_weight")
     args.grad_bias = <double *>data_of(grad_bias, cnp.NPY_FLOAT64, channels, True, "grad_bias")
     args.training = training
+    args.stream = streams(n, typenum)
     with nogil:
         if typenum == cnp.NPY_FLOAT32:
             status = backward_driver(<const float *>px, <const float *>pdy, <float *>pdx,

@@ -9,13 +9,22 @@ BN_LEAF void BN_SFX(bn_lane_shifted_sums)(
     const BN_T *BN_RESTRICT x, ptrdiff_t n, double origin, double offset,
     double *BN_RESTRICT s1, double *BN_RESTRICT s2)
 {
+    /* Lanes 0-7 in the `a` vectors, 8-15 in the `b` vectors. */
+    bn_v8df a1 = bn_load8_f64(s1), b1 = bn_load8_f64(s1 + 8);
+    bn_v8df a2 = bn_load8_f64(s2), b2 = bn_load8_f64(s2 + 8);
     ptrdiff_t i = 0;
-    for (; i + BN_LANES <= n; i += BN_LANES)
-        for (int k = 0; k < BN_LANES; k++) {
-            double d = ((double)x[i + k] - origin) - offset;
-            s1[k] += d;
-            s2[k] += d * d;
-        }
+    for (; i + BN_LANES <= n; i += BN_LANES) {
+        bn_v8df d = (BN_SFX(bn_load8)(x + i) - origin) - offset;
+        bn_v8df e = (BN_SFX(bn_load8)(x + i + 8) - origin) - offset;
+        a1 += d;
+        a2 += d * d;
+        b1 += e;
+        b2 += e * e;
+    }
+    memcpy(s1, &a1, sizeof a1);
+    memcpy(s1 + 8, &b1, sizeof b1);
+    memcpy(s2, &a2, sizeof a2);
+    memcpy(s2 + 8, &b2, sizeof b2);
     for (int k = 0; i + k < n; k++) {
         double d = ((double)x[i + k] - origin) - offset;
         s1[k] += d;
@@ -36,25 +45,59 @@ BN_LEAF void BN_SFX(bn_column_shifted_sums)(
     }
 }
 
+/* An elementwise loop y[i] = EXPR(i) over a run, with normal stores or, when
+ * `stream` is set, streaming stores: a scalar head up to 16-byte alignment,
+ * then whole 64-byte lines computed into an aligned buffer (vectorised) and
+ * streamed out 16 bytes at a time, then a scalar tail. */
+#define BN_PER_LINE ((ptrdiff_t)(BN_LINE_BYTES / sizeof(BN_T)))
+#if BN_HAVE_STREAM
+#define BN_ELEMENTWISE(n, y, stream, EXPR)                                        \
+    do {                                                                          \
+        ptrdiff_t i = 0;                                                          \
+        if (stream) {                                                             \
+            for (; i < (n) && ((uintptr_t)((y) + i) & 15); i++)                   \
+                (y)[i] = EXPR;                                                    \
+            for (; i + BN_PER_LINE <= (n); i += BN_PER_LINE) {                    \
+                BN_T line[BN_PER_LINE] __attribute__((aligned(64)));              \
+                ptrdiff_t base = i;                                               \
+                for (int l = 0; l < BN_PER_LINE; l++) {                           \
+                    i = base + l;                                                 \
+                    line[l] = EXPR;                                               \
+                }                                                                 \
+                i = base;                                                         \
+                for (int l = 0; l < BN_PER_LINE; l += (int)(16 / sizeof(BN_T)))   \
+                    BN_STREAM_XMM((y) + i + l, line + l);                         \
+            }                                                                     \
+        }                                                                         \
+        for (; i < (n); i++)                                                      \
+            (y)[i] = EXPR;                                                        \
+    } while (0)
+#else
+#define BN_ELEMENTWISE(n, y, stream, EXPR)                                        \
+    do {                                                                          \
+        (void)(stream);                                                           \
+        for (ptrdiff_t i = 0; i < (n); i++)                                       \
+            (y)[i] = EXPR;                                                        \
+    } while (0)
+#endif
+
 /* y = ((x - mean_hi) - mean_lo) * scale + shift over a run. The mean comes
  * as two floats of the element type whose sum is the float64 mean: x - hi is
  * exact when x is near the mean (Sterbenz), so the low bits of a large mean
- * are not lost, which the folded x * a + b form would lose. */
+ * are not lost, which the folded x * a + b form would lose. y may be x. */
 BN_LEAF void BN_SFX(bn_affine)(
     const BN_T *x, BN_T *y, ptrdiff_t n,
-    BN_T mean_hi, BN_T mean_lo, BN_T scale, BN_T shift)
+    BN_T mean_hi, BN_T mean_lo, BN_T scale, BN_T shift, int stream)
 {
-    for (ptrdiff_t i = 0; i < n; i++)
-        y[i] = ((x[i] - mean_hi) - mean_lo) * scale + shift;
+    BN_ELEMENTWISE(n, y, stream, ((x[i] - mean_hi) - mean_lo) * scale + shift);
 }
 
 BN_LEAF void BN_SFX(bn_column_affine)(
     const BN_T *x, BN_T *y, ptrdiff_t n,
     const BN_T *BN_RESTRICT mean_hi, const BN_T *BN_RESTRICT mean_lo,
-    const BN_T *BN_RESTRICT scale, const BN_T *BN_RESTRICT shift)
+    const BN_T *BN_RESTRICT scale, const BN_T *BN_RESTRICT shift, int stream)
 {
-    for (ptrdiff_t j = 0; j < n; j++)
-        y[j] = ((x[j] - mean_hi[j]) - mean_lo[j]) * scale[j] + shift[j];
+    BN_ELEMENTWISE(n, y, stream, ((x[i] - mean_hi[i]) - mean_lo[i]) * scale[i] + shift[i]);
 }
 
 /* The backward pass's two sums over a run: s_dy[lane] += dy and
@@ -63,13 +106,21 @@ BN_LEAF void BN_SFX(bn_lane_grad_sums)(
     const BN_T *BN_RESTRICT x, const BN_T *BN_RESTRICT dy, ptrdiff_t n, double mean,
     double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)
 {
+    bn_v8df a1 = bn_load8_f64(s_dy), b1 = bn_load8_f64(s_dy + 8);
+    bn_v8df a2 = bn_load8_f64(s_dy_dev), b2 = bn_load8_f64(s_dy_dev + 8);
     ptrdiff_t i = 0;
-    for (; i + BN_LANES <= n; i += BN_LANES)
-        for (int k = 0; k < BN_LANES; k++) {
-            double g = (double)dy[i + k];
-            s_dy[k] += g;
-            s_dy_dev[k] += g * ((double)x[i + k] - mean);
-        }
+    for (; i + BN_LANES <= n; i += BN_LANES) {
+        bn_v8df g = BN_SFX(bn_load8)(dy + i);
+        bn_v8df h = BN_SFX(bn_load8)(dy + i + 8);
+        a1 += g;
+        a2 += g * (BN_SFX(bn_load8)(x + i) - mean);
+        b1 += h;
+        b2 += h * (BN_SFX(bn_load8)(x + i + 8) - mean);
+    }
+    memcpy(s_dy, &a1, sizeof a1);
+    memcpy(s_dy + 8, &b1, sizeof b1);
+    memcpy(s_dy_dev, &a2, sizeof a2);
+    memcpy(s_dy_dev + 8, &b2, sizeof b2);
     for (int k = 0; i + k < n; k++) {
         double g = (double)dy[i + k];
         s_dy[k] += g;
@@ -94,17 +145,27 @@ BN_LEAF void BN_SFX(bn_column_grad_sums)(
  * (functional.py's batch_norm_backward documents them). dx may be x or dy. */
 BN_LEAF void BN_SFX(bn_grad_input)(
     const BN_T *x, const BN_T *dy, BN_T *dx, ptrdiff_t n,
-    BN_T mean_hi, BN_T mean_lo, BN_T k, BN_T c1, BN_T c0)
+    BN_T mean_hi, BN_T mean_lo, BN_T k, BN_T c1, BN_T c0, int stream)
 {
-    for (ptrdiff_t i = 0; i < n; i++)
-        dx[i] = dy[i] * k + (((x[i] - mean_hi) - mean_lo) * c1 + c0);
+    BN_ELEMENTWISE(n, dx, stream, dy[i] * k + (((x[i] - mean_hi) - mean_lo) * c1 + c0));
 }
 
 BN_LEAF void BN_SFX(bn_column_grad_input)(
     const BN_T *x, const BN_T *dy, BN_T *dx, ptrdiff_t n,
     const BN_T *BN_RESTRICT mean_hi, const BN_T *BN_RESTRICT mean_lo,
-    const BN_T *BN_RESTRICT k, const BN_T *BN_RESTRICT c1, const BN_T *BN_RESTRICT c0)
+    const BN_T *BN_RESTRICT k, const BN_T *BN_RESTRICT c1, const BN_T *BN_RESTRICT c0,
+    int stream)
 {
-    for (ptrdiff_t j = 0; j < n; j++)
-        dx[j] = dy[j] * k[j] + (((x[j] - mean_hi[j]) - mean_lo[j]) * c1[j] + c0[j]);
+    BN_ELEMENTWISE(n, dx, stream,
+                   dy[i] * k[i] + (((x[i] - mean_hi[i]) - mean_lo[i]) * c1[i] + c0[i]));
 }
+
+/* A copy with the same stores: the yardstick of the benchmarks (the least
+ * time any y = f(x) kernel can take), not used by batch norm itself. */
+BN_LEAF void BN_SFX(bn_copy)(const BN_T *x, BN_T *y, ptrdiff_t n, int stream)
+{
+    BN_ELEMENTWISE(n, y, stream, x[i]);
+}
+
+#undef BN_PER_LINE
+#undef BN_ELEMENTWISE
