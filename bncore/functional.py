@@ -18,6 +18,9 @@ __all__ = ["batch_norm", "batch_norm_backward", "moments"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
+#: What batch_norm may do when a training batch's statistics are not finite.
+NONFINITE_MODES = ("propagate", "skip_update", "raise")
+
 
 # --------------------------------------------------------------------------
 # Argument checks. Each names the argument and what was expected.
@@ -166,6 +169,13 @@ def _check_out(out, like, operands):
     return in_place
 
 
+def _check_nonfinite(nonfinite):
+    if not (isinstance(nonfinite, str) and nonfinite in NONFINITE_MODES):
+        allowed = ", ".join(repr(m) for m in NONFINITE_MODES)
+        raise ValueError(f"nonfinite must be one of {allowed}; got {nonfinite!r}")
+    return nonfinite
+
+
 def _check_ddof(ddof):
     if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral):
         raise TypeError(f"ddof must be a non-negative integer, got {type(ddof).__name__}")
@@ -216,7 +226,7 @@ def moments(x, *, axis=1, ddof=0, num_threads=None):
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None,
-               num_threads=None, return_stats=False):
+               num_threads=None, return_stats=False, nonfinite="propagate"):
     """Batch normalization with the arguments and semantics of PyTorch's
     ``torch.nn.functional.batch_norm``.
 
@@ -245,6 +255,37 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     return_stats : bool
         Also return the float64 mean and ``1 / sqrt(var + eps)`` the output was
         normalised with, as needed by ``batch_norm_backward``.
+    nonfinite : {"propagate", "skip_update", "raise"}
+        What a training call does when the batch's mean or unbiased variance
+        is NaN or infinite in some channel (a NaN or infinite input value, or
+        values whose square overflows), or too large for a running buffer's
+        dtype. Whatever the mode, such a channel's output is NaN and the
+        other channels are normalised as usual; the mode decides what
+        happens to the running statistics:
+
+        * ``"propagate"`` (PyTorch's behaviour): update them anyway, so the
+          offending channels' running statistics become NaN or infinite.
+        * ``"skip_update"``: leave both running buffers untouched, every
+          channel of them (the whole batch is skipped), and return the
+          output as usual.
+        * ``"raise"``: raise ``FloatingPointError`` naming the channels, with
+          both running buffers untouched. Also raised when no running
+          buffers were given. FloatingPointError rather than ValueError,
+          because the arguments were valid: it is the arithmetic on this
+          data that produced NaN, the error NumPy raises for that under
+          ``np.errstate(invalid="raise")``; code that catches ValueError for
+          bad arguments does not swallow it.
+
+          The statistics are only known once the fused kernel has written
+          the output, so after the raise ``out`` (the input itself when
+          ``out=input``) holds the complete output the call would have
+          returned: NaN throughout the offending channels, the other
+          channels normalised with their batch statistics. Without ``out``
+          nothing the caller holds has been written.
+
+        Evaluation (``training=False``) computes no statistics and ignores
+        this argument: a non-finite input value gives a non-finite output at
+        its own position only. An empty batch is not non-finite.
 
     Returns
     -------
@@ -255,13 +296,47 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     An empty batch (no values per feature) gives an empty output and leaves
     the running statistics untouched; its returned statistics are NaN.
     """
+    y, mean, invstd, batch = _forward(
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        axis=axis, out=out, num_threads=num_threads, nonfinite=nonfinite,
+    )
+    if batch is not None:
+        _fold_batch(batch, running_mean, running_var, batch.momentum)
+    if return_stats:
+        return y, mean, invstd
+    return y
+
+
+class _Batch:
+    """A training batch's statistics, not yet folded into running buffers."""
+
+    __slots__ = ("mean", "m2", "count", "momentum", "nonfinite")
+
+    def __init__(self, mean, m2, count, momentum, nonfinite):
+        self.mean = mean
+        self.m2 = m2
+        self.count = count
+        self.momentum = momentum
+        self.nonfinite = nonfinite
+
+
+def _forward(input, running_mean, running_var, weight, bias, training, momentum, eps, *,
+             axis, out, num_threads, nonfinite):
+    """Everything ``batch_norm`` does but the running update.
+
+    Returns ``(y, mean, invstd, batch)``: batch is a :class:`_Batch` when the
+    call computed batch statistics (training with at least one value per
+    channel), for :func:`_fold_batch`; else None. The layers fold it under
+    their lock, so that concurrent training calls update in turn.
+    """
     x = _as_input(input)
     ax = _feature_axis(axis, x.ndim)
     outer, channels, inner = _canonical_shape(x.shape, ax)
     training = bool(training)
     momentum = _check_momentum(momentum)
     eps = _check_eps(eps)
-    has_running = _check_running_stats(running_mean, running_var, channels, ax, training)
+    nonfinite = _check_nonfinite(nonfinite)
+    _check_running_stats(running_mean, running_var, channels, ax, training)
     weight = _channel_vector(weight, "weight", channels, ax)
     bias = _channel_vector(bias, "bias", channels, ax)
     in_place = out is not None and _check_out(out, x, {"input": x})
@@ -278,6 +353,7 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     if in_place:
         source = y
 
+    batch = None
     if training:
         mean = np.empty(channels)
         m2 = np.empty(channels)
@@ -288,18 +364,17 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
         else:
             _kernels.train_forward(source, y, outer, channels, inner, weight, bias, eps,
                                    mean, m2, invstd, nthreads)
-            if has_running:
-                _update_running(running_mean, running_var, mean, m2, count, momentum)
+            batch = _Batch(mean, m2, count, momentum, nonfinite)
     else:
         mean = np.array(running_mean, dtype=np.float64)
-        invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+        # A negative or -inf running_var gives NaN, a zero one with eps=0
+        # inf, silently, as the kernels treat non-finite values.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
         if x.size:
             _kernels.normalize(source, y, outer, channels, inner, mean, invstd,
                                weight, bias, nthreads)
-
-    if return_stats:
-        return y, mean, invstd
-    return y
+    return y, mean, invstd, batch
 
 
 def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, training=True,
@@ -369,6 +444,39 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, traini
             grad_weight, grad_bias, nthreads,
         )
     return grad_input, grad_weight.astype(x.dtype), grad_bias.astype(x.dtype)
+
+
+def _nonfinite_channels(batch, running_mean, running_var):
+    """Channels whose batch mean or unbiased variance is NaN, infinite, or
+    beyond the largest finite value of the running buffer's dtype."""
+    mean_limit = np.finfo(np.float64 if running_mean is None else running_mean.dtype).max
+    var_limit = np.finfo(np.float64 if running_var is None else running_var.dtype).max
+    var = batch.m2 / (batch.count - 1)
+    # Comparisons with NaN are False: NaN fails both bounds.
+    finite = (np.abs(batch.mean) <= mean_limit) & (np.abs(var) <= var_limit)
+    return np.flatnonzero(~finite)
+
+
+def _fold_batch(batch, running_mean, running_var, momentum):
+    """Apply the batch's nonfinite policy, then update the running buffers
+    (when given). Returns False when the update was skipped."""
+    if batch.nonfinite != "propagate":
+        bad = _nonfinite_channels(batch, running_mean, running_var)
+        if bad.size:
+            if batch.nonfinite == "raise":
+                shown = ", ".join(str(c) for c in bad[:10])
+                more = f" and {bad.size - 10} more" if bad.size > 10 else ""
+                raise FloatingPointError(
+                    f"batch statistics are not finite in channel(s) {shown}{more} "
+                    f"(of {batch.mean.size}): the batch's mean or variance is NaN, "
+                    "infinite, or too large for the running statistics' dtype; the "
+                    "running statistics were left unchanged (nonfinite='raise')"
+                )
+            return False
+    if running_mean is not None:
+        _update_running(running_mean, running_var, batch.mean, batch.m2, batch.count,
+                        momentum)
+    return True
 
 
 def _update_running(running_mean, running_var, mean, m2, count, momentum):

@@ -6,10 +6,18 @@ arrays and delegate all arithmetic to ``bncore.functional``.
 """
 
 import numbers
+import threading
 
 import numpy as np
 
-from .functional import _check_eps, _feature_axis, batch_norm, batch_norm_backward
+from .functional import (
+    _check_eps,
+    _check_nonfinite,
+    _feature_axis,
+    _fold_batch,
+    _forward,
+    batch_norm_backward,
+)
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -38,6 +46,18 @@ class BatchNorm:
         The feature axis; -1 for channels-last input.
     dtype : float32 or float64
         Of the parameters, the running statistics and the accepted input.
+    nonfinite : {"propagate", "skip_update", "raise"}
+        What a forward that computes batch statistics (training mode, or
+        any mode with ``track_running_stats=False``) does when the batch's
+        mean or variance is not finite in some channel (see
+        ``bncore.batch_norm``):
+        ``"propagate"`` (PyTorch's behaviour) updates the running statistics
+        anyway; ``"skip_update"`` leaves them and ``num_batches_tracked``
+        untouched and returns the output; ``"raise"`` raises
+        ``FloatingPointError`` naming the channels, with the running
+        statistics, ``num_batches_tracked`` and the state kept for
+        ``backward`` untouched. Stored as ``bn.nonfinite``; may be changed
+        later.
 
     A new layer is in training mode. Call it as ``bn(x)``.
 
@@ -47,13 +67,23 @@ class BatchNorm:
     statistics: modifying that array in place before ``backward`` changes the
     gradient, and a layer shared by several threads should not be used for
     ``backward``.
+
+    Threads: a layer may be called from several threads at once. Eval
+    forwards only read the layer's arrays and take no lock. Training
+    forwards compute in parallel and then fold their batch statistics into
+    the running statistics (and count ``num_batches_tracked``) one at a
+    time, under a lock held by the layer, so no update is lost; with
+    ``momentum=None`` the result is the average of all batches whatever the
+    order. An eval forward running while another thread trains may read
+    running statistics in the middle of an update.
     """
 
     #: Input ranks the layer accepts; None means any rank >= 2.
     accepted_ndims = None
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, axis=1, dtype=np.float32):
+                 track_running_stats=True, *, axis=1, dtype=np.float32,
+                 nonfinite="propagate"):
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
             raise TypeError(
                 f"num_features must be a positive integer, got {type(num_features).__name__}"
@@ -84,7 +114,11 @@ class BatchNorm:
         self.track_running_stats = bool(track_running_stats)
         self.axis = int(axis)
         self.dtype = dtype
+        self.nonfinite = _check_nonfinite(nonfinite)
         self.training = True
+        # Serialises the running-statistic updates of training forwards; not
+        # picklable, so __getstate__ leaves it out and __setstate__ makes one.
+        self._lock = threading.Lock()
         self.grad_weight = None
         self.grad_bias = None
         self._saved = None  # (input, mean, invstd, used batch statistics)
@@ -114,9 +148,10 @@ class BatchNorm:
 
     def reset_running_stats(self):
         if self.track_running_stats:
-            self.running_mean.fill(0)
-            self.running_var.fill(1)
-            self.num_batches_tracked = 0
+            with self._lock:
+                self.running_mean.fill(0)
+                self.running_var.fill(1)
+                self.num_batches_tracked = 0
 
     def reset_parameters(self):
         self.reset_running_stats()
@@ -173,11 +208,21 @@ class BatchNorm:
                     f"expected ({self.num_features},)"
                 )
             loaded[key] = value
-        for key, value in loaded.items():
-            if key == "num_batches_tracked":
-                self.num_batches_tracked = value
-            else:
-                np.copyto(getattr(self, key), value, casting="unsafe")
+        with self._lock:
+            for key, value in loaded.items():
+                if key == "num_batches_tracked":
+                    self.num_batches_tracked = value
+                else:
+                    np.copyto(getattr(self, key), value, casting="unsafe")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @staticmethod
     def _checked_count(value):
@@ -219,30 +264,42 @@ class BatchNorm:
         self._check_input(x)
         use_batch_stats = self.training or not self.track_running_stats
         updates = self.training and self.track_running_stats
-        momentum = self.momentum
-        if updates and momentum is None:
-            # Cumulative average: batch k (from 1) gets weight 1/k.
-            momentum = 1.0 / (self.num_batches_tracked + 1)
         # Without tracking the running buffers are None and batch statistics
         # are used in both modes; with tracking, eval reads them and training
-        # updates them.
-        y, mean, invstd = batch_norm(
+        # updates them. The kernel runs outside the lock; only the update of
+        # the running statistics and the counter is serialised.
+        y, mean, invstd, batch = _forward(
             x,
             self.running_mean,
             self.running_var,
             self.weight,
             self.bias,
-            training=use_batch_stats,
-            momentum=0.0 if momentum is None else momentum,
-            eps=self.eps,
+            use_batch_stats,
+            0.0 if self.momentum is None else self.momentum,
+            self.eps,
             axis=self.axis,
-            return_stats=True,
+            out=None,
+            num_threads=None,
+            nonfinite=self.nonfinite,
         )
-        self._saved = (x, mean, invstd, use_batch_stats)
-        # Counted after the call succeeded, empty batches included, as
-        # PyTorch does (an empty batch leaves the running statistics alone).
         if updates:
-            self.num_batches_tracked += 1
+            with self._lock:
+                counted = True
+                if batch is not None:
+                    momentum = self.momentum
+                    if momentum is None:
+                        # Cumulative average: batch k (from 1) gets weight 1/k.
+                        momentum = 1.0 / (self.num_batches_tracked + 1)
+                    counted = _fold_batch(batch, self.running_mean, self.running_var,
+                                          momentum)
+                # Counted after the update succeeded, empty batches included
+                # (batch is None), as PyTorch does; a skipped batch is not.
+                if counted:
+                    self.num_batches_tracked += 1
+        elif batch is not None:
+            # Batch statistics without running buffers: only "raise" acts.
+            _fold_batch(batch, None, None, 0.0)
+        self._saved = (x, mean, invstd, use_batch_stats)
         return y
 
     __call__ = forward
@@ -275,7 +332,9 @@ class BatchNorm:
             f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, axis={self.axis}, "
-            f"dtype={self.dtype.name})"
+            f"dtype={self.dtype.name}"
+            + ("" if self.nonfinite == "propagate" else f", nonfinite={self.nonfinite!r}")
+            + ")"
         )
 
 
