@@ -104,9 +104,11 @@ cdef enum:
     # Values per statistics block: 2048 float64 are 16 KiB, so the second
     # (corrected) pass of a float64 block reads from L1.
     BLOCK_LEN = 2048
-    # Blocks per chunk, the unit of parallel work: 64 Ki values, large enough
-    # that scheduling costs nothing, small enough to balance a few channels.
+    # Blocks per chunk when one run is long enough to be cut into chunks:
+    # 64 Ki values, large enough that scheduling costs nothing, small enough
+    # to balance a few channels over the threads.
     CHUNK_BLOCKS = 32
+    CHUNK_VALUES = CHUNK_BLOCKS * BLOCK_LEN
     # Interleaved layout: columns per tile (the per-column accumulators of a
     # tile, 5 x 512 float64, stay in L1) and rows per block.
     COLUMN_TILE = 512
@@ -190,31 +192,26 @@ cdef inline void lane_shifted_sums(const floating *x, Py_ssize_t n, double origi
         bn_lane_shifted_sums_f64(x, n, origin, offset, s1, s2)
 
 
-cdef Moments block_moments(const floating *x, Py_ssize_t nruns, Py_ssize_t runlen,
-                           Py_ssize_t stride, double origin) noexcept nogil:
-    """The triple of ``nruns`` runs of ``runlen`` values, ``stride`` apart,
-    with its mean as an offset from ``origin``.
+cdef Moments block_moments(const floating *x, Py_ssize_t n, double origin) noexcept nogil:
+    """The triple of n contiguous values, its mean an offset from ``origin``.
 
     For float32 input one pass of float64 sums of x - origin is exact
     enough: the accumulators have 29 bits to spare. For float64 input a
-    second pass around the first pass's mean makes it as accurate as a
-    two-pass algorithm. A constant block gives M2 = 0 exactly, since every
-    shifted value is exactly 0.
+    second pass around the first pass's mean (from L1) makes it as accurate
+    as a two-pass algorithm. A constant block gives M2 = 0 exactly, since
+    every shifted value is exactly 0.
     """
     cdef double s1[BN_LANES]
     cdef double s2[BN_LANES]
-    cdef double count = <double>(nruns * runlen)
     cdef double offset = 0.0
     cdef Moments m
-    cdef Py_ssize_t r
     cdef int k, npass
     for npass in range(1 if floating is float else 2):
         for k in range(BN_LANES):
             s1[k] = 0.0
             s2[k] = 0.0
-        for r in range(nruns):
-            lane_shifted_sums(x + r * stride, runlen, origin, offset, s1, s2)
-        m = moments_from_shifted_sums(count, offset, lanes_total(s1), lanes_total(s2))
+        lane_shifted_sums(x, n, origin, offset, s1, s2)
+        m = moments_from_shifted_sums(<double>n, offset, lanes_total(s1), lanes_total(s2))
         offset = m.mean
     return m
 
@@ -284,15 +281,35 @@ cdef inline int team_size(int requested, Py_ssize_t nitems, Py_ssize_t nvalues) 
 
 # --------------------------------------------------------------------------
 # Planar order: channel c is `outer` runs of `inner` values, C * inner apart.
+#
+# A block is a piece of at most BLOCK_LEN values of one run. A chunk of a
+# channel is either the whole runs of a range of rows (short runs) or a range
+# of pieces of one run (runs of CHUNK_VALUES or more); its triple is its
+# blocks merged in row, then piece order. Channel c's statistics are its
+# chunks merged in order. Work is visited in one of two orders with the same
+# arithmetic:
+# * row-major items (short runs): rows of a chunk across a group of channels,
+#   reading memory front to back, so the prefetchers keep streaming;
+# * channel-major (long runs, and the per-channel fused paths): one chunk of
+#   one channel, itself contiguous when runs are long.
 
 cdef struct Planar:
     Py_ssize_t outer
     Py_ssize_t channels
     Py_ssize_t inner
-    Py_ssize_t blocks_per_run      # > 0 when a block is a piece of one run
-    Py_ssize_t runs_per_block      # > 0 when a block is several whole runs
-    Py_ssize_t blocks_per_channel
+    Py_ssize_t pieces_per_run
+    Py_ssize_t rows_per_chunk       # > 0: a chunk is whole runs of these rows
+    Py_ssize_t pieces_per_chunk     # > 0: a chunk is pieces of one run
+    Py_ssize_t chunks_per_run       # with pieces_per_chunk
     Py_ssize_t chunks_per_channel
+
+
+cdef struct Span:
+    # Rows [n0, n1) and, in each of them, pieces [p0, p1) of the run.
+    Py_ssize_t n0
+    Py_ssize_t n1
+    Py_ssize_t p0
+    Py_ssize_t p1
 
 
 cdef Planar planar_geometry(Py_ssize_t outer, Py_ssize_t channels,
@@ -301,75 +318,138 @@ cdef Planar planar_geometry(Py_ssize_t outer, Py_ssize_t channels,
     g.outer = outer
     g.channels = channels
     g.inner = inner
-    if inner >= BLOCK_LEN:
-        g.blocks_per_run = (inner + BLOCK_LEN - 1) // BLOCK_LEN
-        g.runs_per_block = 0
-        g.blocks_per_channel = outer * g.blocks_per_run
+    g.pieces_per_run = (inner + BLOCK_LEN - 1) // BLOCK_LEN
+    if inner >= CHUNK_VALUES:
+        g.rows_per_chunk = 0
+        g.pieces_per_chunk = CHUNK_BLOCKS
+        g.chunks_per_run = (g.pieces_per_run + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+        g.chunks_per_channel = outer * g.chunks_per_run
     else:
-        g.blocks_per_run = 0
-        g.runs_per_block = BLOCK_LEN // inner
-        g.blocks_per_channel = (outer + g.runs_per_block - 1) // g.runs_per_block
-    g.chunks_per_channel = (g.blocks_per_channel + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+        # As many row chunks as MAX_ROW_CHUNKS allows: the chunk table stays
+        # O(C) and there are rows enough to share among threads.
+        g.rows_per_chunk = (outer + MAX_ROW_CHUNKS - 1) // MAX_ROW_CHUNKS
+        g.pieces_per_chunk = 0
+        g.chunks_per_run = 0
+        g.chunks_per_channel = (outer + g.rows_per_chunk - 1) // g.rows_per_chunk
     return g
 
 
-cdef inline Py_ssize_t planar_block(const Planar *g, Py_ssize_t c, Py_ssize_t b,
-                                    Py_ssize_t *nruns, Py_ssize_t *runlen) noexcept nogil:
-    """Offset of block b of channel c; its run count and length go to the pointers."""
-    cdef Py_ssize_t run, start
-    if g.runs_per_block == 0:
-        run = b // g.blocks_per_run
-        start = (b % g.blocks_per_run) * BLOCK_LEN
-        nruns[0] = 1
-        runlen[0] = min(<Py_ssize_t>BLOCK_LEN, g.inner - start)
+cdef inline Span chunk_span(const Planar *g, Py_ssize_t k) noexcept nogil:
+    cdef Span s
+    if g.rows_per_chunk > 0:
+        s.n0 = k * g.rows_per_chunk
+        s.n1 = min(s.n0 + g.rows_per_chunk, g.outer)
+        s.p0 = 0
+        s.p1 = g.pieces_per_run
     else:
-        run = b * g.runs_per_block
-        start = 0
-        nruns[0] = min(g.runs_per_block, g.outer - run)
-        runlen[0] = g.inner
-    return (run * g.channels + c) * g.inner + start
+        s.n0 = k // g.chunks_per_run
+        s.n1 = s.n0 + 1
+        s.p0 = (k % g.chunks_per_run) * g.pieces_per_chunk
+        s.p1 = min(s.p0 + g.pieces_per_chunk, g.pieces_per_run)
+    return s
+
+
+cdef inline Py_ssize_t run_start(const Planar *g, Py_ssize_t n, Py_ssize_t c) noexcept nogil:
+    return (n * g.channels + c) * g.inner
+
+
+cdef inline Py_ssize_t pieces_end(const Planar *g, Py_ssize_t p1) noexcept nogil:
+    return min(p1 * BLOCK_LEN, g.inner)
+
+
+cdef inline int row_groups(const Planar *g, int nthreads) noexcept nogil:
+    """Channel groups per row chunk: enough items for every thread. Any
+    number gives the same results; it only shapes the work."""
+    cdef Py_ssize_t wanted = 4 * nthreads
+    if nthreads < 2 or g.chunks_per_channel >= wanted:
+        return 1
+    return <int>min(g.channels, (wanted + g.chunks_per_channel - 1) // g.chunks_per_channel)
+
+
+cdef inline void group_channels(const Planar *g, Py_ssize_t group, int ngroups,
+                                Py_ssize_t *c0, Py_ssize_t *c1) noexcept nogil:
+    c0[0] = group * g.channels // ngroups
+    c1[0] = (group + 1) * g.channels // ngroups
+
+
+cdef inline void run_moments(const floating *run, const Planar *g, Py_ssize_t p0,
+                             Py_ssize_t p1, double origin, Moments *acc) noexcept nogil:
+    cdef Py_ssize_t p, start
+    for p in range(p0, p1):
+        start = p * BLOCK_LEN
+        merge_moments(acc, block_moments(run + start, min(<Py_ssize_t>BLOCK_LEN,
+                                                          g.inner - start), origin))
+
+
+cdef inline void run_affine(const floating *x, floating *y, Py_ssize_t n, const AffineIn *a,
+                            Py_ssize_t c) noexcept nogil:
+    cdef floating hi = 0, lo = 0, scale = 0, shift = 0
+    affine_params(a, c, &hi, &lo, &scale, &shift)
+    if floating is float:
+        bn_affine_f32(x, y, n, hi, lo, scale, shift, a.stream)
+    else:
+        bn_affine_f64(x, y, n, hi, lo, scale, shift, a.stream)
 
 
 cdef Moments planar_chunk_moments(const floating *x, const Planar *g, Py_ssize_t c,
-                                  Py_ssize_t chunk) noexcept nogil:
+                                  Py_ssize_t k) noexcept nogil:
     cdef Moments acc = empty_moments()
-    cdef Py_ssize_t b, offset, nruns = 0, runlen = 0
-    cdef Py_ssize_t first = chunk * CHUNK_BLOCKS
-    cdef Py_ssize_t last = min(first + CHUNK_BLOCKS, g.blocks_per_channel)
+    cdef Span s = chunk_span(g, k)
     cdef double origin = channel_origin(x, c, g.inner)
-    for b in range(first, last):
-        offset = planar_block(g, c, b, &nruns, &runlen)
-        merge_moments(&acc, block_moments(x + offset, nruns, runlen, g.channels * g.inner,
-                                          origin))
+    cdef Py_ssize_t n
+    for n in range(s.n0, s.n1):
+        run_moments(x + run_start(g, n, c), g, s.p0, s.p1, origin, &acc)
     return acc
 
 
+cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t item, int ngroups,
+                              Moments *table) noexcept nogil:
+    """Row-major item: chunk k's rows across a group of channels, into the
+    chunk table (channel c's chunk k at c * chunks_per_channel + k)."""
+    cdef Py_ssize_t k = item // ngroups
+    cdef Py_ssize_t nchunks = g.chunks_per_channel
+    cdef Span s = chunk_span(g, k)
+    cdef Py_ssize_t n, c, c0 = 0, c1 = 0
+    group_channels(g, item % ngroups, ngroups, &c0, &c1)
+    for c in range(c0, c1):
+        table[c * nchunks + k] = empty_moments()
+    for n in range(s.n0, s.n1):
+        for c in range(c0, c1):
+            run_moments(x + run_start(g, n, c), g, s.p0, s.p1, channel_origin(x, c, g.inner),
+                        &table[c * nchunks + k])
+
+
 cdef void planar_chunk_affine(const floating *x, floating *y, const Planar *g, Py_ssize_t c,
-                              Py_ssize_t chunk, const AffineIn *a) noexcept nogil:
-    cdef Py_ssize_t b, r, offset, nruns = 0, runlen = 0
-    cdef Py_ssize_t first = chunk * CHUNK_BLOCKS
-    cdef Py_ssize_t last = min(first + CHUNK_BLOCKS, g.blocks_per_channel)
-    cdef floating hi = 0, lo = 0, scale = 0, shift = 0
-    affine_params(a, c, &hi, &lo, &scale, &shift)
-    for b in range(first, last):
-        offset = planar_block(g, c, b, &nruns, &runlen)
-        for r in range(nruns):
-            if floating is float:
-                bn_affine_f32(x + offset, y + offset, runlen, hi, lo, scale, shift, a.stream)
-            else:
-                bn_affine_f64(x + offset, y + offset, runlen, hi, lo, scale, shift, a.stream)
-            offset = offset + g.channels * g.inner
+                              Py_ssize_t k, const AffineIn *a) noexcept nogil:
+    cdef Span s = chunk_span(g, k)
+    cdef Py_ssize_t n, start, first = s.p0 * BLOCK_LEN
+    for n in range(s.n0, s.n1):
+        start = run_start(g, n, c) + first
+        run_affine(x + start, y + start, pieces_end(g, s.p1) - first, a, c)
     if a.stream:
         bn_stream_fence()
 
 
-cdef void planar_finish(const floating *x, const Planar *g, const Moments *chunks,
+cdef void planar_rows_affine(const floating *x, floating *y, const Planar *g, Py_ssize_t item,
+                             int ngroups, const AffineIn *a) noexcept nogil:
+    cdef Span s = chunk_span(g, item // ngroups)
+    cdef Py_ssize_t n, c, start, c0 = 0, c1 = 0
+    group_channels(g, item % ngroups, ngroups, &c0, &c1)
+    for n in range(s.n0, s.n1):
+        for c in range(c0, c1):
+            start = run_start(g, n, c)
+            run_affine(x + start, y + start, g.inner, a, c)
+    if a.stream:
+        bn_stream_fence()
+
+
+cdef void planar_finish(const floating *x, const Planar *g, const Moments *table,
                         Py_ssize_t c, const StatsOut *out) noexcept nogil:
     """Merge channel c's chunks in order and store its statistics."""
     cdef Moments acc = empty_moments()
     cdef Py_ssize_t k
     for k in range(g.chunks_per_channel):
-        merge_moments(&acc, chunks[c * g.chunks_per_channel + k])
+        merge_moments(&acc, table[c * g.chunks_per_channel + k])
     finish_channel(acc, channel_origin(x, c, g.inner), c, out)
 
 
@@ -377,47 +457,57 @@ cdef void planar_finish(const floating *x, const Planar *g, const Moments *chunk
 # private to its thread by construction, which Cython cannot guarantee for
 # variables written through pointers inside the loop.
 
-cdef void planar_moments(const floating *x, const Planar *g, Moments *chunks,
+cdef void planar_moments(const floating *x, const Planar *g, Moments *table,
                          const StatsOut *out, int nthreads) noexcept nogil:
-    """Per-channel statistics via a table of chunk triples merged in order."""
+    """Per-channel statistics via the table of chunk triples, merged in order."""
     cdef Py_ssize_t item, c
     cdef Py_ssize_t nchunks = g.chunks_per_channel
-    for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="static"):
-        chunks[item] = planar_chunk_moments(x, g, item // nchunks, item % nchunks)
+    cdef int ngroups = row_groups(g, nthreads)
+    if g.rows_per_chunk > 0:
+        for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
+            planar_rows_moments(x, g, item, ngroups, table)
+    else:
+        for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
+            table[item] = planar_chunk_moments(x, g, item // nchunks, item % nchunks)
     for c in range(g.channels):
-        planar_finish(x, g, chunks, c, out)
+        planar_finish(x, g, table, c, out)
 
 
 cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
                            const AffineIn *a, int nthreads) noexcept nogil:
     cdef Py_ssize_t item
     cdef Py_ssize_t nchunks = g.chunks_per_channel
-    for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="static"):
-        planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
+    cdef int ngroups = row_groups(g, nthreads)
+    if g.rows_per_chunk > 0:
+        for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
+            planar_rows_affine(x, y, g, item, ngroups, a)
+    else:
+        for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
+            planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
 
 
 cdef void planar_train_channel(const floating *x, floating *y, const Planar *g,
-                               Py_ssize_t c, Moments *chunks, const StatsOut *out,
+                               Py_ssize_t c, Moments *table, const StatsOut *out,
                                const AffineIn *a) noexcept nogil:
     """Statistics then normalisation of channel c, while it is in cache.
 
-    Merges the same chunks in the same order as planar_moments, so the
+    The same chunks merged in the same order as planar_moments, so the
     statistics are bitwise those of the two-phase path.
     """
     cdef Py_ssize_t k
     for k in range(g.chunks_per_channel):
-        chunks[c * g.chunks_per_channel + k] = planar_chunk_moments(x, g, c, k)
-    planar_finish(x, g, chunks, c, out)
+        table[c * g.chunks_per_channel + k] = planar_chunk_moments(x, g, c, k)
+    planar_finish(x, g, table, c, out)
     for k in range(g.chunks_per_channel):
         planar_chunk_affine(x, y, g, c, k, a)
 
 
 cdef void planar_train_fused(const floating *x, floating *y, const Planar *g,
-                             Moments *chunks, const StatsOut *out, const AffineIn *a,
+                             Moments *table, const StatsOut *out, const AffineIn *a,
                              int nthreads) noexcept nogil:
     cdef Py_ssize_t c
-    for c in prange(g.channels, num_threads=nthreads, schedule="static"):
-        planar_train_channel(x, y, g, c, chunks, out, a)
+    for c in prange(g.channels, num_threads=nthreads, schedule="dynamic"):
+        planar_train_channel(x, y, g, c, table, out, a)
 
 
 # --------------------------------------------------------------------------
@@ -645,116 +735,165 @@ cdef struct BackwardArgs:
     int stream              # write grad_input with streaming stores
 
 
-cdef GradSums planar_chunk_grad_sums(const floating *x, const floating *dy, const Planar *g,
-                                     Py_ssize_t c, Py_ssize_t chunk,
-                                     double mean) noexcept nogil:
+cdef inline GradSums run_grad_sums(const floating *x, const floating *dy, Py_ssize_t n,
+                                   double mean) noexcept nogil:
+    """The two sums over n contiguous values: lanes, then totals in order."""
     cdef double lanes_dy[BN_LANES]
     cdef double lanes_dev[BN_LANES]
-    cdef Py_ssize_t b, r, offset, nruns = 0, runlen = 0
-    cdef Py_ssize_t first = chunk * CHUNK_BLOCKS
-    cdef Py_ssize_t last = min(first + CHUNK_BLOCKS, g.blocks_per_channel)
     cdef GradSums sums
     cdef int k
     for k in range(BN_LANES):
         lanes_dy[k] = 0.0
         lanes_dev[k] = 0.0
-    for b in range(first, last):
-        offset = planar_block(g, c, b, &nruns, &runlen)
-        for r in range(nruns):
-            if floating is float:
-                bn_lane_grad_sums_f32(x + offset, dy + offset, runlen, mean, lanes_dy, lanes_dev)
-            else:
-                bn_lane_grad_sums_f64(x + offset, dy + offset, runlen, mean, lanes_dy, lanes_dev)
-            offset = offset + g.channels * g.inner
+    if floating is float:
+        bn_lane_grad_sums_f32(x, dy, n, mean, lanes_dy, lanes_dev)
+    else:
+        bn_lane_grad_sums_f64(x, dy, n, mean, lanes_dy, lanes_dev)
     sums.dy = lanes_total(lanes_dy)
     sums.dy_dev = lanes_total(lanes_dev)
     return sums
 
 
+cdef inline GradSums zero_grad_sums() noexcept nogil:
+    cdef GradSums sums
+    sums.dy = 0.0
+    sums.dy_dev = 0.0
+    return sums
+
+
+cdef inline void run_grad_input(const floating *x, const floating *dy, floating *dx,
+                                Py_ssize_t n, Py_ssize_t c, const GradSums *totals,
+                                const Planar *g, const BackwardArgs *a) noexcept nogil:
+    cdef floating hi = 0, lo = 0, k = 0, c1 = 0, c0 = 0
+    grad_constants(totals[c], <double>(g.outer * g.inner), a.mean[c], a.invstd[c], a.weight,
+                   c, a.training, &hi, &lo, &k, &c1, &c0)
+    grad_input_run(x, dy, dx, n, hi, lo, k, c1, c0, a.training, a.stream)
+
+
+cdef GradSums planar_chunk_grad_sums(const floating *x, const floating *dy, const Planar *g,
+                                     Py_ssize_t c, Py_ssize_t chunk,
+                                     double mean) noexcept nogil:
+    """Chunk sums: run sums added in row order (as planar_rows_grad_sums)."""
+    cdef Span s = chunk_span(g, chunk)
+    cdef Py_ssize_t n, start, first = s.p0 * BLOCK_LEN
+    cdef GradSums sums = zero_grad_sums()
+    for n in range(s.n0, s.n1):
+        start = run_start(g, n, c) + first
+        sums = add_grad_sums(sums, run_grad_sums(x + start, dy + start,
+                                                 pieces_end(g, s.p1) - first, mean))
+    return sums
+
+
+cdef void planar_rows_grad_sums(const floating *x, const floating *dy, const Planar *g,
+                                Py_ssize_t item, int ngroups, const BackwardArgs *a,
+                                GradSums *table) noexcept nogil:
+    cdef Py_ssize_t k = item // ngroups
+    cdef Py_ssize_t nchunks = g.chunks_per_channel
+    cdef Span s = chunk_span(g, k)
+    cdef Py_ssize_t n, c, start, c0 = 0, c1 = 0
+    group_channels(g, item % ngroups, ngroups, &c0, &c1)
+    for c in range(c0, c1):
+        table[c * nchunks + k] = zero_grad_sums()
+    for n in range(s.n0, s.n1):
+        for c in range(c0, c1):
+            start = run_start(g, n, c)
+            table[c * nchunks + k] = add_grad_sums(
+                table[c * nchunks + k], run_grad_sums(x + start, dy + start, g.inner, a.mean[c]))
+
+
 cdef void planar_chunk_grad_input(const floating *x, const floating *dy, floating *dx,
                                   const Planar *g, Py_ssize_t c, Py_ssize_t chunk,
-                                  GradSums sums, const BackwardArgs *a) noexcept nogil:
-    cdef Py_ssize_t b, r, offset, nruns = 0, runlen = 0
-    cdef Py_ssize_t first = chunk * CHUNK_BLOCKS
-    cdef Py_ssize_t last = min(first + CHUNK_BLOCKS, g.blocks_per_channel)
-    cdef floating hi = 0, lo = 0, k = 0, c1 = 0, c0 = 0
-    grad_constants(sums, <double>(g.outer * g.inner), a.mean[c], a.invstd[c], a.weight, c,
-                   a.training, &hi, &lo, &k, &c1, &c0)
-    for b in range(first, last):
-        offset = planar_block(g, c, b, &nruns, &runlen)
-        for r in range(nruns):
-            grad_input_run(x + offset, dy + offset, dx + offset, runlen, hi, lo, k, c1, c0,
-                           a.training, a.stream)
-            offset = offset + g.channels * g.inner
+                                  const GradSums *totals, const BackwardArgs *a) noexcept nogil:
+    cdef Span s = chunk_span(g, chunk)
+    cdef Py_ssize_t n, start, first = s.p0 * BLOCK_LEN
+    for n in range(s.n0, s.n1):
+        start = run_start(g, n, c) + first
+        run_grad_input(x + start, dy + start, dx + start, pieces_end(g, s.p1) - first, c,
+                       totals, g, a)
     if a.stream:
         bn_stream_fence()
 
 
-cdef inline void finish_grad_channel(GradSums sums, Py_ssize_t c,
-                                     const BackwardArgs *a) noexcept nogil:
+cdef void planar_rows_grad_input(const floating *x, const floating *dy, floating *dx,
+                                 const Planar *g, Py_ssize_t item, int ngroups,
+                                 const GradSums *totals, const BackwardArgs *a) noexcept nogil:
+    cdef Span s = chunk_span(g, item // ngroups)
+    cdef Py_ssize_t n, c, start, c0 = 0, c1 = 0
+    group_channels(g, item % ngroups, ngroups, &c0, &c1)
+    for n in range(s.n0, s.n1):
+        for c in range(c0, c1):
+            start = run_start(g, n, c)
+            run_grad_input(x + start, dy + start, dx + start, g.inner, c, totals, g, a)
+    if a.stream:
+        bn_stream_fence()
+
+
+cdef inline void store_param_grads(GradSums sums, Py_ssize_t c,
+                                   const BackwardArgs *a) noexcept nogil:
     a.grad_bias[c] = sums.dy
     a.grad_weight[c] = sums.dy_dev * a.invstd[c]
 
 
-cdef void planar_backward_channel(const floating *x, const floating *dy, floating *dx,
-                                  const Planar *g, Py_ssize_t c,
-                                  const BackwardArgs *a) noexcept nogil:
-    """Both passes over channel c back to back, the second from cache; adds
-    the chunk sums in the order planar_backward does."""
-    cdef GradSums sums
+cdef inline void finish_grad_channel(const GradSums *table, const Planar *g, Py_ssize_t c,
+                                     GradSums *totals, const BackwardArgs *a) noexcept nogil:
+    """Add channel c's chunk sums in order; store its parameter gradients."""
     cdef Py_ssize_t k
-    sums.dy = 0.0
-    sums.dy_dev = 0.0
+    totals[c] = zero_grad_sums()
     for k in range(g.chunks_per_channel):
-        sums = add_grad_sums(sums, planar_chunk_grad_sums(x, dy, g, c, k, a.mean[c]))
-    finish_grad_channel(sums, c, a)
+        totals[c] = add_grad_sums(totals[c], table[c * g.chunks_per_channel + k])
+    store_param_grads(totals[c], c, a)
+
+
+cdef void planar_backward_channel(const floating *x, const floating *dy, floating *dx,
+                                  const Planar *g, Py_ssize_t c, GradSums *table,
+                                  GradSums *totals, const BackwardArgs *a) noexcept nogil:
+    """Both passes over channel c back to back, the second from cache, with
+    the chunk sums added in the order planar_backward adds them."""
+    cdef Py_ssize_t k
     for k in range(g.chunks_per_channel):
-        planar_chunk_grad_input(x, dy, dx, g, c, k, sums, a)
-
-
-cdef void planar_backward_sums_item(const floating *x, const floating *dy, const Planar *g,
-                                    Py_ssize_t item, const BackwardArgs *a,
-                                    GradSums *chunks) noexcept nogil:
-    cdef Py_ssize_t c = item // g.chunks_per_channel
-    chunks[item] = planar_chunk_grad_sums(x, dy, g, c, item % g.chunks_per_channel, a.mean[c])
-
-
-cdef void planar_backward_input_item(const floating *x, const floating *dy, floating *dx,
-                                     const Planar *g, Py_ssize_t item, const BackwardArgs *a,
-                                     const GradSums *totals) noexcept nogil:
-    cdef Py_ssize_t c = item // g.chunks_per_channel
-    planar_chunk_grad_input(x, dy, dx, g, c, item % g.chunks_per_channel, totals[c], a)
+        table[c * g.chunks_per_channel + k] = planar_chunk_grad_sums(x, dy, g, c, k, a.mean[c])
+    finish_grad_channel(table, g, c, totals, a)
+    for k in range(g.chunks_per_channel):
+        planar_chunk_grad_input(x, dy, dx, g, c, k, totals, a)
 
 
 cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
                          const Planar *g, const BackwardArgs *a, int requested) noexcept nogil:
-    cdef Py_ssize_t nitems = g.channels * g.chunks_per_channel
+    cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef Py_ssize_t nvalues = g.outer * g.channels * g.inner
     cdef int nthreads = team_size(requested, g.channels, nvalues)
-    cdef Py_ssize_t item, c, k
-    cdef GradSums *chunks
+    cdef int ngroups
+    cdef Py_ssize_t item, c
+    cdef GradSums *table = <GradSums *>malloc((g.channels * nchunks + g.channels)
+                                              * sizeof(GradSums))
     cdef GradSums *totals
+    if table == NULL:
+        return -1
+    totals = table + g.channels * nchunks
     if (2 * g.outer * g.inner * <Py_ssize_t>sizeof(floating) <= FUSED_CHANNEL_BYTES
             and g.channels >= 2 * nthreads):
-        for c in prange(g.channels, num_threads=nthreads, schedule="static"):
-            planar_backward_channel(x, dy, dx, g, c, a)
+        for c in prange(g.channels, num_threads=nthreads, schedule="dynamic"):
+            planar_backward_channel(x, dy, dx, g, c, table, totals, a)
+        free(table)
         return 0
-    chunks = <GradSums *>malloc((nitems + g.channels) * sizeof(GradSums))
-    if chunks == NULL:
-        return -1
-    totals = chunks + nitems
-    nthreads = team_size(requested, nitems, nvalues)
-    for item in prange(nitems, num_threads=nthreads, schedule="static"):
-        planar_backward_sums_item(x, dy, g, item, a, chunks)
+    nthreads = team_size(requested, g.channels * nchunks, nvalues)
+    ngroups = row_groups(g, nthreads)
+    if g.rows_per_chunk > 0:
+        for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
+            planar_rows_grad_sums(x, dy, g, item, ngroups, a, table)
+    else:
+        for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
+            table[item] = planar_chunk_grad_sums(x, dy, g, item // nchunks, item % nchunks,
+                                                 a.mean[item // nchunks])
     for c in range(g.channels):
-        totals[c].dy = 0.0
-        totals[c].dy_dev = 0.0
-        for k in range(g.chunks_per_channel):
-            totals[c] = add_grad_sums(totals[c], chunks[c * g.chunks_per_channel + k])
-        finish_grad_channel(totals[c], c, a)
-    for item in prange(nitems, num_threads=nthreads, schedule="static"):
-        planar_backward_input_item(x, dy, dx, g, item, a, totals)
-    free(chunks)
+        finish_grad_channel(table, g, c, totals, a)
+    if g.rows_per_chunk > 0:
+        for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
+            planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, a)
+    else:
+        for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
+            planar_chunk_grad_input(x, dy, dx, g, item // nchunks, item % nchunks, totals, a)
+    free(table)
     return 0
 
 
@@ -847,7 +986,7 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
                 part.dy = chunk_sums[k * w + j]
                 part.dy_dev = chunk_sums[(g.nchunks + k) * w + j]
                 sums = add_grad_sums(sums, part)
-        finish_grad_channel(sums, c, a)
+        store_param_grads(sums, c, a)
         for q in range(g.inner):
             j = c * g.inner + q
             grad_constants(sums, <double>(g.rows * g.inner), a.mean[c], a.invstd[c],
