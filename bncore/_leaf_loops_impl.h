@@ -5,7 +5,7 @@
  * over a run. These shifted sums do not cancel when origin + offset is close
  * to the data; keeping the two apart keeps a float64 origin's low bits
  * (x - origin is exact when x is near origin). */
-BN_LEAF void BN_SFX(bn_lane_shifted_sums)(
+BN_LEAF void BN_SFX(bn_lane_shifted_sums_generic)(
     const BN_T *BN_RESTRICT x, ptrdiff_t n, double origin, double offset,
     double *BN_RESTRICT s1, double *BN_RESTRICT s2)
 {
@@ -102,7 +102,7 @@ BN_LEAF void BN_SFX(bn_column_affine)(
 
 /* The backward pass's two sums over a run: s_dy[lane] += dy and
  * s_dy_dev[lane] += dy * (x - mean), in float64. */
-BN_LEAF void BN_SFX(bn_lane_grad_sums)(
+BN_LEAF void BN_SFX(bn_lane_grad_sums_generic)(
     const BN_T *BN_RESTRICT x, const BN_T *BN_RESTRICT dy, ptrdiff_t n, double mean,
     double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)
 {
