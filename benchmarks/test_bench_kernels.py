@@ -1,70 +1,76 @@
 """pytest-benchmark cases: ``python -m pytest benchmarks/ --benchmark-only``.
 
-Grouped by workload so that each group compares bncore with NumPy written the
-usual way (whole-array operations) on the same input; the streaming-copy
-yardstick and the PyTorch / ONNX Runtime peers arrive with the comparison
-script. Not a gate: nothing here fails on a slow machine.
+One group per workload of issue 4's table (the definitions and adapters of
+benchmarks/compare.py), so that each group prints, side by side on the same
+arrays: bncore; the yardsticks, bncore's streaming copy (one read and one
+write with non-temporal stores: the bound of a forward; the backward's is
+1.5x its time) and ``np.copyto``; NumPy's textbook version; PyTorch and
+ONNX Runtime where installed (importorskip). Threads: bncore's default
+(``bncore.get_num_threads()``), PyTorch and ONNX Runtime set to the same.
+
+Full-size inputs (up to 205 MB, a few minutes in all); select with ``-k``
+(``-k "eval and nchw"``) or set BNCORE_BENCH_QUICK=1 for compare.py's
+--quick shapes. Not a gate: nothing here fails on a slow machine. For
+interleaved medians, GB/s and ratios use ``python benchmarks/compare.py``.
 """
 
-import numpy as np
+import gc
+import os
+import sys
+
 import pytest
 
-import bncore
-from bncore.__main__ import numpy_batch_norm
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-WORKLOADS = {
-    "nchw-26MB": ((32, 64, 56, 56), 1),
-    "nhwc-26MB": ((32, 56, 56, 64), -1),
-    "nc-26MB": ((100_000, 64), 1),
-    "small-nchw": ((8, 32, 14, 14), 1),
-    "batch1-nc": ((1, 64), 1),
-}
+import bncore  # noqa: E402
+import compare  # noqa: E402
 
+QUICK = os.environ.get("BNCORE_BENCH_QUICK", "") not in ("", "0")
+DTYPE = "float32"
+WORKLOADS = {w.id: w.scaled(QUICK) for w in compare.WORKLOADS}
+CASES = [pytest.param(w.id, name, id=f"{w.id}-{name.replace(' ', '_')}")
+         for w in WORKLOADS.values() for name in compare.impl_names(w)]
+PEER_MODULES = {"torch": ["torch"], "onnxruntime": ["onnxruntime", "onnx"]}
 
-@pytest.fixture(params=list(WORKLOADS), scope="module")
-def workload(request):
-    shape, axis = WORKLOADS[request.param]
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(shape, dtype=np.float32)
-    channels = shape[axis]
-    return request.param, x, axis, np.zeros(channels, np.float32), np.ones(channels, np.float32)
+_data = {}  # the current workload's arrays only: cases run workload by workload
 
 
-def _moved_to_nchw(x, axis):
-    return x if axis == 1 else np.moveaxis(x, axis, 1)
+def _workload_data(wl):
+    if wl.id not in _data:
+        _data.clear()
+        gc.collect()
+        _data[wl.id] = compare.make_data(wl, DTYPE)
+    return _data[wl.id]
 
 
-@pytest.mark.parametrize("implementation", ["bncore", "numpy"])
-def test_eval_forward(benchmark, workload, implementation):
-    name, x, axis, mean, var = workload
-    benchmark.group = f"eval {name}"
-    out = np.empty_like(x)
-    if implementation == "bncore":
-        benchmark(bncore.batch_norm, x, mean, var, training=False, axis=axis, out=out)
-    else:
-        benchmark(numpy_batch_norm, _moved_to_nchw(x, axis), mean, var, False)
+@pytest.fixture
+def threads():
+    n = bncore.get_num_threads()
+    torch = compare._optional("torch")
+    if torch is None:
+        yield n
+        return
+    previous, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    torch.set_num_threads(n)
+    torch.set_grad_enabled(False)  # forwards as in inference; the backward is explicit
+    yield n
+    torch.set_num_threads(previous)
+    torch.set_grad_enabled(grad)
 
 
-@pytest.mark.parametrize("implementation", ["bncore", "numpy"])
-def test_training_forward(benchmark, workload, implementation):
-    name, x, axis, mean, var = workload
-    if x.size // x.shape[axis] < 2:
-        pytest.skip("training needs more than one value per channel")
-    benchmark.group = f"train {name}"
-    out = np.empty_like(x)
-    if implementation == "bncore":
-        benchmark(bncore.batch_norm, x, mean.copy(), var.copy(), training=True, axis=axis,
-                  out=out)
-    else:
-        benchmark(numpy_batch_norm, _moved_to_nchw(x, axis), mean, var, True)
-
-
-def test_backward(benchmark, workload):
-    name, x, axis, _, _ = workload
-    if x.size // x.shape[axis] < 2:
-        pytest.skip("training needs more than one value per channel")
-    benchmark.group = f"backward {name}"
-    _, mean, invstd = bncore.batch_norm(x, training=True, axis=axis, return_stats=True)
-    dy = np.ones_like(x)
-    out = np.empty_like(x)
-    benchmark(bncore.batch_norm_backward, dy, x, mean, invstd, axis=axis, out=out)
+@pytest.mark.parametrize(("workload", "implementation"), CASES)
+def test_workload(benchmark, threads, workload, implementation):
+    family = implementation.split()[0]
+    for module in PEER_MODULES.get(family, []):
+        pytest.importorskip(module)
+    wl = WORKLOADS[workload]
+    data = _workload_data(wl)
+    impls = {impl.name: impl
+             for impl in compare.implementations(wl, data, threads, families=[family])}
+    assert implementation in impls, f"compare.py's adapters gave no {implementation!r}"
+    impl = impls[implementation]
+    benchmark.group = f"{wl.id} ({data.x.nbytes / 1e6:.3g} MB, {threads} threads)"
+    benchmark.extra_info.update(
+        nbytes=data.x.nbytes, threads=threads,
+        bytes_moved=data.x.nbytes * (2 if impl.is_copy else wl.bound_factor))
+    benchmark(impl.call)
