@@ -48,21 +48,23 @@ cdef extern from "_leaf_loops.h" nogil:
                                   double offset, double *s1, double *s2)
     void bn_lane_shifted_sums_f64(const double *x, Py_ssize_t n, double origin,
                                   double offset, double *s1, double *s2)
-    void bn_column_shifted_sums_f32(const float *x, Py_ssize_t n, const double *origin,
-                                    const double *offset, double *s1, double *s2)
-    void bn_column_shifted_sums_f64(const double *x, Py_ssize_t n, const double *origin,
-                                    const double *offset, double *s1, double *s2)
+    void bn_rows_shifted_sums_f32(const float *x, Py_ssize_t nrows, Py_ssize_t stride,
+                                  Py_ssize_t ncols, const double *origin,
+                                  const double *offset, double *s1, double *s2)
+    void bn_rows_shifted_sums_f64(const double *x, Py_ssize_t nrows, Py_ssize_t stride,
+                                  Py_ssize_t ncols, const double *origin,
+                                  const double *offset, double *s1, double *s2)
     void bn_affine_f32(const float *x, float *y, Py_ssize_t n,
                        float mean_hi, float mean_lo, float scale, float shift, int stream)
     void bn_affine_f64(const double *x, double *y, Py_ssize_t n,
                        double mean_hi, double mean_lo, double scale, double shift,
                        int stream)
-    void bn_column_affine_f32(const float *x, float *y, Py_ssize_t n,
-                              const float *mean_hi, const float *mean_lo,
-                              const float *scale, const float *shift, int stream)
-    void bn_column_affine_f64(const double *x, double *y, Py_ssize_t n,
-                              const double *mean_hi, const double *mean_lo,
-                              const double *scale, const double *shift, int stream)
+    void bn_rows_affine_f32(const float *x, float *y, Py_ssize_t nrows, Py_ssize_t stride,
+                            Py_ssize_t ncols, const float *mean_hi, const float *mean_lo,
+                            const float *scale, const float *shift, int stream)
+    void bn_rows_affine_f64(const double *x, double *y, Py_ssize_t nrows, Py_ssize_t stride,
+                            Py_ssize_t ncols, const double *mean_hi, const double *mean_lo,
+                            const double *scale, const double *shift, int stream)
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
@@ -70,24 +72,26 @@ cdef extern from "_leaf_loops.h" nogil:
                                double *s_dy, double *s_dy_dev)
     void bn_lane_grad_sums_f64(const double *x, const double *dy, Py_ssize_t n, double mean,
                                double *s_dy, double *s_dy_dev)
-    void bn_column_grad_sums_f32(const float *x, const float *dy, Py_ssize_t n,
-                                 const double *mean, double *s_dy, double *s_dy_dev)
-    void bn_column_grad_sums_f64(const double *x, const double *dy, Py_ssize_t n,
-                                 const double *mean, double *s_dy, double *s_dy_dev)
+    void bn_rows_grad_sums_f32(const float *x, const float *dy, Py_ssize_t nrows,
+                               Py_ssize_t stride, Py_ssize_t ncols, const double *mean,
+                               double *s_dy, double *s_dy_dev)
+    void bn_rows_grad_sums_f64(const double *x, const double *dy, Py_ssize_t nrows,
+                               Py_ssize_t stride, Py_ssize_t ncols, const double *mean,
+                               double *s_dy, double *s_dy_dev)
     void bn_grad_input_f32(const float *x, const float *dy, float *dx, Py_ssize_t n,
                            float mean_hi, float mean_lo, float k, float c1, float c0,
                            int stream)
     void bn_grad_input_f64(const double *x, const double *dy, double *dx, Py_ssize_t n,
                            double mean_hi, double mean_lo, double k, double c1, double c0,
                            int stream)
-    void bn_column_grad_input_f32(const float *x, const float *dy, float *dx, Py_ssize_t n,
-                                  const float *mean_hi, const float *mean_lo,
-                                  const float *k, const float *c1, const float *c0,
-                                  int stream)
-    void bn_column_grad_input_f64(const double *x, const double *dy, double *dx, Py_ssize_t n,
-                                  const double *mean_hi, const double *mean_lo,
-                                  const double *k, const double *c1, const double *c0,
-                                  int stream)
+    void bn_rows_grad_input_f32(const float *x, const float *dy, float *dx, Py_ssize_t nrows,
+                                Py_ssize_t stride, Py_ssize_t ncols, const float *mean_hi,
+                                const float *mean_lo, const float *k, const float *c1,
+                                const float *c0, int stream)
+    void bn_rows_grad_input_f64(const double *x, const double *dy, double *dx,
+                                Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t ncols,
+                                const double *mean_hi, const double *mean_lo, const double *k,
+                                const double *c1, const double *c0, int stream)
 
 ctypedef fused floating:
     float
@@ -113,6 +117,11 @@ cdef enum:
     # tile, 5 x 512 float64, stay in L1) and rows per block.
     COLUMN_TILE = 512
     ROW_BLOCK = 32
+    # Rows of an interleaved tile are walked in slabs of about this many
+    # bytes: the vector loops pass over a slab once per group of 64 columns,
+    # and every pass after the first should find it in L2 (a 1 MB slab ran
+    # at 3 GB/s on (N, 512)).
+    SLAB_BYTES = 256 * 1024
     # At most this many row chunks per column, so the chunk results kept for
     # the ordered merge stay O(C) in size.
     MAX_ROW_CHUNKS = 64
@@ -542,22 +551,23 @@ cdef Interleaved interleaved_geometry(Py_ssize_t outer, Py_ssize_t channels,
     return g
 
 
-cdef inline void column_shifted_sums(const floating *x, Py_ssize_t n, const double *origin,
-                                     const double *offset, double *s1,
-                                     double *s2) noexcept nogil:
+cdef inline void rows_shifted_sums(const floating *x, Py_ssize_t nrows, Py_ssize_t stride,
+                                   Py_ssize_t ncols, const double *origin, const double *offset,
+                                   double *s1, double *s2) noexcept nogil:
     if floating is float:
-        bn_column_shifted_sums_f32(x, n, origin, offset, s1, s2)
+        bn_rows_shifted_sums_f32(x, nrows, stride, ncols, origin, offset, s1, s2)
     else:
-        bn_column_shifted_sums_f64(x, n, origin, offset, s1, s2)
+        bn_rows_shifted_sums_f64(x, nrows, stride, ncols, origin, offset, s1, s2)
 
 
 cdef void interleaved_item_moments(const floating *x, const Interleaved *g, Py_ssize_t item,
                                    double *chunk_mean, double *chunk_m2) noexcept nogil:
     """Per-column triples of one (row chunk, column tile) item.
 
-    Row blocks of ROW_BLOCK rows work like block_moments, column by column:
-    sums of x minus its channel's origin (and for float64 a second pass
-    around the block means), merged into the chunk in row order.
+    float32: a column's whole chunk is one block, one pass of float64 sums of
+    x minus its channel's origin (exact enough, as in block_moments), walked
+    in L1-sized slabs of rows. float64: blocks of ROW_BLOCK rows take two
+    passes like block_moments, merged into the chunk in row order.
     """
     cdef double origin[COLUMN_TILE]
     cdef double offset[COLUMN_TILE]
@@ -570,31 +580,42 @@ cdef void interleaved_item_moments(const floating *x, const Interleaved *g, Py_s
     cdef Py_ssize_t ncols = min(<Py_ssize_t>COLUMN_TILE, g.width - j0)
     cdef Py_ssize_t r0 = chunk * g.chunk_rows
     cdef Py_ssize_t r_end = min(r0 + g.chunk_rows, g.rows)
-    cdef Py_ssize_t rb, nrows, r, j
+    cdef Py_ssize_t slab = max(<Py_ssize_t>1, SLAB_BYTES // (ncols * <Py_ssize_t>sizeof(floating)))
+    cdef Py_ssize_t rb, nrows, j
     cdef const floating *row0
-    cdef int npass, npasses = 1 if floating is float else 2
+    cdef int npass
     for j in range(ncols):
         acc[j] = empty_moments()
         origin[j] = channel_origin(x, (j0 + j) // g.inner, g.inner)
-    rb = r0
-    while rb < r_end:
-        nrows = min(<Py_ssize_t>ROW_BLOCK, r_end - rb)
-        row0 = x + rb * g.width + j0
+        s1[j] = 0.0
+        s2[j] = 0.0
+    if floating is float:
+        rb = r0
+        while rb < r_end:
+            nrows = min(slab, r_end - rb)
+            rows_shifted_sums(x + rb * g.width + j0, nrows, g.width, ncols, origin, NULL, s1, s2)
+            rb = rb + nrows
         for j in range(ncols):
-            offset[j] = 0.0
-        for npass in range(npasses):
-            for j in range(ncols):
-                s1[j] = 0.0
-                s2[j] = 0.0
-            for r in range(nrows):
-                column_shifted_sums(row0 + r * g.width, ncols, origin, offset, s1, s2)
-            for j in range(ncols):
-                block = moments_from_shifted_sums(<double>nrows, offset[j], s1[j], s2[j])
-                if npass + 1 < npasses:
-                    offset[j] = block.mean
-                else:
-                    merge_moments(&acc[j], block)
-        rb = rb + nrows
+            acc[j] = moments_from_shifted_sums(<double>(r_end - r0), 0.0, s1[j], s2[j])
+    else:
+        rb = r0
+        while rb < r_end:
+            nrows = min(<Py_ssize_t>ROW_BLOCK, r_end - rb)
+            row0 = x + rb * g.width + j0
+            for npass in range(2):
+                for j in range(ncols):
+                    s1[j] = 0.0
+                    s2[j] = 0.0
+                rows_shifted_sums(row0, nrows, g.width, ncols, origin,
+                                  NULL if npass == 0 else offset, s1, s2)
+                for j in range(ncols):
+                    block = moments_from_shifted_sums(
+                        <double>nrows, 0.0 if npass == 0 else offset[j], s1[j], s2[j])
+                    if npass == 0:
+                        offset[j] = block.mean
+                    else:
+                        merge_moments(&acc[j], block)
+            rb = rb + nrows
     for j in range(ncols):
         chunk_mean[chunk * g.width + j0 + j] = acc[j].mean
         chunk_m2[chunk * g.width + j0 + j] = acc[j].m2
@@ -632,19 +653,17 @@ cdef void interleaved_normalize_item(const floating *x, floating *y, const Inter
                                      const floating *scale, const floating *shift,
                                      int stream) noexcept nogil:
     """y = ((x - hi) - lo) * scale + shift with per-column constants, one item."""
-    cdef Py_ssize_t r, offset
     cdef Py_ssize_t r0 = (item // g.ntiles) * g.chunk_rows
-    cdef Py_ssize_t r_end = min(r0 + g.chunk_rows, g.rows)
+    cdef Py_ssize_t nrows = min(g.chunk_rows, g.rows - r0)
     cdef Py_ssize_t j0 = (item % g.ntiles) * COLUMN_TILE
     cdef Py_ssize_t ncols = min(<Py_ssize_t>COLUMN_TILE, g.width - j0)
-    for r in range(r0, r_end):
-        offset = r * g.width + j0
-        if floating is float:
-            bn_column_affine_f32(x + offset, y + offset, ncols,
-                                 hi + j0, lo + j0, scale + j0, shift + j0, stream)
-        else:
-            bn_column_affine_f64(x + offset, y + offset, ncols,
-                                 hi + j0, lo + j0, scale + j0, shift + j0, stream)
+    cdef Py_ssize_t start = r0 * g.width + j0
+    if floating is float:
+        bn_rows_affine_f32(x + start, y + start, nrows, g.width, ncols,
+                           hi + j0, lo + j0, scale + j0, shift + j0, stream)
+    else:
+        bn_rows_affine_f64(x + start, y + start, nrows, g.width, ncols,
+                           hi + j0, lo + j0, scale + j0, shift + j0, stream)
     if stream:
         bn_stream_fence()
 
@@ -910,17 +929,23 @@ cdef void interleaved_grad_sums_item(const floating *x, const floating *dy,
     cdef Py_ssize_t ncols = min(<Py_ssize_t>COLUMN_TILE, g.width - j0)
     cdef Py_ssize_t r0 = chunk * g.chunk_rows
     cdef Py_ssize_t r_end = min(r0 + g.chunk_rows, g.rows)
-    cdef Py_ssize_t r, j, offset
+    cdef Py_ssize_t j
     for j in range(ncols):
         column_mean[j] = mean[(j0 + j) // g.inner]
         s_dy[j] = 0.0
         s_dev[j] = 0.0
-    for r in range(r0, r_end):
-        offset = r * g.width + j0
+    cdef Py_ssize_t slab = max(<Py_ssize_t>1, SLAB_BYTES // (2 * ncols * <Py_ssize_t>sizeof(floating)))
+    cdef Py_ssize_t rb = r0, nrows, start
+    while rb < r_end:           # in slabs of rows that fit L1, as in the moments
+        nrows = min(slab, r_end - rb)
+        start = rb * g.width + j0
         if floating is float:
-            bn_column_grad_sums_f32(x + offset, dy + offset, ncols, column_mean, s_dy, s_dev)
+            bn_rows_grad_sums_f32(x + start, dy + start, nrows, g.width, ncols, column_mean,
+                                  s_dy, s_dev)
         else:
-            bn_column_grad_sums_f64(x + offset, dy + offset, ncols, column_mean, s_dy, s_dev)
+            bn_rows_grad_sums_f64(x + start, dy + start, nrows, g.width, ncols, column_mean,
+                                  s_dy, s_dev)
+        rb = rb + nrows
     for j in range(ncols):
         chunk_dy[chunk * g.width + j0 + j] = s_dy[j]
         chunk_dev[chunk * g.width + j0 + j] = s_dev[j]
@@ -931,7 +956,6 @@ cdef void interleaved_grad_input_item(const floating *x, const floating *dy, flo
                                       const floating *constants, bint training,
                                       int stream) noexcept nogil:
     """dx for one item; constants holds hi, lo, k, c1, c0 per column, W apart."""
-    cdef Py_ssize_t r, offset
     cdef Py_ssize_t w = g.width
     cdef Py_ssize_t r0 = (item // g.ntiles) * g.chunk_rows
     cdef Py_ssize_t r_end = min(r0 + g.chunk_rows, g.rows)
@@ -942,21 +966,21 @@ cdef void interleaved_grad_input_item(const floating *x, const floating *dy, flo
     cdef const floating *k = constants + 2 * w + j0
     cdef const floating *c1 = constants + 3 * w + j0
     cdef const floating *c0 = constants + 4 * w + j0
-    for r in range(r0, r_end):
-        offset = r * w + j0
-        if training:
-            if floating is float:
-                bn_column_grad_input_f32(x + offset, dy + offset, dx + offset, ncols,
-                                         hi, lo, k, c1, c0, stream)
-            else:
-                bn_column_grad_input_f64(x + offset, dy + offset, dx + offset, ncols,
-                                         hi, lo, k, c1, c0, stream)
+    cdef Py_ssize_t start = r0 * w + j0
+    cdef Py_ssize_t nrows = r_end - r0
+    if training:
+        if floating is float:
+            bn_rows_grad_input_f32(x + start, dy + start, dx + start, nrows, w, ncols,
+                                   hi, lo, k, c1, c0, stream)
         else:
-            # c1 and c0 are 0 in eval: dx = ((dy - 0) - 0) * k + 0.
-            if floating is float:
-                bn_column_affine_f32(dy + offset, dx + offset, ncols, c1, c1, k, c0, stream)
-            else:
-                bn_column_affine_f64(dy + offset, dx + offset, ncols, c1, c1, k, c0, stream)
+            bn_rows_grad_input_f64(x + start, dy + start, dx + start, nrows, w, ncols,
+                                   hi, lo, k, c1, c0, stream)
+    else:
+        # c1 and c0 are 0 in eval: dx = ((dy - 0) - 0) * k + 0.
+        if floating is float:
+            bn_rows_affine_f32(dy + start, dx + start, nrows, w, ncols, c1, c1, k, c0, stream)
+        else:
+            bn_rows_affine_f64(dy + start, dx + start, nrows, w, ncols, c1, c1, k, c0, stream)
     if stream:
         bn_stream_fence()
 

@@ -32,16 +32,30 @@ BN_LEAF void BN_SFX(bn_lane_shifted_sums_generic)(
     }
 }
 
-/* Column-wise shifted sums for the interleaved layout: one row of n values,
- * value j belongs to column j. */
-BN_LEAF void BN_SFX(bn_column_shifted_sums)(
-    const BN_T *BN_RESTRICT x, ptrdiff_t n, const double *BN_RESTRICT origin,
-    const double *BN_RESTRICT offset, double *BN_RESTRICT s1, double *BN_RESTRICT s2)
+/* The interleaved layout's version: nrows rows of ncols values, `stride`
+ * apart; value j of a row belongs to column j, whose sums s1[j], s2[j]
+ * gather d = (x - origin[j]) - offset[j] row after row. offset may be NULL
+ * for zeros. */
+BN_LEAF void BN_SFX(bn_rows_shifted_sums_generic)(
+    const BN_T *BN_RESTRICT x, ptrdiff_t nrows, ptrdiff_t stride, ptrdiff_t ncols,
+    const double *BN_RESTRICT origin, const double *BN_RESTRICT offset,
+    double *BN_RESTRICT s1, double *BN_RESTRICT s2)
 {
-    for (ptrdiff_t j = 0; j < n; j++) {
-        double d = ((double)x[j] - origin[j]) - offset[j];
-        s1[j] += d;
-        s2[j] += d * d;
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const BN_T *row = x + r * stride;
+        if (offset == NULL) {
+            for (ptrdiff_t j = 0; j < ncols; j++) {
+                double d = (double)row[j] - origin[j];
+                s1[j] += d;
+                s2[j] += d * d;
+            }
+        } else {
+            for (ptrdiff_t j = 0; j < ncols; j++) {
+                double d = ((double)row[j] - origin[j]) - offset[j];
+                s1[j] += d;
+                s2[j] += d * d;
+            }
+        }
     }
 }
 
@@ -92,12 +106,19 @@ BN_LEAF void BN_SFX(bn_affine)(
     BN_ELEMENTWISE(n, y, stream, ((x[i] - mean_hi) - mean_lo) * scale + shift);
 }
 
-BN_LEAF void BN_SFX(bn_column_affine)(
-    const BN_T *x, BN_T *y, ptrdiff_t n,
+/* The interleaved layout's version: nrows rows of ncols values, `stride`
+ * apart, with per-column constants. */
+BN_LEAF void BN_SFX(bn_rows_affine)(
+    const BN_T *x, BN_T *y, ptrdiff_t nrows, ptrdiff_t stride, ptrdiff_t ncols,
     const BN_T *BN_RESTRICT mean_hi, const BN_T *BN_RESTRICT mean_lo,
     const BN_T *BN_RESTRICT scale, const BN_T *BN_RESTRICT shift, int stream)
 {
-    BN_ELEMENTWISE(n, y, stream, ((x[i] - mean_hi[i]) - mean_lo[i]) * scale[i] + shift[i]);
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const BN_T *xr = x + r * stride;
+        BN_T *yr = y + r * stride;
+        BN_ELEMENTWISE(ncols, yr, stream,
+                       ((xr[i] - mean_hi[i]) - mean_lo[i]) * scale[i] + shift[i]);
+    }
 }
 
 /* The backward pass's two sums over a run: s_dy[lane] += dy and
@@ -128,15 +149,19 @@ BN_LEAF void BN_SFX(bn_lane_grad_sums_generic)(
     }
 }
 
-BN_LEAF void BN_SFX(bn_column_grad_sums)(
-    const BN_T *BN_RESTRICT x, const BN_T *BN_RESTRICT dy, ptrdiff_t n,
-    const double *BN_RESTRICT mean, double *BN_RESTRICT s_dy,
+BN_LEAF void BN_SFX(bn_rows_grad_sums_generic)(
+    const BN_T *BN_RESTRICT x, const BN_T *BN_RESTRICT dy, ptrdiff_t nrows, ptrdiff_t stride,
+    ptrdiff_t ncols, const double *BN_RESTRICT mean, double *BN_RESTRICT s_dy,
     double *BN_RESTRICT s_dy_dev)
 {
-    for (ptrdiff_t j = 0; j < n; j++) {
-        double g = (double)dy[j];
-        s_dy[j] += g;
-        s_dy_dev[j] += g * ((double)x[j] - mean[j]);
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const BN_T *xr = x + r * stride;
+        const BN_T *gr = dy + r * stride;
+        for (ptrdiff_t j = 0; j < ncols; j++) {
+            double g = (double)gr[j];
+            s_dy[j] += g;
+            s_dy_dev[j] += g * ((double)xr[j] - mean[j]);
+        }
     }
 }
 
@@ -150,14 +175,19 @@ BN_LEAF void BN_SFX(bn_grad_input)(
     BN_ELEMENTWISE(n, dx, stream, dy[i] * k + (((x[i] - mean_hi) - mean_lo) * c1 + c0));
 }
 
-BN_LEAF void BN_SFX(bn_column_grad_input)(
-    const BN_T *x, const BN_T *dy, BN_T *dx, ptrdiff_t n,
-    const BN_T *BN_RESTRICT mean_hi, const BN_T *BN_RESTRICT mean_lo,
+BN_LEAF void BN_SFX(bn_rows_grad_input)(
+    const BN_T *x, const BN_T *dy, BN_T *dx, ptrdiff_t nrows, ptrdiff_t stride,
+    ptrdiff_t ncols, const BN_T *BN_RESTRICT mean_hi, const BN_T *BN_RESTRICT mean_lo,
     const BN_T *BN_RESTRICT k, const BN_T *BN_RESTRICT c1, const BN_T *BN_RESTRICT c0,
     int stream)
 {
-    BN_ELEMENTWISE(n, dx, stream,
-                   dy[i] * k[i] + (((x[i] - mean_hi[i]) - mean_lo[i]) * c1[i] + c0[i]));
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const BN_T *xr = x + r * stride;
+        const BN_T *gr = dy + r * stride;
+        BN_T *dr = dx + r * stride;
+        BN_ELEMENTWISE(ncols, dr, stream,
+                       gr[i] * k[i] + (((xr[i] - mean_hi[i]) - mean_lo[i]) * c1[i] + c0[i]));
+    }
 }
 
 /* A copy with the same stores: the yardstick of the benchmarks (the least
