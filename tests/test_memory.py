@@ -98,3 +98,59 @@ def test_backward_has_no_input_sized_temporaries(dtype, training, axis):
     peak, _ = _peak(lambda: bncore.batch_norm_backward(dy, x, mean, invstd, w,
                                                        training=training, axis=axis))
     assert peak < 1.1 * x.nbytes
+
+
+@pytest.mark.parametrize("into", ["grad_output", "input"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+def test_backward_in_place_allocates_nothing_input_sized(dtype, training, into):
+    """out=grad_output or out=input: the gradient overwrites that array and
+    nothing of the input's size is allocated."""
+    x = make_input(SHAPE, dtype, 1, seed=505)
+    dy = make_input(SHAPE, dtype, 1, seed=506)
+    w = make_params(SHAPE[1], dtype, seed=505)[0]
+    _, mean, invstd = bncore.batch_norm(x, training=True, return_stats=True)
+    target = dy if into == "grad_output" else x
+    peak, (grad_input, _, _) = _peak(lambda: bncore.batch_norm_backward(
+        dy, x, mean, invstd, w, training=training, out=target))
+    assert grad_input is target
+    assert peak < 0.1 * x.nbytes, f"peak {peak} bytes for a {x.nbytes}-byte input"
+
+
+@pytest.mark.parametrize("nonfinite", ["skip_update", "raise"])
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+def test_nonfinite_modes_allocate_nothing_input_sized(dtype, nonfinite):
+    """The finiteness check works on the (C,) statistics only."""
+    x = make_input(SHAPE, dtype, 1, seed=507)
+    _, _, rm, rv = make_params(SHAPE[1], dtype, seed=507)
+    out = np.empty_like(x)
+    peak, _ = _peak(lambda: bncore.batch_norm(x, rm, rv, training=True, out=out,
+                                              nonfinite=nonfinite))
+    assert peak < 0.1 * x.nbytes
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+
+    def call():
+        try:
+            bncore.batch_norm(bad, rm, rv, training=True, out=out, nonfinite=nonfinite)
+        except FloatingPointError:
+            pass
+
+    peak, _ = _peak(call)
+    assert peak < 0.1 * x.nbytes
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+def test_layer_allocates_only_its_outputs(dtype):
+    """A layer's forward allocates the output, its backward the gradient,
+    and nothing else of the input's size (the layer keeps a reference to
+    its input for backward, not a copy)."""
+    x = make_input(SHAPE, dtype, 1, seed=508)
+    dy = make_input(SHAPE, dtype, 1, seed=509)
+    for training in (True, False):
+        bn = bncore.BatchNorm2d(SHAPE[1], dtype=dtype).train(training)
+        bn(x)  # warm up
+        peak, _ = _peak(lambda: bn(x))
+        assert peak < 1.1 * x.nbytes, (training, peak)
+        peak, _ = _peak(lambda: bn.backward(dy))
+        assert peak < 1.1 * x.nbytes, (training, peak)
