@@ -767,7 +767,7 @@ def measure(impls, wl, data, reference, settings, threads, log):
     return timings
 
 
-def run_workload(wl, dtype, threads_list, settings, torch, log):
+def run_workload(wl, dtype, threads_list, settings, torch, log, wait=None):
     """Time every implementation of one workload at each thread count; the
     result rows, then the arrays are freed."""
     started = time.perf_counter()
@@ -779,9 +779,13 @@ def run_workload(wl, dtype, threads_list, settings, torch, log):
             torch.set_num_threads(threads)
         bncore.set_num_threads(threads)  # the layers' thread count
         impls = implementations(wl, data, threads, log)
-        timings = measure(impls, wl, data, reference, settings, threads, log)
+        if wait is not None:
+            wait(f"{wl.id} on {threads} threads")
+        with OthersMeter() as others:
+            timings = measure(impls, wl, data, reference, settings, threads, log)
         for impl in impls:
             rows.append(_row(wl, data, impl, timings[impl.name], threads))
+            rows[-1]["others_cpu"] = others.share
         del impls, timings
     bncore.set_num_threads(None)
     del data, reference
@@ -1054,7 +1058,9 @@ def render_markdown(report, workloads):
         f"# bncore against its peers ({report['dtype']})",
         "",
         f"Command: `{report['command']}`  ",
-        f"Run: {report['started']}, {report['runtime_s']:.0f} s; load average "
+        f"Run: {report['started']}, {report['runtime_s']:.0f} s"
+        + (f" (of which {report['waited_s']:.0f} s waiting for idle CPUs)"
+           if report["waited_s"] >= 1 else "") + "; load average "
         f"{report['load_before']} before, {report['load_after']} after; other processes "
         f"kept the CPUs {_fmt(report['busy_before'], '.0%')} busy in the second before, "
         f"{_fmt(report['busy_after'], '.0%')} in the second after.  ",
@@ -1094,6 +1100,17 @@ def render_markdown(report, workloads):
     goals = goals_table(rows, workloads, threads_list)
     if len(goals) > 2:
         lines += ["", "## bncore against issue 4's goals", ""] + goals
+    noise = {}
+    for r in rows:
+        if r.get("others_cpu") is not None:
+            noise[(r["workload"], r["threads"])] = r["others_cpu"]
+    if noise:
+        worst = max(noise, key=noise.get)
+        noisy = sorted(k for k, v in noise.items() if v > 0.10)
+        lines += ["", f"Other processes' share of the CPUs during the timed runs: median "
+                  f"{np.median(list(noise.values())):.0%}, at most {noise[worst]:.0%} "
+                  f"({worst[0]} on {worst[1]} threads); above 10 % in "
+                  + (", ".join(f"{w} ({t})" for w, t in noisy) if noisy else "none") + "."]
     failures = [r for r in rows if r["failure"]]
     checks = [r for r in rows if r["check_error"] is not None and not r["check_error"] <= (
         1e-3 if r["dtype"] == "float32" else 1e-8)]
@@ -1193,8 +1210,8 @@ def parse_args(argv):
                         help="seconds to sleep before a sample that follows another thread "
                              "pool's (default 0.01; --quick 0.002)")
     parser.add_argument("--wait-idle", type=float, metavar="SECONDS", default=0,
-                        help="first wait up to SECONDS for other processes to leave the "
-                             "CPUs (busy < 10%% over 2 s)")
+                        help="on a shared machine: before each timed run wait for other "
+                             "processes to leave the CPUs (< 10%% busy), SECONDS in all")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the check of each output against float64 statistics")
     parser.add_argument("--json", metavar="PATH", help="write every sample and result as JSON")
@@ -1238,27 +1255,27 @@ def main(argv=None):
         torch.set_grad_enabled(False)
     if max(args.threads) > (os.cpu_count() or 1):
         log(f"note: {max(args.threads)} threads on {os.cpu_count()} CPUs oversubscribes")
-    if args.wait_idle:
-        _wait_idle(args.wait_idle, log)
+    start = time.perf_counter()
+    wait = IdleWaiter(args.wait_idle, log)
+    wait("the run")
     busy_before = _cpu_busy(1.0)
     if busy_before is not None and busy_before > 0.10:
         log(f"note: other processes keep the CPUs {busy_before:.0%} busy: expect noise, "
             "above all on the threads > 1 rows")
     started_wall = datetime.datetime.now().astimezone()
     load_before = _load()
-    start = time.perf_counter()
     machine = machine_info()
     rows = []
     log(f"{len(workloads)} workloads x threads {args.threads}, {dtype.name}")
     for wl in workloads:
-        rows.extend(run_workload(wl, dtype, args.threads, settings, torch, log))
+        rows.extend(run_workload(wl, dtype, args.threads, settings, torch, log, wait))
     if torch is not None:
         torch.set_grad_enabled(True)
     derive(rows)
     report = {
         "command": "python " + shlex.join(sys.argv if argv is None else ["compare.py", *argv]),
         "started": started_wall.isoformat(timespec="seconds"),
-        "runtime_s": time.perf_counter() - start,
+        "runtime_s": time.perf_counter() - start, "waited_s": wait.waited,
         "load_before": load_before, "load_after": _load(),
         "busy_before": busy_before, "busy_after": _cpu_busy(1.0),
         "dtype": dtype.name, "threads": args.threads, "quick": args.quick,
@@ -1279,30 +1296,61 @@ def main(argv=None):
     return 0
 
 
-def _cpu_busy(interval=1.0):
-    """Fraction of all CPUs' time spent busy over interval seconds (Linux),
-    by every process: run while this one sleeps, it measures the others."""
-    def sample():
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return sum(fields[:8]), fields[3] + fields[4]  # total, idle + iowait
+def _cpu_ticks():
+    """(busy, total) seconds of all CPUs so far, from /proc/stat; None elsewhere."""
     try:
-        total0, idle0 = sample()
-        time.sleep(interval)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
         return None
-    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - fields[3] - fields[4]) / hz, sum(fields) / hz
 
 
-def _wait_idle(limit, log):
-    """Wait up to limit seconds for the other processes to leave the CPUs."""
-    deadline = time.monotonic() + limit
-    while True:
-        busy = _cpu_busy(2.0)
-        if busy is None or busy < 0.10 or time.monotonic() >= deadline:
-            return busy
-        log(f"waiting for an idle machine: {busy:.0%} busy")
+class OthersMeter:
+    """Share of the CPUs that other processes used while this one ran:
+    all CPUs' busy time less this process's CPU time, over wall time x CPUs."""
+
+    def __enter__(self):
+        self.ticks, self.own, self.wall = _cpu_ticks(), time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        ticks = _cpu_ticks()
+        if ticks is None or self.ticks is None:
+            self.share = None
+            return
+        wall = time.perf_counter() - self.wall
+        busy = ticks[0] - self.ticks[0] - (time.process_time() - self.own)
+        self.share = min(1.0, max(0.0, busy / max(1e-9, wall * (os.cpu_count() or 1))))
+
+
+def _cpu_busy(interval):
+    """Share of the CPUs busy over interval seconds while this process sleeps."""
+    with OthersMeter() as meter:
+        time.sleep(interval)
+    return meter.share
+
+
+class IdleWaiter:
+    """Waits for other processes to leave the CPUs (busy < 10 % over half a
+    second) before each timed run, within a total budget of seconds."""
+
+    def __init__(self, budget, log):
+        self.left, self.log, self.waited = budget, log, 0.0
+
+    def __call__(self, what):
+        if self.left <= 0:
+            return
+        start = time.monotonic()
+        busy = _cpu_busy(0.5)
+        while busy is not None and busy >= 0.10 and time.monotonic() - start < self.left:
+            self.log(f"  waiting for idle CPUs before {what}: {busy:.0%} busy")
+            time.sleep(1.5)
+            busy = _cpu_busy(0.5)
+        spent = time.monotonic() - start
+        self.left -= spent
+        self.waited += spent
 
 
 def _load():
