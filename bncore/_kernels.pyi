@@ -2,7 +2,8 @@
 
 Every array is a C-contiguous NumPy array; x, y, dy, dx are float32 or
 float64 (all the same dtype) holding outer * channels * inner values, the
-per-channel arrays are float64 of length channels. Outputs are filled in
+per-channel statistics the kernels fill are float64 of length channels;
+weight, bias and running statistics may be float32 or float64. Outputs are filled in
 place. functional.py validates everything before calling these.
 """
 
@@ -18,13 +19,16 @@ _F64 = npt.NDArray[np.float64]
 
 def moments(x: _Floats, outer: int, channels: int, inner: int, mean: _F64, m2: _F64,
             num_threads: int) -> None: ...
-def normalize(x: _Floats, y: _Floats, outer: int, channels: int, inner: int, mean: _F64,
-              invstd: _F64, weight: _F64 | None, bias: _F64 | None,
-              num_threads: int) -> None: ...
+def normalize(x: _Floats, y: _Floats, outer: int, channels: int, inner: int,
+              running_mean: _Floats, running_var: _Floats, eps: float,
+              weight: _Floats | None, bias: _Floats | None, num_threads: int) -> None: ...
 def train_forward(x: _Floats, y: _Floats, outer: int, channels: int, inner: int,
-                  weight: _F64 | None, bias: _F64 | None, eps: float, mean: _F64, m2: _F64,
+                  weight: _Floats | None, bias: _Floats | None, eps: float, mean: _F64, m2: _F64,
                   invstd: _F64, num_threads: int) -> None: ...
 def backward(x: _Floats, dy: _Floats, dx: _Floats, outer: int, channels: int, inner: int,
-             mean: _F64, invstd: _F64, weight: _F64 | None, training: bool,
+             mean: _F64, invstd: _F64, weight: _Floats | None, training: bool,
              grad_weight: _F64, grad_bias: _F64, num_threads: int) -> None: ...
 def max_threads() -> int: ...
+def copy(x: _Floats, y: _Floats, stream: bool, num_threads: int) -> None: ...
+def set_stream_min_bytes(nbytes: int) -> int: ...
+def set_fused_channel_bytes(nbytes: int) -> int: ...

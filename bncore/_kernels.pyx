@@ -234,13 +234,32 @@ cdef struct StatsOut:
     double *invstd      # 1 / sqrt(m2 / count + eps); or NULL
 
 
+cdef struct Params:
+    # A per-channel array as the caller keeps it, float32 or float64, so that
+    # nothing is converted before a call; or absent (data NULL).
+    const void *data
+    bint single
+
+
+cdef inline double param_at(Params p, Py_ssize_t c, double missing) noexcept nogil:
+    if p.data == NULL:
+        return missing
+    if p.single:
+        return (<const float *>p.data)[c]
+    return (<const double *>p.data)[c]
+
+
 cdef struct AffineIn:
-    # What a normalization pass reads per channel.
+    # What a normalization pass reads per channel: the batch statistics
+    # (mean, residual, invstd) when mean is not NULL, else the running ones.
     const double *mean
-    const double *residual    # or NULL (eval: the mean is exactly a float64)
+    const double *residual    # or NULL
     const double *invstd
-    const double *weight      # or NULL for 1
-    const double *bias        # or NULL for 0
+    Params running_mean
+    Params running_var
+    double eps
+    Params weight             # absent: 1
+    Params bias               # absent: 0
     int stream                # write the output with streaming stores
 
 
@@ -270,13 +289,19 @@ cdef inline void affine_params(const AffineIn *a, Py_ssize_t c, floating *hi, fl
     of the input type, so the subtraction keeps the mean's low bits
     (bn_affine in _leaf_loops_impl.h).
     """
-    cdef double w = 1.0 if a.weight == NULL else a.weight[c]
-    cdef double b = 0.0 if a.bias == NULL else a.bias[c]
+    cdef double w = param_at(a.weight, c, 1.0)
+    cdef double b = param_at(a.bias, c, 0.0)
     cdef double extra = 0.0 if a.residual == NULL else a.residual[c]
-    cdef double mean = a.mean[c]
+    cdef double mean, invstd
+    if a.mean != NULL:
+        mean = a.mean[c]
+        invstd = a.invstd[c]
+    else:
+        mean = param_at(a.running_mean, c, 0.0)
+        invstd = 1.0 / sqrt(param_at(a.running_var, c, 1.0) + a.eps)
     hi[0] = <floating>mean
     lo[0] = <floating>((mean - <double>hi[0]) + extra)
-    scale[0] = <floating>(w * a.invstd[c])
+    scale[0] = <floating>(w * invstd)
     shift[0] = <floating>b
 
 
@@ -710,11 +735,10 @@ cdef inline GradSums add_grad_sums(GradSums a, GradSums b) noexcept nogil:
 
 
 cdef inline void grad_constants(GradSums sums, double count, double mean, double invstd,
-                                const double *weight, Py_ssize_t c, bint training,
+                                Params weight, Py_ssize_t c, bint training,
                                 floating *hi, floating *lo, floating *k, floating *c1,
                                 floating *c0) noexcept nogil:
-    cdef double w = 1.0 if weight == NULL else weight[c]
-    cdef double scale = w * invstd
+    cdef double scale = param_at(weight, c, 1.0) * invstd
     hi[0] = <floating>mean
     lo[0] = <floating>(mean - <double>hi[0])
     k[0] = <floating>scale
@@ -747,7 +771,7 @@ cdef struct BackwardArgs:
     # Inputs shared by every work item of one backward call.
     const double *mean
     const double *invstd
-    const double *weight
+    Params weight
     double *grad_weight     # out: S_dev * invstd
     double *grad_bias       # out: S_dy
     bint training
@@ -889,7 +913,7 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
     if table == NULL:
         return -1
     totals = table + g.channels * nchunks
-    if (2 * g.outer * g.inner * <Py_ssize_t>sizeof(floating) <= FUSED_CHANNEL_BYTES
+    if (2 * g.outer * g.inner * <Py_ssize_t>sizeof(floating) <= fused_channel_bytes
             and g.channels >= 2 * nthreads):
         for c in prange(g.channels, num_threads=nthreads, schedule="dynamic"):
             planar_backward_channel(x, dy, dx, g, c, table, totals, a)
@@ -1100,7 +1124,7 @@ cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize
     p = planar_geometry(outer, channels, inner)
     nthreads = team_size(requested, channels, nvalues)
     if (inner >= PLANAR_MIN_INNER
-            and outer * inner * <Py_ssize_t>sizeof(floating) <= FUSED_CHANNEL_BYTES
+            and outer * inner * <Py_ssize_t>sizeof(floating) <= fused_channel_bytes
             and channels >= 2 * nthreads):
         chunks = <Moments *>malloc(channels * p.chunks_per_channel * sizeof(Moments))
         if chunks == NULL:
@@ -1137,19 +1161,41 @@ cdef void *data_of(object array, int typenum, Py_ssize_t size, bint writeable,
     return cnp.PyArray_DATA(a)
 
 
-cdef const double *optional_params(object array, Py_ssize_t channels, str name) except? NULL:
+cdef Params params_of(object array, Py_ssize_t channels, str name) except *:
+    """A float32 or float64 (C,) array as Params; None as absent."""
+    cdef Params p
+    p.data = NULL
+    p.single = False
     if array is None:
-        return NULL
-    return <const double *>data_of(array, cnp.NPY_FLOAT64, channels, False, name)
+        return p
+    if not cnp.PyArray_Check(array):
+        raise TypeError(f"{name}: expected a NumPy array")
+    p.single = cnp.PyArray_TYPE(<cnp.ndarray>array) == cnp.NPY_FLOAT32
+    p.data = data_of(array, cnp.NPY_FLOAT32 if p.single else cnp.NPY_FLOAT64, channels,
+                     False, name)
+    return p
 
 
 cdef Py_ssize_t stream_min_bytes = STREAM_MIN_BYTES
+cdef Py_ssize_t fused_channel_bytes = FUSED_CHANNEL_BYTES
+
+
+def set_fused_channel_bytes(Py_ssize_t nbytes):
+    """Fuse statistics and normalisation per channel up to this channel size
+    (for benchmarks and tuning); returns the previous value."""
+    global fused_channel_bytes
+    previous = fused_channel_bytes
+    fused_channel_bytes = nbytes
+    return previous
 
 
 def set_stream_min_bytes(Py_ssize_t nbytes):
-    """Outputs of at least nbytes get streaming stores (for benchmarks)."""
+    """Outputs of at least nbytes get streaming stores (for benchmarks and
+    tuning); returns the previous value."""
     global stream_min_bytes
+    previous = stream_min_bytes
     stream_min_bytes = nbytes
+    return previous
 
 
 cdef inline int streams(Py_ssize_t nvalues, int typenum) noexcept:
@@ -1192,21 +1238,24 @@ def moments(x, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
 
 
 def normalize(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
-              mean, invstd, weight, bias, int num_threads):
-    """y = (x - mean) * invstd * weight + bias per channel, y may be x.
-
-    mean and invstd are float64[C]; weight and bias float64[C] or None."""
+              running_mean, running_var, double eps, weight, bias, int num_threads):
+    """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias per
+    channel; y may be x. The (C,) arrays are float32 or float64 (weight and
+    bias may be None), read as they are."""
     cdef int typenum = input_typenum(x)
     cdef Py_ssize_t n = outer * channels * inner
     cdef void *px = data_of(x, typenum, n, False, "x")
     cdef void *py = data_of(y, typenum, n, True, "y")
     cdef AffineIn a
     cdef int status
-    a.mean = <const double *>data_of(mean, cnp.NPY_FLOAT64, channels, False, "mean")
+    a.mean = NULL
     a.residual = NULL
-    a.invstd = <const double *>data_of(invstd, cnp.NPY_FLOAT64, channels, False, "invstd")
-    a.weight = optional_params(weight, channels, "weight")
-    a.bias = optional_params(bias, channels, "bias")
+    a.invstd = NULL
+    a.running_mean = params_of(running_mean, channels, "running_mean")
+    a.running_var = params_of(running_var, channels, "running_var")
+    a.eps = eps
+    a.weight = params_of(weight, channels, "weight")
+    a.bias = params_of(bias, channels, "bias")
     a.stream = streams(n, typenum)
     with nogil:
         if typenum == cnp.NPY_FLOAT32:
@@ -1235,8 +1284,11 @@ def train_forward(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     out.residual = NULL
     out.m2 = <double *>data_of(m2, cnp.NPY_FLOAT64, channels, True, "m2")
     out.invstd = <double *>data_of(invstd, cnp.NPY_FLOAT64, channels, True, "invstd")
-    a.weight = optional_params(weight, channels, "weight")
-    a.bias = optional_params(bias, channels, "bias")
+    a.running_mean.data = NULL
+    a.running_var.data = NULL
+    a.eps = eps
+    a.weight = params_of(weight, channels, "weight")
+    a.bias = params_of(bias, channels, "bias")
     a.stream = streams(n, typenum)
     with nogil:
         if typenum == cnp.NPY_FLOAT32:
@@ -1299,7 +1351,7 @@ def backward(x, dy, dx, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     cdef int status
     args.mean = <const double *>data_of(mean, cnp.NPY_FLOAT64, channels, False, "mean")
     args.invstd = <const double *>data_of(invstd, cnp.NPY_FLOAT64, channels, False, "invstd")
-    args.weight = optional_params(weight, channels, "weight")
+    args.weight = params_of(weight, channels, "weight")
     args.grad_weight = <double *>data_of(grad_weight, cnp.NPY_FLOAT64, channels, True,
                                          "grad_weight")
     args.grad_bias = <double *>data_of(grad_bias, cnp.NPY_FLOAT64, channels, True, "grad_bias")

@@ -135,7 +135,8 @@ def _check_eps(eps):
 
 
 def _channel_vector(value, name, channels, axis):
-    """weight or bias as a float64 (C,) array, or None."""
+    """A per-channel argument as a contiguous float32 or float64 (C,) array
+    (the kernels read both as they are), or None."""
     if value is None:
         return None
     array = value if isinstance(value, np.ndarray) else np.asarray(value)
@@ -146,6 +147,8 @@ def _channel_vector(value, name, channels, axis):
             f"{name} has shape {array.shape}, expected ({channels},) "
             f"to match input.shape[{axis}]"
         )
+    if array.dtype in _FLOAT_DTYPES and array.flags.c_contiguous:
+        return array
     return np.ascontiguousarray(array, dtype=np.float64)
 
 
@@ -431,8 +434,9 @@ def _forward(input, running_mean, running_var, weight, bias, training, momentum,
         with np.errstate(invalid="ignore", divide="ignore"):
             invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
         if x.size:
-            _kernels.normalize(source, y, outer, channels, inner, mean, invstd,
-                               weight, bias, nthreads)
+            _kernels.normalize(source, y, outer, channels, inner,
+                               np.ascontiguousarray(running_mean),
+                               np.ascontiguousarray(running_var), eps, weight, bias, nthreads)
     return y, mean, invstd, batch
 
 
@@ -485,8 +489,8 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, traini
                 f"{name} is required: pass what the forward normalised with "
                 "(batch_norm(..., return_stats=True) returns it)"
             )
-    mean = _channel_vector(mean, "mean", channels, ax)
-    invstd = _channel_vector(invstd, "invstd", channels, ax)
+    mean = np.ascontiguousarray(_channel_vector(mean, "mean", channels, ax), np.float64)
+    invstd = np.ascontiguousarray(_channel_vector(invstd, "invstd", channels, ax), np.float64)
     weight = _channel_vector(weight, "weight", channels, ax)
     if out is not None:
         _check_out(out, x, {"input": x, "grad_output": dy})
