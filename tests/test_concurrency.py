@@ -14,7 +14,7 @@
 """
 
 import copy
-import hashlib
+import math
 import os
 import pickle
 import sys
@@ -120,15 +120,21 @@ def _cpus():
         return os.cpu_count() or 1
 
 
-def _serial_and_parallel(work):
-    """Wall times of work(0); work(1) and of both in two threads at once."""
-    t0 = time.perf_counter()
-    work(0)
-    work(1)
-    serial = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    _run_threads(work, 2)
-    return serial, time.perf_counter() - t0
+def _best_serial_and_parallel(works, trials):
+    """For each work(i): the best wall time of work(0); work(1), and the
+    best of both in two threads at once, over interleaved trials (the best
+    of several is the time least disturbed by the rest of the machine)."""
+    best = {name: [math.inf, math.inf] for name in works}
+    for _ in range(trials):
+        for name, work in works.items():
+            t0 = time.perf_counter()
+            work(0)
+            work(1)
+            best[name][0] = min(best[name][0], time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            _run_threads(work, 2)
+            best[name][1] = min(best[name][1], time.perf_counter() - t0)
+    return {name: parallel / serial for name, (serial, parallel) in best.items()}
 
 
 @pytest.mark.timing
@@ -136,43 +142,52 @@ def _serial_and_parallel(work):
 def test_two_threads_run_eval_forwards_at_once():
     """Two threads, each running eval forwards with num_threads=1 on its own
     array, finish in clearly less wall time than the same work done one
-    after the other (ideal: half). Arrays of 256 Ki values stay in each
-    core's cache, so memory bandwidth does not cap the speed-up; each call
-    is long against Python's per-call overhead, which holds the GIL.
+    after the other (ideal: half). The size is chosen between two limits
+    measured on the 2-core development machine: with 128 Ki values a call
+    is ~15 us of kernel beside ~10 us of Python holding the GIL, and two
+    threads gain nothing (ratio 1.02); with 2 Mi values per thread the
+    kernels share DRAM bandwidth, which one core already fills (1.05).
+    512 Ki values (2 MiB in, 2 MiB out per thread) stay in L3: 0.56.
 
-    A control runs the same way with hashlib (which releases the GIL on
-    large buffers): when even that shows no speed-up, the machine is too
-    busy to tell, and the test skips instead of failing."""
-    shape = (4, 16, 64, 64)
+    A control runs the same way with NumPy's multiply on the same arrays
+    (NumPy releases the GIL for large arrays): the same memory traffic, so
+    when even that shows no speed-up, the machine (its cores, or the cache
+    and memory bandwidth that neighbours share) is too busy to tell, and
+    the test skips instead of failing."""
+    shape = (8, 16, 64, 64)
     xs = [make_input(shape, np.float32, 1, kind="normal", seed=810 + i) for i in range(2)]
     outs = [np.empty_like(x) for x in xs]
     rm, rv = np.zeros(16, np.float32), np.ones(16, np.float32)
-    blob = os.urandom(1 << 20)
 
     def bn_work(i):
         x, out = xs[i], outs[i]
-        for _ in range(150):
+        for _ in range(80):
             bncore.batch_norm(x, rm, rv, out=out, num_threads=1)
 
-    def hash_work(i):
-        for _ in range(12):
-            hashlib.sha256(blob).digest()
+    def numpy_work(i):
+        x, out = xs[i], outs[i]
+        for _ in range(80):
+            np.multiply(x, 1.5, out=out)
 
     bn_work(0)
-    hash_work(0)
-    ratios, controls = [], []
-    for _ in range(7):
-        serial, parallel = _serial_and_parallel(bn_work)
-        ratios.append(parallel / serial)
-        serial, parallel = _serial_and_parallel(hash_work)
-        controls.append(parallel / serial)
-        if min(ratios) < 0.75:
+    numpy_work(0)
+    # Up to 4 rounds: pass on the first where bncore's threads overlap; fail
+    # only if in some round the control showed a quiet machine (<= 0.65)
+    # and bncore never overlapped. On a loaded machine bncore's ~10 us of
+    # Python per call (GIL held) is more exposed to a preempted core than
+    # NumPy's 1 us, so a merely busy machine skips.
+    rounds = []
+    for _ in range(4):
+        ratios = _best_serial_and_parallel({"bncore": bn_work, "control": numpy_work},
+                                           trials=9)
+        if ratios["bncore"] < 0.8:
             return
-    if min(controls) > 0.75:
-        pytest.skip(f"machine too busy: even the GIL-free control only reached "
-                    f"{min(controls):.2f} of the serial time")
-    pytest.fail(f"two threads took {min(ratios):.2f} of the serial wall time (best of 7; "
-                f"the control reached {min(controls):.2f}): the GIL is not released")
+        rounds.append((ratios["bncore"], ratios["control"]))
+    shown = ", ".join(f"{b:.2f} (NumPy {c:.2f})" for b, c in rounds)
+    if min(c for _, c in rounds) > 0.65:
+        pytest.skip(f"machine too busy to tell: two threads took {shown} of the serial time")
+    pytest.fail(f"two threads of eval forwards took {shown} of the serial wall time, "
+                "where NumPy's GIL-free multiply overlapped: the GIL is not released")
 
 
 # --------------------------------------------------------------------------
