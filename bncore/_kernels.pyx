@@ -68,6 +68,7 @@ cdef extern from "_leaf_loops.h" nogil:
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
+    void bn_prefetch(const void *p, Py_ssize_t nbytes)
     void bn_lane_grad_sums_f32(const float *x, const float *dy, Py_ssize_t n, double mean,
                                double *s_dy, double *s_dy_dev)
     void bn_lane_grad_sums_f64(const double *x, const double *dy, Py_ssize_t n, double mean,
@@ -454,12 +455,18 @@ cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t ite
 
 
 cdef void planar_chunk_affine(const floating *x, floating *y, const Planar *g, Py_ssize_t c,
-                              Py_ssize_t k, const AffineIn *a) noexcept nogil:
+                              Py_ssize_t k, const AffineIn *a,
+                              Py_ssize_t prefetch_c) noexcept nogil:
+    """Normalise chunk k of channel c; with prefetch_c >= 0, ask for the same
+    runs of channel prefetch_c on the way (the pipelined fused path)."""
     cdef Span s = chunk_span(g, k)
     cdef Py_ssize_t n, start, first = s.p0 * BLOCK_LEN
+    cdef Py_ssize_t length = pieces_end(g, s.p1) - first
     for n in range(s.n0, s.n1):
         start = run_start(g, n, c) + first
-        run_affine(x + start, y + start, pieces_end(g, s.p1) - first, a, c)
+        if prefetch_c >= 0:
+            bn_prefetch(x + run_start(g, n, prefetch_c) + first, length * sizeof(floating))
+        run_affine(x + start, y + start, length, a, c)
     if a.stream:
         bn_stream_fence()
 
@@ -517,13 +524,15 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
             planar_rows_affine(x, y, g, item, ngroups, a)
     else:
         for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
-            planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
+            planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a, -1)
 
 
 cdef void planar_train_channel(const floating *x, floating *y, const Planar *g,
-                               Py_ssize_t c, Moments *table, const StatsOut *out,
-                               const AffineIn *a) noexcept nogil:
-    """Statistics then normalisation of channel c, while it is in cache.
+                               Py_ssize_t c, Py_ssize_t next_c, Moments *table,
+                               const StatsOut *out, const AffineIn *a) noexcept nogil:
+    """Statistics then normalisation of channel c, the second pass from
+    cache, fetching channel next_c (this thread's next, or -1) meanwhile so
+    that its statistics pass reads from cache too: the pipelined path.
 
     The same chunks merged in the same order as planar_moments, so the
     statistics are bitwise those of the two-phase path.
@@ -533,15 +542,17 @@ cdef void planar_train_channel(const floating *x, floating *y, const Planar *g,
         table[c * g.chunks_per_channel + k] = planar_chunk_moments(x, g, c, k)
     planar_finish(x, g, table, c, out)
     for k in range(g.chunks_per_channel):
-        planar_chunk_affine(x, y, g, c, k, a)
+        planar_chunk_affine(x, y, g, c, k, a, next_c)
 
 
 cdef void planar_train_fused(const floating *x, floating *y, const Planar *g,
                              Moments *table, const StatsOut *out, const AffineIn *a,
                              int nthreads) noexcept nogil:
+    # Channels dealt round-robin (static, 1), so a thread knows its next one.
     cdef Py_ssize_t c
-    for c in prange(g.channels, num_threads=nthreads, schedule="dynamic"):
-        planar_train_channel(x, y, g, c, table, out, a)
+    for c in prange(g.channels, num_threads=nthreads, schedule="static", chunksize=1):
+        planar_train_channel(x, y, g, c, c + nthreads if c + nthreads < g.channels else -1,
+                             table, out, a)
 
 
 # --------------------------------------------------------------------------
@@ -846,13 +857,18 @@ cdef void planar_rows_grad_sums(const floating *x, const floating *dy, const Pla
 
 cdef void planar_chunk_grad_input(const floating *x, const floating *dy, floating *dx,
                                   const Planar *g, Py_ssize_t c, Py_ssize_t chunk,
-                                  const GradSums *totals, const BackwardArgs *a) noexcept nogil:
+                                  const GradSums *totals, const BackwardArgs *a,
+                                  Py_ssize_t prefetch_c) noexcept nogil:
     cdef Span s = chunk_span(g, chunk)
-    cdef Py_ssize_t n, start, first = s.p0 * BLOCK_LEN
+    cdef Py_ssize_t n, start, ahead, first = s.p0 * BLOCK_LEN
+    cdef Py_ssize_t length = pieces_end(g, s.p1) - first
     for n in range(s.n0, s.n1):
         start = run_start(g, n, c) + first
-        run_grad_input(x + start, dy + start, dx + start, pieces_end(g, s.p1) - first, c,
-                       totals, g, a)
+        if prefetch_c >= 0:
+            ahead = run_start(g, n, prefetch_c) + first
+            bn_prefetch(x + ahead, length * sizeof(floating))
+            bn_prefetch(dy + ahead, length * sizeof(floating))
+        run_grad_input(x + start, dy + start, dx + start, length, c, totals, g, a)
     if a.stream:
         bn_stream_fence()
 
@@ -888,16 +904,18 @@ cdef inline void finish_grad_channel(const GradSums *table, const Planar *g, Py_
 
 
 cdef void planar_backward_channel(const floating *x, const floating *dy, floating *dx,
-                                  const Planar *g, Py_ssize_t c, GradSums *table,
-                                  GradSums *totals, const BackwardArgs *a) noexcept nogil:
-    """Both passes over channel c back to back, the second from cache, with
-    the chunk sums added in the order planar_backward adds them."""
+                                  const Planar *g, Py_ssize_t c, Py_ssize_t next_c,
+                                  GradSums *table, GradSums *totals,
+                                  const BackwardArgs *a) noexcept nogil:
+    """Both passes over channel c back to back, the second from cache while
+    channel next_c is fetched (as planar_train_channel), with the chunk sums
+    added in the order planar_backward adds them."""
     cdef Py_ssize_t k
     for k in range(g.chunks_per_channel):
         table[c * g.chunks_per_channel + k] = planar_chunk_grad_sums(x, dy, g, c, k, a.mean[c])
     finish_grad_channel(table, g, c, totals, a)
     for k in range(g.chunks_per_channel):
-        planar_chunk_grad_input(x, dy, dx, g, c, k, totals, a)
+        planar_chunk_grad_input(x, dy, dx, g, c, k, totals, a, next_c)
 
 
 cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
@@ -915,8 +933,10 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
     totals = table + g.channels * nchunks
     if (2 * g.outer * g.inner * <Py_ssize_t>sizeof(floating) <= fused_channel_bytes
             and g.channels >= 2 * nthreads):
-        for c in prange(g.channels, num_threads=nthreads, schedule="dynamic"):
-            planar_backward_channel(x, dy, dx, g, c, table, totals, a)
+        for c in prange(g.channels, num_threads=nthreads, schedule="static", chunksize=1):
+            planar_backward_channel(x, dy, dx, g, c,
+                                    c + nthreads if c + nthreads < g.channels else -1,
+                                    table, totals, a)
         free(table)
         return 0
     nthreads = team_size(requested, g.channels * nchunks, nvalues)
@@ -935,7 +955,8 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
             planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, a)
     else:
         for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
-            planar_chunk_grad_input(x, dy, dx, g, item // nchunks, item % nchunks, totals, a)
+            planar_chunk_grad_input(x, dy, dx, g, item // nchunks, item % nchunks, totals, a,
+                                    -1)
     free(table)
     return 0
 
