@@ -66,6 +66,11 @@ import numpy as np
 import bncore
 
 try:
+    import resource
+except ImportError:  # not on Windows: no sample is then known to be disturbed
+    resource = None
+
+try:
     from bncore._kernels import copy as _stream_copy
 except ImportError:  # a build without the yardstick kernel: no "of copy" column
     _stream_copy = None
@@ -653,6 +658,7 @@ def implementations(wl, data, threads, log=None, families=None):
 @dataclass
 class Timing:
     samples: list = field(default_factory=list)   # seconds per call, one per sample
+    disturbed: list = field(default_factory=list)  # per sample: a thread was preempted
     calls_per_sample: int = 1
     check_error: Optional[float] = None
     failure: Optional[str] = None
@@ -690,8 +696,19 @@ def _round_members(reps, rounds, r):
             if (r + 1) * n // rounds > r * n // rounds]
 
 
-def measure(impls, wl, data, reference, settings, threads, log):
-    """Warm up and check each implementation, then sample them round-robin."""
+def _preemptions():
+    """Involuntary context switches of all this process's threads so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw if resource else 0
+
+
+def measure(impls, wl, data, reference, settings, threads, log, wait=None):
+    """Warm up and check each implementation, then sample them round-robin.
+
+    A sample during which any thread of this process was preempted (another
+    process wanted the CPU: on a 2-core machine a preempted OpenMP worker
+    stalls the whole call for a scheduler tick) is marked disturbed; extra
+    rounds then retake samples until each implementation has its count of
+    undisturbed ones, or three times that in all, or the planned time again."""
     timings = {impl.name: Timing() for impl in impls}
     estimates = {}
     live = []
@@ -737,11 +754,23 @@ def measure(impls, wl, data, reference, settings, threads, log):
     rng = np.random.default_rng(settings.seed)
     by_name = {impl.name: impl for impl in live}
     previous_pool = None
+    planned = sum(reps[name] * per_sample[name] for name in reps)
     gc.collect()
     gc.disable()
     try:
-        for r in range(rounds):
-            members = _round_members(reps, rounds, r)
+        r, extra_deadline = 0, None
+        while True:
+            if r < rounds:
+                members = _round_members(reps, rounds, r)
+            else:
+                if extra_deadline is None:
+                    extra_deadline = time.perf_counter() + planned
+                members = [name for name in reps
+                           if timings[name].disturbed.count(False) < reps[name]
+                           and len(timings[name].samples) < 3 * reps[name]]
+                if not members or time.perf_counter() > extra_deadline:
+                    break
+            r += 1
             # Shuffle, keeping each thread pool's members together so that
             # a round changes pools (and settles) as seldom as possible.
             pools = sorted({by_name[m].pool for m in members})
@@ -757,11 +786,18 @@ def measure(impls, wl, data, reference, settings, threads, log):
                         and settings.settle > 0):
                     time.sleep(settings.settle)
                 call, k = impl.call, timing.calls_per_sample
+                switches = _preemptions()
                 start = time.perf_counter()
                 for _ in range(k):
                     call()
-                timing.samples.append((time.perf_counter() - start) / k)
+                elapsed = time.perf_counter() - start
+                timing.disturbed.append(_preemptions() != switches)
+                timing.samples.append(elapsed / k)
                 previous_pool = impl.pool
+            if wait is not None and any(timings[m].disturbed[-1] for m in order):
+                gc.enable()
+                wait(f"more samples of {wl.id} on {threads} threads")
+                gc.disable()
     finally:
         gc.enable()
     return timings
@@ -782,7 +818,7 @@ def run_workload(wl, dtype, threads_list, settings, torch, log, wait=None):
         if wait is not None:
             wait(f"{wl.id} on {threads} threads")
         with OthersMeter() as others:
-            timings = measure(impls, wl, data, reference, settings, threads, log)
+            timings = measure(impls, wl, data, reference, settings, threads, log, wait)
         for impl in impls:
             rows.append(_row(wl, data, impl, timings[impl.name], threads))
             rows[-1]["others_cpu"] = others.share
@@ -798,16 +834,20 @@ def run_workload(wl, dtype, threads_list, settings, torch, log, wait=None):
 
 
 def _row(wl, data, impl, timing, threads):
-    samples = timing.samples
+    clean = [t for t, bad in zip(timing.samples, timing.disturbed) if not bad]
+    # Statistics over the undisturbed samples when there are a few of them.
+    samples = clean if len(clean) >= 3 else timing.samples
     row = {
         "workload": wl.id, "group": wl.group, "kind": wl.kind, "layout": wl.layout,
         "shape": list(wl.shape), "axis": wl.axis, "dtype": data.x.dtype.name,
         "nbytes": int(data.x.nbytes), "threads": threads,
         "impl": impl.name, "family": impl.family, "variant": impl.variant,
         "bytes_moved": int(data.x.nbytes * (2 if impl.is_copy else wl.bound_factor)),
-        "calls_per_sample": timing.calls_per_sample, "n_samples": len(samples),
+        "calls_per_sample": timing.calls_per_sample, "n_samples": len(timing.samples),
+        "n_undisturbed": len(clean), "median_of_undisturbed": samples is clean,
+        "disturbed": timing.disturbed,
         "check_error": timing.check_error, "failure": timing.failure,
-        "samples_s": samples,
+        "samples_s": timing.samples,
     }
     if samples:
         q1, median, q3 = np.percentile(samples, [25, 50, 75])
@@ -868,14 +908,14 @@ def _mb(nbytes):
 
 
 def results_table(rows):
-    lines = ["| workload | impl | threads | median | IQR | GB/s | of copy | vs torch | vs NumPy "
-             "| vs ORT |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| workload | impl | threads | median | IQR | n | GB/s | of copy | vs torch "
+             "| vs NumPy | vs ORT |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         label = f"{row['workload']} ({_mb(row['nbytes'])})"
         if "median_s" not in row:
             lines.append(f"| {label} | {row['impl']} | {row['threads']} | failed: "
-                         f"{row['failure']} | | | | | | |")
+                         f"{row['failure']} | | | | | | | |")
             continue
         spread = (row["q3_s"] - row["q1_s"]) / row["median_s"] * 100
         speed = row.get("speedup", {})
@@ -883,46 +923,59 @@ def results_table(rows):
         if row["check_error"] is not None and not row["check_error"] <= (
                 1e-3 if row["dtype"] == "float32" else 1e-8):
             flag = " (CHECK FAILED)"
+        dagger = "" if row["median_of_undisturbed"] else " †"
         lines.append(
-            f"| {label} | {row['impl']}{flag} | {row['threads']} | {_fmt_time(row['median_s'])} "
-            f"| {spread:.0f}% | {row['gbps']:.1f} | {_fmt(row['frac_copy'], '.2f')} "
+            f"| {label} | {row['impl']}{flag} | {row['threads']} | {_fmt_time(row['median_s'])}"
+            f"{dagger} | {spread:.0f}% | {row['n_undisturbed']}/{row['n_samples']} "
+            f"| {row['gbps']:.1f} | {_fmt(row['frac_copy'], '.2f')} "
             f"| {_fmt(speed.get('torch'), '.2f', 'x')} | {_fmt(speed.get('numpy'), '.1f', 'x')} "
             f"| {_fmt(speed.get('onnxruntime'), '.2f', 'x')} |")
     return lines
 
 
-def _median(rows, workload, threads, impl):
-    for row in rows:
-        if (row["workload"], row["threads"], row["impl"]) == (workload, threads, impl):
-            return row.get("median_s")
-    return None
+def _index(rows):
+    return {(r["workload"], r["threads"], r["impl"]): r for r in rows if "median_s" in r}
+
+
+def _verdict(ok, used):
+    """yes / NO, with a dagger when a median it rests on had too few
+    undisturbed samples (then it says little)."""
+    reliable = all(r is None or r["median_of_undisturbed"] for r in used)
+    return ("yes" if ok else "NO") + ("" if reliable else " †")
+
+
+def _ratio(a, b):
+    return a["median_s"] / b["median_s"] if a is not None and b is not None else None
 
 
 def scaling_table(rows, workloads, threads_list):
     """bncore (and PyTorch) time on 1 thread over time on n threads."""
     if 1 not in threads_list or len(threads_list) < 2:
         return []
+    index = _index(rows)
     others = [t for t in threads_list if t != 1]
     head = "| workload | " + " | ".join(f"bncore 1->{t}" for t in others) + " | " + \
-        " | ".join(f"torch 1->{t}" for t in others) + " | faster on more threads |"
+        " | ".join(f"torch 1->{t}" for t in others) + " | bncore faster on more threads |"
     lines = [head, "|---|" + "---:|" * (2 * len(others)) + "---|"]
     for wl in workloads:
         if wl.latency:
             continue
-        cells, ok = [], True
+        cells, ok, used = [], True, []
         for impl in ("bncore", "torch"):
             for t in others:
-                one, many = _median(rows, wl.id, 1, impl), _median(rows, wl.id, t, impl)
-                ratio = one / many if one and many else None
-                if impl == "bncore" and ratio is not None:
-                    ok = ok and ratio > 1
+                one, many = index.get((wl.id, 1, impl)), index.get((wl.id, t, impl))
+                ratio = _ratio(one, many)
+                if impl == "bncore":
+                    ok = ok and ratio is not None and ratio > 1
+                    used += [one, many]
                 cells.append(_fmt(ratio, ".2f", "x"))
-        lines.append(f"| {wl.id} | " + " | ".join(cells) + f" | {'yes' if ok else 'NO'} |")
+        lines.append(f"| {wl.id} | " + " | ".join(cells) + f" | {_verdict(ok, used)} |")
     return lines
 
 
 def alloc_table(rows, workloads, threads_list):
     """Allocating call time over the out= call's (goal: bncore <= 1.3)."""
+    index = _index(rows)
     lines = ["| workload | threads | bncore alloc / out= | torch alloc / out= "
              "| onnxruntime alloc / out= | bncore <= 1.3 |",
              "|---|---:|---:|---:|---:|---|"]
@@ -930,14 +983,13 @@ def alloc_table(rows, workloads, threads_list):
         if not wl.alloc:
             continue
         for t in threads_list:
-            cells = []
-            for family in ("bncore", "torch", "onnxruntime"):
-                a = _median(rows, wl.id, t, f"{family} alloc")
-                o = _median(rows, wl.id, t, family)
-                cells.append(a / o if a and o else None)
+            cells = [_ratio(index.get((wl.id, t, f"{family} alloc")),
+                            index.get((wl.id, t, family)))
+                     for family in ("bncore", "torch", "onnxruntime")]
             ok = cells[0] is not None and cells[0] <= 1.3
+            used = [index.get((wl.id, t, "bncore alloc")), index.get((wl.id, t, "bncore"))]
             lines.append(f"| {wl.id} | {t} | " + " | ".join(_fmt(c, ".2f") for c in cells)
-                         + f" | {'yes' if ok else 'NO'} |")
+                         + f" | {_verdict(ok, used)} |")
     return lines
 
 
@@ -955,20 +1007,20 @@ def _goals(wl, threads):
 
 
 def goals_table(rows, workloads, threads_list):
+    index = _index(rows)
     lines = ["| workload | threads | of copy | goal | vs torch | goal | vs ORT | goal | met |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for wl in workloads:
         for t in threads_list:
-            row = next((r for r in rows if (r["workload"], r["threads"], r["impl"])
-                        == (wl.id, t, "bncore") and "median_s" in r), None)
+            row = index.get((wl.id, t, "bncore"))
             if row is None:
                 continue
             if wl.latency:
                 for variant in ("alloc", "module"):
-                    r = next((r for r in rows if (r["workload"], r["threads"], r["impl"])
-                              == (wl.id, t, f"bncore {variant}") and "speedup" in r), None)
-                    s = r["speedup"]["torch"] if r else None
-                    met = "yes" if s is not None and s >= 2 else ("-" if s is None else "NO")
+                    mine = index.get((wl.id, t, f"bncore {variant}"))
+                    peer = index.get((wl.id, t, f"torch {variant}"))
+                    s = _ratio(peer, mine)
+                    met = "-" if s is None else _verdict(s >= 2, [mine, peer])
                     lines.append(f"| {wl.id} ({variant}) | {t} | - | - | {_fmt(s, '.2f', 'x')} "
                                  f"| 2x | - | - | {met} |")
                 continue
@@ -976,16 +1028,19 @@ def goals_table(rows, workloads, threads_list):
             if frac_goal is None:
                 continue
             frac, speed = row["frac_copy"], row["speedup"]
+            used = [row, index.get((wl.id, t, "copy (stream)"))]
             checks = [frac is not None and frac >= frac_goal]
             if speed["torch"] is not None:
                 checks.append(speed["torch"] >= torch_goal)
+                used.append(index.get((wl.id, t, "torch")))
             if ort_goal is not None and speed["onnxruntime"] is not None:
                 checks.append(speed["onnxruntime"] >= ort_goal)
+                used.append(index.get((wl.id, t, "onnxruntime")))
             lines.append(
                 f"| {wl.id} | {t} | {_fmt(frac, '.2f')} | {frac_goal:.2f} "
                 f"| {_fmt(speed['torch'], '.2f', 'x')} | {torch_goal:g}x "
                 f"| {_fmt(speed['onnxruntime'], '.2f', 'x')} | "
-                f"{'-' if ort_goal is None else f'{ort_goal:g}x'} | {'yes' if all(checks) else 'NO'} |")
+                f"{'-' if ort_goal is None else f'{ort_goal:g}x'} | {_verdict(all(checks), used)} |")
     return lines
 
 
@@ -1075,7 +1130,9 @@ def render_markdown(report, workloads):
         info["bncore_config"],
         "```",
         "",
-        "Medians over interleaved repetitions (IQR: interquartile range over the median). "
+        "Medians over interleaved repetitions of the samples during which no thread of "
+        "the process was preempted (n: those / all; † marks a median of all samples, too "
+        "few being undisturbed); IQR: interquartile range over the median. "
         "GB/s counts the least memory traffic: 2 x nbytes for a forward or a copy, "
         "3 x nbytes for the backward. \"of copy\": bandwidth over the streaming copy's at "
         "the same thread count. \"vs X\": X's time over bncore's (>1: bncore faster), like "
