@@ -14,8 +14,12 @@ import pytest
 
 import bncore
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/statm"),
-                                reason="needs /proc/self/statm (Linux)")
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists("/proc/self/statm"),
+                       reason="needs /proc/self/statm (Linux)"),
+    pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                       reason="AddressSanitizer's quarantine keeps freed memory resident"),
+]
 
 MARGIN = 10 * 2**20  # bytes: the allocator may keep a few arenas around
 
