@@ -510,7 +510,9 @@ cdef void planar_moments(const floating *x, const Planar *g, Moments *table,
     else:
         for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
             table[item] = planar_chunk_moments(x, g, item // nchunks, item % nchunks)
-    for c in range(g.channels):
+    # The per-channel merges run in parallel too: with a million channels
+    # they are most of the work.
+    for c in prange(g.channels, num_threads=nthreads, schedule="static"):
         planar_finish(x, g, table, c, out)
 
 
@@ -680,7 +682,7 @@ cdef void interleaved_moments(const floating *x, const Interleaved *g,
     cdef Py_ssize_t item, c
     for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
         interleaved_item_moments(x, g, item, chunk_mean, chunk_m2)
-    for c in range(g.channels):
+    for c in prange(g.channels, num_threads=nthreads, schedule="static"):
         interleaved_finish(x, g, chunk_mean, chunk_m2, c, out)
 
 
@@ -704,6 +706,14 @@ cdef void interleaved_normalize_item(const floating *x, floating *y, const Inter
         bn_stream_fence()
 
 
+cdef void column_params(const AffineIn *a, const Interleaved *g, Py_ssize_t j,
+                        floating *params) noexcept nogil:
+    """Column j's constants: hi, lo, scale, shift at j, W + j, 2W + j, 3W + j."""
+    cdef Py_ssize_t w = g.width
+    affine_params(a, j // g.inner, params + j, params + w + j, params + 2 * w + j,
+                  params + 3 * w + j)
+
+
 cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved *g,
                                const AffineIn *a, int nthreads) noexcept nogil:
     """Expand per-channel constants to per-column ones and normalise.
@@ -715,9 +725,8 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
     cdef Py_ssize_t j, item
     if params == NULL:
         return -1
-    for j in range(w):
-        affine_params(a, j // g.inner, params + j, params + w + j, params + 2 * w + j,
-                      params + 3 * w + j)
+    for j in prange(w, num_threads=nthreads, schedule="static"):
+        column_params(a, g, j, params)
     for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
         interleaved_normalize_item(x, y, g, item, params, params + w, params + 2 * w,
                                    params + 3 * w, a.stream)
@@ -948,7 +957,7 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
         for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
             table[item] = planar_chunk_grad_sums(x, dy, g, item // nchunks, item % nchunks,
                                                  a.mean[item // nchunks])
-    for c in range(g.channels):
+    for c in prange(g.channels, num_threads=nthreads, schedule="static"):
         finish_grad_channel(table, g, c, totals, a)
     if g.rows_per_chunk > 0:
         for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
@@ -1030,15 +1039,35 @@ cdef void interleaved_grad_input_item(const floating *x, const floating *dy, flo
         bn_stream_fence()
 
 
+cdef void interleaved_grad_channel(const Interleaved *g, Py_ssize_t c, const double *chunk_sums,
+                                   floating *constants, const BackwardArgs *a) noexcept nogil:
+    """Channel c's sums over its columns and chunks, in order; its parameter
+    gradients; the dx constants of its columns (hi, lo, k, c1, c0, W apart)."""
+    cdef Py_ssize_t q, k, j, w = g.width
+    cdef GradSums sums = zero_grad_sums()
+    cdef GradSums part
+    for q in range(g.inner):
+        j = c * g.inner + q
+        for k in range(g.nchunks):
+            part.dy = chunk_sums[k * w + j]
+            part.dy_dev = chunk_sums[(g.nchunks + k) * w + j]
+            sums = add_grad_sums(sums, part)
+    store_param_grads(sums, c, a)
+    for q in range(g.inner):
+        j = c * g.inner + q
+        grad_constants(sums, <double>(g.rows * g.inner), a.mean[c], a.invstd[c], a.weight, c,
+                       a.training, constants + j, constants + w + j, constants + 2 * w + j,
+                       constants + 3 * w + j, constants + 4 * w + j)
+
+
 cdef int interleaved_backward(const floating *x, const floating *dy, floating *dx,
                               const Interleaved *g, const BackwardArgs *a,
                               int requested) noexcept nogil:
     cdef Py_ssize_t nitems = g.nchunks * g.ntiles
     cdef int nthreads = team_size(requested, nitems, g.rows * g.width)
-    cdef Py_ssize_t item, c, q, k, j, w = g.width
+    cdef Py_ssize_t item, c, w = g.width
     cdef double *chunk_sums = <double *>malloc(2 * g.nchunks * w * sizeof(double))
     cdef floating *constants = <floating *>malloc(5 * w * sizeof(floating))
-    cdef GradSums sums, part
     if chunk_sums == NULL or constants == NULL:
         free(chunk_sums)
         free(constants)
@@ -1046,22 +1075,8 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
     for item in prange(nitems, num_threads=nthreads, schedule="static"):
         interleaved_grad_sums_item(x, dy, g, item, a.mean, chunk_sums,
                                    chunk_sums + g.nchunks * w)
-    for c in range(g.channels):
-        sums.dy = 0.0
-        sums.dy_dev = 0.0
-        for q in range(g.inner):
-            j = c * g.inner + q
-            for k in range(g.nchunks):
-                part.dy = chunk_sums[k * w + j]
-                part.dy_dev = chunk_sums[(g.nchunks + k) * w + j]
-                sums = add_grad_sums(sums, part)
-        store_param_grads(sums, c, a)
-        for q in range(g.inner):
-            j = c * g.inner + q
-            grad_constants(sums, <double>(g.rows * g.inner), a.mean[c], a.invstd[c],
-                           a.weight, c, a.training, constants + j, constants + w + j,
-                           constants + 2 * w + j, constants + 3 * w + j,
-                           constants + 4 * w + j)
+    for c in prange(g.channels, num_threads=nthreads, schedule="static"):
+        interleaved_grad_channel(g, c, chunk_sums, constants, a)
     for item in prange(nitems, num_threads=nthreads, schedule="static"):
         interleaved_grad_input_item(x, dy, dx, g, item, constants, a.training, a.stream)
     free(chunk_sums)

@@ -25,15 +25,26 @@
 typedef double bn_v8df __attribute__((vector_size(64)));
 typedef float bn_v8sf __attribute__((vector_size(32)));
 
-/* Eight consecutive values, unaligned, as float64 (exactly). */
-static inline bn_v8df bn_load8_f64(const double *p)
+/* Eight consecutive values, unaligned, as float64 (exactly). Always inlined:
+ * the AVX-512 clones call them, and a real call would pass a 64-byte vector
+ * between code built for different instruction sets (a crash at -O0). */
+#if defined(__GNUC__)
+/* GCC warns that a 64-byte vector return changes the ABI without AVX-512:
+ * no call is ever made, so there is no ABI to change. */
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define BN_INLINE static inline __attribute__((always_inline))
+#else
+#define BN_INLINE static inline
+#endif
+
+BN_INLINE bn_v8df bn_load8_f64(const double *p)
 {
     bn_v8df v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-static inline bn_v8df bn_load8_f32(const float *p)
+BN_INLINE bn_v8df bn_load8_f32(const float *p)
 {
     bn_v8sf v;
     memcpy(&v, p, sizeof v);
