@@ -9,8 +9,6 @@ and handed to the compiled layer with the thread count for the call.
 
 import math
 import numbers
-import os
-import warnings
 
 import numpy as np
 
@@ -22,63 +20,6 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 #: What batch_norm may do when a training batch's statistics are not finite.
 NONFINITE_MODES = ("propagate", "skip_update", "raise")
-
-
-# --------------------------------------------------------------------------
-# Threads, and libgomp after fork().
-#
-# libgomp (GCC's OpenMP runtime) keeps its worker threads in a pool. fork()
-# copies the pool's bookkeeping into the child but not the threads, so the
-# child's next parallel region waits forever for workers that do not exist
-# (measured: a child of a parent that ran a 2-thread kernel hangs on its own
-# first 2-thread kernel; tests/test_fork.py). A serial call never touches the
-# pool and works. So bncore remembers whether it ever asked for a team, and a
-# process forked after that runs every kernel on its calling thread, with one
-# warning. Other runtimes (LLVM's libomp) survive fork, but a serial child is
-# correct everywhere, and the results are bitwise the same for any thread
-# count. What bncore cannot see is a team started by another library on
-# libgomp (scikit-learn, say): there only spawn or forkserver helps.
-
-_team_requested = False  # this process (or a parent before fork) asked for > 1 thread
-_forked_after_team = False  # we are a child forked after that: stay serial
-_warned_forked_serial = False
-
-
-def _after_fork_in_child():
-    global _forked_after_team
-    if _team_requested:
-        _forked_after_team = True
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _resolve_threads(num_threads):
-    """The thread count for one kernel call (see bncore._threads); 1 in a
-    process forked after bncore had asked OpenMP for a team."""
-    global _team_requested
-    nthreads = _threads.resolve(num_threads)
-    if nthreads > 1 and _kernels.OPENMP_ENABLED:
-        if _forked_after_team:
-            _warn_forked_serial()
-            return 1
-        _team_requested = True
-    return nthreads
-
-
-def _warn_forked_serial():
-    global _warned_forked_serial
-    if not _warned_forked_serial:
-        _warned_forked_serial = True
-        warnings.warn(
-            "bncore: this process was forked after bncore had run OpenMP threads; "
-            "libgomp cannot start threads in such a child (it would hang), so bncore "
-            "runs single-threaded here. Use multiprocessing's 'spawn' or 'forkserver' "
-            "start method for parallel kernels in child processes.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
 
 
 # --------------------------------------------------------------------------
@@ -272,7 +213,7 @@ def moments(x, *, axis=1, ddof=0, num_threads=None):
     x = _as_input(x, "x")
     ax = _feature_axis(axis, x.ndim)
     ddof = _check_ddof(ddof)
-    nthreads = _resolve_threads(num_threads)
+    nthreads = _threads.resolve(num_threads)
     outer, channels, inner = _canonical_shape(x.shape, ax)
     count = outer * inner
     mean = np.empty(channels)
@@ -402,7 +343,7 @@ def _forward(input, running_mean, running_var, weight, bias, training, momentum,
     weight = _channel_vector(weight, "weight", channels, ax)
     bias = _channel_vector(bias, "bias", channels, ax)
     in_place = out is not None and _check_out(out, x, {"input": x})
-    nthreads = _resolve_threads(num_threads)
+    nthreads = _threads.resolve(num_threads)
     count = outer * inner
     if training and count == 1:
         raise ValueError(
@@ -494,7 +435,7 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, traini
     weight = _channel_vector(weight, "weight", channels, ax)
     if out is not None:
         _check_out(out, x, {"input": x, "grad_output": dy})
-    nthreads = _resolve_threads(num_threads)
+    nthreads = _threads.resolve(num_threads)
 
     grad_input = out if out is not None else np.empty(x.shape, dtype=x.dtype)
     grad_weight = np.zeros(channels)

@@ -37,6 +37,7 @@ SCRIPT = textwrap.dedent(
         return (rng.standard_normal(SHAPE) * 3 + 2).astype(np.float32)
 
     def child(queue):
+        reported = bncore.get_num_threads()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             y = bncore.batch_norm(data(), training=True, num_threads=2)
@@ -44,7 +45,8 @@ SCRIPT = textwrap.dedent(
             bn = bncore.BatchNorm2d(3)
             bn(data())
             g = bn.backward(np.ones(SHAPE, np.float32))
-        queue.put((y.tobytes(), m.tobytes(), g.tobytes(), [str(w.message) for w in caught]))
+        queue.put((y.tobytes(), m.tobytes(), g.tobytes(), [str(w.message) for w in caught],
+                   reported))
 
     if __name__ == "__main__":
         x = data()
@@ -58,7 +60,7 @@ SCRIPT = textwrap.dedent(
         proc.start()
         # read before join: a child exits only once its queue is drained
         try:
-            y, m, g, messages = queue.get(timeout=30)
+            y, m, g, messages, reported = queue.get(timeout=30)
         except Exception:
             proc.kill()
             print(f"HANG: the forked child gave no answer in 30 s (exit code {proc.exitcode})")
@@ -77,6 +79,7 @@ SCRIPT = textwrap.dedent(
         bn(x)
         assert g == bn.backward(np.ones(SHAPE, np.float32)).tobytes(), "child's gradient differs"
         print("OK")
+        print("THREADS:", reported)
         for message in messages:
             print("WARNING:", message)
     """
@@ -96,21 +99,25 @@ def _run(tmp_path, parent_threads):
     assert res.returncode == 0, f"rc {res.returncode}\n{res.stdout}\n{res.stderr}"
     lines = res.stdout.splitlines()
     assert lines[0] == "OK", res.stdout
-    return [line for line in lines[1:] if line.startswith("WARNING:")]
+    warnings = [line for line in lines[1:] if line.startswith("WARNING:")]
+    threads = int(lines[1].removeprefix("THREADS: "))
+    return warnings, threads
 
 
 @pytest.mark.parametrize("parent_threads", [2, 3])
 def test_child_forked_after_parallel_kernel_works(tmp_path, parent_threads):
-    warnings = _run(tmp_path, parent_threads)
+    warnings, threads = _run(tmp_path, parent_threads)
     from bncore import _kernels
 
     if _kernels.OPENMP_ENABLED:
-        # the child ran serially, and said so once
+        # the child ran serially, said so once, and reports it
         assert len(warnings) == 1, warnings
         assert "forked" in warnings[0] and "spawn" in warnings[0]
+        assert threads == 1
 
 
 def test_child_forked_before_any_parallel_kernel_is_not_limited(tmp_path):
     """Forking before the first parallel call is safe: the child's kernels
     keep their threads and nothing is said."""
-    assert _run(tmp_path, 0) == []
+    warnings, _ = _run(tmp_path, 0)
+    assert warnings == []
