@@ -302,6 +302,7 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     y, mean, invstd, batch = _forward(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
         axis=axis, out=out, num_threads=num_threads, nonfinite=nonfinite,
+        eval_stats=return_stats,
     )
     if batch is not None:
         _fold_batch(batch, running_mean, running_var, batch.momentum)
@@ -324,21 +325,29 @@ class _Batch:
 
 
 def _forward(input, running_mean, running_var, weight, bias, training, momentum, eps, *,
-             axis, out, num_threads, nonfinite):
+             axis, out, num_threads, nonfinite, eval_stats=True):
     """Everything ``batch_norm`` does but the running update.
 
     Returns ``(y, mean, invstd, batch)``: batch is a :class:`_Batch` when the
     call computed batch statistics (training with at least one value per
     channel), for :func:`_fold_batch`; else None. The layers fold it under
-    their lock, so that concurrent training calls update in turn.
+    their lock, so that concurrent training calls update in turn. In eval,
+    mean and invstd are None unless ``eval_stats``: the kernel folds the
+    running statistics itself, and small calls are all overhead.
     """
     x = _as_input(input)
-    ax = _feature_axis(axis, x.ndim)
+    # The common argument types are accepted at a glance; anything else
+    # takes the full checks (small calls are dominated by this Python).
+    ndim = x.ndim
+    ax = axis if type(axis) is int and 0 <= axis < ndim else _feature_axis(axis, ndim)
     outer, channels, inner = _canonical_shape(x.shape, ax)
     training = bool(training)
-    momentum = _check_momentum(momentum)
-    eps = _check_eps(eps)
-    nonfinite = _check_nonfinite(nonfinite)
+    if not (type(momentum) is float and 0.0 <= momentum <= 1.0):
+        momentum = _check_momentum(momentum)
+    if not (type(eps) is float and 0.0 <= eps < math.inf):
+        eps = _check_eps(eps)
+    if nonfinite != "propagate":
+        nonfinite = _check_nonfinite(nonfinite)
     _check_running_stats(running_mean, running_var, channels, ax, training)
     weight = _channel_vector(weight, "weight", channels, ax)
     bias = _channel_vector(bias, "bias", channels, ax)
@@ -369,16 +378,25 @@ def _forward(input, running_mean, running_var, weight, bias, training, momentum,
                                    mean, m2, invstd, nthreads)
             batch = _Batch(mean, m2, count, momentum, nonfinite)
     else:
-        mean = np.array(running_mean, dtype=np.float64)
-        # A negative or -inf running_var gives NaN, a zero one with eps=0
-        # inf, silently, as the kernels treat non-finite values.
-        with np.errstate(invalid="ignore", divide="ignore"):
-            invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+        mean = invstd = None
+        if eval_stats:
+            mean, invstd = _running_stats(running_mean, running_var, eps)
         if x.size:
             _kernels.normalize(source, y, outer, channels, inner,
                                np.ascontiguousarray(running_mean),
                                np.ascontiguousarray(running_var), eps, weight, bias, nthreads)
     return y, mean, invstd, batch
+
+
+def _running_stats(running_mean, running_var, eps):
+    """The float64 mean and invstd that eval normalises with (the kernels
+    compute the same, in the same IEEE operations)."""
+    mean = np.array(running_mean, dtype=np.float64)
+    # A negative or -inf running_var gives NaN, a zero one with eps=0 inf,
+    # silently, as the kernels treat non-finite values.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+    return mean, invstd
 
 
 def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, training=True,

@@ -16,6 +16,7 @@ from .functional import (
     _feature_axis,
     _fold_batch,
     _forward,
+    _running_stats,
     batch_norm_backward,
 )
 
@@ -281,6 +282,7 @@ class BatchNorm:
             out=None,
             num_threads=None,
             nonfinite=self.nonfinite,
+            eval_stats=False,
         )
         if updates:
             with self._lock:
@@ -299,6 +301,10 @@ class BatchNorm:
         elif batch is not None:
             # Batch statistics without running buffers: only "raise" acts.
             _fold_batch(batch, None, None, 0.0)
+        if not use_batch_stats:
+            # Eval: backward needs the running statistics as they are now;
+            # copying them is cheaper than folding them on every call.
+            mean, invstd = self.running_mean.copy(), self.running_var.copy()
         self._saved = (x, mean, invstd, use_batch_stats)
         return y
 
@@ -314,6 +320,9 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called before any forward call")
         x, mean, invstd, used_batch_stats = self._saved
+        if not used_batch_stats:
+            # Saved in eval as the running statistics themselves.
+            mean, invstd = _running_stats(mean, invstd, self.eps)
         dy = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
         if dy.shape != x.shape:
             raise ValueError(
