@@ -233,3 +233,83 @@ def test_running_stats_exact_for_float64_simple():
     np.testing.assert_array_equal(rm, [0.5 * 1 + 0.5 * 2.5, 0.5 * 2 + 0.5 * 25])
     np.testing.assert_allclose(rv, [0.5 * 3 + 0.5 * (5 / 3), 0.5 * 4 + 0.5 * (500 / 3)],
                                rtol=1e-15)
+
+
+# -- the reliability goals: every offset up to 1e6, every layout ------------
+
+GOAL_LAYOUTS = [((32, 4, 8, 8), 1), ((32, 8, 8, 4), -1), ((2048, 4), 1),
+                ((16, 3, 64, 64), 1), ((64, 16, 16, 8), -1), ((40000, 3), 1)]
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e2, 1e4, 1e6])
+@pytest.mark.parametrize("layout", GOAL_LAYOUTS, ids=str)
+def test_float32_goals_at_offsets_up_to_1e6(layout, offset):
+    """Variance to 1e-6 relative and the normalised output to 1e-6 absolute
+    at every offset up to 1e6 times the spread, planar and interleaved (the
+    textbook formula returns garbage from 1e4 on; PyTorch's channels-last and
+    (N, C) paths a variance off by orders of magnitude at 1e6)."""
+    shape, axis = layout
+    x = _offset_data(shape, axis, np.float32, offset, 1.0, seed=211)
+    rmean, rvar = reference.moments(x, axis=axis)
+    ref = reference.batch_norm(x, training=True, axis=axis)
+    mean, var = bncore.moments(x, axis=axis)
+    np.testing.assert_allclose(var, rvar, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(mean, rmean, rtol=1e-12, atol=1e-12)
+    y = bncore.batch_norm(x, training=True, axis=axis)
+    # float32 can hold a unit-scale output only to ~2.4e-7 (half an ulp of
+    # 4): 1e-6 leaves room for the two roundings the kernel makes.
+    assert np.max(np.abs(y - ref.y)) <= 1e-6
+
+
+@pytest.mark.parametrize("layout", GOAL_LAYOUTS[:3], ids=str)
+def test_variances_near_eps(layout):
+    """Spreads of 1e-3 to 1e-4 (variances around eps = 1e-5): the
+    statistics stay relative-accurate, and eps enters exactly once."""
+    shape, axis = layout
+    for spread in (3e-3, 1e-3, 3e-4):
+        x = _offset_data(shape, axis, np.float32, 10.0, spread, seed=212)
+        rmean, rvar = reference.moments(x, axis=axis)
+        _, var = bncore.moments(x, axis=axis)
+        np.testing.assert_allclose(var, rvar, rtol=1e-6, atol=0)
+        y, _, invstd = bncore.batch_norm(x, training=True, axis=axis, return_stats=True)
+        np.testing.assert_allclose(invstd, 1 / np.sqrt(rvar + 1e-5), rtol=1e-6)
+        ref = reference.batch_norm(x, training=True, axis=axis)
+        assert np.max(np.abs(y - ref.y)) <= 1e-5
+
+
+@pytest.mark.parametrize("layout", GOAL_LAYOUTS[:3], ids=str)
+def test_values_near_float32_max_do_not_overflow(layout):
+    """Values around 1e38: their squares overflow float32 but not the float64
+    accumulators, so the variance is finite and right."""
+    shape, axis = layout
+    x = _offset_data(shape, axis, np.float64, 2.0, 1e37, seed=213).astype(np.float32)
+    assert np.all(np.isfinite(x)) and np.max(np.abs(x)) > 3e37
+    rmean, rvar = reference.moments(x, axis=axis)
+    mean, var = bncore.moments(x, axis=axis)
+    assert np.all(np.isfinite(var))
+    np.testing.assert_allclose(var, rvar, rtol=1e-6)
+    y = bncore.batch_norm(x, training=True, axis=axis)
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y, reference.batch_norm(x, training=True, axis=axis).y,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", GOAL_LAYOUTS[:3], ids=str)
+def test_denormal_inputs(layout):
+    """Subnormal float32 values (around 1e-40) are exact in float64: the
+    statistics are right, and with the default eps the output is finite and
+    right (tiny: x - mean is tiny beside sqrt(eps))."""
+    shape, axis = layout
+    x = _offset_data(shape, axis, np.float64, 3.0, 1e-40, seed=214).astype(np.float32)
+    assert np.any((x != 0) & (np.abs(x) < np.finfo(np.float32).tiny))
+    rmean, rvar = reference.moments(x, axis=axis)
+    mean, var = bncore.moments(x, axis=axis)
+    np.testing.assert_allclose(var, rvar, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(mean, rmean, rtol=1e-6, atol=0)
+    y = bncore.batch_norm(x, training=True, axis=axis)
+    ref = reference.batch_norm(x, training=True, axis=axis)
+    assert np.all(np.isfinite(y))
+    # The outputs are themselves around 1e-38, at the bottom of float32's
+    # range, where a subnormal mean carries only ~1e-45 absolute precision:
+    # 1e-4 of the output's scale is what float32 can promise there.
+    np.testing.assert_allclose(y, ref.y, rtol=0, atol=1e-4 * np.max(np.abs(ref.y)))
