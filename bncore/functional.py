@@ -88,9 +88,7 @@ def _channel_vector(value, name, channels, axis):
             f"{name} has shape {array.shape}, expected ({channels},) "
             f"to match input.shape[{axis}]"
         )
-    if array.dtype in _FLOAT_DTYPES and array.flags.c_contiguous:
-        return array
-    return np.ascontiguousarray(array, dtype=np.float64)
+    return _kernel_ready(array, None if array.dtype in _FLOAT_DTYPES else np.float64)
 
 
 def _check_running_buffer(buffer, name, channels, axis, training):
@@ -142,12 +140,13 @@ def _same_buffer(a, b):
     )
 
 
-def _check_out(out, like, operands):
+def _check_out(out, like, operands, channel_arrays=None):
     """Whether out is exactly one of the operands (an in-place call).
 
-    out must have the shape and dtype of ``like``, be C-contiguous and
-    writeable, and may share memory with an operand (name -> array) only by
-    being exactly that array.
+    out must have the shape and dtype of ``like``, be C-contiguous, aligned
+    and writeable; it may share memory with an operand (name -> array) only
+    by being exactly that array, and with none of the per-channel arrays
+    (name -> array or None) the kernel reads while it writes out.
     """
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
@@ -157,6 +156,8 @@ def _check_out(out, like, operands):
         raise ValueError(f"out has shape {out.shape}, expected {like.shape} to match input")
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
+    if not out.flags.aligned:
+        raise ValueError(f"out must be aligned to its dtype ({out.dtype.alignment} bytes)")
     if not out.flags.writeable:
         raise ValueError("out is read-only")
     in_place = False
@@ -169,6 +170,10 @@ def _check_out(out, like, operands):
                     f"out overlaps {name} without being the same array; pass "
                     f"out={name} for an in-place call, or a separate array"
                 )
+    for name, array in (channel_arrays or {}).items():
+        if array is not None and np.may_share_memory(out, array) \
+                and np.shares_memory(out, array):
+            raise ValueError(f"out overlaps {name}: pass a separate array")
     return in_place
 
 
@@ -177,6 +182,16 @@ def _check_nonfinite(nonfinite):
         allowed = ", ".join(repr(m) for m in NONFINITE_MODES)
         raise ValueError(f"nonfinite must be one of {allowed}; got {nonfinite!r}")
     return nonfinite
+
+
+def _kernel_ready(x, dtype=None):
+    """x as the kernels read it: C-contiguous and aligned, of ``dtype`` if
+    given; a copy only when needed (ascontiguousarray alone would keep a
+    contiguous but misaligned array as it is)."""
+    if (x.flags.c_contiguous and x.flags.aligned
+            and (dtype is None or x.dtype == dtype)):
+        return x
+    return np.array(x, dtype=dtype, order="C", copy=True)
 
 
 def _check_ddof(ddof):
@@ -221,7 +236,7 @@ def moments(x, *, axis=1, ddof=0, num_threads=None):
     if count == 0 or channels == 0:
         mean.fill(np.nan)
         return mean, np.full(channels, np.nan)
-    _kernels.moments(np.ascontiguousarray(x), outer, channels, inner, mean, m2, nthreads)
+    _kernels.moments(_kernel_ready(x), outer, channels, inner, mean, m2, nthreads)
     if count - ddof <= 0:
         return mean, np.full(channels, np.nan)
     return mean, m2 / (count - ddof)
@@ -351,7 +366,11 @@ def _forward(input, running_mean, running_var, weight, bias, training, momentum,
     _check_running_stats(running_mean, running_var, channels, ax, training)
     weight = _channel_vector(weight, "weight", channels, ax)
     bias = _channel_vector(bias, "bias", channels, ax)
-    in_place = out is not None and _check_out(out, x, {"input": x})
+    # out may be the input, but must not share memory with the per-channel
+    # arrays the kernel reads while it writes out (or the training update).
+    in_place = out is not None and _check_out(out, x, {"input": x}, {
+        "weight": weight, "bias": bias,
+        "running_mean": running_mean, "running_var": running_var})
     nthreads = _threads.resolve(num_threads)
     count = outer * inner
     if training and count == 1:
@@ -360,7 +379,7 @@ def _forward(input, running_mean, running_var, weight, bias, training, momentum,
             f"got input size {x.shape}"
         )
 
-    source = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    source = _kernel_ready(x)
     y = out if out is not None else np.empty(x.shape, dtype=x.dtype)
     if in_place:
         source = y
@@ -383,8 +402,8 @@ def _forward(input, running_mean, running_var, weight, bias, training, momentum,
             mean, invstd = _running_stats(running_mean, running_var, eps)
         if x.size:
             _kernels.normalize(source, y, outer, channels, inner,
-                               np.ascontiguousarray(running_mean),
-                               np.ascontiguousarray(running_var), eps, weight, bias, nthreads)
+                               _kernel_ready(running_mean), _kernel_ready(running_var), eps,
+                               weight, bias, nthreads)
     return y, mean, invstd, batch
 
 
@@ -448,11 +467,12 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, traini
                 f"{name} is required: pass what the forward normalised with "
                 "(batch_norm(..., return_stats=True) returns it)"
             )
-    mean = np.ascontiguousarray(_channel_vector(mean, "mean", channels, ax), np.float64)
-    invstd = np.ascontiguousarray(_channel_vector(invstd, "invstd", channels, ax), np.float64)
+    mean = _kernel_ready(_channel_vector(mean, "mean", channels, ax), np.float64)
+    invstd = _kernel_ready(_channel_vector(invstd, "invstd", channels, ax), np.float64)
     weight = _channel_vector(weight, "weight", channels, ax)
     if out is not None:
-        _check_out(out, x, {"input": x, "grad_output": dy})
+        _check_out(out, x, {"input": x, "grad_output": dy},
+                   {"mean": mean, "invstd": invstd, "weight": weight})
     nthreads = _threads.resolve(num_threads)
 
     grad_input = out if out is not None else np.empty(x.shape, dtype=x.dtype)
@@ -460,8 +480,8 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, traini
     grad_bias = np.zeros(channels)
     if x.size:
         _kernels.backward(
-            x if x.flags.c_contiguous else np.ascontiguousarray(x),
-            dy if dy.flags.c_contiguous else np.ascontiguousarray(dy),
+            _kernel_ready(x),
+            _kernel_ready(dy),
             grad_input, outer, channels, inner, mean, invstd, weight, training,
             grad_weight, grad_bias, nthreads,
         )
@@ -504,10 +524,14 @@ def _fold_batch(batch, running_mean, running_var, momentum):
 def _update_running(running_mean, running_var, mean, m2, count, momentum):
     """running = (1 - momentum) * running + momentum * batch, in float64.
 
-    Both new values are computed before either buffer is written.
+    Both new values are computed, and cast to the buffers' dtypes, before
+    either buffer is written, so that nothing can fail between the two
+    writes (a cast overflowing to inf may raise under np.errstate).
     """
     unbiased_var = m2 / (count - 1)
     new_mean = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
     new_var = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased_var
+    new_mean = new_mean.astype(running_mean.dtype)
+    new_var = new_var.astype(running_var.dtype)
     running_mean[...] = new_mean
     running_var[...] = new_var

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import bncore
+from bncore import reference
 
 C = 3
 SHAPE = (4, C, 5)
@@ -245,3 +246,71 @@ def test_moments_rejects(kwargs, exc, names):
         bncore.moments(x, **kwargs)
     assert any(name in str(info.value) for name in names), str(info.value)
     np.testing.assert_array_equal(x, before)
+
+
+# -- found in review: aliasing per-channel arrays, misalignment, casts ------
+
+def _misaligned(shape, dtype):
+    """A C-contiguous array of dtype whose data sit one byte off alignment."""
+    itemsize = np.dtype(dtype).itemsize
+    count = int(np.prod(shape))
+    buffer = np.zeros(count * itemsize + 1, np.uint8)
+    array = np.ndarray(shape, dtype, buffer=buffer, offset=1)
+    assert array.flags.c_contiguous and not array.flags.aligned
+    return array
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "running_mean", "running_var"])
+def test_out_overlapping_a_per_channel_array_is_refused(name):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 64)).astype(np.float32)
+    out = np.zeros_like(x)
+    arrays = {"weight": np.ones(3, np.float32), "bias": np.zeros(3, np.float32),
+              "running_mean": np.zeros(3, np.float32), "running_var": np.ones(3, np.float32)}
+    arrays[name] = out.reshape(-1)[5:8]  # shares out's memory
+    arrays[name][:] = 1.0
+    before = out.copy()
+    with pytest.raises(ValueError, match=f"out overlaps {name}"):
+        bncore.batch_norm(x, arrays["running_mean"], arrays["running_var"], arrays["weight"],
+                          arrays["bias"], training=False, out=out)
+    np.testing.assert_array_equal(out, before)
+
+
+def test_backward_out_overlapping_weight_is_refused():
+    x = np.random.default_rng(6).standard_normal((4, 3)).astype(np.float32)
+    _, mean, invstd = bncore.batch_norm(x, training=True, return_stats=True)
+    out = np.zeros_like(x)
+    with pytest.raises(ValueError, match="out overlaps weight"):
+        bncore.batch_norm_backward(np.ones_like(x), x, mean, invstd, out.reshape(-1)[:3],
+                                   out=out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_misaligned_input_is_copied_and_misaligned_out_refused(dtype):
+    rng = np.random.default_rng(7)
+    x = _misaligned((8, 3, 40), dtype)
+    x[...] = rng.standard_normal(x.shape)
+    expected = reference.batch_norm(x, training=True)
+    np.testing.assert_allclose(bncore.batch_norm(x, training=True), expected.y, atol=1e-5)
+    mean, var = bncore.moments(x)
+    np.testing.assert_allclose(var, reference.moments(x)[1], rtol=1e-6)
+    dy = _misaligned(x.shape, dtype)
+    dy[...] = 1.0
+    _, m, s = bncore.batch_norm(x, training=True, return_stats=True)
+    grads = bncore.batch_norm_backward(dy, x, m, s)
+    np.testing.assert_allclose(grads[0], bncore.batch_norm_backward(dy.copy(), x.copy(), m,
+                                                                    s)[0])
+    out = _misaligned(x.shape, dtype)
+    with pytest.raises(ValueError, match="out must be aligned"):
+        bncore.batch_norm(x, training=True, out=out)
+
+
+def test_running_update_that_overflows_on_cast_writes_neither_buffer():
+    """float64 statistics too large for float32 running buffers: with
+    overflow raising, the call raises before either buffer is written."""
+    x = np.array([[1.0, -3e38], [3.0, 3e38]])
+    running_mean, running_var = np.zeros(2, np.float32), np.ones(2, np.float32)
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        bncore.batch_norm(x, running_mean, running_var, training=True)
+    np.testing.assert_array_equal(running_mean, [0, 0])
+    np.testing.assert_array_equal(running_var, [1, 1])
