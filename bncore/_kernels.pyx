@@ -30,9 +30,11 @@ subtract it exactly.
 """
 
 cimport numpy as cnp
+# Scratch tables come from Python's raw allocator: safe without the GIL, and
+# traced by tracemalloc, so the memory tests see them.
+from cpython.mem cimport PyMem_RawFree as free, PyMem_RawMalloc as malloc
 from cython.parallel cimport prange
 from libc.math cimport sqrt
-from libc.stdlib cimport free, malloc
 
 cnp.import_array()
 
@@ -568,6 +570,7 @@ cdef struct Interleaved:
     Py_ssize_t inner
     Py_ssize_t chunk_rows
     Py_ssize_t nchunks
+    Py_ssize_t tile        # columns per tile: whole channels, at most COLUMN_TILE
     Py_ssize_t ntiles
 
 
@@ -585,8 +588,22 @@ cdef Interleaved interleaved_geometry(Py_ssize_t outer, Py_ssize_t channels,
     g.chunk_rows = max((outer + MAX_ROW_CHUNKS - 1) // MAX_ROW_CHUNKS, min_rows)
     g.chunk_rows = ((g.chunk_rows + ROW_BLOCK - 1) // ROW_BLOCK) * ROW_BLOCK
     g.nchunks = (outer + g.chunk_rows - 1) // g.chunk_rows
-    g.ntiles = (g.width + COLUMN_TILE - 1) // COLUMN_TILE
+    # Tiles hold whole channels (inner < PLANAR_MIN_INNER <= COLUMN_TILE), so
+    # an item can merge its columns into per-channel results: the tables
+    # stay per channel, not per column.
+    g.tile = (COLUMN_TILE // inner) * inner
+    g.ntiles = (g.width + g.tile - 1) // g.tile
     return g
+
+
+cdef inline void item_span(const Interleaved *g, Py_ssize_t item, Py_ssize_t *r0,
+                           Py_ssize_t *nrows, Py_ssize_t *j0,
+                           Py_ssize_t *ncols) noexcept nogil:
+    """Rows [r0, r0 + nrows) and columns [j0, j0 + ncols) of an item."""
+    r0[0] = (item // g.ntiles) * g.chunk_rows
+    nrows[0] = min(g.chunk_rows, g.rows - r0[0])
+    j0[0] = (item % g.ntiles) * g.tile
+    ncols[0] = min(g.tile, g.width - j0[0])
 
 
 cdef inline void rows_shifted_sums(const floating *x, Py_ssize_t nrows, Py_ssize_t stride,
@@ -599,13 +616,15 @@ cdef inline void rows_shifted_sums(const floating *x, Py_ssize_t nrows, Py_ssize
 
 
 cdef void interleaved_item_moments(const floating *x, const Interleaved *g, Py_ssize_t item,
-                                   double *chunk_mean, double *chunk_m2) noexcept nogil:
-    """Per-column triples of one (row chunk, column tile) item.
+                                   Moments *table) noexcept nogil:
+    """Per-channel triples of one (row chunk, column tile) item, into the
+    chunk table (channel c's chunk k at c * nchunks + k).
 
-    float32: a column's whole chunk is one block, one pass of float64 sums of
-    x minus its channel's origin (exact enough, as in block_moments), walked
-    in L1-sized slabs of rows. float64: blocks of ROW_BLOCK rows take two
-    passes like block_moments, merged into the chunk in row order.
+    Columns first: float32 takes a column's whole chunk as one block, one
+    pass of float64 sums of x minus its channel's origin (exact enough, as
+    in block_moments), walked in slabs of rows; float64 takes blocks of
+    ROW_BLOCK rows in two passes like block_moments, merged in row order.
+    Then each channel's columns are merged in column order.
     """
     cdef double origin[COLUMN_TILE]
     cdef double offset[COLUMN_TILE]
@@ -613,15 +632,14 @@ cdef void interleaved_item_moments(const floating *x, const Interleaved *g, Py_s
     cdef double s2[COLUMN_TILE]
     cdef Moments acc[COLUMN_TILE]
     cdef Moments block
+    cdef Py_ssize_t r0 = 0, nrows_chunk = 0, j0 = 0, ncols = 0
+    cdef Py_ssize_t rb, r_end, nrows, slab, j, q
     cdef Py_ssize_t chunk = item // g.ntiles
-    cdef Py_ssize_t j0 = (item % g.ntiles) * COLUMN_TILE
-    cdef Py_ssize_t ncols = min(<Py_ssize_t>COLUMN_TILE, g.width - j0)
-    cdef Py_ssize_t r0 = chunk * g.chunk_rows
-    cdef Py_ssize_t r_end = min(r0 + g.chunk_rows, g.rows)
-    cdef Py_ssize_t slab = max(<Py_ssize_t>1, SLAB_BYTES // (ncols * <Py_ssize_t>sizeof(floating)))
-    cdef Py_ssize_t rb, nrows, j
     cdef const floating *row0
     cdef int npass
+    item_span(g, item, &r0, &nrows_chunk, &j0, &ncols)
+    r_end = r0 + nrows_chunk
+    slab = max(<Py_ssize_t>1, SLAB_BYTES // (ncols * <Py_ssize_t>sizeof(floating)))
     for j in range(ncols):
         acc[j] = empty_moments()
         origin[j] = channel_origin(x, (j0 + j) // g.inner, g.inner)
@@ -634,7 +652,7 @@ cdef void interleaved_item_moments(const floating *x, const Interleaved *g, Py_s
             rows_shifted_sums(x + rb * g.width + j0, nrows, g.width, ncols, origin, NULL, s1, s2)
             rb = rb + nrows
         for j in range(ncols):
-            acc[j] = moments_from_shifted_sums(<double>(r_end - r0), 0.0, s1[j], s2[j])
+            acc[j] = moments_from_shifted_sums(<double>nrows_chunk, 0.0, s1[j], s2[j])
     else:
         rb = r0
         while rb < r_end:
@@ -654,82 +672,87 @@ cdef void interleaved_item_moments(const floating *x, const Interleaved *g, Py_s
                     else:
                         merge_moments(&acc[j], block)
             rb = rb + nrows
-    for j in range(ncols):
-        chunk_mean[chunk * g.width + j0 + j] = acc[j].mean
-        chunk_m2[chunk * g.width + j0 + j] = acc[j].m2
+    j = 0
+    while j < ncols:
+        block = empty_moments()
+        for q in range(g.inner):
+            merge_moments(&block, acc[j + q])
+        table[((j0 + j) // g.inner) * g.nchunks + chunk] = block
+        j = j + g.inner
 
 
-cdef void interleaved_finish(const floating *x, const Interleaved *g, const double *chunk_mean,
-                             const double *chunk_m2, Py_ssize_t c,
-                             const StatsOut *out) noexcept nogil:
-    """Merge channel c's columns and chunks in order and store its statistics."""
+cdef void interleaved_finish(const floating *x, const Interleaved *g, const Moments *table,
+                             Py_ssize_t c, const StatsOut *out) noexcept nogil:
+    """Merge channel c's chunks in order and store its statistics."""
     cdef Moments acc = empty_moments()
-    cdef Moments part
-    cdef Py_ssize_t q, k, j
-    for q in range(g.inner):
-        j = c * g.inner + q
-        for k in range(g.nchunks):
-            part.count = <double>(min(g.chunk_rows, g.rows - k * g.chunk_rows))
-            part.mean = chunk_mean[k * g.width + j]
-            part.m2 = chunk_m2[k * g.width + j]
-            merge_moments(&acc, part)
+    cdef Py_ssize_t k
+    for k in range(g.nchunks):
+        merge_moments(&acc, table[c * g.nchunks + k])
     finish_channel(acc, channel_origin(x, c, g.inner), c, out)
 
 
-cdef void interleaved_moments(const floating *x, const Interleaved *g,
-                              double *chunk_mean, double *chunk_m2, const StatsOut *out,
-                              int nthreads) noexcept nogil:
+cdef void interleaved_moments(const floating *x, const Interleaved *g, Moments *table,
+                              const StatsOut *out, int nthreads) noexcept nogil:
     cdef Py_ssize_t item, c
     for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
-        interleaved_item_moments(x, g, item, chunk_mean, chunk_m2)
+        interleaved_item_moments(x, g, item, table)
     for c in prange(g.channels, num_threads=nthreads, schedule="static"):
-        interleaved_finish(x, g, chunk_mean, chunk_m2, c, out)
+        interleaved_finish(x, g, table, c, out)
+
+
+cdef inline void expand_to_columns(const floating *per_channel, Py_ssize_t channels,
+                                   Py_ssize_t nconst, const Interleaved *g, Py_ssize_t j0,
+                                   Py_ssize_t ncols, floating *column) noexcept nogil:
+    """Copy nconst per-channel constants (C apart) to a tile's columns
+    (COLUMN_TILE apart), the layout the row loops read."""
+    cdef Py_ssize_t j, t, c
+    for j in range(ncols):
+        c = (j0 + j) // g.inner
+        for t in range(nconst):
+            column[t * COLUMN_TILE + j] = per_channel[t * channels + c]
 
 
 cdef void interleaved_normalize_item(const floating *x, floating *y, const Interleaved *g,
-                                     Py_ssize_t item, const floating *hi, const floating *lo,
-                                     const floating *scale, const floating *shift,
+                                     Py_ssize_t item, const floating *params,
                                      int stream) noexcept nogil:
-    """y = ((x - hi) - lo) * scale + shift with per-column constants, one item."""
-    cdef Py_ssize_t r0 = (item // g.ntiles) * g.chunk_rows
-    cdef Py_ssize_t nrows = min(g.chunk_rows, g.rows - r0)
-    cdef Py_ssize_t j0 = (item % g.ntiles) * COLUMN_TILE
-    cdef Py_ssize_t ncols = min(<Py_ssize_t>COLUMN_TILE, g.width - j0)
-    cdef Py_ssize_t start = r0 * g.width + j0
+    """y = ((x - hi) - lo) * scale + shift for one item; params holds the
+    per-channel constants (hi, lo, scale, shift, C apart)."""
+    cdef floating column[4 * COLUMN_TILE]
+    cdef Py_ssize_t r0 = 0, nrows = 0, j0 = 0, ncols = 0, start
+    item_span(g, item, &r0, &nrows, &j0, &ncols)
+    expand_to_columns(params, g.channels, 4, g, j0, ncols, column)
+    start = r0 * g.width + j0
     if floating is float:
-        bn_rows_affine_f32(x + start, y + start, nrows, g.width, ncols,
-                           hi + j0, lo + j0, scale + j0, shift + j0, stream)
+        bn_rows_affine_f32(x + start, y + start, nrows, g.width, ncols, column,
+                           column + COLUMN_TILE, column + 2 * COLUMN_TILE,
+                           column + 3 * COLUMN_TILE, stream)
     else:
-        bn_rows_affine_f64(x + start, y + start, nrows, g.width, ncols,
-                           hi + j0, lo + j0, scale + j0, shift + j0, stream)
+        bn_rows_affine_f64(x + start, y + start, nrows, g.width, ncols, column,
+                           column + COLUMN_TILE, column + 2 * COLUMN_TILE,
+                           column + 3 * COLUMN_TILE, stream)
     if stream:
         bn_stream_fence()
 
 
-cdef void column_params(const AffineIn *a, const Interleaved *g, Py_ssize_t j,
-                        floating *params) noexcept nogil:
-    """Column j's constants: hi, lo, scale, shift at j, W + j, 2W + j, 3W + j."""
-    cdef Py_ssize_t w = g.width
-    affine_params(a, j // g.inner, params + j, params + w + j, params + 2 * w + j,
-                  params + 3 * w + j)
+cdef void channel_params(const AffineIn *a, Py_ssize_t channels, Py_ssize_t c,
+                         floating *params) noexcept nogil:
+    """Channel c's constants: hi, lo, scale, shift at c, C + c, 2C + c, 3C + c."""
+    affine_params(a, c, params + c, params + channels + c, params + 2 * channels + c,
+                  params + 3 * channels + c)
 
 
 cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved *g,
                                const AffineIn *a, int nthreads) noexcept nogil:
-    """Expand per-channel constants to per-column ones and normalise.
-
-    Returns -1 when the column constants (4 * W values) cannot be allocated.
-    """
-    cdef Py_ssize_t w = g.width
-    cdef floating *params = <floating *>malloc(4 * w * sizeof(floating))
-    cdef Py_ssize_t j, item
+    """Per-channel constants (4 C values), then every item. Returns -1 when
+    they cannot be allocated."""
+    cdef floating *params = <floating *>malloc(4 * g.channels * sizeof(floating))
+    cdef Py_ssize_t c, item
     if params == NULL:
         return -1
-    for j in prange(w, num_threads=nthreads, schedule="static"):
-        column_params(a, g, j, params)
+    for c in prange(g.channels, num_threads=nthreads, schedule="static"):
+        channel_params(a, g.channels, c, params)
     for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
-        interleaved_normalize_item(x, y, g, item, params, params + w, params + 2 * w,
-                                   params + 3 * w, a.stream)
+        interleaved_normalize_item(x, y, g, item, params, a.stream)
     free(params)
     return 0
 
@@ -972,25 +995,26 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
 
 cdef void interleaved_grad_sums_item(const floating *x, const floating *dy,
                                      const Interleaved *g, Py_ssize_t item,
-                                     const double *mean, double *chunk_dy,
-                                     double *chunk_dev) noexcept nogil:
-    """Per-column sums of one (row chunk, column tile) item, row by row."""
+                                     const double *mean, GradSums *table) noexcept nogil:
+    """Per-channel sums of one (row chunk, column tile) item into the chunk
+    table (channel c's chunk k at c * nchunks + k): per column down the rows
+    (in slabs of rows, as the moments), then each channel's columns in order."""
     cdef double column_mean[COLUMN_TILE]
     cdef double s_dy[COLUMN_TILE]
     cdef double s_dev[COLUMN_TILE]
+    cdef Py_ssize_t r0 = 0, nrows_chunk = 0, j0 = 0, ncols = 0
     cdef Py_ssize_t chunk = item // g.ntiles
-    cdef Py_ssize_t j0 = (item % g.ntiles) * COLUMN_TILE
-    cdef Py_ssize_t ncols = min(<Py_ssize_t>COLUMN_TILE, g.width - j0)
-    cdef Py_ssize_t r0 = chunk * g.chunk_rows
-    cdef Py_ssize_t r_end = min(r0 + g.chunk_rows, g.rows)
-    cdef Py_ssize_t j
+    cdef Py_ssize_t j, q, rb, r_end, nrows, start, slab
+    cdef GradSums sums, part
+    item_span(g, item, &r0, &nrows_chunk, &j0, &ncols)
+    r_end = r0 + nrows_chunk
+    slab = max(<Py_ssize_t>1, SLAB_BYTES // (2 * ncols * <Py_ssize_t>sizeof(floating)))
     for j in range(ncols):
         column_mean[j] = mean[(j0 + j) // g.inner]
         s_dy[j] = 0.0
         s_dev[j] = 0.0
-    cdef Py_ssize_t slab = max(<Py_ssize_t>1, SLAB_BYTES // (2 * ncols * <Py_ssize_t>sizeof(floating)))
-    cdef Py_ssize_t rb = r0, nrows, start
-    while rb < r_end:           # in slabs of rows that fit L1, as in the moments
+    rb = r0
+    while rb < r_end:
         nrows = min(slab, r_end - rb)
         start = rb * g.width + j0
         if floating is float:
@@ -1000,64 +1024,63 @@ cdef void interleaved_grad_sums_item(const floating *x, const floating *dy,
             bn_rows_grad_sums_f64(x + start, dy + start, nrows, g.width, ncols, column_mean,
                                   s_dy, s_dev)
         rb = rb + nrows
-    for j in range(ncols):
-        chunk_dy[chunk * g.width + j0 + j] = s_dy[j]
-        chunk_dev[chunk * g.width + j0 + j] = s_dev[j]
+    j = 0
+    while j < ncols:
+        sums = zero_grad_sums()
+        for q in range(g.inner):
+            part.dy = s_dy[j + q]
+            part.dy_dev = s_dev[j + q]
+            sums = add_grad_sums(sums, part)
+        table[((j0 + j) // g.inner) * g.nchunks + chunk] = sums
+        j = j + g.inner
 
 
 cdef void interleaved_grad_input_item(const floating *x, const floating *dy, floating *dx,
                                       const Interleaved *g, Py_ssize_t item,
                                       const floating *constants, bint training,
                                       int stream) noexcept nogil:
-    """dx for one item; constants holds hi, lo, k, c1, c0 per column, W apart."""
-    cdef Py_ssize_t w = g.width
-    cdef Py_ssize_t r0 = (item // g.ntiles) * g.chunk_rows
-    cdef Py_ssize_t r_end = min(r0 + g.chunk_rows, g.rows)
-    cdef Py_ssize_t j0 = (item % g.ntiles) * COLUMN_TILE
-    cdef Py_ssize_t ncols = min(<Py_ssize_t>COLUMN_TILE, g.width - j0)
-    cdef const floating *hi = constants + j0
-    cdef const floating *lo = constants + w + j0
-    cdef const floating *k = constants + 2 * w + j0
-    cdef const floating *c1 = constants + 3 * w + j0
-    cdef const floating *c0 = constants + 4 * w + j0
-    cdef Py_ssize_t start = r0 * w + j0
-    cdef Py_ssize_t nrows = r_end - r0
+    """dx for one item; constants holds hi, lo, k, c1, c0 per channel, C apart."""
+    cdef floating column[5 * COLUMN_TILE]
+    cdef Py_ssize_t r0 = 0, nrows = 0, j0 = 0, ncols = 0, start
+    cdef const floating *hi = column
+    cdef const floating *lo = column + COLUMN_TILE
+    cdef const floating *k = column + 2 * COLUMN_TILE
+    cdef const floating *c1 = column + 3 * COLUMN_TILE
+    cdef const floating *c0 = column + 4 * COLUMN_TILE
+    item_span(g, item, &r0, &nrows, &j0, &ncols)
+    expand_to_columns(constants, g.channels, 5, g, j0, ncols, column)
+    start = r0 * g.width + j0
     if training:
         if floating is float:
-            bn_rows_grad_input_f32(x + start, dy + start, dx + start, nrows, w, ncols,
+            bn_rows_grad_input_f32(x + start, dy + start, dx + start, nrows, g.width, ncols,
                                    hi, lo, k, c1, c0, stream)
         else:
-            bn_rows_grad_input_f64(x + start, dy + start, dx + start, nrows, w, ncols,
+            bn_rows_grad_input_f64(x + start, dy + start, dx + start, nrows, g.width, ncols,
                                    hi, lo, k, c1, c0, stream)
     else:
         # c1 and c0 are 0 in eval: dx = ((dy - 0) - 0) * k + 0.
         if floating is float:
-            bn_rows_affine_f32(dy + start, dx + start, nrows, w, ncols, c1, c1, k, c0, stream)
+            bn_rows_affine_f32(dy + start, dx + start, nrows, g.width, ncols, c1, c1, k, c0,
+                               stream)
         else:
-            bn_rows_affine_f64(dy + start, dx + start, nrows, w, ncols, c1, c1, k, c0, stream)
+            bn_rows_affine_f64(dy + start, dx + start, nrows, g.width, ncols, c1, c1, k, c0,
+                               stream)
     if stream:
         bn_stream_fence()
 
 
-cdef void interleaved_grad_channel(const Interleaved *g, Py_ssize_t c, const double *chunk_sums,
+cdef void interleaved_grad_channel(const Interleaved *g, Py_ssize_t c, const GradSums *table,
                                    floating *constants, const BackwardArgs *a) noexcept nogil:
-    """Channel c's sums over its columns and chunks, in order; its parameter
-    gradients; the dx constants of its columns (hi, lo, k, c1, c0, W apart)."""
-    cdef Py_ssize_t q, k, j, w = g.width
+    """Channel c's sums over its chunks, in order; its parameter gradients;
+    its dx constants (hi, lo, k, c1, c0, C apart)."""
+    cdef Py_ssize_t k, n = g.channels
     cdef GradSums sums = zero_grad_sums()
-    cdef GradSums part
-    for q in range(g.inner):
-        j = c * g.inner + q
-        for k in range(g.nchunks):
-            part.dy = chunk_sums[k * w + j]
-            part.dy_dev = chunk_sums[(g.nchunks + k) * w + j]
-            sums = add_grad_sums(sums, part)
+    for k in range(g.nchunks):
+        sums = add_grad_sums(sums, table[c * g.nchunks + k])
     store_param_grads(sums, c, a)
-    for q in range(g.inner):
-        j = c * g.inner + q
-        grad_constants(sums, <double>(g.rows * g.inner), a.mean[c], a.invstd[c], a.weight, c,
-                       a.training, constants + j, constants + w + j, constants + 2 * w + j,
-                       constants + 3 * w + j, constants + 4 * w + j)
+    grad_constants(sums, <double>(g.rows * g.inner), a.mean[c], a.invstd[c], a.weight, c,
+                   a.training, constants + c, constants + n + c, constants + 2 * n + c,
+                   constants + 3 * n + c, constants + 4 * n + c)
 
 
 cdef int interleaved_backward(const floating *x, const floating *dy, floating *dx,
@@ -1065,21 +1088,20 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
                               int requested) noexcept nogil:
     cdef Py_ssize_t nitems = g.nchunks * g.ntiles
     cdef int nthreads = team_size(requested, nitems, g.rows * g.width)
-    cdef Py_ssize_t item, c, w = g.width
-    cdef double *chunk_sums = <double *>malloc(2 * g.nchunks * w * sizeof(double))
-    cdef floating *constants = <floating *>malloc(5 * w * sizeof(floating))
-    if chunk_sums == NULL or constants == NULL:
-        free(chunk_sums)
+    cdef Py_ssize_t item, c
+    cdef GradSums *table = <GradSums *>malloc(g.nchunks * g.channels * sizeof(GradSums))
+    cdef floating *constants = <floating *>malloc(5 * g.channels * sizeof(floating))
+    if table == NULL or constants == NULL:
+        free(table)
         free(constants)
         return -1
     for item in prange(nitems, num_threads=nthreads, schedule="static"):
-        interleaved_grad_sums_item(x, dy, g, item, a.mean, chunk_sums,
-                                   chunk_sums + g.nchunks * w)
+        interleaved_grad_sums_item(x, dy, g, item, a.mean, table)
     for c in prange(g.channels, num_threads=nthreads, schedule="static"):
-        interleaved_grad_channel(g, c, chunk_sums, constants, a)
+        interleaved_grad_channel(g, c, table, constants, a)
     for item in prange(nitems, num_threads=nthreads, schedule="static"):
         interleaved_grad_input_item(x, dy, dx, g, item, constants, a.training, a.stream)
-    free(chunk_sums)
+    free(table)
     free(constants)
     return 0
 
@@ -1105,7 +1127,6 @@ cdef int moments_driver(const floating *x, Py_ssize_t outer, Py_ssize_t channels
     cdef Planar p
     cdef Interleaved q
     cdef Moments *chunks
-    cdef double *chunk_stats
     cdef Py_ssize_t nvalues = outer * channels * inner
     if inner >= PLANAR_MIN_INNER:
         p = planar_geometry(outer, channels, inner)
@@ -1117,12 +1138,11 @@ cdef int moments_driver(const floating *x, Py_ssize_t outer, Py_ssize_t channels
         free(chunks)
         return 0
     q = interleaved_geometry(outer, channels, inner)
-    chunk_stats = <double *>malloc(2 * q.nchunks * q.width * sizeof(double))
-    if chunk_stats == NULL:
+    chunks = <Moments *>malloc(q.nchunks * channels * sizeof(Moments))
+    if chunks == NULL:
         return -1
-    interleaved_moments(x, &q, chunk_stats, chunk_stats + q.nchunks * q.width, out,
-                        team_size(requested, q.nchunks * q.ntiles, nvalues))
-    free(chunk_stats)
+    interleaved_moments(x, &q, chunks, out, team_size(requested, q.nchunks * q.ntiles, nvalues))
+    free(chunks)
     return 0
 
 

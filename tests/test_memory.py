@@ -154,3 +154,25 @@ def test_layer_allocates_only_its_outputs(dtype):
         assert peak < 1.1 * x.nbytes, (training, peak)
         peak, _ = _peak(lambda: bn.backward(dy))
         assert peak < 1.1 * x.nbytes, (training, peak)
+
+
+@pytest.mark.parametrize("shape, axis", [((2, 20000, 16), 1), ((2, 20000, 16), -1),
+                                         ((3, 50000), 1)])
+def test_scratch_tables_stay_per_channel_for_wide_inputs(shape, axis):
+    """Few rows and many columns: the kernels' own tables (traced, they come
+    from PyMem_RawMalloc) stay per channel, far below the input's size."""
+    x = make_input(shape, np.float32, axis, kind="normal", seed=505)
+    channels = shape[axis]
+    out = np.empty_like(x)
+    rm, rv = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+    _, mean, invstd = bncore.batch_norm(x, training=True, axis=axis, return_stats=True)
+    calls = [
+        lambda: bncore.batch_norm(x, rm, rv, axis=axis, out=out),
+        lambda: bncore.batch_norm(x, training=True, axis=axis, out=out),
+        lambda: bncore.batch_norm_backward(x, x, mean, invstd, axis=axis, out=out),
+    ]
+    for call in calls:
+        call()
+        peak, _ = _peak(call)
+        # per-channel arrays: a few dozen bytes a channel, whatever inner is
+        assert peak < 64 * channels + 65536, f"peak {peak} bytes for {channels} channels"
