@@ -106,7 +106,9 @@ COMPILER = BN_COMPILER.decode("utf-8", "replace")
 
 cdef enum:
     # Runs at least this long are walked as runs (planar order); shorter ones
-    # are read as rows across channels, where the vector is the row.
+    # are read as rows across channels, where the vector is the row: below 32
+    # values (128 bytes of float32) the per-run calls and merges would cost
+    # more than the run. A judgement, not yet a measured crossover.
     PLANAR_MIN_INNER = 32
     # Values per statistics block: 2048 float64 are 16 KiB, so the second
     # (corrected) pass of a float64 block reads from L1.
@@ -116,26 +118,32 @@ cdef enum:
     # to balance a few channels over the threads.
     CHUNK_BLOCKS = 32
     CHUNK_VALUES = CHUNK_BLOCKS * BLOCK_LEN
-    # Interleaved layout: columns per tile (the per-column accumulators of a
-    # tile, 5 x 512 float64, stay in L1) and rows per block.
+    # Interleaved layout: columns per tile (a tile's per-column arrays, 4 x
+    # 512 float64 and 512 triples, 28 KiB, stay in L1) and float64 rows per
+    # block (two passes over a block of 32 x 512 float64, 128 KiB, in L2).
     COLUMN_TILE = 512
     ROW_BLOCK = 32
     # Rows of an interleaved tile are walked in slabs of about this many
-    # bytes: the vector loops pass over a slab once per group of 64 columns,
-    # and every pass after the first should find it in L2 (a 1 MB slab ran
-    # at 3 GB/s on (N, 512)).
+    # bytes: the register-blocked loops (tiles of up to 64 columns) pass over
+    # a slab once per group of columns, and the later passes should find it
+    # in L2.
     SLAB_BYTES = 256 * 1024
     # At most this many row chunks per column, so the chunk results kept for
     # the ordered merge stay O(C) in size.
     MAX_ROW_CHUNKS = 64
-    # Below this many values a call runs on the calling thread: waking an
-    # OpenMP team costs microseconds, more than such a call takes.
+    # Up to this many values a call runs on the calling thread: waking an
+    # OpenMP team costs a few microseconds, about what 64 Ki float32 values
+    # take on one core. An estimate; benchmarks/compare.py's small workloads
+    # are where to tune it.
     SERIAL_MAX_VALUES = 65536
-    # Fuse statistics and normalisation per channel when one channel fits in
-    # half of a 1 MiB L2, so its second read comes from cache.
+    # Fuse statistics and normalisation per channel (pipelined: the next
+    # channel is prefetched while this one is normalised) when a channel fits
+    # in half of a 1 MiB L2, so its second read comes from cache.
     FUSED_CHANNEL_BYTES = 512 * 1024
-    # Outputs at least this large are written with streaming stores: they
-    # would not stay in cache anyway (benchmarks/compare.py --stream-sweep).
+    # Outputs at least this large are written with streaming stores: half of
+    # this machine's 32 MiB L3, beyond which an output evicts its own input
+    # before anything reads it again. Not yet tuned by a sweep
+    # (_kernels.set_stream_min_bytes is the hook).
     STREAM_MIN_BYTES = 16 * 1024 * 1024
 
 
@@ -1206,8 +1214,10 @@ cdef void *data_of(object array, int typenum, Py_ssize_t size, bint writeable,
     if not cnp.PyArray_Check(array):
         raise TypeError(f"{name}: expected a NumPy array")
     cdef cnp.ndarray a = <cnp.ndarray>array
-    if cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(a):
-        raise TypeError(f"{name}: expected a C-contiguous array of type number {typenum}")
+    if (cnp.PyArray_TYPE(a) != typenum or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+            or not cnp.PyArray_ISALIGNED(a)):
+        raise TypeError(
+            f"{name}: expected an aligned C-contiguous array of type number {typenum}")
     if cnp.PyArray_SIZE(a) != size:
         raise ValueError(f"{name}: expected {size} values, got {cnp.PyArray_SIZE(a)}")
     if writeable and not cnp.PyArray_ISWRITEABLE(a):
@@ -1259,6 +1269,17 @@ cdef inline int streams(Py_ssize_t nvalues, int typenum) noexcept:
     return nvalues * itemsize >= stream_min_bytes
 
 
+cdef int check_shape(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+                     int num_threads) except -1:
+    """Sizes and team the geometry can divide by (empty calls never get here)."""
+    if outer < 1 or channels < 1 or inner < 1:
+        raise ValueError(f"(outer, channels, inner) must be positive, got "
+                         f"{(outer, channels, inner)}")
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be at least 1, got {num_threads}")
+    return 0
+
+
 cdef int input_typenum(object x) except -1:
     if not cnp.PyArray_Check(x):
         raise TypeError("x: expected a NumPy array")
@@ -1272,6 +1293,7 @@ def moments(x, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
             mean, m2, int num_threads):
     """Fill mean[C] and m2[C] (float64) with each channel's mean and sum of
     squared deviations. x is a C-contiguous (outer, C, inner) buffer."""
+    check_shape(outer, channels, inner, num_threads)
     cdef int typenum = input_typenum(x)
     cdef Py_ssize_t n = outer * channels * inner
     cdef void *px = data_of(x, typenum, n, False, "x")
@@ -1298,6 +1320,7 @@ def normalize(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias per
     channel; y may be x. The (C,) arrays are float32 or float64 (weight and
     bias may be None), read as they are."""
+    check_shape(outer, channels, inner, num_threads)
     cdef int typenum = input_typenum(x)
     cdef Py_ssize_t n = outer * channels * inner
     cdef void *px = data_of(x, typenum, n, False, "x")
@@ -1328,6 +1351,7 @@ def train_forward(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
                   weight, bias, double eps, mean, m2, invstd, int num_threads):
     """Batch statistics into mean, m2, invstd (float64[C]) and the normalised
     batch into y (which may be x)."""
+    check_shape(outer, channels, inner, num_threads)
     cdef int typenum = input_typenum(x)
     cdef Py_ssize_t n = outer * channels * inner
     cdef void *px = data_of(x, typenum, n, False, "x")
@@ -1370,10 +1394,12 @@ cdef void copy_item(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t ite
 
 
 def copy(x, y, bint stream, int num_threads):
-    """y[:] = x with the same chunks, team and stores as the kernels: the
-    benchmarks' yardstick for one read and one write of a tensor."""
+    """y[:] = x in chunks of CHUNK_VALUES on num_threads threads, with
+    streaming or normal stores: the benchmarks' yardstick for one read and
+    one write of a tensor (it has no serial cutoff: it is for large ones)."""
     cdef int typenum = input_typenum(x)
     cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>x)
+    check_shape(n, 1, 1, num_threads)
     cdef void *px = data_of(x, typenum, n, False, "x")
     cdef void *py = data_of(y, typenum, n, True, "y")
     cdef Py_ssize_t item, chunk = CHUNK_BLOCKS * BLOCK_LEN
@@ -1398,6 +1424,7 @@ def backward(x, dy, dx, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
              int num_threads):
     """Input gradient into dx (which may be x or dy) and the float64 sums
     grad_weight = sum(dy * xhat), grad_bias = sum(dy) per channel."""
+    check_shape(outer, channels, inner, num_threads)
     cdef int typenum = input_typenum(x)
     cdef Py_ssize_t n = outer * channels * inner
     cdef void *px = data_of(x, typenum, n, False, "x")

@@ -17,8 +17,10 @@
 #include <string.h>
 
 /* Independent float64 partial sums per reduction: two vectors of eight, so
- * that consecutive additions do not wait on each other's latency. */
+ * that consecutive additions do not wait on each other's latency. The loops
+ * below are written for exactly two vectors of eight. */
 #define BN_LANES 16
+_Static_assert(BN_LANES == 16, "the lane loops use two 8-lane vectors");
 
 /* Eight float64 values: the compiler maps operations on this GCC/Clang vector
  * type onto whatever the target clone has (one zmm, two ymm, four xmm). */
@@ -67,7 +69,7 @@ BN_INLINE bn_v8df bn_load8_f32(const float *p)
 #define BN_HAVE_STREAM 0
 #endif
 
-/* Values per 64-byte line, the unit a streaming loop writes. */
+/* A cache line: the unit a streaming loop writes. */
 #define BN_LINE_BYTES 64
 
 #if defined(__GNUC__) || defined(__clang__)

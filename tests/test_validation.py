@@ -314,3 +314,17 @@ def test_running_update_that_overflows_on_cast_writes_neither_buffer():
         bncore.batch_norm(x, running_mean, running_var, training=True)
     np.testing.assert_array_equal(running_mean, [0, 0])
     np.testing.assert_array_equal(running_var, [1, 1])
+
+
+def test_compiled_entry_points_refuse_impossible_sizes_instead_of_crashing():
+    """The private kernels trust functional.py, but a wrong call from Python
+    must still be an exception (it was a SIGFPE: a division by zero)."""
+    from bncore import _kernels
+
+    x = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="must be positive"):
+        _kernels.normalize(x, x.copy(), -1, -1, 64, None, None, 1e-5, None, None, 1)
+    with pytest.raises(ValueError, match="num_threads"):
+        _kernels.copy(x, x.copy(), True, 0)
+    with pytest.raises(TypeError, match="aligned"):
+        _kernels.moments(_misaligned((4,), np.float32), 2, 2, 1, np.zeros(2), np.zeros(2), 1)
