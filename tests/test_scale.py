@@ -185,14 +185,31 @@ def _per_value_time(shape, call_kind, repeats):
                                        ((2, 3, 4096, 4096), (2, 3, 512, 512))],
                          ids=["huge-C", "huge-runs"])
 def test_time_proportional_to_size(huge, mid, kind):
-    """Per value, the huge input costs at most 5 times the mid-size one
-    (out of cache against in cache, on a noisy machine: generous)."""
+    """Per value, the huge input costs at most 3 times the mid-size one
+    beyond what a plain copy of the same sizes shows now (out of cache
+    against in cache; generous, on a noisy machine)."""
     t_huge = _per_value_time(huge, kind, repeats=3)
     t_mid = _per_value_time(mid, kind, repeats=15)
-    assert t_huge < 5 * t_mid, (
+    # Control: the same out-of-cache against in-cache ratio for a plain
+    # copy, measured now, so that a neighbour saturating memory bandwidth
+    # raises the bar instead of failing the test.
+    copy_ratio = _copy_time(huge, repeats=3) / _copy_time(mid, repeats=15)
+    assert t_huge < 3 * max(copy_ratio, 1.7) * t_mid, (
         f"{kind}: {t_huge * 1e9:.3f} ns per value for {huge}, "
-        f"{t_mid * 1e9:.3f} for {mid}"
+        f"{t_mid * 1e9:.3f} for {mid} (a copy's ratio now: {copy_ratio:.2f})"
     )
+
+
+def _copy_time(shape, repeats):
+    x = np.ones(shape, np.float32)
+    y = np.empty_like(x)
+    np.copyto(y, x)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(y, x)
+        best = min(best, time.perf_counter() - t0)
+    return best / x.size
 
 
 # --------------------------------------------------------------------------
