@@ -35,6 +35,8 @@ def _self_check_cases():
             cases.append((f"batch_norm eval  {label}",
                           _eval_error(x, weight, bias, axis, rng), tol))
             cases.append((f"moments          {label}", _moments_error(x, axis), tol))
+            cases.append((f"backward         {label}",
+                          _backward_error(x, weight, axis, rng), tol))
             cases.append((f"BatchNorm        {label}", _module_error(x, axis), tol))
     return cases
 
@@ -60,6 +62,25 @@ def _eval_error(x, weight, bias, axis, rng):
         y = bncore.batch_norm(x, mean, var, weight, bias, training=False, axis=axis)
         expected = reference.batch_norm(x, mean, var, weight, bias, training=False, axis=axis)
         return _max_abs(y, expected.y)
+    return run
+
+
+def _backward_error(x, weight, axis, rng):
+    def run():
+        dy = rng.standard_normal(x.shape).astype(x.dtype)
+        _, mean, invstd = bncore.batch_norm(x, training=True, axis=axis, return_stats=True)
+        errors = []
+        for training in (True, False):
+            got = bncore.batch_norm_backward(dy, x, mean, invstd, weight, training=training,
+                                             axis=axis)
+            want = reference.batch_norm_backward(dy, x, mean, invstd, weight,
+                                                 training=training, axis=axis)
+            errors += [_max_abs(g, w) for g, w in zip(got, want)]
+        layer = bncore.BatchNorm(x.shape[axis], axis=axis, dtype=x.dtype)
+        layer(x)
+        errors.append(_max_abs(layer.backward(dy), reference.batch_norm_backward(
+            dy, x, mean, invstd, layer.weight, axis=axis)[0]))
+        return max(errors)
     return run
 
 

@@ -23,7 +23,7 @@ from collections import namedtuple
 
 import numpy as np
 
-__all__ = ["BatchNormResult", "batch_norm", "moments"]
+__all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward", "moments"]
 
 #: What :func:`batch_norm` returns. All fields are float64 arrays.
 #:
@@ -174,3 +174,35 @@ def batch_norm(
     moved_shape = np.moveaxis(x, ax, 0).shape
     y = np.ascontiguousarray(np.moveaxis(yc.reshape(moved_shape), 0, ax))
     return BatchNormResult(y, mean, invstd, rm, rv)
+
+
+def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, training=True,
+                        axis=1):
+    """Gradients of :func:`batch_norm`, in float64, written from the
+    definition: with ``xhat = (x - mean) * invstd`` and n values a channel,
+    ``grad_weight = sum(dy * xhat)``, ``grad_bias = sum(dy)`` and
+
+    * training (mean and invstd are the batch's own):
+      ``dx = weight * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))``;
+    * eval (frozen statistics): ``dx = dy * weight * invstd``.
+
+    Returns ``(grad_input, grad_weight, grad_bias)``, all float64.
+    """
+    x = np.asarray(input)
+    xc, ax = _channels(x, axis)
+    dyc, _ = _channels(np.asarray(grad_output), axis)
+    c, n = xc.shape
+    col = (slice(None), None)
+    mean = np.asarray(mean, dtype=np.float64).reshape(c)
+    invstd = np.asarray(invstd, dtype=np.float64).reshape(c)
+    w = np.ones(c) if weight is None else np.asarray(weight, dtype=np.float64).reshape(c)
+    xhat = (xc - mean[col]) * invstd[col]
+    grad_weight = np.array([_fsum(row) for row in dyc * xhat])
+    grad_bias = np.array([_fsum(row) for row in dyc])
+    if training:
+        dxc = (w * invstd)[col] * (dyc - (grad_bias / n)[col] - xhat * (grad_weight / n)[col])
+    else:
+        dxc = dyc * (w * invstd)[col]
+    moved_shape = np.moveaxis(x, ax, 0).shape
+    grad_input = np.ascontiguousarray(np.moveaxis(dxc.reshape(moved_shape), 0, ax))
+    return grad_input, grad_weight, grad_bias

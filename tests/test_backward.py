@@ -295,3 +295,25 @@ def test_batchnorm2d_training_steps_match_torch():
         np.testing.assert_allclose(getattr(ours, key), state[key].numpy(), rtol=1e-10,
                                    atol=1e-12)
     assert ours.num_batches_tracked == int(state["num_batches_tracked"])
+
+
+@pytest.mark.parametrize("shape, axis", LAYOUTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("training", [True, False])
+def test_gradients_match_reference(shape, axis, dtype, training):
+    """Against bncore.reference's float64 twin (fsum-exact sums)."""
+    from bncore import reference
+
+    rng = np.random.default_rng(10)
+    x = (rng.standard_normal(shape) * 3 + 50).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    weight = rng.uniform(0.5, 2, shape[axis])
+    _, mean, invstd = bncore.batch_norm(x, training=True, axis=axis, return_stats=True)
+    got = bncore.batch_norm_backward(dy, x, mean, invstd, weight, training=training, axis=axis)
+    want = reference.batch_norm_backward(dy, x, mean, invstd, weight, training=training,
+                                         axis=axis)
+    # float32 results carry float32 rounding of unit-scale values; the sums
+    # of a few dozen of them, a few float32 ulps.
+    tol = 1e-11 if dtype == np.float64 else 2e-5
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol * max(1.0, np.max(np.abs(w))))
