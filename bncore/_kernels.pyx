@@ -494,14 +494,15 @@ cdef void planar_rows_affine(const floating *x, floating *y, const Planar *g, Py
         bn_stream_fence()
 
 
-cdef void planar_finish(const floating *x, const Planar *g, const Moments *table,
-                        Py_ssize_t c, const StatsOut *out) noexcept nogil:
-    """Merge channel c's chunks in order and store its statistics."""
+cdef void finish_from_table(const floating *x, const Moments *table, Py_ssize_t nchunks,
+                            Py_ssize_t inner, Py_ssize_t c, const StatsOut *out) noexcept nogil:
+    """Merge channel c's chunk triples (table[c * nchunks + k], either loop
+    order) in chunk order and store its statistics."""
     cdef Moments acc = empty_moments()
     cdef Py_ssize_t k
-    for k in range(g.chunks_per_channel):
-        merge_moments(&acc, table[c * g.chunks_per_channel + k])
-    finish_channel(acc, channel_origin(x, c, g.inner), c, out)
+    for k in range(nchunks):
+        merge_moments(&acc, table[c * nchunks + k])
+    finish_channel(acc, channel_origin(x, c, inner), c, out)
 
 
 # Every prange body below is one call: the locals of the called function are
@@ -523,7 +524,7 @@ cdef void planar_moments(const floating *x, const Planar *g, Moments *table,
     # The per-channel merges run in parallel too: with a million channels
     # they are most of the work.
     for c in prange(g.channels, num_threads=nthreads, schedule="static"):
-        planar_finish(x, g, table, c, out)
+        finish_from_table(x, table, g.chunks_per_channel, g.inner, c, out)
 
 
 cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
@@ -552,7 +553,7 @@ cdef void planar_train_channel(const floating *x, floating *y, const Planar *g,
     cdef Py_ssize_t k
     for k in range(g.chunks_per_channel):
         table[c * g.chunks_per_channel + k] = planar_chunk_moments(x, g, c, k)
-    planar_finish(x, g, table, c, out)
+    finish_from_table(x, table, g.chunks_per_channel, g.inner, c, out)
     for k in range(g.chunks_per_channel):
         planar_chunk_affine(x, y, g, c, k, a, next_c)
 
@@ -689,23 +690,13 @@ cdef void interleaved_item_moments(const floating *x, const Interleaved *g, Py_s
         j = j + g.inner
 
 
-cdef void interleaved_finish(const floating *x, const Interleaved *g, const Moments *table,
-                             Py_ssize_t c, const StatsOut *out) noexcept nogil:
-    """Merge channel c's chunks in order and store its statistics."""
-    cdef Moments acc = empty_moments()
-    cdef Py_ssize_t k
-    for k in range(g.nchunks):
-        merge_moments(&acc, table[c * g.nchunks + k])
-    finish_channel(acc, channel_origin(x, c, g.inner), c, out)
-
-
 cdef void interleaved_moments(const floating *x, const Interleaved *g, Moments *table,
                               const StatsOut *out, int nthreads) noexcept nogil:
     cdef Py_ssize_t item, c
     for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
         interleaved_item_moments(x, g, item, table)
     for c in prange(g.channels, num_threads=nthreads, schedule="static"):
-        interleaved_finish(x, g, table, c, out)
+        finish_from_table(x, table, g.nchunks, g.inner, c, out)
 
 
 cdef inline void expand_to_columns(const floating *per_channel, Py_ssize_t channels,
