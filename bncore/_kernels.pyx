@@ -706,9 +706,19 @@ cdef inline void expand_to_columns(const floating *per_channel, Py_ssize_t chann
     (COLUMN_TILE apart), the layout the row loops read."""
     cdef Py_ssize_t j, t, c
     for j in range(ncols):
-        c = (j0 + j) // g.inner
+        c = ((j0 + j) % g.width) // g.inner   # the modulo: see packed_rows
         for t in range(nconst):
             column[t * COLUMN_TILE + j] = per_channel[t * channels + c]
+
+
+cdef inline Py_ssize_t packed_rows(const Interleaved *g, Py_ssize_t ncols) noexcept nogil:
+    """How many rows an elementwise pass may treat as one: narrow rows (a
+    whole, single tile under 64 values) are contiguous, and a longer row of
+    periodic constants turns 8-value loops with a call each into vector ones
+    ((N, 8) eval ran at 0.45 of a streaming copy)."""
+    if ncols == g.width and g.width < 64:
+        return COLUMN_TILE // g.width
+    return 1
 
 
 cdef void interleaved_normalize_item(const floating *x, floating *y, const Interleaved *g,
@@ -717,20 +727,32 @@ cdef void interleaved_normalize_item(const floating *x, floating *y, const Inter
     """y = ((x - hi) - lo) * scale + shift for one item; params holds the
     per-channel constants (hi, lo, scale, shift, C apart)."""
     cdef floating column[4 * COLUMN_TILE]
-    cdef Py_ssize_t r0 = 0, nrows = 0, j0 = 0, ncols = 0, start
+    cdef Py_ssize_t r0 = 0, nrows = 0, j0 = 0, ncols = 0, start, pack, done
     item_span(g, item, &r0, &nrows, &j0, &ncols)
-    expand_to_columns(params, g.channels, 4, g, j0, ncols, column)
+    pack = packed_rows(g, ncols)
+    expand_to_columns(params, g.channels, 4, g, j0, ncols * pack, column)
     start = r0 * g.width + j0
-    if floating is float:
-        bn_rows_affine_f32(x + start, y + start, nrows, g.width, ncols, column,
-                           column + COLUMN_TILE, column + 2 * COLUMN_TILE,
-                           column + 3 * COLUMN_TILE, stream)
-    else:
-        bn_rows_affine_f64(x + start, y + start, nrows, g.width, ncols, column,
-                           column + COLUMN_TILE, column + 2 * COLUMN_TILE,
-                           column + 3 * COLUMN_TILE, stream)
+    done = (nrows // pack) * pack
+    if done:
+        rows_affine(x + start, y + start, nrows // pack, g.width * pack, ncols * pack,
+                    column, stream)
+    if done < nrows:
+        start = start + done * g.width
+        rows_affine(x + start, y + start, nrows - done, g.width, ncols, column, stream)
     if stream:
         bn_stream_fence()
+
+
+cdef inline void rows_affine(const floating *x, floating *y, Py_ssize_t nrows,
+                             Py_ssize_t stride, Py_ssize_t ncols, const floating *column,
+                             int stream) noexcept nogil:
+    """bn_rows_affine with the constants laid out COLUMN_TILE apart."""
+    if floating is float:
+        bn_rows_affine_f32(x, y, nrows, stride, ncols, column, column + COLUMN_TILE,
+                           column + 2 * COLUMN_TILE, column + 3 * COLUMN_TILE, stream)
+    else:
+        bn_rows_affine_f64(x, y, nrows, stride, ncols, column, column + COLUMN_TILE,
+                           column + 2 * COLUMN_TILE, column + 3 * COLUMN_TILE, stream)
 
 
 cdef void channel_params(const AffineIn *a, Py_ssize_t channels, Py_ssize_t c,
