@@ -194,6 +194,14 @@ def _kernel_ready(x, dtype=None):
     return np.array(x, dtype=dtype, order="C", copy=True)
 
 
+def _as_flag(value, name):
+    """A truth value, or a TypeError naming the argument (an array, say)."""
+    try:
+        return bool(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {error}") from None
+
+
 def _check_ddof(ddof):
     if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral):
         raise TypeError(f"ddof must be a non-negative integer, got {type(ddof).__name__}")
@@ -356,7 +364,7 @@ def _forward(input, running_mean, running_var, weight, bias, training, momentum,
     ndim = x.ndim
     ax = axis if type(axis) is int and 0 <= axis < ndim else _feature_axis(axis, ndim)
     outer, channels, inner = _canonical_shape(x.shape, ax)
-    training = bool(training)
+    training = training if type(training) is bool else _as_flag(training, "training")
     if not (type(momentum) is float and 0.0 <= momentum <= 1.0):
         momentum = _check_momentum(momentum)
     if not (type(eps) is float and 0.0 <= eps < math.inf):
@@ -460,7 +468,7 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, traini
         raise ValueError(f"grad_output has shape {dy.shape}, expected {x.shape} to match input")
     ax = _feature_axis(axis, x.ndim)
     outer, channels, inner = _canonical_shape(x.shape, ax)
-    training = bool(training)
+    training = training if type(training) is bool else _as_flag(training, "training")
     for name, value in (("mean", mean), ("invstd", invstd)):
         if value is None:
             raise TypeError(

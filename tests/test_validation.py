@@ -328,3 +328,11 @@ def test_compiled_entry_points_refuse_impossible_sizes_instead_of_crashing():
         _kernels.copy(x, x.copy(), True, 0)
     with pytest.raises(TypeError, match="aligned"):
         _kernels.moments(_misaligned((4,), np.float32), 2, 2, 1, np.zeros(2), np.zeros(2), 1)
+
+
+def test_training_that_has_no_truth_value_is_a_type_error_naming_it():
+    x = np.ones((3, 2))
+    with pytest.raises(TypeError, match="training"):
+        bncore.batch_norm(x, training=np.array([True, False]))
+    with pytest.raises(TypeError, match="training"):
+        bncore.batch_norm_backward(x, x, np.zeros(2), np.ones(2), training=np.array([1, 0]))
