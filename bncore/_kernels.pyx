@@ -137,9 +137,15 @@ cdef enum:
     # are where to tune it.
     SERIAL_MAX_VALUES = 65536
     # Fuse statistics and normalisation per channel (pipelined: the next
-    # channel is prefetched while this one is normalised) when a channel fits
-    # in half of a 1 MiB L2, so its second read comes from cache.
-    FUSED_CHANNEL_BYTES = 512 * 1024
+    # channel is prefetched while this one is normalised) up to this channel
+    # size. Off (0): measured on this machine, quiet, the fused path lost to
+    # the two-phase row-major one wherever it applied (training forward,
+    # fraction of a streaming copy, 1 / 2 threads: (64,256,28,28) 0.32 / 0.51
+    # fused against 0.47 / 0.60; (32,64,56,56) 0.39 / 0.45 against 0.56 /
+    # 0.55; backward even or worse), because a channel's short runs are
+    # scattered through memory. Kept, behind set_fused_channel_bytes, as the
+    # starting point for pipelining across the batch (issue 4).
+    FUSED_CHANNEL_BYTES = 0
     # Outputs at least this large are written with streaming stores: half of
     # this machine's 32 MiB L3, beyond which an output evicts its own input
     # before anything reads it again. Not yet tuned by a sweep
