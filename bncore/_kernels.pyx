@@ -4,8 +4,8 @@ The input arrives as a flat C-contiguous buffer seen as (outer, C, inner)
 (DESIGN.md, "One canonical view"). Nothing here validates what functional.py
 has already checked: an exception raised inside a parallel region can hang
 the process. The entry points only check that the buffers they are handed are
-of the dtype and layout they read, so that a wrong call from Python is an
-exception instead of memory corruption.
+of the dtype, alignment, layout and sizes they read, so that a wrong call
+from Python is an exception instead of memory corruption.
 
 Two loop orders:
 
@@ -18,10 +18,11 @@ Statistics are the triple (count, mean, M2) per channel, with the mean kept
 as an offset from the channel's origin, its first value: every block of the
 channel subtracts the same origin, so the offsets are small numbers whose
 differences (in Chan's merge) do not lose the digits a large mean would.
-A block (a few thousand values, in L1) gives its triple from float64 sums of
-x - origin; float64 input gets a second, corrected pass around the block's
-mean (Chan, Golub & LeVeque, "Algorithms for computing the sample variance",
-1983). Blocks merge into chunks and chunks into channels with Chan's pairwise
+A block gives its triple from float64 sums of x - origin (planar: at most
+BLOCK_LEN values of a run; interleaved float32: a column's rows in one work
+item); float64 input gets a second, corrected pass around each block's mean,
+from cache (Chan, Golub & LeVeque, "Algorithms for computing the sample
+variance", 1983). Blocks merge into chunks and chunks into channels with Chan's pairwise
 update, always in the same order. Block and chunk boundaries come from the
 shape alone, never from the thread count, so every result is bitwise
 identical for any number of threads. The final mean is returned as a float64
