@@ -71,7 +71,6 @@ cdef extern from "_leaf_loops.h" nogil:
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
-    void bn_prefetch(const void *p, Py_ssize_t nbytes)
     void bn_lane_grad_sums_f32(const float *x, const float *dy, Py_ssize_t n, double mean,
                                double *s_dy, double *s_dy_dev)
     void bn_lane_grad_sums_f64(const double *x, const double *dy, Py_ssize_t n, double mean,
@@ -137,16 +136,6 @@ cdef enum:
     # take on one core. An estimate; benchmarks/compare.py's small workloads
     # are where to tune it.
     SERIAL_MAX_VALUES = 65536
-    # Fuse statistics and normalisation per channel (pipelined: the next
-    # channel is prefetched while this one is normalised) up to this channel
-    # size. Off (0): measured on this machine, quiet, the fused path lost to
-    # the two-phase row-major one wherever it applied (training forward,
-    # fraction of a streaming copy, 1 / 2 threads: (64,256,28,28) 0.32 / 0.51
-    # fused against 0.47 / 0.60; (32,64,56,56) 0.39 / 0.45 against 0.56 /
-    # 0.55; backward even or worse), because a channel's short runs are
-    # scattered through memory. Kept, behind set_fused_channel_bytes, as the
-    # starting point for pipelining across the batch (issue 4).
-    FUSED_CHANNEL_BYTES = 0
     # Outputs at least this large are written with streaming stores: half of
     # this machine's 32 MiB L3, beyond which an output evicts its own input
     # before anything reads it again. Not yet tuned by a sweep
@@ -342,7 +331,7 @@ cdef inline int team_size(int requested, Py_ssize_t nitems, Py_ssize_t nvalues) 
 # arithmetic:
 # * row-major items (short runs): rows of a chunk across a group of channels,
 #   reading memory front to back, so the prefetchers keep streaming;
-# * channel-major (long runs, and the per-channel fused paths): one chunk of
+# * channel-major (long runs): one chunk of
 #   one channel, itself contiguous when runs are long.
 
 cdef struct Planar:
@@ -472,17 +461,13 @@ cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t ite
 
 
 cdef void planar_chunk_affine(const floating *x, floating *y, const Planar *g, Py_ssize_t c,
-                              Py_ssize_t k, const AffineIn *a,
-                              Py_ssize_t prefetch_c) noexcept nogil:
-    """Normalise chunk k of channel c; with prefetch_c >= 0, ask for the same
-    runs of channel prefetch_c on the way (the pipelined fused path)."""
+                              Py_ssize_t k, const AffineIn *a) noexcept nogil:
+    """Normalise chunk k of channel c."""
     cdef Span s = chunk_span(g, k)
     cdef Py_ssize_t n, start, first = s.p0 * BLOCK_LEN
     cdef Py_ssize_t length = pieces_end(g, s.p1) - first
     for n in range(s.n0, s.n1):
         start = run_start(g, n, c) + first
-        if prefetch_c >= 0:
-            bn_prefetch(x + run_start(g, n, prefetch_c) + first, length * sizeof(floating))
         run_affine(x + start, y + start, length, a, c)
     if a.stream:
         bn_stream_fence()
@@ -544,35 +529,7 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
             planar_rows_affine(x, y, g, item, ngroups, a)
     else:
         for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
-            planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a, -1)
-
-
-cdef void planar_train_channel(const floating *x, floating *y, const Planar *g,
-                               Py_ssize_t c, Py_ssize_t next_c, Moments *table,
-                               const StatsOut *out, const AffineIn *a) noexcept nogil:
-    """Statistics then normalisation of channel c, the second pass from
-    cache, fetching channel next_c (this thread's next, or -1) meanwhile so
-    that its statistics pass reads from cache too: the pipelined path.
-
-    The same chunks merged in the same order as planar_moments, so the
-    statistics are bitwise those of the two-phase path.
-    """
-    cdef Py_ssize_t k
-    for k in range(g.chunks_per_channel):
-        table[c * g.chunks_per_channel + k] = planar_chunk_moments(x, g, c, k)
-    finish_from_table(x, table, g.chunks_per_channel, g.inner, c, out)
-    for k in range(g.chunks_per_channel):
-        planar_chunk_affine(x, y, g, c, k, a, next_c)
-
-
-cdef void planar_train_fused(const floating *x, floating *y, const Planar *g,
-                             Moments *table, const StatsOut *out, const AffineIn *a,
-                             int nthreads) noexcept nogil:
-    # Channels dealt round-robin (static, 1), so a thread knows its next one.
-    cdef Py_ssize_t c
-    for c in prange(g.channels, num_threads=nthreads, schedule="static", chunksize=1):
-        planar_train_channel(x, y, g, c, c + nthreads if c + nthreads < g.channels else -1,
-                             table, out, a)
+            planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
 
 
 # --------------------------------------------------------------------------
@@ -917,17 +874,12 @@ cdef void planar_rows_grad_sums(const floating *x, const floating *dy, const Pla
 
 cdef void planar_chunk_grad_input(const floating *x, const floating *dy, floating *dx,
                                   const Planar *g, Py_ssize_t c, Py_ssize_t chunk,
-                                  const GradSums *totals, const BackwardArgs *a,
-                                  Py_ssize_t prefetch_c) noexcept nogil:
+                                  const GradSums *totals, const BackwardArgs *a) noexcept nogil:
     cdef Span s = chunk_span(g, chunk)
-    cdef Py_ssize_t n, start, ahead, first = s.p0 * BLOCK_LEN
+    cdef Py_ssize_t n, start, first = s.p0 * BLOCK_LEN
     cdef Py_ssize_t length = pieces_end(g, s.p1) - first
     for n in range(s.n0, s.n1):
         start = run_start(g, n, c) + first
-        if prefetch_c >= 0:
-            ahead = run_start(g, n, prefetch_c) + first
-            bn_prefetch(x + ahead, length * sizeof(floating))
-            bn_prefetch(dy + ahead, length * sizeof(floating))
         run_grad_input(x + start, dy + start, dx + start, length, c, totals, g, a)
     if a.stream:
         bn_stream_fence()
@@ -963,27 +915,12 @@ cdef inline void finish_grad_channel(const GradSums *table, const Planar *g, Py_
     store_param_grads(totals[c], c, a)
 
 
-cdef void planar_backward_channel(const floating *x, const floating *dy, floating *dx,
-                                  const Planar *g, Py_ssize_t c, Py_ssize_t next_c,
-                                  GradSums *table, GradSums *totals,
-                                  const BackwardArgs *a) noexcept nogil:
-    """Both passes over channel c back to back, the second from cache while
-    channel next_c is fetched (as planar_train_channel), with the chunk sums
-    added in the order planar_backward adds them."""
-    cdef Py_ssize_t k
-    for k in range(g.chunks_per_channel):
-        table[c * g.chunks_per_channel + k] = planar_chunk_grad_sums(x, dy, g, c, k, a.mean[c])
-    finish_grad_channel(table, g, c, totals, a)
-    for k in range(g.chunks_per_channel):
-        planar_chunk_grad_input(x, dy, dx, g, c, k, totals, a, next_c)
-
-
 cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
                          const Planar *g, const BackwardArgs *a, int requested) noexcept nogil:
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef Py_ssize_t nvalues = g.outer * g.channels * g.inner
-    cdef int nthreads = team_size(requested, g.channels, nvalues)
-    cdef int ngroups
+    cdef int nthreads = team_size(requested, g.channels * nchunks, nvalues)
+    cdef int ngroups = row_groups(g, nthreads)
     cdef Py_ssize_t item, c
     cdef GradSums *table = <GradSums *>malloc((g.channels * nchunks + g.channels)
                                               * sizeof(GradSums))
@@ -991,16 +928,6 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
     if table == NULL:
         return -1
     totals = table + g.channels * nchunks
-    if (2 * g.outer * g.inner * <Py_ssize_t>sizeof(floating) <= fused_channel_bytes
-            and g.channels >= 2 * nthreads):
-        for c in prange(g.channels, num_threads=nthreads, schedule="static", chunksize=1):
-            planar_backward_channel(x, dy, dx, g, c,
-                                    c + nthreads if c + nthreads < g.channels else -1,
-                                    table, totals, a)
-        free(table)
-        return 0
-    nthreads = team_size(requested, g.channels * nchunks, nvalues)
-    ngroups = row_groups(g, nthreads)
     if g.rows_per_chunk > 0:
         for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
             planar_rows_grad_sums(x, dy, g, item, ngroups, a, table)
@@ -1015,8 +942,7 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
             planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, a)
     else:
         for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
-            planar_chunk_grad_input(x, dy, dx, g, item // nchunks, item % nchunks, totals, a,
-                                    -1)
+            planar_chunk_grad_input(x, dy, dx, g, item // nchunks, item % nchunks, totals, a)
     free(table)
     return 0
 
@@ -1195,30 +1121,21 @@ cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize
                       int requested) noexcept nogil:
     """Statistics into out, then y normalised with them (a.mean, a.invstd and
     a.residual are pointed at out's arrays here)."""
-    cdef Planar p
-    cdef Moments *chunks
-    cdef int nthreads, status = 0
-    cdef Py_ssize_t nvalues = outer * channels * inner
+    cdef int status
     out.residual = <double *>malloc(channels * sizeof(double))
     if out.residual == NULL:
         return -1
     a.mean = out.mean
     a.residual = out.residual
     a.invstd = out.invstd
-    p = planar_geometry(outer, channels, inner)
-    nthreads = team_size(requested, channels, nvalues)
-    if (inner >= PLANAR_MIN_INNER
-            and outer * inner * <Py_ssize_t>sizeof(floating) <= fused_channel_bytes
-            and channels >= 2 * nthreads):
-        chunks = <Moments *>malloc(channels * p.chunks_per_channel * sizeof(Moments))
-        if chunks == NULL:
-            status = -1
-        else:
-            planar_train_fused(x, y, &p, chunks, out, a, nthreads)
-            free(chunks)
-    elif moments_driver(x, outer, channels, inner, out, requested) < 0:
-        status = -1
-    else:
+    # Two passes, statistics then normalisation, each in memory order. (A
+    # per-channel fused path that normalised a channel from cache while
+    # prefetching the next measured slower on this machine: (64,256,28,28),
+    # 1 / 2 threads, 0.32 / 0.51 of a streaming copy against 0.47 / 0.60,
+    # because a channel's short runs lie scattered through memory. It was
+    # removed; pipelining across the batch is what issue 4 should try next.)
+    status = moments_driver(x, outer, channels, inner, out, requested)
+    if status == 0:
         status = normalize_driver(x, y, outer, channels, inner, a, requested)
     free(out.residual)
     out.residual = NULL
@@ -1263,18 +1180,6 @@ cdef Params params_of(object array, Py_ssize_t channels, str name) except *:
 
 
 cdef Py_ssize_t stream_min_bytes = STREAM_MIN_BYTES
-cdef Py_ssize_t fused_channel_bytes = FUSED_CHANNEL_BYTES
-
-
-def set_fused_channel_bytes(Py_ssize_t nbytes):
-    """Fuse statistics and normalisation per channel up to this channel size
-    (for benchmarks and tuning); returns the previous value."""
-    global fused_channel_bytes
-    previous = fused_channel_bytes
-    fused_channel_bytes = nbytes
-    return previous
-
-
 def set_stream_min_bytes(Py_ssize_t nbytes):
     """Outputs of at least nbytes get streaming stores (for benchmarks and
     tuning); returns the previous value."""

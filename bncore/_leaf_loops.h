@@ -430,16 +430,6 @@ static inline void bn_rows_grad_sums_f32(
 #define bn_rows_shifted_sums_f64 bn_rows_shifted_sums_generic_f64
 #define bn_rows_grad_sums_f64 bn_rows_grad_sums_generic_f64
 
-/* Ask for n bytes from p to be brought towards L2 (prefetcht1), a line at a
- * time: the pipelined paths fetch the next channel while they normalise
- * the current one from cache. */
-static inline void bn_prefetch(const void *p, ptrdiff_t nbytes)
-{
-    const char *q = (const char *)p;
-    for (ptrdiff_t off = 0; off < nbytes; off += BN_LINE_BYTES)
-        __builtin_prefetch(q + off, 0, 2);
-}
-
 /* Make streaming stores visible to other threads before they read the
  * output: call once after a parallel region that streamed. */
 static inline void bn_stream_fence(void)

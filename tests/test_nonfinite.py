@@ -15,7 +15,7 @@ import bncore
 from conftest import DTYPE_PARAMS, LAYOUT_PARAMS, layout_id, make_input, make_params
 
 BIG_LAYOUTS = [
-    ((16, 3, 64, 64), 1),  # planar, parallel, fused statistics + normalise
+    ((16, 3, 64, 64), 1),  # planar, parallel row-major items
     ((8, 16, 16, 32), -1),  # channels-last, parallel
     ((40000, 3), 1),  # interleaved (N, C), parallel row blocks
 ]

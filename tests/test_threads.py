@@ -228,27 +228,3 @@ def test_explicit_setting_beats_openmp_default():
     )
     assert _subprocess(code, OMP_NUM_THREADS="3").split() == ["2", "3"]
 
-
-@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
-@pytest.mark.parametrize("shape", [(16, 32, 16, 16), (8, 64, 40)])
-def test_fused_per_channel_path_gives_the_same_bits(shape, dtype):
-    """The per-channel fused paths (off by default, see FUSED_CHANNEL_BYTES)
-    merge the same chunks in the same order as the two-phase paths."""
-    from bncore import _kernels
-
-    x = make_input(shape, dtype, 1, seed=310)
-    dy = make_input(shape, dtype, 1, seed=311)
-    results = []
-    for fused_bytes in (0, 1 << 30):
-        previous = _kernels.set_fused_channel_bytes(fused_bytes)
-        try:
-            for threads in (1, 2, 3):
-                y, mean, invstd = bncore.batch_norm(x, training=True, num_threads=threads,
-                                                    return_stats=True)
-                grads = bncore.batch_norm_backward(dy, x, mean, invstd, num_threads=threads)
-                results.append([y, mean, invstd, *grads])
-        finally:
-            _kernels.set_fused_channel_bytes(previous)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert a.tobytes() == b.tobytes()
