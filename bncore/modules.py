@@ -11,6 +11,7 @@ import threading
 import numpy as np
 
 from .functional import (
+    _FLOAT_DTYPES,
     _check_eps,
     _check_nonfinite,
     _feature_axis,
@@ -21,8 +22,6 @@ from .functional import (
 )
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
-
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class BatchNorm:
