@@ -1,17 +1,28 @@
 """Batch normalization layers: parameters, running statistics and modes.
 
 The layers mirror ``torch.nn.BatchNorm1d/2d/3d``: same constructor, same
-attributes, same state-dict keys, same train/eval behaviour. They hold NumPy
-arrays and delegate all arithmetic to ``bncore.functional``.
+attributes, same state-dict keys, same train/eval behaviour. Keras's, ONNX's
+and Flax's conventions are options of the same classes (``decay``,
+``unbiased_running_var``, ``scale``/``center``). The layers hold NumPy arrays
+and delegate all arithmetic to ``bncore.functional``; saving and loading live
+in ``bncore._layer_io``, conversions from and to other libraries in
+``bncore.interop``.
 """
 
+from __future__ import annotations
+
 import numbers
+import os
 import threading
+from typing import IO, Any, Mapping, Union
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from .functional import (
     _FLOAT_DTYPES,
+    _check_activation,
+    _check_decay,
     _check_eps,
     _check_nonfinite,
     _feature_axis,
@@ -19,9 +30,44 @@ from .functional import (
     _forward,
     _running_stats,
     batch_norm_backward,
+    fold_scale_shift,
 )
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+#: Where save/load accept a file: a path or an open binary file.
+PathOrFile = Union[str, "os.PathLike[str]", IO[bytes]]
+
+#: The per-feature arrays of a layer, in PyTorch's state-dict order.
+_ARRAY_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A true/false option: bool or NumPy bool, nothing that merely converts."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return bool(value)
+
+
+def _toggle(value: Any, name: str, affine: bool) -> bool:
+    """scale or center: None follows affine; True contradicts affine=False."""
+    if value is None:
+        return affine
+    value = _flag(value, name)
+    if value and not affine:
+        raise ValueError(
+            f"{name}=True contradicts affine=False (affine=False turns off both scale "
+            f"and center); pass affine=True with scale=... and center=... instead"
+        )
+    return value
+
+
+def _not_materialized(layer: BatchNorm, what: str) -> RuntimeError:
+    return RuntimeError(
+        f"{type(layer).__name__} was built with num_features=None and has not seen an "
+        f"input yet, so it has no parameters or running statistics: {what} needs them; "
+        "call it on an input or load a state dict first"
+    )
 
 
 class BatchNorm:
@@ -29,16 +75,22 @@ class BatchNorm:
 
     Parameters
     ----------
-    num_features : int
-        C, the size of the feature axis.
+    num_features : int or None
+        C, the size of the feature axis. None builds a lazy layer (like
+        ``torch.nn.LazyBatchNorm2d``): C is taken from the feature axis of
+        the first input, or from the arrays of the first state dict loaded,
+        and the parameters and running statistics are allocated then;
+        until that ``num_features`` is None and ``state_dict``, ``save`` and
+        ``fold`` raise ``RuntimeError``.
     eps : float
         Added to the variance before the square root.
     momentum : float in [0, 1] or None
         PyTorch's convention: ``running = (1 - momentum) * running +
         momentum * batch``. None keeps a cumulative average of all batches.
-        (Keras and ONNX write the same thing as ``1 - momentum``.)
+        Ignored (and must stay at its default) when ``decay`` is given.
     affine : bool
-        Learnable ``weight`` (ones) and ``bias`` (zeros); None when False.
+        The default for ``scale`` and ``center``: learnable ``weight`` (ones)
+        and ``bias`` (zeros), or neither.
     track_running_stats : bool
         Keep ``running_mean``, ``running_var`` and ``num_batches_tracked``;
         when False the batch statistics are used in eval mode too.
@@ -58,15 +110,50 @@ class BatchNorm:
         statistics, ``num_batches_tracked`` and the state kept for
         ``backward`` untouched. Stored as ``bn.nonfinite``; may be changed
         later.
+    decay : float in [0, 1] or None
+        Keras's, ONNX's and Flax's convention instead of ``momentum``:
+        ``running = decay * running + (1 - decay) * batch``. Giving both
+        ``decay`` and a non-default ``momentum`` is a ValueError.
+    unbiased_running_var : bool
+        True (PyTorch): ``running_var`` averages the unbiased batch variance
+        (divided by n - 1). False (Keras, ONNX, Flax): the biased one
+        (divided by n), the variance the batch was normalised with.
+    scale, center : bool or None
+        Keras's ``scale``/``center`` (oneDNN's ``use_scale``/``use_shift``):
+        whether there is a ``weight`` (gamma), and whether there is a
+        ``bias`` (beta). None follows ``affine``; True with ``affine=False``
+        is a ValueError. The missing one is None, as its gradient
+        (``grad_weight``/``grad_bias``) and its state-dict key are absent.
+    activation : None or "relu"
+        ``"relu"`` returns ``max(bn(x), 0)``, fused into the same pass over
+        memory; ``backward`` then differentiates through it.
+
+    The conventions of the libraries, and how to get each here:
+
+    ==================  ==============  ==============  ==============  ==============
+    \\                   PyTorch         Keras           ONNX            Flax
+    ==================  ==============  ==============  ==============  ==============
+    momentum means      weight of the   weight of the   as Keras        as Keras
+                        new batch       running value
+    momentum default    0.1             0.99            0.9             0.99
+    here                momentum=0.1    decay=0.99      decay=0.9       decay=0.99
+    running_var from    unbiased (n-1)  biased (n)      biased (n)      biased (n)
+    here                (default)       unbiased_running_var=False (all three)
+    eps default         1e-5            1e-3            1e-5            1e-5
+    layout              channels first  channels last   channels first  channels last
+    ==================  ==============  ==============  ==============  ==============
+
+    ``BatchNorm.from_torch``, ``from_keras_weights`` and ``from_onnx`` set
+    these options from the source model; ``to_torch`` converts back.
 
     A new layer is in training mode. Call it as ``bn(x)``.
 
     ``bn.backward(grad_output)`` then returns the gradient with respect to
     that call's input and sets ``bn.grad_weight`` and ``bn.grad_bias``. For
-    it the layer keeps a reference to the last input (not a copy) and its
-    statistics: modifying that array in place before ``backward`` changes the
-    gradient, and a layer shared by several threads should not be used for
-    ``backward``.
+    it the layer keeps a reference to the last input, weight and bias (not
+    copies) and the statistics: modifying those arrays in place before
+    ``backward`` changes the gradient, and a layer shared by several threads
+    should not be used for ``backward``.
 
     Threads: a layer may be called from several threads at once. Eval
     forwards only read the layer's arrays and take no lock. Training
@@ -79,17 +166,23 @@ class BatchNorm:
     """
 
     #: Input ranks the layer accepts; None means any rank >= 2.
-    accepted_ndims = None
+    accepted_ndims: tuple[int, ...] | None = None
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, axis=1, dtype=np.float32,
-                 nonfinite="propagate"):
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
-            raise TypeError(
-                f"num_features must be a positive integer, got {type(num_features).__name__}"
-            )
-        if num_features < 1:
-            raise ValueError(f"num_features must be at least 1, got {num_features}")
+    def __init__(self, num_features: int | None, eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, *, axis: int = 1,
+                 dtype: DTypeLike = np.float32, nonfinite: str = "propagate",
+                 decay: float | None = None, unbiased_running_var: bool = True,
+                 scale: bool | None = None, center: bool | None = None,
+                 activation: str | None = None) -> None:
+        if num_features is not None:
+            if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+                raise TypeError(
+                    "num_features must be a positive integer or None (lazy), "
+                    f"got {type(num_features).__name__}"
+                )
+            if num_features < 1:
+                raise ValueError(f"num_features must be at least 1, got {num_features}")
         if momentum is not None:
             if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
                 raise TypeError(
@@ -106,69 +199,108 @@ class BatchNorm:
             raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
         if dtype not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        affine = bool(affine)
 
-        self.num_features = int(num_features)
+        self.num_features: int | None = None if num_features is None else int(num_features)
         self.eps = _check_eps(eps)
         self.momentum = momentum
-        self.affine = bool(affine)
+        self.decay = _check_decay(decay, momentum)
+        self.unbiased_running_var = _flag(unbiased_running_var, "unbiased_running_var")
+        self.affine = affine
+        self.scale = _toggle(scale, "scale", affine)
+        self.center = _toggle(center, "center", affine)
         self.track_running_stats = bool(track_running_stats)
         self.axis = int(axis)
         self.dtype = dtype
         self.nonfinite = _check_nonfinite(nonfinite)
+        _check_activation(activation)
+        self.activation = activation
         self.training = True
-        # Serialises the running-statistic updates of training forwards; not
-        # picklable, so __getstate__ leaves it out and __setstate__ makes one.
+        # Serialises the running-statistic updates of training forwards, lazy
+        # materialisation and fold(); not picklable, so __getstate__ leaves it
+        # out and __setstate__ makes one.
         self._lock = threading.Lock()
-        self.grad_weight = None
-        self.grad_bias = None
-        self._saved = None  # (input, mean, invstd, used batch statistics)
-        self.weight = np.ones(self.num_features, dtype) if self.affine else None
-        self.bias = np.zeros(self.num_features, dtype) if self.affine else None
+        self.grad_weight: NDArray[np.floating] | None = None
+        self.grad_bias: NDArray[np.floating] | None = None
+        # (input, mean, invstd, used batch statistics, weight, bias, activation)
+        self._saved: tuple | None = None
+        # (key, (scale, shift)): see fold().
+        self._fold_cache: tuple | None = None
+        self.weight: NDArray[np.floating] | None = None
+        self.bias: NDArray[np.floating] | None = None
+        self.running_mean: NDArray[np.floating] | None = None
+        self.running_var: NDArray[np.floating] | None = None
+        self.num_batches_tracked: int | None = None
+        if self.num_features is not None:
+            self._allocate(self.num_features)
+
+    def _allocate(self, num_features: int) -> None:
+        """Create the parameters and buffers for C = num_features; the
+        count goes last, so that a layer with a count has its arrays."""
+        dtype = self.dtype
+        self.weight = np.ones(num_features, dtype) if self.scale else None
+        self.bias = np.zeros(num_features, dtype) if self.center else None
         if self.track_running_stats:
-            self.running_mean = np.zeros(self.num_features, dtype)
-            self.running_var = np.ones(self.num_features, dtype)
+            self.running_mean = np.zeros(num_features, dtype)
+            self.running_var = np.ones(num_features, dtype)
             self.num_batches_tracked = 0
-        else:
-            self.running_mean = None
-            self.running_var = None
-            self.num_batches_tracked = None
+        self.num_features = num_features
+
+    def _materialize(self, num_features: int, source: str) -> None:
+        """Give a lazy layer its size (once; other threads may race here)."""
+        if num_features < 1:
+            raise ValueError(
+                f"{source} is {num_features}: a lazy {type(self).__name__} needs at "
+                "least one feature to take num_features from"
+            )
+        with self._lock:
+            if self.num_features is None:
+                self._allocate(num_features)
 
     # -- modes -------------------------------------------------------------
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> BatchNorm:
         """Set training mode (or eval mode with ``mode=False``); returns self."""
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> BatchNorm:
         """Set evaluation mode; returns self."""
         return self.train(False)
 
     # -- state -------------------------------------------------------------
 
-    def reset_running_stats(self):
-        if self.track_running_stats:
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, no batches counted."""
+        if self.track_running_stats and self.num_features is not None:
             with self._lock:
                 self.running_mean.fill(0)
                 self.running_var.fill(1)
                 self.num_batches_tracked = 0
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
+        """Running statistics reset, weight 1, bias 0."""
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None:
             self.weight.fill(1)
+        if self.bias is not None:
             self.bias.fill(0)
 
-    def _state_keys(self):
+    def _state_keys(self) -> list[str]:
         keys = []
-        if self.affine:
-            keys += ["weight", "bias"]
+        if self.scale:
+            keys.append("weight")
+        if self.center:
+            keys.append("bias")
         if self.track_running_stats:
             keys += ["running_mean", "running_var", "num_batches_tracked"]
         return keys
 
-    def state_dict(self):
-        """Copies of the parameters and buffers under PyTorch's keys."""
+    def state_dict(self) -> dict[str, NDArray[Any]]:
+        """Copies of the parameters and buffers under PyTorch's keys
+        (``weight`` only with ``scale``, ``bias`` only with ``center``)."""
+        if self.num_features is None:
+            raise _not_materialized(self, "state_dict()")
         state = {}
         for key in self._state_keys():
             if key == "num_batches_tracked":
@@ -177,9 +309,10 @@ class BatchNorm:
                 state[key] = getattr(self, key).copy()
         return state
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, ArrayLike]) -> None:
         """Load a state dict (NumPy arrays, PyTorch tensors, anything
-        ``np.asarray`` takes). All entries are checked before any is loaded."""
+        ``np.asarray`` takes). All entries are checked before any is loaded.
+        A lazy layer takes num_features from the arrays' length."""
         if not hasattr(state_dict, "keys"):
             raise TypeError(
                 f"state_dict must be a mapping, got {type(state_dict).__name__}"
@@ -192,6 +325,7 @@ class BatchNorm:
                 f"state_dict does not match {type(self).__name__}: "
                 f"missing keys {missing}, unexpected keys {unexpected}"
             )
+        num_features = self.num_features
         loaded = {}
         for key in expected:
             value = np.asarray(state_dict[key])
@@ -202,12 +336,21 @@ class BatchNorm:
                 raise TypeError(
                     f"state_dict[{key!r}] must be floating point, got dtype {value.dtype}"
                 )
-            if value.shape != (self.num_features,):
+            if num_features is None and value.ndim == 1 and value.shape[0] >= 1:
+                num_features = value.shape[0]  # a lazy layer's size, from the first array
+            expected_shape = "(C,) with C >= 1" if num_features is None else f"({num_features},)"
+            if value.shape != (num_features,):
                 raise ValueError(
-                    f"state_dict[{key!r}] has shape {value.shape}, "
-                    f"expected ({self.num_features},)"
+                    f"state_dict[{key!r}] has shape {value.shape}, expected {expected_shape}"
                 )
             loaded[key] = value
+        if self.num_features is None and num_features is not None:
+            self._materialize(num_features, "the state dict's arrays' length")
+            if self.num_features != num_features:  # another thread won the race
+                raise ValueError(
+                    f"the state dict's arrays have length {num_features}, but the layer "
+                    f"was meanwhile materialised with num_features={self.num_features}"
+                )
         with self._lock:
             for key, value in loaded.items():
                 if key == "num_batches_tracked":
@@ -215,17 +358,18 @@ class BatchNorm:
                 else:
                     np.copyto(getattr(self, key), value, casting="unsafe")
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_lock", None)
+        state["_fold_cache"] = None
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
     @staticmethod
-    def _checked_count(value):
+    def _checked_count(value: NDArray[Any]) -> int:
         if value.dtype.kind not in "iu":
             raise TypeError(
                 f"state_dict['num_batches_tracked'] must be an integer, got dtype {value.dtype}"
@@ -239,9 +383,90 @@ class BatchNorm:
             raise ValueError(f"state_dict['num_batches_tracked'] must be >= 0, got {count}")
         return count
 
+    def config(self) -> dict[str, Any]:
+        """Every constructor option, as ``type(self)(**bn.config())`` takes
+        them (dtype by name; scale and center resolved to True/False)."""
+        return {
+            "num_features": self.num_features,
+            "eps": self.eps,
+            "momentum": self.momentum,
+            "affine": self.affine,
+            "track_running_stats": self.track_running_stats,
+            "axis": self.axis,
+            "dtype": self.dtype.name,
+            "nonfinite": self.nonfinite,
+            "decay": self.decay,
+            "unbiased_running_var": self.unbiased_running_var,
+            "scale": self.scale,
+            "center": self.center,
+            "activation": self.activation,
+        }
+
+    # -- eval transform ----------------------------------------------------
+
+    def _fold_key(self) -> tuple:
+        """What fold()'s result depends on: the exact bytes (and dtypes) of
+        the four arrays, and eps. Taking a snapshot of bytes costs a copy
+        of 4 C values - far less than folding - and sees every change, in
+        place or by rebinding, including NaN to NaN of another payload."""
+        arrays = tuple(
+            None if a is None else (a.dtype.str, a.shape, a.tobytes())
+            for a in (self.weight, self.bias, self.running_mean, self.running_var)
+        )
+        return arrays + (self.eps,)
+
+    def fold(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """The eval transform as per-feature ``(scale, shift)``.
+
+        ``x * scale + shift`` (moved to the feature axis) is the eval
+        output before the activation, with ``scale = weight /
+        sqrt(running_var + eps)`` and ``shift = bias - running_mean *
+        scale``: what folding this layer into a neighbouring linear or
+        convolution layer needs. float64 arrays of shape (C,), read-only.
+
+        The result is cached on the layer together with a snapshot of the
+        arrays and eps it came from; a call whose snapshot differs from the
+        current values (any write, in place or not, a training step, a
+        loaded state dict, a new eps) folds again. It never returns a stale
+        value.
+
+        Eval forwards do not use this cache: the kernel folds the running
+        statistics itself, per call, in O(C) operations that cost nothing
+        next to the O(N*C) pass over the data; checking the cache's
+        snapshot would cost more than that fold (measured: see the issue
+        notes), and the kernel normalises as ``(x - mean) * scale + bias``,
+        which keeps the low digits that ``x * scale + shift`` loses when a
+        feature's mean is large against its spread.
+
+        Raises
+        ------
+        RuntimeError
+            Without running statistics (``track_running_stats=False``) or
+            for a lazy layer that has not seen an input.
+        """
+        if self.num_features is None:
+            raise _not_materialized(self, "fold()")
+        if not self.track_running_stats:
+            raise RuntimeError(
+                f"{type(self).__name__} was built with track_running_stats=False: it "
+                "normalises with each batch's own statistics, so it has no fixed "
+                "eval transform to fold"
+            )
+        with self._lock:
+            key = self._fold_key()
+            cached = self._fold_cache
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            scale, shift = fold_scale_shift(self.running_mean, self.running_var,
+                                            self.weight, self.bias, self.eps)
+            scale.flags.writeable = False
+            shift.flags.writeable = False
+            self._fold_cache = (key, (scale, shift))
+        return scale, shift
+
     # -- forward -----------------------------------------------------------
 
-    def _check_input(self, x):
+    def _check_input(self, x: NDArray[Any]) -> None:
         if x.dtype != self.dtype:
             raise TypeError(
                 f"input has dtype {x.dtype}, but {type(self).__name__} holds {self.dtype}; "
@@ -253,17 +478,26 @@ class BatchNorm:
         if x.ndim < 2:
             raise ValueError(f"input must have at least 2 dimensions, got shape {x.shape}")
         axis = _feature_axis(self.axis, x.ndim)
+        if self.num_features is None:
+            self._materialize(x.shape[axis], f"input.shape[{axis}]")
         if x.shape[axis] != self.num_features:
             raise ValueError(
                 f"input.shape[{axis}] is {x.shape[axis]}, expected num_features="
                 f"{self.num_features}"
             )
 
-    def forward(self, input):
+    def forward(self, input: ArrayLike) -> NDArray[np.floating]:
+        """The normalised input (through the activation, if any)."""
         x = input if isinstance(input, np.ndarray) else np.asarray(input)
         self._check_input(x)
         use_batch_stats = self.training or not self.track_running_stats
         updates = self.training and self.track_running_stats
+        decay = self.decay
+        if updates and decay is not None:
+            # Attributes may have been changed since construction: refuse an
+            # ambiguous rule before anything runs.
+            decay = _check_decay(decay, self.momentum)
+        weight, bias, activation = self.weight, self.bias, self.activation
         # Without tracking the running buffers are None and batch statistics
         # are used in both modes; with tracking, eval reads them and training
         # updates them. The kernel runs outside the lock; only the update of
@@ -272,8 +506,8 @@ class BatchNorm:
             x,
             self.running_mean,
             self.running_var,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             use_batch_stats,
             0.0 if self.momentum is None else self.momentum,
             self.eps,
@@ -282,6 +516,8 @@ class BatchNorm:
             num_threads=None,
             nonfinite=self.nonfinite,
             eval_stats=False,
+            activation=activation,
+            unbiased_running_var=self.unbiased_running_var,
         )
         if updates:
             with self._lock:
@@ -292,7 +528,7 @@ class BatchNorm:
                         # Cumulative average: batch k (from 1) gets weight 1/k.
                         momentum = 1.0 / (self.num_batches_tracked + 1)
                     counted = _fold_batch(batch, self.running_mean, self.running_var,
-                                          momentum)
+                                          momentum, decay)
                 # Counted after the update succeeded, empty batches included
                 # (batch is None), as PyTorch does; a skipped batch is not.
                 if counted:
@@ -304,21 +540,23 @@ class BatchNorm:
             # Eval: backward needs the running statistics as they are now;
             # copying them is cheaper than folding them on every call.
             mean, invstd = self.running_mean.copy(), self.running_var.copy()
-        self._saved = (x, mean, invstd, use_batch_stats)
+        self._saved = (x, mean, invstd, use_batch_stats, weight, bias, activation)
         return y
 
     __call__ = forward
 
-    def backward(self, grad_output):
-        """dL/dx for the last forward call, given dL/dy.
+    def backward(self, grad_output: ArrayLike) -> NDArray[np.floating]:
+        """dL/dx for the last forward call, given dL/dy (y the layer's
+        output, after the activation if there is one).
 
-        Sets ``grad_weight`` and ``grad_bias`` (None when ``affine=False``).
-        In training mode (or without running statistics) the gradient flows
-        through the batch statistics; in eval mode they are constants.
+        Sets ``grad_weight`` (None without ``scale``) and ``grad_bias``
+        (None without ``center``). In training mode (or without running
+        statistics) the gradient flows through the batch statistics; in eval
+        mode they are constants.
         """
         if self._saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called before any forward call")
-        x, mean, invstd, used_batch_stats = self._saved
+        x, mean, invstd, used_batch_stats, weight, bias, activation = self._saved
         if not used_batch_stats:
             # Saved in eval as the running statistics themselves.
             mean, invstd = _running_stats(mean, invstd, self.eps)
@@ -329,21 +567,95 @@ class BatchNorm:
                 "the last forward call's input"
             )
         grad_input, grad_weight, grad_bias = batch_norm_backward(
-            dy, x, mean, invstd, self.weight, training=used_batch_stats, axis=self.axis
+            dy, x, mean, invstd, weight, bias, training=used_batch_stats, axis=self.axis,
+            activation=activation,
         )
-        self.grad_weight = grad_weight if self.affine else None
-        self.grad_bias = grad_bias if self.affine else None
+        self.grad_weight = grad_weight if weight is not None else None
+        self.grad_bias = grad_bias if bias is not None else None
         return grad_input
 
-    def __repr__(self):
-        return (
-            f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
-            f"momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, axis={self.axis}, "
-            f"dtype={self.dtype.name}"
-            + ("" if self.nonfinite == "propagate" else f", nonfinite={self.nonfinite!r}")
-            + ")"
-        )
+    # -- files and other libraries -----------------------------------------
+
+    def save(self, file: PathOrFile) -> None:
+        """Write the layer to ``file`` (a path, used as given, or a binary
+        file object) as a NumPy ``.npz`` archive: its arrays and a JSON
+        config with every constructor option. No pickle; PyTorch is not
+        needed. ``BatchNorm.load`` reads it back."""
+        from . import _layer_io
+
+        _layer_io.save(self, file)
+
+    @classmethod
+    def load(cls, file: PathOrFile) -> BatchNorm:
+        """Rebuild a layer written by ``save``, as the class it was saved
+        from (which must be ``cls`` or a subclass of it). Files that are not
+        bncore layers, come from a newer format, or have missing, extra or
+        misshapen arrays are refused with ValueError."""
+        from . import _layer_io
+
+        return _layer_io.load(cls, file)
+
+    @classmethod
+    def from_torch(cls, module: Any) -> BatchNorm:
+        """A copy of a ``torch.nn.BatchNorm1d/2d/3d`` (or lazy or sync
+        batch norm) as the matching bncore class; see
+        ``bncore.interop.from_torch``."""
+        from . import interop
+
+        return interop.from_torch(module, cls)
+
+    def to_torch(self, *, strict: bool = True) -> Any:
+        """A ``torch.nn.BatchNorm1d/2d/3d`` copy of this layer; see
+        ``bncore.interop.to_torch``."""
+        from . import interop
+
+        return interop.to_torch(self, strict=strict)
+
+    @classmethod
+    def from_keras_weights(cls, weights: Any, *, epsilon: float = 1e-3,
+                           momentum: float = 0.99, axis: int = -1, scale: bool = True,
+                           center: bool = True, dtype: DTypeLike | None = None,
+                           activation: str | None = None,
+                           nonfinite: str = "propagate") -> BatchNorm:
+        """A layer from a Keras ``BatchNormalization``'s ``get_weights()``
+        and options; see ``bncore.interop.from_keras_weights``."""
+        from . import interop
+
+        return interop.from_keras_weights(
+            weights, epsilon=epsilon, momentum=momentum, axis=axis, scale=scale,
+            center=center, dtype=dtype, activation=activation, nonfinite=nonfinite,
+            layer_class=cls)
+
+    @classmethod
+    def from_onnx(cls, model: Any, node_name: str | None = None, *,
+                  dtype: DTypeLike | None = None) -> BatchNorm:
+        """A layer from a ``BatchNormalization`` node of an ONNX model (a
+        path or a ``ModelProto``); see ``bncore.interop.from_onnx``."""
+        from . import interop
+
+        return interop.from_onnx(model, node_name, dtype=dtype, layer_class=cls)
+
+    def __repr__(self) -> str:
+        options = [f"{self.num_features}", f"eps={self.eps}"]
+        if self.decay is None:
+            options.append(f"momentum={self.momentum}")
+        else:
+            options.append(f"decay={self.decay}")
+        options += [f"affine={self.affine}",
+                    f"track_running_stats={self.track_running_stats}",
+                    f"axis={self.axis}", f"dtype={self.dtype.name}"]
+        # The options beyond PyTorch's, when they are not their defaults.
+        if self.nonfinite != "propagate":
+            options.append(f"nonfinite={self.nonfinite!r}")
+        if not self.unbiased_running_var:
+            options.append("unbiased_running_var=False")
+        if self.scale != self.affine:
+            options.append(f"scale={self.scale}")
+        if self.center != self.affine:
+            options.append(f"center={self.center}")
+        if self.activation is not None:
+            options.append(f"activation={self.activation!r}")
+        return f"{type(self).__name__}({', '.join(options)})"
 
 
 class BatchNorm1d(BatchNorm):

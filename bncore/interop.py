@@ -1,0 +1,385 @@
+"""Conversions between bncore layers and PyTorch, Keras and ONNX batch norms.
+
+Each library writes batch normalization with its own conventions (see the
+table in ``bncore.BatchNorm``'s docstring); the converters set the layer's
+options so that the bncore layer computes what the source computes, in
+eval and in training. PyTorch, Keras and ONNX are optional: each is imported
+only by the function that needs it (``from_keras_weights`` needs none).
+
+The ``BatchNorm`` class methods (``BatchNorm.from_torch`` and so on) call
+these functions with their own class as ``layer_class``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
+
+if TYPE_CHECKING:
+    from .modules import BatchNorm
+
+__all__ = ["from_keras_weights", "from_onnx", "from_torch", "to_torch"]
+
+
+def _optional(module: str, purpose: str, install: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(f"{purpose} needs {module}, which is not installed: {install}") from error
+
+
+def _torch(purpose: str) -> Any:
+    # Not an extra of bncore: a version range could pull a CUDA build.
+    return _optional("torch", purpose, "install PyTorch, see https://pytorch.org")
+
+
+def _layer_classes() -> tuple[type[BatchNorm], ...]:
+    from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+    return BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+
+def _pick_class(natural: type[BatchNorm], layer_class: type[BatchNorm] | None,
+                source: str) -> type[BatchNorm]:
+    """``natural`` is the class the source maps to; a caller's more specific
+    class is fine (a rank-agnostic source), an unrelated one is not."""
+    if layer_class is None or issubclass(natural, layer_class):
+        return natural
+    if issubclass(layer_class, natural):
+        return layer_class
+    raise TypeError(
+        f"{source} converts to bncore.{natural.__name__}, not {layer_class.__name__}: "
+        f"call {natural.__name__}.from_torch or BatchNorm.from_torch"
+    )
+
+
+# --------------------------------------------------------------------------
+# PyTorch
+
+def from_torch(module: Any, layer_class: type[BatchNorm] | None = None) -> BatchNorm:
+    """A bncore copy of a PyTorch batch-norm module.
+
+    Parameters
+    ----------
+    module : torch.nn.BatchNorm1d, BatchNorm2d, BatchNorm3d, their Lazy
+        variants, or SyncBatchNorm
+        Any options: ``affine=False``, ``track_running_stats=False``,
+        ``momentum=None`` (cumulative average).
+    layer_class : BatchNorm subclass, optional
+        The bncore class wanted (what ``BatchNorm2d.from_torch`` passes);
+        by default the one matching the module (BatchNorm2d for
+        BatchNorm2d, the rank-agnostic BatchNorm for SyncBatchNorm).
+
+    Returns
+    -------
+    BatchNorm
+        With copies (not views) of the weight, bias, running statistics and
+        ``num_batches_tracked``, the module's dtype, eps, momentum and
+        training mode. A lazy module that has not seen an input gives a
+        lazy layer.
+    """
+    torch = _torch("BatchNorm.from_torch")
+    nn = torch.nn
+    generic, bn1d, bn2d, bn3d = _layer_classes()
+    mapping = [((nn.BatchNorm1d, nn.LazyBatchNorm1d), bn1d),
+               ((nn.BatchNorm2d, nn.LazyBatchNorm2d), bn2d),
+               ((nn.BatchNorm3d, nn.LazyBatchNorm3d), bn3d),
+               ((nn.SyncBatchNorm,), generic)]
+    natural = next((cls for kinds, cls in mapping if isinstance(module, kinds)), None)
+    if natural is None:
+        raise TypeError(
+            "module must be a torch.nn.BatchNorm1d, BatchNorm2d, BatchNorm3d, their Lazy "
+            f"variants or SyncBatchNorm, got {type(module).__name__}"
+        )
+    cls = _pick_class(natural, layer_class, f"torch.nn.{type(module).__name__}")
+    tracked = module.running_mean is not None and module.running_var is not None
+    if tracked != bool(module.track_running_stats):
+        # PyTorch then uses buffers it does not update (or none it should):
+        # a state no bncore layer has.
+        raise ValueError(
+            f"module has track_running_stats={module.track_running_stats} but running "
+            f"buffers {'present' if tracked else 'absent'}; bncore layers have "
+            "running statistics exactly when they track them"
+        )
+    lazy = hasattr(module, "has_uninitialized_params") and module.has_uninitialized_params()
+    tensors = [t for t in (module.weight, module.running_mean) if t is not None]
+    torch_dtype = tensors[0].dtype if tensors else torch.get_default_dtype()
+    try:
+        dtype = torch.empty(0, dtype=torch_dtype).numpy().dtype
+    except TypeError:
+        raise TypeError(
+            f"module holds {torch_dtype}, which has no NumPy dtype; convert it first "
+            "(module.float() or module.double())"
+        ) from None
+    layer = cls(
+        None if lazy else int(module.num_features),
+        eps=float(module.eps),
+        momentum=None if module.momentum is None else float(module.momentum),
+        affine=bool(module.affine),
+        track_running_stats=bool(module.track_running_stats),
+        dtype=dtype,
+    )
+    if not lazy:
+        layer.load_state_dict({key: value.detach().cpu().numpy()
+                               for key, value in module.state_dict().items()})
+    return layer.train(bool(module.training))
+
+
+def to_torch(layer: BatchNorm, *, strict: bool = True) -> Any:
+    """A PyTorch copy of a bncore layer, as ``torch.nn.BatchNorm1d``, 2d or
+    3d (``LazyBatchNorm*`` for a lazy layer without a size yet).
+
+    PyTorch's layers take channels on dim 1 and have fewer options. A
+    layer with ``scale`` and ``center`` apart converts exactly: the missing
+    parameter becomes a constant (ones or zeros, ``requires_grad=False``).
+    ``decay`` becomes ``momentum = 1 - decay`` (equal up to the rounding of
+    that subtraction). What PyTorch cannot compute raises ValueError with
+    ``strict=True`` (the default); with ``strict=False`` it is dropped:
+    ``unbiased_running_var=False`` (torch's training updates then use the
+    unbiased variance), ``activation="relu"`` (append ``torch.nn.ReLU()``),
+    ``nonfinite`` other than ``"propagate"``, and a feature axis other than
+    1 (the module then expects channels-first input). The generic,
+    rank-agnostic ``BatchNorm`` has no PyTorch class and raises TypeError.
+    """
+    torch = _torch("BatchNorm.to_torch")
+    nn = torch.nn
+    generic, bn1d, bn2d, bn3d = _layer_classes()
+    lazy = layer.num_features is None
+    mapping = [(bn1d, nn.BatchNorm1d, nn.LazyBatchNorm1d),
+               (bn2d, nn.BatchNorm2d, nn.LazyBatchNorm2d),
+               (bn3d, nn.BatchNorm3d, nn.LazyBatchNorm3d)]
+    found = next(((eager, lazy_cls) for cls, eager, lazy_cls in mapping
+                  if isinstance(layer, cls)), None)
+    if found is None:
+        raise TypeError(
+            f"{type(layer).__name__} accepts input of any rank, and PyTorch has one class "
+            "per rank: rebuild it as BatchNorm1d, BatchNorm2d or BatchNorm3d "
+            "(e.g. bncore.BatchNorm2d(**bn.config()) and load_state_dict) first"
+        )
+    problems = []
+    if not layer.unbiased_running_var:
+        problems.append("unbiased_running_var=False (torch averages the unbiased variance)")
+    if layer.activation is not None:
+        problems.append(f"activation={layer.activation!r} (append torch.nn.ReLU())")
+    if layer.nonfinite != "propagate":
+        problems.append(f"nonfinite={layer.nonfinite!r} (torch propagates)")
+    if layer.axis != 1:
+        problems.append(f"axis={layer.axis} (torch takes channels on dim 1)")
+    if strict and problems:
+        raise ValueError(
+            f"PyTorch's batch norm cannot express {'; '.join(problems)}: convert with "
+            "strict=False to drop these, or change the layer first"
+        )
+    momentum = layer.momentum if layer.decay is None else 1.0 - layer.decay
+    dtype = torch.from_numpy(np.empty(0, layer.dtype)).dtype
+    options = dict(eps=layer.eps, momentum=momentum, affine=layer.scale or layer.center,
+                   track_running_stats=layer.track_running_stats, dtype=dtype)
+    if lazy:
+        if layer.scale != layer.center:
+            raise ValueError(
+                "a lazy layer with only one of scale and center has no PyTorch "
+                "equivalent before it has a size (the missing parameter would be "
+                "learnable): call the layer on an input first"
+            )
+        return found[1](**options).train(layer.training)
+    module = found[0](layer.num_features, **options)
+    state = {key: torch.from_numpy(np.array(value)) for key, value in layer.state_dict().items()}
+    with torch.no_grad():
+        for key, fill in (("weight", 1.0), ("bias", 0.0)):
+            if options["affine"] and key not in state:
+                # scale without center or the reverse: a constant stands in.
+                getattr(module, key).fill_(fill)
+                getattr(module, key).requires_grad_(False)
+                state[key] = getattr(module, key).detach().clone()
+        module.load_state_dict(state)
+    return module.train(layer.training)
+
+
+# --------------------------------------------------------------------------
+# Keras
+
+def from_keras_weights(weights: Sequence[ArrayLike], *, epsilon: float = 1e-3,
+                       momentum: float = 0.99, axis: int = -1, scale: bool = True,
+                       center: bool = True, dtype: DTypeLike | None = None,
+                       activation: str | None = None, nonfinite: str = "propagate",
+                       layer_class: type[BatchNorm] | None = None) -> BatchNorm:
+    """A layer computing what a Keras ``BatchNormalization`` computes.
+
+    Parameters
+    ----------
+    weights : sequence of arrays of shape (C,)
+        The Keras layer's ``get_weights()``: ``[gamma, beta, moving_mean,
+        moving_variance]``, without gamma when ``scale=False`` and without
+        beta when ``center=False``, as Keras leaves them out.
+    epsilon, momentum, axis, scale, center
+        The Keras layer's options, with Keras's defaults (epsilon 1e-3 -
+        not PyTorch's 1e-5 - momentum 0.99, channels-last axis -1).
+        Keras's momentum is the weight of the running value: it becomes
+        ``decay``, and the running variance averages the biased batch
+        variance (``unbiased_running_var=False``), as Keras's does.
+    dtype : float32 or float64, optional
+        The layer's dtype; by default the weights'.
+    activation, nonfinite
+        bncore options, passed on (Keras's layer has neither).
+    layer_class : BatchNorm subclass, optional
+        The class to build (default ``BatchNorm``, any rank).
+
+    Returns
+    -------
+    BatchNorm
+        In eval mode, as a Keras layer computes when called without
+        ``training=True``.
+    """
+    from .modules import BatchNorm
+
+    cls = BatchNorm if layer_class is None else layer_class
+    names = (["gamma"] if scale else []) + (["beta"] if center else []) + [
+        "moving_mean", "moving_variance"]
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        raise TypeError(f"weights must be a list of arrays {names}, got "
+                        f"{type(weights).__name__}")
+    if len(weights) != len(names):
+        raise ValueError(
+            f"weights has {len(weights)} arrays, expected {len(names)}: {names} (Keras's "
+            f"get_weights() order for scale={scale}, center={center})"
+        )
+    arrays = dict(zip(names, (np.asarray(w) for w in weights)))
+    if isinstance(axis, (list, tuple)):
+        raise TypeError(f"axis must be one integer (bncore normalises over one feature "
+                        f"axis), got {axis!r}")
+    for name, array in arrays.items():
+        if array.ndim != 1 or array.shape[0] < 1:
+            raise ValueError(f"{name} must have shape (C,) with C >= 1, got {array.shape}")
+    num_features = arrays["moving_mean"].shape[0]
+    layer = cls(
+        num_features, eps=epsilon, decay=momentum, unbiased_running_var=False,
+        affine=scale or center, scale=scale, center=center, axis=axis,
+        dtype=arrays["moving_mean"].dtype if dtype is None else dtype,
+        activation=activation, nonfinite=nonfinite,
+    )
+    keys = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
+            "moving_variance": "running_var"}
+    state = {keys[name]: array for name, array in arrays.items()}
+    layer.load_state_dict({**state, "num_batches_tracked": np.array(0)})
+    return layer.eval()
+
+
+# --------------------------------------------------------------------------
+# ONNX
+
+def from_onnx(model: Any, node_name: str | None = None, *, dtype: DTypeLike | None = None,
+              layer_class: type[BatchNorm] | None = None) -> BatchNorm:
+    """A layer computing what an ONNX ``BatchNormalization`` node computes.
+
+    Parameters
+    ----------
+    model : str, os.PathLike or onnx.ModelProto
+        The model, or the path of its file.
+    node_name : str, optional
+        Which node, by name; needed when the graph has several
+        BatchNormalization nodes.
+    dtype : float32 or float64, optional
+        The layer's dtype; by default the element type declared for the
+        node's input X, else that of the scale initializer.
+    layer_class : BatchNorm subclass, optional
+        The class to build (default ``BatchNorm``, any rank).
+
+    Returns
+    -------
+    BatchNorm
+        Channels first (``axis=1``), eps from ``epsilon`` (default 1e-5),
+        ``decay`` from ``momentum`` (default 0.9; ONNX weights the running
+        value, as Keras), the biased running variance
+        (``unbiased_running_var=False``), and in training mode when the
+        node has ``training_mode=1``, else in eval mode.
+
+    Raises
+    ------
+    ValueError
+        When the graph has no such node, several and no node_name, or when
+        scale, B, input_mean or input_var are not initializers (computed by
+        the graph or fed as graph inputs), or of mismatched shapes.
+    """
+    from .modules import BatchNorm
+
+    onnx = _optional("onnx", "BatchNorm.from_onnx", "pip install 'bncore[onnx]'")
+    from onnx import helper, numpy_helper
+
+    cls = BatchNorm if layer_class is None else layer_class
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(os.fspath(model))
+    if not isinstance(model, onnx.ModelProto):
+        raise TypeError(f"model must be a path or an onnx.ModelProto, got "
+                        f"{type(model).__name__}")
+    graph = model.graph
+    node = _pick_node(graph, node_name)
+    label = f"BatchNormalization node {node.name!r}"
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attributes.get("spatial", 1) != 1:
+        raise ValueError(f"{label} has spatial=0 (statistics per element, not per "
+                         "channel), which bncore does not compute")
+    if len(node.input) != 5:
+        raise ValueError(f"{label} has {len(node.input)} inputs, expected 5 "
+                         "(X, scale, B, input_mean, input_var)")
+    initializers = {init.name: init for init in graph.initializer}
+    arrays = {}
+    for role, name in zip(("scale", "B", "input_mean", "input_var"), node.input[1:]):
+        if name not in initializers:
+            raise ValueError(
+                f"input {role} ({name!r}) of {label} is not an initializer: it is computed "
+                "by the graph or fed as a graph input, and bncore can only read constants"
+            )
+        array = numpy_helper.to_array(initializers[name])
+        if array.ndim != 1 or array.shape[0] < 1:
+            raise ValueError(f"{role} ({name!r}) of {label} has shape {array.shape}, "
+                             "expected (C,) with C >= 1")
+        arrays[role] = array
+    if dtype is None:
+        dtype = _declared_dtype(graph, node.input[0], helper) or arrays["scale"].dtype
+    layer = cls(
+        arrays["input_mean"].shape[0],
+        eps=float(attributes.get("epsilon", 1e-5)),
+        decay=float(attributes.get("momentum", 0.9)),
+        unbiased_running_var=False,
+        axis=1,
+        dtype=dtype,
+    )
+    layer.load_state_dict({
+        "weight": arrays["scale"], "bias": arrays["B"],
+        "running_mean": arrays["input_mean"], "running_var": arrays["input_var"],
+        "num_batches_tracked": np.array(0),
+    })
+    return layer.train(bool(attributes.get("training_mode", 0)))
+
+
+def _pick_node(graph: Any, node_name: str | None) -> Any:
+    nodes = [n for n in graph.node
+             if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")]
+    names = [n.name for n in nodes]
+    if node_name is not None:
+        matches = [n for n in nodes if n.name == node_name]
+        if len(matches) != 1:
+            found = "no" if not matches else f"{len(matches)}"
+            raise ValueError(f"the graph has {found} BatchNormalization node named "
+                             f"{node_name!r}; its BatchNormalization nodes: {names}")
+        return matches[0]
+    if len(nodes) != 1:
+        if not nodes:
+            raise ValueError("the model's graph has no BatchNormalization node")
+        raise ValueError(f"the model's graph has {len(nodes)} BatchNormalization nodes "
+                         f"{names}: pass node_name= to choose one")
+    return nodes[0]
+
+
+def _declared_dtype(graph: Any, name: str, helper: Any) -> np.dtype | None:
+    """The NumPy dtype the graph declares for the value ``name``, if any."""
+    for info in list(graph.input) + list(graph.value_info):
+        if info.name == name and info.type.HasField("tensor_type"):
+            elem_type = info.type.tensor_type.elem_type
+            if elem_type:
+                return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+    return None
