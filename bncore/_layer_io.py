@@ -42,6 +42,9 @@ FORMAT_VERSION = 1
 #: The archive entry that holds the JSON config.
 CONFIG_KEY = "bncore_config"
 
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, an empty zip
+_NPY_MAGIC = b"\x93NUMPY"
+
 
 def save(layer: BatchNorm, file: PathOrFile) -> None:
     """Write ``layer`` to ``file``: a path (used exactly as given, no
@@ -91,12 +94,20 @@ def _load(layer_class: type[BatchNorm], file: IO[bytes], name: str) -> BatchNorm
     # A damaged archive can fail with any of these, when opened or when an
     # entry is read; every one means the same thing here.
     unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError)
+    # np.load guesses the kind of file from its first bytes; look first, so
+    # that anything but a zip archive gets a plain answer (np.load's own for
+    # other bytes is an invitation to unpickle them).
+    start = file.tell()
+    magic = file.read(len(_NPY_MAGIC))
+    file.seek(start)
+    if magic.startswith(_NPY_MAGIC):
+        raise refuse("it holds a single NumPy array (.npy), not a .npz archive")
+    if not magic.startswith(_ZIP_MAGIC):
+        raise refuse("it is not a NumPy .npz archive (not even a zip file)")
     try:
         archive = np.load(file, allow_pickle=False)
     except unreadable as error:
-        raise refuse(f"it is not a NumPy .npz archive ({error})") from error
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise refuse("it holds a single NumPy array, not a .npz archive")
+        raise refuse(f"it is not a readable NumPy .npz archive ({error})") from error
     with archive:
         if CONFIG_KEY not in archive.files:
             raise refuse(f"it has no {CONFIG_KEY!r} entry (an .npz archive from "
@@ -105,7 +116,7 @@ def _load(layer_class: type[BatchNorm], file: IO[bytes], name: str) -> BatchNorm
             entries = {key: archive[key] for key in archive.files}
         except unreadable as error:
             raise refuse(f"an entry cannot be read ({error})") from error
-    config = _parse_config(entries.pop(CONFIG_KEY), refuse)
+    config = _parse_config(entries.pop(CONFIG_KEY), refuse, name)
     cls = _saved_class(layer_class, config["class"], refuse)
     options = config["options"]
     if not isinstance(options, dict):
@@ -139,7 +150,7 @@ def _load(layer_class: type[BatchNorm], file: IO[bytes], name: str) -> BatchNorm
     return layer.train(training)
 
 
-def _parse_config(value: np.ndarray, refuse: Any) -> dict[str, Any]:
+def _parse_config(value: np.ndarray, refuse: Any, name: str) -> dict[str, Any]:
     if value.dtype.kind != "U" or value.shape != ():
         raise refuse(f"{CONFIG_KEY!r} must be a 0-d string array, got a {value.dtype} "
                      f"array of shape {value.shape}")
@@ -155,7 +166,7 @@ def _parse_config(value: np.ndarray, refuse: Any) -> dict[str, Any]:
         raise refuse(f"its format_version must be a positive integer, got {version!r}")
     if version > FORMAT_VERSION:
         raise ValueError(
-            f"the file was written with layer format version {version} (by bncore "
+            f"{name} was written with layer format version {version} (by bncore "
             f"{config.get('bncore_version', '?')}); this bncore ({__version__}) reads "
             f"versions up to {FORMAT_VERSION}: upgrade bncore to load it"
         )
