@@ -60,7 +60,8 @@ def save(layer: BatchNorm, file: PathOrFile) -> None:
         "options": layer.config(),
         "training": layer.training,
     }
-    entries = {CONFIG_KEY: np.array(json.dumps(config, allow_nan=False)), **state}
+    entries: dict[str, Any] = {CONFIG_KEY: np.array(json.dumps(config, allow_nan=False)),
+                               **state}
     if not isinstance(file, (str, os.PathLike)):
         np.savez(file, **entries)
         return
@@ -181,7 +182,7 @@ def _saved_class(layer_class: type[BatchNorm], name: Any, refuse: Any) -> type[B
     which must be ``layer_class`` or a subclass of it."""
     from .modules import BatchNorm
 
-    classes = {}
+    classes: dict[str, type[BatchNorm]] = {}
     pending: list[type[BatchNorm]] = [BatchNorm]
     while pending:
         cls = pending.pop()

