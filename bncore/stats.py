@@ -67,6 +67,9 @@ class Moments:
     """
 
     __slots__ = ("_count", "_mean", "_m2")
+    _count: int
+    _mean: NDArray[np.float64]
+    _m2: NDArray[np.float64]
 
     def __init__(self, count: int, mean: ArrayLike, m2: ArrayLike) -> None:
         if isinstance(count, bool) or not isinstance(count, numbers.Integral):
@@ -216,9 +219,9 @@ def partial_moments(x: ArrayLike, axis: int = 1, *,
         piece, which merges as nothing). The same numbers as
         ``bncore.moments(x, axis=axis)``: ``var() == moments(x)[1]``.
     """
-    x = _as_input(x, "x")
-    ax = _feature_axis(axis, x.ndim)
-    return _kernel_moments(x, ax, _threads.resolve(num_threads))
+    array: NDArray[np.floating] = _as_input(x, "x")
+    ax = _feature_axis(axis, array.ndim)
+    return _kernel_moments(array, ax, _threads.resolve(num_threads))
 
 
 def update_population_stats(bn: BatchNorm, batches: Iterable[ArrayLike], *,
@@ -281,7 +284,7 @@ def update_population_stats(bn: BatchNorm, batches: Iterable[ArrayLike], *,
     total = Moments.empty(bn.num_features)
     seen = 0
     for index, batch in enumerate(batches):
-        x = batch if isinstance(batch, np.ndarray) else np.asarray(batch)
+        x: NDArray[np.floating] = batch if isinstance(batch, np.ndarray) else np.asarray(batch)
         try:
             bn._check_input(x)
         except (TypeError, ValueError) as error:
