@@ -3,7 +3,7 @@
 from ._config import show_config
 from ._threads import get_num_threads, num_threads, set_num_threads
 from ._version import __version__
-from .functional import batch_norm, batch_norm_backward, moments
+from .functional import batch_norm, batch_norm_backward, fold_scale_shift, moments
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "__version__",
     "batch_norm",
     "batch_norm_backward",
+    "fold_scale_shift",
     "get_num_threads",
     "moments",
     "num_threads",

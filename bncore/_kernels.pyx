@@ -58,16 +58,30 @@ cdef extern from "_leaf_loops.h" nogil:
                                   Py_ssize_t ncols, const double *origin,
                                   const double *offset, double *s1, double *s2)
     void bn_affine_f32(const float *x, float *y, Py_ssize_t n,
-                       float mean_hi, float mean_lo, float scale, float shift, int stream)
+                       float mean_hi, float mean_lo, float scale, float shift, int relu,
+                       int stream)
     void bn_affine_f64(const double *x, double *y, Py_ssize_t n,
-                       double mean_hi, double mean_lo, double scale, double shift,
+                       double mean_hi, double mean_lo, double scale, double shift, int relu,
                        int stream)
     void bn_rows_affine_f32(const float *x, float *y, Py_ssize_t nrows, Py_ssize_t stride,
                             Py_ssize_t ncols, const float *mean_hi, const float *mean_lo,
-                            const float *scale, const float *shift, int stream)
+                            const float *scale, const float *shift, int relu, int stream)
     void bn_rows_affine_f64(const double *x, double *y, Py_ssize_t nrows, Py_ssize_t stride,
                             Py_ssize_t ncols, const double *mean_hi, const double *mean_lo,
-                            const double *scale, const double *shift, int stream)
+                            const double *scale, const double *shift, int relu, int stream)
+    void bn_relu_gate_f32(const float *x, const float *dy, float *out, Py_ssize_t n,
+                          float mean_hi, float mean_lo, float scale, float shift, int stream)
+    void bn_relu_gate_f64(const double *x, const double *dy, double *out, Py_ssize_t n,
+                          double mean_hi, double mean_lo, double scale, double shift,
+                          int stream)
+    void bn_rows_relu_gate_f32(const float *x, const float *dy, float *out, Py_ssize_t nrows,
+                               Py_ssize_t stride, Py_ssize_t ncols, const float *mean_hi,
+                               const float *mean_lo, const float *scale, const float *shift,
+                               int stream)
+    void bn_rows_relu_gate_f64(const double *x, const double *dy, double *out,
+                               Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t ncols,
+                               const double *mean_hi, const double *mean_lo,
+                               const double *scale, const double *shift, int stream)
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
@@ -267,6 +281,9 @@ cdef struct AffineIn:
     double eps
     Params weight             # absent: 1
     Params bias               # absent: 0
+    int relu                  # y = max(y, 0)
+    const void *gate          # or NULL; else y = gate where the affine output > 0,
+                              # else 0: the backward of a fused relu (gate = dy)
     int stream                # write the output with streaming stores
 
 
@@ -422,14 +439,23 @@ cdef inline void run_moments(const floating *run, const Planar *g, Py_ssize_t p0
                                                           g.inner - start), origin))
 
 
-cdef inline void run_affine(const floating *x, floating *y, Py_ssize_t n, const AffineIn *a,
-                            Py_ssize_t c) noexcept nogil:
+cdef inline void run_affine(const floating *x, floating *y, Py_ssize_t start, Py_ssize_t n,
+                            const AffineIn *a, Py_ssize_t c) noexcept nogil:
+    """The n values from x[start] of channel c into y[start]."""
     cdef floating hi = 0, lo = 0, scale = 0, shift = 0
+    cdef const floating *gate = <const floating *>a.gate
     affine_params(a, c, &hi, &lo, &scale, &shift)
-    if floating is float:
-        bn_affine_f32(x, y, n, hi, lo, scale, shift, a.stream)
+    if gate != NULL:
+        if floating is float:
+            bn_relu_gate_f32(x + start, gate + start, y + start, n, hi, lo, scale, shift,
+                             a.stream)
+        else:
+            bn_relu_gate_f64(x + start, gate + start, y + start, n, hi, lo, scale, shift,
+                             a.stream)
+    elif floating is float:
+        bn_affine_f32(x + start, y + start, n, hi, lo, scale, shift, a.relu, a.stream)
     else:
-        bn_affine_f64(x, y, n, hi, lo, scale, shift, a.stream)
+        bn_affine_f64(x + start, y + start, n, hi, lo, scale, shift, a.relu, a.stream)
 
 
 cdef Moments planar_chunk_moments(const floating *x, const Planar *g, Py_ssize_t c,
@@ -468,7 +494,7 @@ cdef void planar_chunk_affine(const floating *x, floating *y, const Planar *g, P
     cdef Py_ssize_t length = pieces_end(g, s.p1) - first
     for n in range(s.n0, s.n1):
         start = run_start(g, n, c) + first
-        run_affine(x + start, y + start, length, a, c)
+        run_affine(x, y, start, length, a, c)
     if a.stream:
         bn_stream_fence()
 
@@ -481,7 +507,7 @@ cdef void planar_rows_affine(const floating *x, floating *y, const Planar *g, Py
     for n in range(s.n0, s.n1):
         for c in range(c0, c1):
             start = run_start(g, n, c)
-            run_affine(x + start, y + start, g.inner, a, c)
+            run_affine(x, y, start, g.inner, a, c)
     if a.stream:
         bn_stream_fence()
 
@@ -687,7 +713,7 @@ cdef inline Py_ssize_t packed_rows(const Interleaved *g, Py_ssize_t ncols) noexc
 
 cdef void interleaved_normalize_item(const floating *x, floating *y, const Interleaved *g,
                                      Py_ssize_t item, const floating *params,
-                                     int stream) noexcept nogil:
+                                     const AffineIn *a) noexcept nogil:
     """y = ((x - hi) - lo) * scale + shift for one item; params holds the
     per-channel constants (hi, lo, scale, shift, C apart)."""
     cdef floating column[4 * COLUMN_TILE]
@@ -698,25 +724,37 @@ cdef void interleaved_normalize_item(const floating *x, floating *y, const Inter
     start = r0 * g.width + j0
     done = (nrows // pack) * pack
     if done:
-        rows_affine(x + start, y + start, nrows // pack, g.width * pack, ncols * pack,
-                    column, stream)
+        rows_affine(x, y, start, nrows // pack, g.width * pack, ncols * pack, column, a)
     if done < nrows:
         start = start + done * g.width
-        rows_affine(x + start, y + start, nrows - done, g.width, ncols, column, stream)
-    if stream:
+        rows_affine(x, y, start, nrows - done, g.width, ncols, column, a)
+    if a.stream:
         bn_stream_fence()
 
 
-cdef inline void rows_affine(const floating *x, floating *y, Py_ssize_t nrows,
-                             Py_ssize_t stride, Py_ssize_t ncols, const floating *column,
-                             int stream) noexcept nogil:
-    """bn_rows_affine with the constants laid out COLUMN_TILE apart."""
-    if floating is float:
-        bn_rows_affine_f32(x, y, nrows, stride, ncols, column, column + COLUMN_TILE,
-                           column + 2 * COLUMN_TILE, column + 3 * COLUMN_TILE, stream)
+cdef inline void rows_affine(const floating *x, floating *y, Py_ssize_t start,
+                             Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t ncols,
+                             const floating *column, const AffineIn *a) noexcept nogil:
+    """bn_rows_affine (or the relu gate) from x[start] into y[start], with the
+    constants laid out COLUMN_TILE apart."""
+    cdef const floating *gate = <const floating *>a.gate
+    cdef const floating *hi = column
+    cdef const floating *lo = column + COLUMN_TILE
+    cdef const floating *scale = column + 2 * COLUMN_TILE
+    cdef const floating *shift = column + 3 * COLUMN_TILE
+    if gate != NULL:
+        if floating is float:
+            bn_rows_relu_gate_f32(x + start, gate + start, y + start, nrows, stride, ncols,
+                                  hi, lo, scale, shift, a.stream)
+        else:
+            bn_rows_relu_gate_f64(x + start, gate + start, y + start, nrows, stride, ncols,
+                                  hi, lo, scale, shift, a.stream)
+    elif floating is float:
+        bn_rows_affine_f32(x + start, y + start, nrows, stride, ncols, hi, lo, scale, shift,
+                           a.relu, a.stream)
     else:
-        bn_rows_affine_f64(x, y, nrows, stride, ncols, column, column + COLUMN_TILE,
-                           column + 2 * COLUMN_TILE, column + 3 * COLUMN_TILE, stream)
+        bn_rows_affine_f64(x + start, y + start, nrows, stride, ncols, hi, lo, scale, shift,
+                           a.relu, a.stream)
 
 
 cdef void channel_params(const AffineIn *a, Py_ssize_t channels, Py_ssize_t c,
@@ -737,7 +775,7 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
     for c in prange(g.channels, num_threads=nthreads, schedule="static"):
         channel_params(a, g.channels, c, params)
     for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
-        interleaved_normalize_item(x, y, g, item, params, a.stream)
+        interleaved_normalize_item(x, y, g, item, params, a)
     free(params)
     return 0
 
@@ -790,20 +828,26 @@ cdef inline void grad_input_run(const floating *x, const floating *dy, floating 
     else:
         # dx = dy * k: the input does not enter, so a NaN in it cannot either.
         if floating is float:
-            bn_affine_f32(dy, dx, n, 0, 0, k, 0, stream)
+            bn_affine_f32(dy, dx, n, 0, 0, k, 0, 0, stream)
         else:
-            bn_affine_f64(dy, dx, n, 0, 0, k, 0, stream)
+            bn_affine_f64(dy, dx, n, 0, 0, k, 0, 0, stream)
 
 
 cdef struct BackwardArgs:
     # Inputs shared by every work item of one backward call.
     const double *mean
-    const double *invstd
+    const double *invstd    # NULL only with sums_only
     Params weight
-    double *grad_weight     # out: S_dev * invstd
+    double *grad_weight     # out: S_dev * invstd (S_dev when invstd is NULL)
     double *grad_bias       # out: S_dy
     bint training
     int stream              # write grad_input with streaming stores
+    # Split backward (a synchronized batch norm reduces the sums across
+    # processes between the two halves):
+    bint sums_only          # stop after the sums
+    const double *given_dy  # or NULL; else the sums S_dy, S_dev to use, and
+    const double *given_dev # the sum pass is skipped (nothing is stored)
+    double count            # the number of values the sums run over
 
 
 cdef inline GradSums run_grad_sums(const floating *x, const floating *dy, Py_ssize_t n,
@@ -836,7 +880,7 @@ cdef inline void run_grad_input(const floating *x, const floating *dy, floating 
                                 Py_ssize_t n, Py_ssize_t c, const GradSums *totals,
                                 const Planar *g, const BackwardArgs *a) noexcept nogil:
     cdef floating hi = 0, lo = 0, k = 0, c1 = 0, c0 = 0
-    grad_constants(totals[c], <double>(g.outer * g.inner), a.mean[c], a.invstd[c], a.weight,
+    grad_constants(totals[c], a.count, a.mean[c], a.invstd[c], a.weight,
                    c, a.training, &hi, &lo, &k, &c1, &c0)
     grad_input_run(x, dy, dx, n, hi, lo, k, c1, c0, a.training, a.stream)
 
@@ -902,7 +946,14 @@ cdef void planar_rows_grad_input(const floating *x, const floating *dy, floating
 cdef inline void store_param_grads(GradSums sums, Py_ssize_t c,
                                    const BackwardArgs *a) noexcept nogil:
     a.grad_bias[c] = sums.dy
-    a.grad_weight[c] = sums.dy_dev * a.invstd[c]
+    a.grad_weight[c] = sums.dy_dev if a.invstd == NULL else sums.dy_dev * a.invstd[c]
+
+
+cdef inline GradSums given_sums(const BackwardArgs *a, Py_ssize_t c) noexcept nogil:
+    cdef GradSums sums
+    sums.dy = a.given_dy[c]
+    sums.dy_dev = a.given_dev[c]
+    return sums
 
 
 cdef inline void finish_grad_channel(const GradSums *table, const Planar *g, Py_ssize_t c,
@@ -928,15 +979,23 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
     if table == NULL:
         return -1
     totals = table + g.channels * nchunks
-    if g.rows_per_chunk > 0:
-        for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
-            planar_rows_grad_sums(x, dy, g, item, ngroups, a, table)
+    if a.given_dy != NULL:
+        for c in range(g.channels):
+            totals[c] = given_sums(a, c)
     else:
-        for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
-            table[item] = planar_chunk_grad_sums(x, dy, g, item // nchunks, item % nchunks,
-                                                 a.mean[item // nchunks])
-    for c in prange(g.channels, num_threads=nthreads, schedule="static"):
-        finish_grad_channel(table, g, c, totals, a)
+        if g.rows_per_chunk > 0:
+            for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
+                planar_rows_grad_sums(x, dy, g, item, ngroups, a, table)
+        else:
+            for item in prange(g.channels * nchunks, num_threads=nthreads,
+                               schedule="dynamic"):
+                table[item] = planar_chunk_grad_sums(x, dy, g, item // nchunks,
+                                                     item % nchunks, a.mean[item // nchunks])
+        for c in prange(g.channels, num_threads=nthreads, schedule="static"):
+            finish_grad_channel(table, g, c, totals, a)
+    if a.sums_only:
+        free(table)
+        return 0
     if g.rows_per_chunk > 0:
         for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
             planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, a)
@@ -1015,10 +1074,10 @@ cdef void interleaved_grad_input_item(const floating *x, const floating *dy, flo
         # c1 and c0 are 0 in eval: dx = ((dy - 0) - 0) * k + 0.
         if floating is float:
             bn_rows_affine_f32(dy + start, dx + start, nrows, g.width, ncols, c1, c1, k, c0,
-                               stream)
+                               0, stream)
         else:
             bn_rows_affine_f64(dy + start, dx + start, nrows, g.width, ncols, c1, c1, k, c0,
-                               stream)
+                               0, stream)
     if stream:
         bn_stream_fence()
 
@@ -1029,10 +1088,15 @@ cdef void interleaved_grad_channel(const Interleaved *g, Py_ssize_t c, const Gra
     its dx constants (hi, lo, k, c1, c0, C apart)."""
     cdef Py_ssize_t k, n = g.channels
     cdef GradSums sums = zero_grad_sums()
-    for k in range(g.nchunks):
-        sums = add_grad_sums(sums, table[c * g.nchunks + k])
-    store_param_grads(sums, c, a)
-    grad_constants(sums, <double>(g.rows * g.inner), a.mean[c], a.invstd[c], a.weight, c,
+    if a.given_dy != NULL:
+        sums = given_sums(a, c)
+    else:
+        for k in range(g.nchunks):
+            sums = add_grad_sums(sums, table[c * g.nchunks + k])
+        store_param_grads(sums, c, a)
+    if a.sums_only:
+        return
+    grad_constants(sums, a.count, a.mean[c], a.invstd[c], a.weight, c,
                    a.training, constants + c, constants + n + c, constants + 2 * n + c,
                    constants + 3 * n + c, constants + 4 * n + c)
 
@@ -1049,12 +1113,14 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
         free(table)
         free(constants)
         return -1
-    for item in prange(nitems, num_threads=nthreads, schedule="static"):
-        interleaved_grad_sums_item(x, dy, g, item, a.mean, table)
+    if a.given_dy == NULL:
+        for item in prange(nitems, num_threads=nthreads, schedule="static"):
+            interleaved_grad_sums_item(x, dy, g, item, a.mean, table)
     for c in prange(g.channels, num_threads=nthreads, schedule="static"):
         interleaved_grad_channel(g, c, table, constants, a)
-    for item in prange(nitems, num_threads=nthreads, schedule="static"):
-        interleaved_grad_input_item(x, dy, dx, g, item, constants, a.training, a.stream)
+    if not a.sums_only:
+        for item in prange(nitems, num_threads=nthreads, schedule="static"):
+            interleaved_grad_input_item(x, dy, dx, g, item, constants, a.training, a.stream)
     free(table)
     free(constants)
     return 0
@@ -1240,18 +1306,34 @@ def moments(x, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
         raise MemoryError("bncore: out of memory for the per-chunk statistics")
 
 
+cdef int run_normalize(void *px, void *py, int typenum, Py_ssize_t outer,
+                      Py_ssize_t channels, Py_ssize_t inner, const AffineIn *a,
+                      int num_threads) except -1:
+    cdef int status
+    with nogil:
+        if typenum == cnp.NPY_FLOAT32:
+            status = normalize_driver(<const float *>px, <float *>py, outer, channels, inner,
+                                      a, num_threads)
+        else:
+            status = normalize_driver(<const double *>px, <double *>py, outer, channels,
+                                      inner, a, num_threads)
+    if status < 0:
+        raise MemoryError("bncore: out of memory for the per-column constants")
+    return 0
+
+
 def normalize(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
-              running_mean, running_var, double eps, weight, bias, int num_threads):
+              running_mean, running_var, double eps, weight, bias, int num_threads,
+              bint relu=False):
     """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias per
-    channel; y may be x. The (C,) arrays are float32 or float64 (weight and
-    bias may be None), read as they are."""
+    channel, then max(y, 0) with relu; y may be x. The (C,) arrays are
+    float32 or float64 (weight and bias may be None), read as they are."""
     check_shape(outer, channels, inner, num_threads)
     cdef int typenum = input_typenum(x)
     cdef Py_ssize_t n = outer * channels * inner
     cdef void *px = data_of(x, typenum, n, False, "x")
     cdef void *py = data_of(y, typenum, n, True, "y")
     cdef AffineIn a
-    cdef int status
     a.mean = NULL
     a.residual = NULL
     a.invstd = NULL
@@ -1260,22 +1342,42 @@ def normalize(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     a.eps = eps
     a.weight = params_of(weight, channels, "weight")
     a.bias = params_of(bias, channels, "bias")
+    a.relu = relu
+    a.gate = NULL
     a.stream = streams(n, typenum)
-    with nogil:
-        if typenum == cnp.NPY_FLOAT32:
-            status = normalize_driver(<const float *>px, <float *>py, outer, channels, inner,
-                                      &a, num_threads)
-        else:
-            status = normalize_driver(<const double *>px, <double *>py, outer, channels,
-                                      inner, &a, num_threads)
-    if status < 0:
-        raise MemoryError("bncore: out of memory for the per-column constants")
+    run_normalize(px, py, typenum, outer, channels, inner, &a, num_threads)
+
+
+def relu_mask(x, dy, out, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+              mean, invstd, weight, bias, int num_threads):
+    """out = dy where (x - mean) * invstd * weight + bias > 0, else 0: the
+    gradient through the relu of a fused forward, its affine output
+    recomputed exactly as the forward computed it. out may be dy."""
+    check_shape(outer, channels, inner, num_threads)
+    cdef int typenum = input_typenum(x)
+    cdef Py_ssize_t n = outer * channels * inner
+    cdef void *px = data_of(x, typenum, n, False, "x")
+    cdef void *pout = data_of(out, typenum, n, True, "out")
+    cdef AffineIn a
+    a.mean = <const double *>data_of(mean, cnp.NPY_FLOAT64, channels, False, "mean")
+    a.residual = NULL
+    a.invstd = <const double *>data_of(invstd, cnp.NPY_FLOAT64, channels, False, "invstd")
+    a.running_mean.data = NULL
+    a.running_var.data = NULL
+    a.eps = 0.0
+    a.weight = params_of(weight, channels, "weight")
+    a.bias = params_of(bias, channels, "bias")
+    a.relu = False
+    a.gate = data_of(dy, typenum, n, False, "dy")
+    a.stream = streams(n, typenum)
+    run_normalize(px, pout, typenum, outer, channels, inner, &a, num_threads)
 
 
 def train_forward(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
-                  weight, bias, double eps, mean, m2, invstd, int num_threads):
+                  weight, bias, double eps, mean, m2, invstd, int num_threads,
+                  bint relu=False):
     """Batch statistics into mean, m2, invstd (float64[C]) and the normalised
-    batch into y (which may be x)."""
+    batch (then max(y, 0) with relu) into y (which may be x)."""
     check_shape(outer, channels, inner, num_threads)
     cdef int typenum = input_typenum(x)
     cdef Py_ssize_t n = outer * channels * inner
@@ -1294,6 +1396,8 @@ def train_forward(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     a.eps = eps
     a.weight = params_of(weight, channels, "weight")
     a.bias = params_of(bias, channels, "bias")
+    a.relu = relu
+    a.gate = NULL
     a.stream = streams(n, typenum)
     with nogil:
         if typenum == cnp.NPY_FLOAT32:
@@ -1344,33 +1448,87 @@ def max_threads():
     return bn_omp_max_threads()
 
 
-def backward(x, dy, dx, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
-             mean, invstd, weight, bint training, grad_weight, grad_bias,
-             int num_threads):
-    """Input gradient into dx (which may be x or dy) and the float64 sums
-    grad_weight = sum(dy * xhat), grad_bias = sum(dy) per channel."""
+cdef int run_backward(x, dy, dx, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+                      BackwardArgs *args, int num_threads) except -1:
+    """The checks and dispatch shared by the backward entry points; args has
+    everything but stream and count."""
     check_shape(outer, channels, inner, num_threads)
     cdef int typenum = input_typenum(x)
     cdef Py_ssize_t n = outer * channels * inner
     cdef void *px = data_of(x, typenum, n, False, "x")
     cdef void *pdy = data_of(dy, typenum, n, False, "dy")
-    cdef void *pdx = data_of(dx, typenum, n, True, "dx")
-    cdef BackwardArgs args
+    cdef void *pdx = NULL if args.sums_only else data_of(dx, typenum, n, True, "dx")
     cdef int status
-    args.mean = <const double *>data_of(mean, cnp.NPY_FLOAT64, channels, False, "mean")
-    args.invstd = <const double *>data_of(invstd, cnp.NPY_FLOAT64, channels, False, "invstd")
-    args.weight = params_of(weight, channels, "weight")
-    args.grad_weight = <double *>data_of(grad_weight, cnp.NPY_FLOAT64, channels, True,
-                                         "grad_weight")
-    args.grad_bias = <double *>data_of(grad_bias, cnp.NPY_FLOAT64, channels, True, "grad_bias")
-    args.training = training
     args.stream = streams(n, typenum)
+    if args.count == 0:
+        args.count = <double>(outer * inner)
     with nogil:
         if typenum == cnp.NPY_FLOAT32:
             status = backward_driver(<const float *>px, <const float *>pdy, <float *>pdx,
-                                     outer, channels, inner, &args, num_threads)
+                                     outer, channels, inner, args, num_threads)
         else:
             status = backward_driver(<const double *>px, <const double *>pdy, <double *>pdx,
-                                     outer, channels, inner, &args, num_threads)
+                                     outer, channels, inner, args, num_threads)
     if status < 0:
         raise MemoryError("bncore: out of memory for the per-chunk gradient sums")
+    return 0
+
+
+cdef BackwardArgs backward_args(Py_ssize_t channels, mean, invstd, weight,
+                                bint training) except *:
+    cdef BackwardArgs args
+    args.mean = <const double *>data_of(mean, cnp.NPY_FLOAT64, channels, False, "mean")
+    args.invstd = NULL
+    if invstd is not None:
+        args.invstd = <const double *>data_of(invstd, cnp.NPY_FLOAT64, channels, False,
+                                              "invstd")
+    args.weight = params_of(weight, channels, "weight")
+    args.grad_weight = NULL
+    args.grad_bias = NULL
+    args.training = training
+    args.sums_only = False
+    args.given_dy = NULL
+    args.given_dev = NULL
+    args.count = 0.0
+    return args
+
+
+def backward(x, dy, dx, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+             mean, invstd, weight, bint training, grad_weight, grad_bias,
+             int num_threads):
+    """Input gradient into dx (which may be x or dy) and the float64 sums
+    grad_weight = sum(dy * xhat), grad_bias = sum(dy) per channel."""
+    cdef BackwardArgs args = backward_args(channels, mean, invstd, weight, training)
+    args.grad_weight = <double *>data_of(grad_weight, cnp.NPY_FLOAT64, channels, True,
+                                         "grad_weight")
+    args.grad_bias = <double *>data_of(grad_bias, cnp.NPY_FLOAT64, channels, True, "grad_bias")
+    run_backward(x, dy, dx, outer, channels, inner, &args, num_threads)
+
+
+def grad_sums(x, dy, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner, mean,
+              sum_dy, sum_dy_dev, int num_threads):
+    """The first half of a training backward: sum_dy[c] = sum(dy) and
+    sum_dy_dev[c] = sum(dy * (x - mean[c])) (float64), over the same blocks
+    and in the same order as backward."""
+    cdef BackwardArgs args = backward_args(channels, mean, None, None, True)
+    args.grad_bias = <double *>data_of(sum_dy, cnp.NPY_FLOAT64, channels, True, "sum_dy")
+    args.grad_weight = <double *>data_of(sum_dy_dev, cnp.NPY_FLOAT64, channels, True,
+                                         "sum_dy_dev")
+    args.sums_only = True
+    run_backward(x, dy, None, outer, channels, inner, &args, num_threads)
+
+
+def grad_input(x, dy, dx, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+               mean, invstd, weight, sum_dy, sum_dy_dev, double count, int num_threads):
+    """The second half: the training-mode input gradient into dx (which may
+    be x or dy) from sums over `count` values per channel (all processes'
+    sums, for a synchronized batch norm)."""
+    if not count > 0:
+        raise ValueError(f"count must be positive, got {count}")
+    cdef BackwardArgs args = backward_args(channels, mean, invstd, weight, True)
+    args.given_dy = <const double *>data_of(sum_dy, cnp.NPY_FLOAT64, channels, False,
+                                            "sum_dy")
+    args.given_dev = <const double *>data_of(sum_dy_dev, cnp.NPY_FLOAT64, channels, False,
+                                             "sum_dy_dev")
+    args.count = count
+    run_backward(x, dy, dx, outer, channels, inner, &args, num_threads)

@@ -95,15 +95,29 @@ BN_LEAF void BN_SFX(bn_rows_shifted_sums_generic)(
     } while (0)
 #endif
 
-/* y = ((x - mean_hi) - mean_lo) * scale + shift over a run. The mean comes
- * as two floats of the element type whose sum is the float64 mean: x - hi is
- * exact when x is near the mean (Sterbenz), so the low bits of a large mean
- * are not lost, which the folded x * a + b form would lose. y may be x. */
+/* max(v, 0) with NaN kept (PyTorch's relu propagates NaN). */
+BN_INLINE BN_T BN_SFX(bn_relu)(BN_T v)
+{
+    return v < 0 ? (BN_T)0 : v;
+}
+
+/* The affine transform of every elementwise loop below. */
+#define BN_AFFINE(xv, hi, lo, scale, shift) ((((xv) - (hi)) - (lo)) * (scale) + (shift))
+
+/* y = ((x - mean_hi) - mean_lo) * scale + shift over a run, then max(y, 0)
+ * when relu is set. The mean comes as two floats of the element type whose
+ * sum is the float64 mean: x - hi is exact when x is near the mean
+ * (Sterbenz), so the low bits of a large mean are not lost, which the folded
+ * x * a + b form would lose. y may be x. */
 BN_LEAF void BN_SFX(bn_affine)(
     const BN_T *x, BN_T *y, ptrdiff_t n,
-    BN_T mean_hi, BN_T mean_lo, BN_T scale, BN_T shift, int stream)
+    BN_T mean_hi, BN_T mean_lo, BN_T scale, BN_T shift, int relu, int stream)
 {
-    BN_ELEMENTWISE(n, y, stream, ((x[i] - mean_hi) - mean_lo) * scale + shift);
+    if (relu)
+        BN_ELEMENTWISE(n, y, stream,
+                       BN_SFX(bn_relu)(BN_AFFINE(x[i], mean_hi, mean_lo, scale, shift)));
+    else
+        BN_ELEMENTWISE(n, y, stream, BN_AFFINE(x[i], mean_hi, mean_lo, scale, shift));
 }
 
 /* The interleaved layout's version: nrows rows of ncols values, `stride`
@@ -111,13 +125,44 @@ BN_LEAF void BN_SFX(bn_affine)(
 BN_LEAF void BN_SFX(bn_rows_affine)(
     const BN_T *x, BN_T *y, ptrdiff_t nrows, ptrdiff_t stride, ptrdiff_t ncols,
     const BN_T *BN_RESTRICT mean_hi, const BN_T *BN_RESTRICT mean_lo,
-    const BN_T *BN_RESTRICT scale, const BN_T *BN_RESTRICT shift, int stream)
+    const BN_T *BN_RESTRICT scale, const BN_T *BN_RESTRICT shift, int relu, int stream)
 {
     for (ptrdiff_t r = 0; r < nrows; r++) {
         const BN_T *xr = x + r * stride;
         BN_T *yr = y + r * stride;
-        BN_ELEMENTWISE(ncols, yr, stream,
-                       ((xr[i] - mean_hi[i]) - mean_lo[i]) * scale[i] + shift[i]);
+        if (relu)
+            BN_ELEMENTWISE(ncols, yr, stream, BN_SFX(bn_relu)(
+                BN_AFFINE(xr[i], mean_hi[i], mean_lo[i], scale[i], shift[i])));
+        else
+            BN_ELEMENTWISE(ncols, yr, stream,
+                           BN_AFFINE(xr[i], mean_hi[i], mean_lo[i], scale[i], shift[i]));
+    }
+}
+
+/* The backward of a fused relu: out = dy where the forward's affine output
+ * was > 0, else 0 (the gradient at 0 is 0, as PyTorch's). The affine output
+ * is recomputed from x with the forward's constants and operations, so the
+ * gate is the forward's own. out may be dy. */
+BN_LEAF void BN_SFX(bn_relu_gate)(
+    const BN_T *x, const BN_T *dy, BN_T *out, ptrdiff_t n,
+    BN_T mean_hi, BN_T mean_lo, BN_T scale, BN_T shift, int stream)
+{
+    BN_ELEMENTWISE(n, out, stream,
+                   BN_AFFINE(x[i], mean_hi, mean_lo, scale, shift) > 0 ? dy[i] : (BN_T)0);
+}
+
+BN_LEAF void BN_SFX(bn_rows_relu_gate)(
+    const BN_T *x, const BN_T *dy, BN_T *out, ptrdiff_t nrows, ptrdiff_t stride,
+    ptrdiff_t ncols, const BN_T *BN_RESTRICT mean_hi, const BN_T *BN_RESTRICT mean_lo,
+    const BN_T *BN_RESTRICT scale, const BN_T *BN_RESTRICT shift, int stream)
+{
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const BN_T *xr = x + r * stride;
+        const BN_T *gr = dy + r * stride;
+        BN_T *orow = out + r * stride;
+        BN_ELEMENTWISE(ncols, orow, stream,
+                       BN_AFFINE(xr[i], mean_hi[i], mean_lo[i], scale[i], shift[i]) > 0
+                           ? gr[i] : (BN_T)0);
     }
 }
 
@@ -198,4 +243,5 @@ BN_LEAF void BN_SFX(bn_copy)(const BN_T *x, BN_T *y, ptrdiff_t n, int stream)
 }
 
 #undef BN_PER_LINE
+#undef BN_AFFINE
 #undef BN_ELEMENTWISE

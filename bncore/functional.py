@@ -14,12 +14,15 @@ import numpy as np
 
 from . import _kernels, _threads
 
-__all__ = ["batch_norm", "batch_norm_backward", "moments"]
+__all__ = ["batch_norm", "batch_norm_backward", "fold_scale_shift", "moments"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 #: What batch_norm may do when a training batch's statistics are not finite.
 NONFINITE_MODES = ("propagate", "skip_update", "raise")
+
+#: The activations batch_norm can fuse into its output (None: none).
+ACTIVATIONS = (None, "relu")
 
 
 # --------------------------------------------------------------------------
@@ -66,6 +69,30 @@ def _check_momentum(momentum):
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     return value
+
+
+def _check_decay(decay, momentum):
+    """The Keras/ONNX/Flax running-average factor, or None; it replaces
+    PyTorch's momentum, so a non-default momentum with it is a contradiction."""
+    if decay is None:
+        return None
+    value = _real_number(decay, "decay")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay!r}")
+    if momentum != 0.1:
+        raise ValueError(
+            f"pass momentum (PyTorch's convention, the weight of the new batch) or "
+            f"decay (Keras's, ONNX's and Flax's, the weight of the running value), "
+            f"not both: got momentum={momentum!r} and decay={decay!r}"
+        )
+    return value
+
+
+def _check_activation(activation):
+    """True for "relu", False for None."""
+    if not (activation is None or (isinstance(activation, str) and activation in ACTIVATIONS)):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return activation == "relu"
 
 
 def _check_eps(eps):
@@ -252,15 +279,18 @@ def moments(x, *, axis=1, ddof=0, num_threads=None):
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None,
-               num_threads=None, return_stats=False, nonfinite="propagate"):
+               num_threads=None, return_stats=False, nonfinite="propagate",
+               activation=None, unbiased_running_var=True, decay=None):
     """Batch normalization with the arguments and semantics of PyTorch's
-    ``torch.nn.functional.batch_norm``.
+    ``torch.nn.functional.batch_norm``, and the conventions of Keras, ONNX
+    and Flax as options.
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per feature, where in
     training mean and var are the batch's (biased variance) and in evaluation
     the running statistics. In training, given running buffers are updated in
     place: ``running = (1 - momentum) * running + momentum * batch``, with the
-    unbiased batch variance for running_var.
+    unbiased batch variance for running_var (PyTorch's convention; see
+    ``decay`` and ``unbiased_running_var`` for the others').
 
     Parameters
     ----------
@@ -271,6 +301,7 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     weight, bias : array_like of shape (C,), optional
     training : bool
     momentum : float in [0, 1]
+        PyTorch's convention: the weight of the new batch.
     eps : float >= 0
     axis : int
         The feature axis; ``axis=-1`` is channels-last.
@@ -278,6 +309,19 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
         C-contiguous, of the input's shape and dtype; may be the input itself.
     num_threads : int, optional
         Threads for this call (see ``bncore.set_num_threads``).
+    activation : None or "relu"
+        ``"relu"`` returns ``max(y, 0)`` (NaN stays NaN), computed in the same
+        pass over memory as y (``batch_norm_backward`` takes the same
+        argument).
+    unbiased_running_var : bool
+        True (PyTorch): running_var averages the unbiased batch variance
+        (divided by n - 1); False (Keras, ONNX, Flax): the biased one (divided
+        by n), the variance the batch was normalised with.
+    decay : float in [0, 1], optional
+        Keras's, ONNX's and Flax's convention instead of momentum:
+        ``running = decay * running + (1 - decay) * batch``, so Keras's
+        ``momentum=0.99`` is ``decay=0.99`` (PyTorch's ``momentum=0.01``).
+        Give momentum or decay, not both.
     return_stats : bool
         Also return the float64 mean and ``1 / sqrt(var + eps)`` the output was
         normalised with, as needed by ``batch_norm_backward``.
@@ -322,13 +366,15 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     An empty batch (no values per feature) gives an empty output and leaves
     the running statistics untouched; its returned statistics are NaN.
     """
+    decay = _check_decay(decay, momentum)
     y, mean, invstd, batch = _forward(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
         axis=axis, out=out, num_threads=num_threads, nonfinite=nonfinite,
-        eval_stats=return_stats,
+        eval_stats=return_stats, activation=activation,
+        unbiased_running_var=unbiased_running_var,
     )
     if batch is not None:
-        _fold_batch(batch, running_mean, running_var, batch.momentum)
+        _fold_batch(batch, running_mean, running_var, batch.momentum, decay)
     if return_stats:
         return y, mean, invstd
     return y
@@ -337,18 +383,24 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
 class _Batch:
     """A training batch's statistics, not yet folded into running buffers."""
 
-    __slots__ = ("mean", "m2", "count", "momentum", "nonfinite")
+    __slots__ = ("mean", "m2", "count", "momentum", "nonfinite", "unbiased")
 
-    def __init__(self, mean, m2, count, momentum, nonfinite):
+    def __init__(self, mean, m2, count, momentum, nonfinite, unbiased):
         self.mean = mean
         self.m2 = m2
         self.count = count
         self.momentum = momentum
         self.nonfinite = nonfinite
+        self.unbiased = unbiased
+
+    def running_var(self):
+        """The batch variance that goes into running_var."""
+        return self.m2 / (self.count - 1 if self.unbiased else self.count)
 
 
 def _forward(input, running_mean, running_var, weight, bias, training, momentum, eps, *,
-             axis, out, num_threads, nonfinite, eval_stats=True):
+             axis, out, num_threads, nonfinite, eval_stats=True, activation=None,
+             unbiased_running_var=True):
     """Everything ``batch_norm`` does but the running update.
 
     Returns ``(y, mean, invstd, batch)``: batch is a :class:`_Batch` when the
@@ -371,6 +423,9 @@ def _forward(input, running_mean, running_var, weight, bias, training, momentum,
         eps = _check_eps(eps)
     if nonfinite != "propagate":
         nonfinite = _check_nonfinite(nonfinite)
+    relu = activation is not None and _check_activation(activation)
+    if type(unbiased_running_var) is not bool:
+        unbiased_running_var = _as_flag(unbiased_running_var, "unbiased_running_var")
     _check_running_stats(running_mean, running_var, channels, ax, training)
     weight = _channel_vector(weight, "weight", channels, ax)
     bias = _channel_vector(bias, "bias", channels, ax)
@@ -402,8 +457,8 @@ def _forward(input, running_mean, running_var, weight, bias, training, momentum,
             invstd.fill(np.nan)
         else:
             _kernels.train_forward(source, y, outer, channels, inner, weight, bias, eps,
-                                   mean, m2, invstd, nthreads)
-            batch = _Batch(mean, m2, count, momentum, nonfinite)
+                                   mean, m2, invstd, nthreads, relu)
+            batch = _Batch(mean, m2, count, momentum, nonfinite, unbiased_running_var)
     else:
         mean = invstd = None
         if eval_stats:
@@ -411,8 +466,48 @@ def _forward(input, running_mean, running_var, weight, bias, training, momentum,
         if x.size:
             _kernels.normalize(source, y, outer, channels, inner,
                                _kernel_ready(running_mean), _kernel_ready(running_var), eps,
-                               weight, bias, nthreads)
+                               weight, bias, nthreads, relu)
     return y, mean, invstd, batch
+
+
+def fold_scale_shift(running_mean, running_var, weight=None, bias=None, eps=1e-5):
+    """The per-feature (scale, shift) of evaluation-mode batch normalization.
+
+    ``batch_norm(x, running_mean, running_var, weight, bias, eps=eps)`` equals
+    ``x * scale + shift`` per feature, with ``scale = weight / sqrt(running_var
+    + eps)`` and ``shift = bias - running_mean * scale``: what folding a batch
+    norm into a neighbouring linear layer needs. Computed in float64.
+
+    The kernels do not normalise this way: when the mean is large against the
+    spread, ``x * scale + shift`` cancels and loses the low digits that
+    ``(x - mean) * scale + bias`` keeps.
+
+    Parameters
+    ----------
+    running_mean, running_var : array_like of shape (C,)
+    weight, bias : array_like of shape (C,), optional (1 and 0)
+    eps : float >= 0
+
+    Returns
+    -------
+    scale, shift : float64 arrays of shape (C,)
+    """
+    mean = np.asarray(running_mean)
+    if mean.ndim != 1:
+        raise ValueError(f"running_mean must be 1-D, got shape {mean.shape}")
+    channels = mean.shape[0]
+    mean = _channel_vector(mean, "running_mean", channels, 0)
+    var = _channel_vector(running_var, "running_var", channels, 0)
+    if var is None:
+        raise TypeError("running_var must be an array of shape (C,), got None")
+    weight = _channel_vector(weight, "weight", channels, 0)
+    bias = _channel_vector(bias, "bias", channels, 0)
+    mean64, invstd = _running_stats(mean, var, _check_eps(eps))
+    scale = invstd if weight is None else weight.astype(np.float64) * invstd
+    shift = -mean64 * scale
+    if bias is not None:
+        shift += bias
+    return scale, shift
 
 
 def _running_stats(running_mean, running_var, eps):
@@ -426,8 +521,8 @@ def _running_stats(running_mean, running_var, eps):
     return mean, invstd
 
 
-def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, training=True,
-                        axis=1, out=None, num_threads=None):
+def batch_norm_backward(grad_output, input, mean, invstd, weight=None, bias=None, *,
+                        training=True, axis=1, out=None, num_threads=None, activation=None):
     """Gradients of ``batch_norm`` with respect to its input, weight and bias.
 
     Parameters
@@ -441,6 +536,8 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, traini
         returns them.
     weight : array_like of shape (C,), optional
         The forward's weight (None: 1).
+    bias : array_like of shape (C,), optional
+        The forward's bias (None: 0); only read with ``activation="relu"``.
     training : bool
         True when mean and invstd were the batch's own statistics (they then
         depend on the input), False for frozen statistics (eval mode).
@@ -448,8 +545,15 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, traini
         The feature axis used in the forward.
     out : ndarray, optional
         For grad_input: C-contiguous, of the input's shape and dtype; may be
-        exactly grad_output or input (overwritten in place).
+        exactly grad_output or input (overwritten in place; with
+        ``activation="relu"`` grad_output only).
     num_threads : int, optional
+    activation : None or "relu"
+        The forward's activation. With ``"relu"``, grad_output is dL/d(relu
+        output) and passes only where the forward's pre-activation output was
+        > 0 (the gradient at 0 is 0, as PyTorch's). That pre-activation
+        output is recomputed from input, mean, invstd, weight and bias with
+        the forward's own arithmetic, so pass the values the forward used.
 
     Returns
     -------
@@ -478,19 +582,31 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, traini
     mean = _kernel_ready(_channel_vector(mean, "mean", channels, ax), np.float64)
     invstd = _kernel_ready(_channel_vector(invstd, "invstd", channels, ax), np.float64)
     weight = _channel_vector(weight, "weight", channels, ax)
+    bias = _channel_vector(bias, "bias", channels, ax)
+    relu = activation is not None and _check_activation(activation)
     if out is not None:
         _check_out(out, x, {"input": x, "grad_output": dy},
-                   {"mean": mean, "invstd": invstd, "weight": weight})
+                   {"mean": mean, "invstd": invstd, "weight": weight, "bias": bias})
+        if relu and _same_buffer(out, x):
+            raise ValueError(
+                "out must not be the input with activation='relu': the relu's gate "
+                "is recomputed from the input while the gradient is written"
+            )
     nthreads = _threads.resolve(num_threads)
 
     grad_input = out if out is not None else np.empty(x.shape, dtype=x.dtype)
     grad_weight = np.zeros(channels)
     grad_bias = np.zeros(channels)
     if x.size:
+        source, dy = _kernel_ready(x), _kernel_ready(dy)
+        if relu:
+            # dL/d(pre-activation) into grad_input, then the usual backward
+            # in place on it.
+            _kernels.relu_mask(source, dy, grad_input, outer, channels, inner, mean, invstd,
+                               weight, bias, nthreads)
+            dy = grad_input
         _kernels.backward(
-            _kernel_ready(x),
-            _kernel_ready(dy),
-            grad_input, outer, channels, inner, mean, invstd, weight, training,
+            source, dy, grad_input, outer, channels, inner, mean, invstd, weight, training,
             grad_weight, grad_bias, nthreads,
         )
     return grad_input, grad_weight.astype(x.dtype), grad_bias.astype(x.dtype)
@@ -501,15 +617,16 @@ def _nonfinite_channels(batch, running_mean, running_var):
     beyond the largest finite value of the running buffer's dtype."""
     mean_limit = np.finfo(np.float64 if running_mean is None else running_mean.dtype).max
     var_limit = np.finfo(np.float64 if running_var is None else running_var.dtype).max
-    var = batch.m2 / (batch.count - 1)
+    var = batch.running_var()
     # Comparisons with NaN are False: NaN fails both bounds.
     finite = (np.abs(batch.mean) <= mean_limit) & (np.abs(var) <= var_limit)
     return np.flatnonzero(~finite)
 
 
-def _fold_batch(batch, running_mean, running_var, momentum):
+def _fold_batch(batch, running_mean, running_var, momentum, decay=None):
     """Apply the batch's nonfinite policy, then update the running buffers
-    (when given). Returns False when the update was skipped."""
+    (when given) with momentum or, when given, decay (see batch_norm).
+    Returns False when the update was skipped."""
     if batch.nonfinite != "propagate":
         bad = _nonfinite_channels(batch, running_mean, running_var)
         if bad.size:
@@ -524,21 +641,21 @@ def _fold_batch(batch, running_mean, running_var, momentum):
                 )
             return False
     if running_mean is not None:
-        _update_running(running_mean, running_var, batch.mean, batch.m2, batch.count,
-                        momentum)
+        keep, take = (1.0 - momentum, momentum) if decay is None else (decay, 1.0 - decay)
+        _update_running(running_mean, running_var, batch.mean, batch.running_var(), keep,
+                        take)
     return True
 
 
-def _update_running(running_mean, running_var, mean, m2, count, momentum):
-    """running = (1 - momentum) * running + momentum * batch, in float64.
+def _update_running(running_mean, running_var, mean, var, keep, take):
+    """running = keep * running + take * batch, in float64.
 
     Both new values are computed, and cast to the buffers' dtypes, before
     either buffer is written, so that nothing can fail between the two
     writes (a cast overflowing to inf may raise under np.errstate).
     """
-    unbiased_var = m2 / (count - 1)
-    new_mean = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
-    new_var = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased_var
+    new_mean = keep * running_mean.astype(np.float64) + take * mean
+    new_var = keep * running_var.astype(np.float64) + take * var
     new_mean = new_mean.astype(running_mean.dtype)
     new_var = new_var.astype(running_var.dtype)
     running_mean[...] = new_mean
