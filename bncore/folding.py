@@ -88,7 +88,9 @@ def _check_groups(groups: object) -> int:
     return int(groups)
 
 
-def _bn_scale_shift(bn: object, channels: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _bn_scale_shift(
+    bn: object, channels: int, what: str
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """The float64 (scale, shift) of ``bn`` in eval mode, after checking that
     it is a batch norm with running statistics over ``channels`` features."""
     if not isinstance(bn, BatchNorm):
@@ -102,7 +104,10 @@ def _bn_scale_shift(bn: object, channels: int, what: str) -> tuple[np.ndarray, n
         raise ValueError(
             f"bn has num_features={bn.num_features}, expected {channels} ({what})"
         )
-    return fold_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    scale: npt.NDArray[np.float64]
+    shift: npt.NDArray[np.float64]
+    scale, shift = fold_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    return scale, shift
 
 
 def _bias_float64(array: np.ndarray | None, channels: int) -> np.ndarray:
