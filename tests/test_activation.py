@@ -281,3 +281,48 @@ def test_fold_scale_shift_rejects_bad_arguments():
         bncore.fold_scale_shift(np.zeros(3), np.ones(3), eps=-1.0)
     with pytest.raises(TypeError, match="running_var"):
         bncore.fold_scale_shift(np.zeros(3), None)
+
+
+# --------------------------------------------------------------------------
+# Streaming stores (outputs of 16 MB and more) take separate code paths, in
+# which the relu and its gate are applied to whole cache lines: force them
+# on small arrays.
+
+@pytest.fixture
+def streaming():
+    previous = _kernels.set_stream_min_bytes(0)
+    yield
+    _kernels.set_stream_min_bytes(previous)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layout", [((3, 5, 77), 1), ((40, 13), 1), ((6, 7, 3), -1),
+                                    ((2, 3, 1030), 1)], ids=layout_id)
+def test_streaming_paths_give_the_same_bits(layout, dtype, streaming):
+    shape, axis = layout
+    x = make_input(shape, dtype, axis, kind="normal")
+    x.flat[::17] = np.nan
+    dy = make_input(shape, dtype, axis, kind="normal", seed=6)
+    c = n_channels(shape, axis)
+    weight, bias, mean, var = make_params(c, dtype)
+    streamed = []
+    for stream_min in (0, 1 << 62):
+        _kernels.set_stream_min_bytes(stream_min)
+        y = bncore.batch_norm(x, mean, var, weight, bias, axis=axis)
+        fused = bncore.batch_norm(x, mean, var, weight, bias, axis=axis, activation="relu")
+        gate = bncore.batch_norm_backward(dy, x, mean.astype(np.float64),
+                                          1 / np.sqrt(var.astype(np.float64) + 1e-5),
+                                          weight, bias, training=False, axis=axis,
+                                          activation="relu")[0]
+        np.testing.assert_array_equal(fused, np.where(y < 0, 0, y))
+        streamed.append((y, fused, gate))
+    for a, b in zip(*streamed):
+        np.testing.assert_array_equal(a, b)
+    y, _, gate = streamed[0]
+    # In eval the input gradient is dy * weight * invstd where the gate is open.
+    scale = weight * (1 / np.sqrt(var.astype(np.float64) + 1e-5))
+    shape_c = [1] * len(shape)
+    shape_c[axis] = c
+    want = np.where(y > 0, dy * scale.reshape(shape_c), 0)
+    np.testing.assert_allclose(gate, want, rtol=4 * np.finfo(dtype).eps, atol=0)
+    assert (gate == 0).sum() == (y <= 0).sum() + np.isnan(y).sum()
