@@ -248,9 +248,6 @@ def from_keras_weights(weights: Sequence[ArrayLike], *, epsilon: float = 1e-3,
             f"get_weights() order for scale={scale}, center={center})"
         )
     arrays = dict(zip(names, (np.asarray(w) for w in weights)))
-    if isinstance(axis, (list, tuple)):
-        raise TypeError(f"axis must be one integer (bncore normalises over one feature "
-                        f"axis), got {axis!r}")
     for name, array in arrays.items():
         if array.ndim != 1 or array.shape[0] < 1:
             raise ValueError(f"{name} must have shape (C,) with C >= 1, got {array.shape}")

@@ -42,14 +42,47 @@ PathOrFile = Union[str, "os.PathLike[str]", IO[bytes]]
 _ARRAY_KEYS = ("weight", "bias", "running_mean", "running_var")
 
 
-def _flag(value: Any, name: str) -> bool:
+# The checks take ``object``: they exist for the values the annotations
+# exclude.
+
+def _check_num_features(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"num_features must be a positive integer or None (lazy), got {type(value).__name__}"
+        )
+    if value < 1:
+        raise ValueError(f"num_features must be at least 1, got {value}")
+    return int(value)
+
+
+def _check_layer_momentum(value: object) -> float | None:
+    """PyTorch's momentum, where None (a cumulative average) is allowed."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"momentum must be a number in [0, 1] or None, got {type(value).__name__}")
+    momentum = float(value)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {value!r}")
+    return momentum
+
+
+def _check_axis(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"axis must be an integer, got {type(value).__name__}")
+    return int(value)
+
+
+def _flag(value: object, name: str) -> bool:
     """A true/false option: bool or NumPy bool, nothing that merely converts."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
     return bool(value)
 
 
-def _toggle(value: Any, name: str, affine: bool) -> bool:
+def _toggle(value: object, name: str, affine: bool) -> bool:
     """scale or center: None follows affine; True contradicts affine=False."""
     if value is None:
         return affine
@@ -175,24 +208,9 @@ class BatchNorm:
                  decay: float | None = None, unbiased_running_var: bool = True,
                  scale: bool | None = None, center: bool | None = None,
                  activation: str | None = None) -> None:
-        if num_features is not None:
-            if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
-                raise TypeError(
-                    "num_features must be a positive integer or None (lazy), "
-                    f"got {type(num_features).__name__}"
-                )
-            if num_features < 1:
-                raise ValueError(f"num_features must be at least 1, got {num_features}")
-        if momentum is not None:
-            if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-                raise TypeError(
-                    f"momentum must be a number in [0, 1] or None, got {type(momentum).__name__}"
-                )
-            if not 0.0 <= momentum <= 1.0:
-                raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
-            momentum = float(momentum)
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-            raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
+        num_features = _check_num_features(num_features)
+        momentum = _check_layer_momentum(momentum)
+        axis = _check_axis(axis)
         try:
             dtype = np.dtype(dtype)
         except TypeError:
@@ -201,7 +219,7 @@ class BatchNorm:
             raise TypeError(f"dtype must be float32 or float64, got {dtype}")
         affine = bool(affine)
 
-        self.num_features: int | None = None if num_features is None else int(num_features)
+        self.num_features: int | None = num_features
         self.eps: float = _check_eps(eps)
         self.momentum: float | None = momentum
         self.decay: float | None = _check_decay(decay, momentum)
@@ -210,7 +228,7 @@ class BatchNorm:
         self.scale: bool = _toggle(scale, "scale", affine)
         self.center: bool = _toggle(center, "center", affine)
         self.track_running_stats: bool = bool(track_running_stats)
-        self.axis: int = int(axis)
+        self.axis: int = axis
         self.dtype: np.dtype = dtype
         self.nonfinite: str = _check_nonfinite(nonfinite)
         _check_activation(activation)

@@ -124,5 +124,5 @@ def test_mismatched_lengths_and_axis_lists_are_refused():
     weights = [np.ones(3, np.float32)] * 3 + [np.ones(4, np.float32)]
     with pytest.raises(ValueError, match=r"running_var.*\(4,\)"):
         bncore.BatchNorm.from_keras_weights(weights)
-    with pytest.raises(TypeError, match="one integer"):
+    with pytest.raises(TypeError, match="axis must be an integer, got list"):
         bncore.BatchNorm.from_keras_weights([np.ones(3, np.float32)] * 4, axis=[1, 2])
