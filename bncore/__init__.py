@@ -3,6 +3,7 @@
 from ._config import show_config
 from ._threads import get_num_threads, num_threads, set_num_threads
 from ._version import __version__
+from .folding import fold_into_conv, fold_into_linear, fold_preceding_into_linear
 from .functional import batch_norm, batch_norm_backward, fold_scale_shift, moments
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .stats import Moments, merge_moments, partial_moments
@@ -16,6 +17,9 @@ __all__ = [
     "__version__",
     "batch_norm",
     "batch_norm_backward",
+    "fold_into_conv",
+    "fold_into_linear",
+    "fold_preceding_into_linear",
     "fold_scale_shift",
     "get_num_threads",
     "merge_moments",

@@ -29,8 +29,10 @@ import warnings
 
 from . import _kernels
 
-_scoped = contextvars.ContextVar("bncore_num_threads", default=None)
-_process_default = None
+_scoped: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "bncore_num_threads", default=None
+)
+_process_default: int | None = None
 _team_requested = False  # this process (or a parent before fork) asked for > 1 thread
 _forked_after_team = False  # we are a child forked after that: stay serial
 _warned_forked_serial = False

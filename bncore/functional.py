@@ -11,6 +11,7 @@ import math
 import numbers
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import _kernels, _threads
 
@@ -448,6 +449,8 @@ def _forward(input, running_mean, running_var, weight, bias, training, momentum,
         source = y
 
     batch = None
+    mean: np.ndarray | None
+    invstd: np.ndarray | None
     if training:
         mean = np.empty(channels)
         m2 = np.empty(channels)
@@ -470,7 +473,13 @@ def _forward(input, running_mean, running_var, weight, bias, training, momentum,
     return y, mean, invstd, batch
 
 
-def fold_scale_shift(running_mean, running_var, weight=None, bias=None, eps=1e-5):
+def fold_scale_shift(
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    eps: float = 1e-5,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """The per-feature (scale, shift) of evaluation-mode batch normalization.
 
     ``batch_norm(x, running_mean, running_var, weight, bias, eps=eps)`` equals
@@ -500,13 +509,13 @@ def fold_scale_shift(running_mean, running_var, weight=None, bias=None, eps=1e-5
     var = _channel_vector(running_var, "running_var", channels, 0)
     if var is None:
         raise TypeError("running_var must be an array of shape (C,), got None")
-    weight = _channel_vector(weight, "weight", channels, 0)
-    bias = _channel_vector(bias, "bias", channels, 0)
+    gamma = _channel_vector(weight, "weight", channels, 0)
+    beta = _channel_vector(bias, "bias", channels, 0)
     mean64, invstd = _running_stats(mean, var, _check_eps(eps))
-    scale = invstd if weight is None else weight.astype(np.float64) * invstd
+    scale = invstd if gamma is None else gamma.astype(np.float64) * invstd
     shift = -mean64 * scale
-    if bias is not None:
-        shift += bias
+    if beta is not None:
+        shift += beta
     return scale, shift
 
 

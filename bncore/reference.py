@@ -169,7 +169,7 @@ def batch_norm(
             rm = keep * rm + take * mean
             rv = keep * rv + take * batch_var
     else:
-        if rm is None:
+        if rm is None or rv is None:
             raise ValueError("running_mean and running_var are required in eval mode")
         mean = rm.copy()
         var = rv.copy()

@@ -47,6 +47,15 @@ def _feature_vector(value: ArrayLike, name: str) -> NDArray[np.float64]:
     return array
 
 
+def _nonnegative_int(value: object, name: str) -> int:
+    """value as an int, or a TypeError/ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative integer, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
 class Moments:
     """Per-feature count, mean and M2 (sum of squared deviations) of a set
     of values; immutable.
@@ -72,10 +81,7 @@ class Moments:
     _m2: NDArray[np.float64]
 
     def __init__(self, count: int, mean: ArrayLike, m2: ArrayLike) -> None:
-        if isinstance(count, bool) or not isinstance(count, numbers.Integral):
-            raise TypeError(f"count must be a non-negative integer, got {type(count).__name__}")
-        if count < 0:
-            raise ValueError(f"count must be >= 0, got {count}")
+        count = _nonnegative_int(count, "count")
         mean = _feature_vector(mean, "mean")
         m2 = _feature_vector(m2, "m2")
         if m2.shape != mean.shape:
@@ -119,10 +125,7 @@ class Moments:
     def var(self, ddof: int = 0) -> NDArray[np.float64]:
         """(C,) float64 variance ``m2 / (count - ddof)``; NaN where
         ``count - ddof <= 0`` (as ``bncore.moments``)."""
-        if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral):
-            raise TypeError(f"ddof must be a non-negative integer, got {type(ddof).__name__}")
-        if ddof < 0:
-            raise ValueError(f"ddof must be >= 0, got {ddof}")
+        ddof = _nonnegative_int(ddof, "ddof")
         if self._count - ddof <= 0:
             return np.full(self.num_features, np.nan)
         return self._m2 / (self._count - ddof)
@@ -138,7 +141,9 @@ class Moments:
             f"m2={np.array2string(self._m2, threshold=6)})"
         )
 
-    def __reduce__(self):  # immutable: pickle through the constructor
+    def __reduce__(self) -> tuple[type[Moments], tuple[int, NDArray[np.float64],
+                                                        NDArray[np.float64]]]:
+        # immutable: pickle through the constructor
         return (Moments, (self._count, self._mean, self._m2))
 
 
