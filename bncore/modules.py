@@ -21,6 +21,7 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from .functional import (
     _FLOAT_DTYPES,
+    _Batch,
     _check_activation,
     _check_decay,
     _check_eps,
@@ -468,19 +469,19 @@ class BatchNorm:
         """
         if self.num_features is None:
             raise _not_materialized(self, "fold()")
-        if not self.track_running_stats:
-            raise RuntimeError(
-                f"{type(self).__name__} was built with track_running_stats=False: it "
-                "normalises with each batch's own statistics, so it has no fixed "
-                "eval transform to fold"
-            )
         with self._lock:
+            mean, var = self.running_mean, self.running_var
+            if mean is None or var is None:
+                raise RuntimeError(
+                    f"{type(self).__name__} was built with track_running_stats=False: it "
+                    "normalises with each batch's own statistics, so it has no fixed "
+                    "eval transform to fold"
+                )
             key = self._fold_key()
             cached = self._fold_cache
             if cached is not None and cached[0] == key:
                 return cached[1]
-            scale, shift = fold_scale_shift(self.running_mean, self.running_var,
-                                            self.weight, self.bias, self.eps)
+            scale, shift = fold_scale_shift(mean, var, self.weight, self.bias, self.eps)
             scale.flags.writeable = False
             shift.flags.writeable = False
             self._fold_cache = (key, (scale, shift))
@@ -513,9 +514,8 @@ class BatchNorm:
         x = input if isinstance(input, np.ndarray) else np.asarray(input)
         self._check_input(x)
         use_batch_stats = self.training or not self.track_running_stats
-        updates = self.training and self.track_running_stats
         decay = self.decay
-        if updates and decay is not None:
+        if self.training and self.track_running_stats and decay is not None:
             # Attributes may have been changed since construction: refuse an
             # ambiguous rule before anything runs.
             decay = _check_decay(decay, self.momentum)
@@ -541,23 +541,10 @@ class BatchNorm:
             activation=activation,
             unbiased_running_var=self.unbiased_running_var,
         )
-        if updates:
-            with self._lock:
-                tracked = cast(int, self.num_batches_tracked)
-                counted = True
-                if batch is not None:
-                    momentum = self.momentum
-                    if momentum is None:
-                        # Cumulative average: batch k (from 1) gets weight 1/k.
-                        momentum = 1.0 / (tracked + 1)
-                    counted = _fold_batch(batch, self.running_mean, self.running_var,
-                                          momentum, decay)
-                # Counted after the update succeeded, empty batches included
-                # (batch is None), as PyTorch does; a skipped batch is not.
-                if counted:
-                    self.num_batches_tracked = tracked + 1
+        if self.training:
+            self._fold_training_batch(batch, decay)
         elif batch is not None:
-            # Batch statistics without running buffers: only "raise" acts.
+            # Eval without running buffers: only nonfinite="raise" acts.
             _fold_batch(batch, None, None, 0.0)
         if not use_batch_stats:
             # Eval: backward needs the running statistics as they are now;
@@ -567,6 +554,31 @@ class BatchNorm:
         return y
 
     __call__ = forward
+
+    def _fold_training_batch(self, batch: _Batch | None, decay: float | None) -> None:
+        """Fold a training forward's batch statistics (None for an empty
+        batch) into the running statistics - with momentum, a cumulative
+        average (momentum=None) or decay - and count the batch, under the
+        layer's lock; without running statistics only the nonfinite policy
+        acts. (SyncBatchNorm folds its global batch with this too.)"""
+        running_mean, running_var = self.running_mean, self.running_var
+        if running_mean is None or running_var is None:
+            if batch is not None:
+                _fold_batch(batch, None, None, 0.0)
+            return
+        with self._lock:
+            tracked = cast(int, self.num_batches_tracked)
+            counted = True
+            if batch is not None:
+                momentum = self.momentum
+                if momentum is None:
+                    # Cumulative average: batch k (from 1) gets weight 1/k.
+                    momentum = 1.0 / (tracked + 1)
+                counted = _fold_batch(batch, running_mean, running_var, momentum, decay)
+            # Counted after the update succeeded, empty batches included
+            # (batch is None), as PyTorch does; a skipped batch is not.
+            if counted:
+                self.num_batches_tracked = tracked + 1
 
     def backward(self, grad_output: ArrayLike) -> NDArray[np.floating]:
         """dL/dx for the last forward call, given dL/dy (y the layer's
