@@ -164,18 +164,18 @@ class BatchNorm:
 
     The conventions of the libraries, and how to get each here:
 
-    ==================  ==============  ==============  ==============  ==============
-    \\                   PyTorch         Keras           ONNX            Flax
-    ==================  ==============  ==============  ==============  ==============
-    momentum means      weight of the   weight of the   as Keras        as Keras
-                        new batch       running value
-    momentum default    0.1             0.99            0.9             0.99
-    here                momentum=0.1    decay=0.99      decay=0.9       decay=0.99
-    running_var from    unbiased (n-1)  biased (n)      biased (n)      biased (n)
-    here                (default)       unbiased_running_var=False (all three)
-    eps default         1e-5            1e-3            1e-5            1e-5
-    layout              channels first  channels last   channels first  channels last
-    ==================  ==============  ==============  ==============  ==============
+    ======================  ==============  ==============  ==============  ==============
+    \\                       PyTorch         Keras           ONNX            Flax
+    ======================  ==============  ==============  ==============  ==============
+    momentum means          weight of the   weight of the   as Keras        as Keras
+                            new batch       running value
+    momentum default        0.1             0.99            0.9             0.99
+    here                    momentum=0.1    decay=0.99      decay=0.9       decay=0.99
+    running_var averages    unbiased (n-1)  biased (n)      biased (n)      biased (n)
+    unbiased_running_var    True            False           False           False
+    eps default             1e-5            1e-3            1e-5            1e-5
+    layout                  channels first  channels last   channels first  channels last
+    ======================  ==============  ==============  ==============  ==============
 
     ``BatchNorm.from_torch``, ``from_keras_weights`` and ``from_onnx`` set
     these options from the source model; ``to_torch`` converts back.
