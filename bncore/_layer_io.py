@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load", "save"]
 
+#: Where save/load accept a file: a path or an open binary file.
 PathOrFile = Union[str, "os.PathLike[str]", IO[bytes]]
 
 #: The format's name, written into every file.

@@ -12,9 +12,8 @@ in ``bncore._layer_io``, conversions from and to other libraries in
 from __future__ import annotations
 
 import numbers
-import os
 import threading
-from typing import IO, Any, Mapping, Union, cast
+from typing import TYPE_CHECKING, Any, Mapping, cast
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
@@ -34,13 +33,10 @@ from .functional import (
     fold_scale_shift,
 )
 
+if TYPE_CHECKING:
+    from ._layer_io import PathOrFile
+
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
-
-#: Where save/load accept a file: a path or an open binary file.
-PathOrFile = Union[str, "os.PathLike[str]", IO[bytes]]
-
-#: The per-feature arrays of a layer, in PyTorch's state-dict order.
-_ARRAY_KEYS = ("weight", "bias", "running_mean", "running_var")
 
 
 # The checks take ``object``: they exist for the values the annotations
