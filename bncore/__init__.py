@@ -5,19 +5,23 @@ from ._threads import get_num_threads, num_threads, set_num_threads
 from ._version import __version__
 from .functional import batch_norm, batch_norm_backward, fold_scale_shift, moments
 from .modules import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .stats import Moments, merge_moments, partial_moments
 
 __all__ = [
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "Moments",
     "__version__",
     "batch_norm",
     "batch_norm_backward",
     "fold_scale_shift",
     "get_num_threads",
+    "merge_moments",
     "moments",
     "num_threads",
+    "partial_moments",
     "set_num_threads",
     "show_config",
 ]

@@ -91,19 +91,24 @@ BN_INLINE bn_v8df bn_load8_f32(const float *p)
 #define BN_LEAF static inline
 #endif
 
+/* BN_BITS: the signed integer of BN_T's width, for bit operations on lines. */
 #define BN_T float
+#define BN_BITS int32_t
 #define BN_SFX(name) name##_f32
 #define BN_STREAM_XMM BN_STREAM_F32
 #include "_leaf_loops_impl.h"
 #undef BN_T
+#undef BN_BITS
 #undef BN_SFX
 #undef BN_STREAM_XMM
 
 #define BN_T double
+#define BN_BITS int64_t
 #define BN_SFX(name) name##_f64
 #define BN_STREAM_XMM BN_STREAM_F64
 #include "_leaf_loops_impl.h"
 #undef BN_T
+#undef BN_BITS
 #undef BN_SFX
 #undef BN_STREAM_XMM
 

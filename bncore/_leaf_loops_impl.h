@@ -62,10 +62,17 @@ BN_LEAF void BN_SFX(bn_rows_shifted_sums_generic)(
 /* An elementwise loop y[i] = EXPR(i) over a run, with normal stores or, when
  * `stream` is set, streaming stores: a scalar head up to 16-byte alignment,
  * then whole 64-byte lines computed into an aligned buffer (vectorised) and
- * streamed out 16 bytes at a time, then a scalar tail. */
+ * streamed out 16 bytes at a time, then a scalar tail.
+ *
+ * BN_ELEMENTWISE_LINES is the general form: a line is computed as
+ * LINE_EXPR(i) and then finished by the statement FINISH (which sees `line`
+ * and the line's first index `base`) before it is streamed; EXPR(i) must be
+ * what LINE_EXPR then FINISH give. GCC vectorises a line's fixed 16-value
+ * loop only when it has no conditional in it, so a conditional (the relu)
+ * goes into FINISH, written with vector operations. */
 #define BN_PER_LINE ((ptrdiff_t)(BN_LINE_BYTES / sizeof(BN_T)))
 #if BN_HAVE_STREAM
-#define BN_ELEMENTWISE(n, y, stream, EXPR)                                        \
+#define BN_ELEMENTWISE_LINES(n, y, stream, EXPR, LINE_EXPR, FINISH)              \
     do {                                                                          \
         ptrdiff_t i = 0;                                                          \
         if (stream) {                                                             \
@@ -76,9 +83,10 @@ BN_LEAF void BN_SFX(bn_rows_shifted_sums_generic)(
                 ptrdiff_t base = i;                                               \
                 for (int l = 0; l < BN_PER_LINE; l++) {                           \
                     i = base + l;                                                 \
-                    line[l] = EXPR;                                               \
+                    line[l] = LINE_EXPR;                                          \
                 }                                                                 \
                 i = base;                                                         \
+                FINISH;                                                           \
                 for (int l = 0; l < BN_PER_LINE; l += (int)(16 / sizeof(BN_T)))   \
                     BN_STREAM_XMM((y) + i + l, line + l);                         \
             }                                                                     \
@@ -87,18 +95,46 @@ BN_LEAF void BN_SFX(bn_rows_shifted_sums_generic)(
             (y)[i] = EXPR;                                                        \
     } while (0)
 #else
-#define BN_ELEMENTWISE(n, y, stream, EXPR)                                        \
+#define BN_ELEMENTWISE_LINES(n, y, stream, EXPR, LINE_EXPR, FINISH)              \
     do {                                                                          \
         (void)(stream);                                                           \
         for (ptrdiff_t i = 0; i < (n); i++)                                       \
             (y)[i] = EXPR;                                                        \
     } while (0)
 #endif
+#define BN_ELEMENTWISE(n, y, stream, EXPR) \
+    BN_ELEMENTWISE_LINES(n, y, stream, EXPR, EXPR, (void)0)
 
 /* max(v, 0) with NaN kept (PyTorch's relu propagates NaN). */
 BN_INLINE BN_T BN_SFX(bn_relu)(BN_T v)
 {
     return v < 0 ? (BN_T)0 : v;
+}
+
+/* A line of values as one vector, and its bits as integers. */
+typedef BN_T BN_SFX(bn_line) __attribute__((vector_size(BN_LINE_BYTES)));
+typedef BN_BITS BN_SFX(bn_line_bits) __attribute__((vector_size(BN_LINE_BYTES)));
+
+/* bn_relu on a whole (aligned) line: clear the bits of the values < 0. */
+BN_INLINE void BN_SFX(bn_relu_line)(BN_T *line)
+{
+    BN_SFX(bn_line) v;
+    BN_SFX(bn_line_bits) bits;
+    memcpy(&v, line, sizeof v);
+    memcpy(&bits, line, sizeof bits);
+    bits &= ~(v < 0);
+    memcpy(line, &bits, sizeof bits);
+}
+
+/* line = gate where line > 0, else 0 (gate unaligned). */
+BN_INLINE void BN_SFX(bn_gate_line)(BN_T *line, const BN_T *gate)
+{
+    BN_SFX(bn_line) v;
+    BN_SFX(bn_line_bits) bits;
+    memcpy(&v, line, sizeof v);
+    memcpy(&bits, gate, sizeof bits);
+    bits &= (v > 0);
+    memcpy(line, &bits, sizeof bits);
 }
 
 /* The affine transform of every elementwise loop below. */
@@ -114,8 +150,9 @@ BN_LEAF void BN_SFX(bn_affine)(
     BN_T mean_hi, BN_T mean_lo, BN_T scale, BN_T shift, int relu, int stream)
 {
     if (relu)
-        BN_ELEMENTWISE(n, y, stream,
-                       BN_SFX(bn_relu)(BN_AFFINE(x[i], mean_hi, mean_lo, scale, shift)));
+        BN_ELEMENTWISE_LINES(
+            n, y, stream, BN_SFX(bn_relu)(BN_AFFINE(x[i], mean_hi, mean_lo, scale, shift)),
+            BN_AFFINE(x[i], mean_hi, mean_lo, scale, shift), BN_SFX(bn_relu_line)(line));
     else
         BN_ELEMENTWISE(n, y, stream, BN_AFFINE(x[i], mean_hi, mean_lo, scale, shift));
 }
@@ -131,8 +168,11 @@ BN_LEAF void BN_SFX(bn_rows_affine)(
         const BN_T *xr = x + r * stride;
         BN_T *yr = y + r * stride;
         if (relu)
-            BN_ELEMENTWISE(ncols, yr, stream, BN_SFX(bn_relu)(
-                BN_AFFINE(xr[i], mean_hi[i], mean_lo[i], scale[i], shift[i])));
+            BN_ELEMENTWISE_LINES(
+                ncols, yr, stream,
+                BN_SFX(bn_relu)(BN_AFFINE(xr[i], mean_hi[i], mean_lo[i], scale[i], shift[i])),
+                BN_AFFINE(xr[i], mean_hi[i], mean_lo[i], scale[i], shift[i]),
+                BN_SFX(bn_relu_line)(line));
         else
             BN_ELEMENTWISE(ncols, yr, stream,
                            BN_AFFINE(xr[i], mean_hi[i], mean_lo[i], scale[i], shift[i]));
@@ -147,8 +187,10 @@ BN_LEAF void BN_SFX(bn_relu_gate)(
     const BN_T *x, const BN_T *dy, BN_T *out, ptrdiff_t n,
     BN_T mean_hi, BN_T mean_lo, BN_T scale, BN_T shift, int stream)
 {
-    BN_ELEMENTWISE(n, out, stream,
-                   BN_AFFINE(x[i], mean_hi, mean_lo, scale, shift) > 0 ? dy[i] : (BN_T)0);
+    BN_ELEMENTWISE_LINES(
+        n, out, stream,
+        BN_AFFINE(x[i], mean_hi, mean_lo, scale, shift) > 0 ? dy[i] : (BN_T)0,
+        BN_AFFINE(x[i], mean_hi, mean_lo, scale, shift), BN_SFX(bn_gate_line)(line, dy + base));
 }
 
 BN_LEAF void BN_SFX(bn_rows_relu_gate)(
@@ -160,9 +202,11 @@ BN_LEAF void BN_SFX(bn_rows_relu_gate)(
         const BN_T *xr = x + r * stride;
         const BN_T *gr = dy + r * stride;
         BN_T *orow = out + r * stride;
-        BN_ELEMENTWISE(ncols, orow, stream,
-                       BN_AFFINE(xr[i], mean_hi[i], mean_lo[i], scale[i], shift[i]) > 0
-                           ? gr[i] : (BN_T)0);
+        BN_ELEMENTWISE_LINES(
+            ncols, orow, stream,
+            BN_AFFINE(xr[i], mean_hi[i], mean_lo[i], scale[i], shift[i]) > 0 ? gr[i] : (BN_T)0,
+            BN_AFFINE(xr[i], mean_hi[i], mean_lo[i], scale[i], shift[i]),
+            BN_SFX(bn_gate_line)(line, gr + base));
     }
 }
 

@@ -113,6 +113,9 @@ def batch_norm(
     eps=1e-5,
     *,
     axis=1,
+    activation=None,
+    unbiased_running_var=True,
+    decay=None,
 ):
     """Batch normalization with PyTorch's semantics, in float64.
 
@@ -131,6 +134,11 @@ def batch_norm(
 
     Eval: ``y`` is normalized with ``running_mean`` and ``running_var``
     (both required).
+
+    Conventions: ``decay`` (Keras/ONNX/Flax) replaces momentum,
+    ``running = decay * running + (1 - decay) * batch``;
+    ``unbiased_running_var=False`` averages the biased batch variance
+    ``M2 / n`` instead. ``activation="relu"`` returns ``max(y, 0)``.
 
     ``y = (x - mean) * invstd * weight + bias`` with ``invstd =
     1 / sqrt(var + eps)``; ``weight=None`` means 1 and ``bias=None`` means 0.
@@ -156,9 +164,10 @@ def batch_norm(
         n, mean, m2 = _channel_moments(xc)
         var = m2 / n if n > 0 else m2  # biased; m2 is already NaN when n == 0
         if rm is not None and n > 0:
-            m = float(momentum)
-            rm = (1.0 - m) * rm + m * mean
-            rv = (1.0 - m) * rv + m * (m2 / (n - 1))
+            keep, take = (1.0 - momentum, momentum) if decay is None else (decay, 1.0 - decay)
+            batch_var = m2 / (n - 1) if unbiased_running_var else m2 / n
+            rm = keep * rm + take * mean
+            rv = keep * rv + take * batch_var
     else:
         if rm is None:
             raise ValueError("running_mean and running_var are required in eval mode")
@@ -171,13 +180,15 @@ def batch_norm(
 
     col = (slice(None), None)
     yc = (xc - mean[col]) * invstd[col] * w[col] + b[col]
+    if activation == "relu":
+        yc = np.where(yc < 0, 0.0, yc)  # NaN stays NaN
     moved_shape = np.moveaxis(x, ax, 0).shape
     y = np.ascontiguousarray(np.moveaxis(yc.reshape(moved_shape), 0, ax))
     return BatchNormResult(y, mean, invstd, rm, rv)
 
 
-def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, training=True,
-                        axis=1):
+def batch_norm_backward(grad_output, input, mean, invstd, weight=None, bias=None, *,
+                        training=True, axis=1, activation=None):
     """Gradients of :func:`batch_norm`, in float64, written from the
     definition: with ``xhat = (x - mean) * invstd`` and n values a channel,
     ``grad_weight = sum(dy * xhat)``, ``grad_bias = sum(dy)`` and
@@ -185,6 +196,9 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, traini
     * training (mean and invstd are the batch's own):
       ``dx = weight * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))``;
     * eval (frozen statistics): ``dx = dy * weight * invstd``.
+
+    With ``activation="relu"`` grad_output is the gradient of ``max(z, 0)``,
+    z the affine output: dy becomes ``dy * (z > 0)`` first.
 
     Returns ``(grad_input, grad_weight, grad_bias)``, all float64.
     """
@@ -197,6 +211,9 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight=None, *, traini
     invstd = np.asarray(invstd, dtype=np.float64).reshape(c)
     w = np.ones(c) if weight is None else np.asarray(weight, dtype=np.float64).reshape(c)
     xhat = (xc - mean[col]) * invstd[col]
+    if activation == "relu":
+        b = np.zeros(c) if bias is None else np.asarray(bias, dtype=np.float64).reshape(c)
+        dyc = np.where(xhat * w[col] + b[col] > 0, dyc, 0.0)
     grad_weight = np.array([_fsum(row) for row in dyc * xhat])
     grad_bias = np.array([_fsum(row) for row in dyc])
     if training:
