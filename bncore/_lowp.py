@@ -88,7 +88,10 @@ def is_half(dtype: npt.DTypeLike) -> bool:
     dtype = np.dtype(dtype)
     if dtype == np.float16:
         return True
-    return dtype.name == "bfloat16" and dtype == _bfloat16()
+    if dtype.name != "bfloat16":
+        return False
+    bf16 = _bfloat16()
+    return bf16 is not None and dtype == bf16
 
 
 # --------------------------------------------------------------------------
