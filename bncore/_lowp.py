@@ -213,7 +213,8 @@ def _scratch(size: int) -> np.ndarray:
 def _widen(half: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     """half -> float32 into the front of scratch (exact); returns that view."""
     wide = scratch[:half.size]
-    np.copyto(wide, half, casting="safe")
+    if not (half.dtype == np.float16 and _kernels.half_to_float(half, wide)):
+        np.copyto(wide, half, casting="safe")
     return wide
 
 
@@ -221,6 +222,8 @@ def _narrow(wide: np.ndarray, half: np.ndarray) -> None:
     """float32 -> half, rounding to nearest even (the one rounding of a
     result). Beyond the half range the value is inf, silently, as an
     overflow in the float32 kernels is."""
+    if half.dtype == np.float16 and _kernels.float_to_half(wide, half):
+        return
     with np.errstate(over="ignore"):
         np.copyto(half, wide, casting="same_kind")
 
