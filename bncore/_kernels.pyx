@@ -85,6 +85,8 @@ cdef extern from "_leaf_loops.h" nogil:
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
+    int bn_f16_to_f32(const unsigned short *src, float *dst, Py_ssize_t n)
+    int bn_f32_to_f16(const float *src, unsigned short *dst, Py_ssize_t n)
     void bn_lane_grad_sums_f32(const float *x, const float *dy, Py_ssize_t n, double mean,
                                double *s_dy, double *s_dy_dev)
     void bn_lane_grad_sums_f64(const double *x, const double *dy, Py_ssize_t n, double mean,
@@ -1532,3 +1534,33 @@ def grad_input(x, dy, dx, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inne
                                              "sum_dy_dev")
     args.count = count
     run_backward(x, dy, dx, outer, channels, inner, &args, num_threads)
+
+
+def half_to_float(src, dst):
+    """dst[:] = src, float16 (src) to float32 (dst), both C-contiguous with
+    the same number of values, with the CPU's F16C instructions. Returns
+    False, having done nothing, where the CPU has none (the caller then
+    converts with NumPy)."""
+    if not cnp.PyArray_Check(dst):
+        raise TypeError("dst: expected a NumPy array")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>dst)
+    cdef void *psrc = data_of(src, cnp.NPY_FLOAT16, n, False, "src")
+    cdef void *pdst = data_of(dst, cnp.NPY_FLOAT32, n, True, "dst")
+    cdef int done
+    with nogil:
+        done = bn_f16_to_f32(<const unsigned short *>psrc, <float *>pdst, n)
+    return bool(done)
+
+
+def float_to_half(src, dst):
+    """dst[:] = src, float32 to float16 rounded to nearest even (overflow to
+    inf), as half_to_float."""
+    if not cnp.PyArray_Check(dst):
+        raise TypeError("dst: expected a NumPy array")
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>dst)
+    cdef void *psrc = data_of(src, cnp.NPY_FLOAT32, n, False, "src")
+    cdef void *pdst = data_of(dst, cnp.NPY_FLOAT16, n, True, "dst")
+    cdef int done
+    with nogil:
+        done = bn_f32_to_f16(<const float *>psrc, <unsigned short *>pdst, n)
+    return bool(done)

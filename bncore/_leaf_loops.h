@@ -435,6 +435,70 @@ static inline void bn_rows_grad_sums_f32(
 #define bn_rows_shifted_sums_f64 bn_rows_shifted_sums_generic_f64
 #define bn_rows_grad_sums_f64 bn_rows_grad_sums_generic_f64
 
+/* float16 <-> float32 conversions of a run, with the F16C instructions
+ * (round to nearest even, as NumPy's casts). NumPy converts float16 with
+ * scalar code at 1.6 / 2.5 ns a value, which made float16 batch norm 15-20
+ * times slower than float32; these run at memory speed. They return 0
+ * without touching anything on a CPU without F16C, and the caller falls
+ * back to NumPy. */
+#if BN_X86_DISPATCH
+__attribute__((target("avx,f16c"))) static void bn_f16_to_f32_f16c(
+    const uint16_t *BN_RESTRICT src, float *BN_RESTRICT dst, ptrdiff_t n)
+{
+    ptrdiff_t i = 0;
+    uint16_t tail_in[8] = {0};
+    float tail_out[8];
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    if (i < n) {
+        memcpy(tail_in, src + i, (size_t)(n - i) * sizeof *src);
+        _mm256_storeu_ps(tail_out, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tail_in)));
+        memcpy(dst + i, tail_out, (size_t)(n - i) * sizeof *dst);
+    }
+}
+
+__attribute__((target("avx,f16c"))) static void bn_f32_to_f16_f16c(
+    const float *BN_RESTRICT src, uint16_t *BN_RESTRICT dst, ptrdiff_t n)
+{
+    ptrdiff_t i = 0;
+    float tail_in[8] = {0};
+    uint16_t tail_out[8];
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    if (i < n) {
+        memcpy(tail_in, src + i, (size_t)(n - i) * sizeof *src);
+        _mm_storeu_si128((__m128i *)tail_out,
+                         _mm256_cvtps_ph(_mm256_loadu_ps(tail_in), _MM_FROUND_TO_NEAREST_INT));
+        memcpy(dst + i, tail_out, (size_t)(n - i) * sizeof *dst);
+    }
+}
+#endif
+
+static inline int bn_f16_to_f32(const uint16_t *src, float *dst, ptrdiff_t n)
+{
+#if BN_X86_DISPATCH
+    if (__builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx")) {
+        bn_f16_to_f32_f16c(src, dst, n);
+        return 1;
+    }
+#endif
+    (void)src, (void)dst, (void)n;
+    return 0;
+}
+
+static inline int bn_f32_to_f16(const float *src, uint16_t *dst, ptrdiff_t n)
+{
+#if BN_X86_DISPATCH
+    if (__builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx")) {
+        bn_f32_to_f16_f16c(src, dst, n);
+        return 1;
+    }
+#endif
+    (void)src, (void)dst, (void)n;
+    return 0;
+}
+
 /* Make streaming stores visible to other threads before they read the
  * output: call once after a parallel region that streamed. */
 static inline void bn_stream_fence(void)

@@ -30,13 +30,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from . import _kernels, _threads
+from . import _threads
 from .functional import (
     _Batch,
     _canonical_shape,
     _feature_axis,
     _fold_batch,
     _kernel_ready,
+    _kernels_for,
     _running_stats,
 )
 from .modules import BatchNorm
@@ -201,8 +202,9 @@ class SyncBatchNorm(BatchNorm):
             mean, invstd = _running_stats(mean, var, self.eps)
             if x.size:
                 outer, _, inner = _canonical_shape(x.shape, ax)
-                _kernels.normalize(source, y, outer, channels, inner, mean, var, self.eps,
-                                   weight, bias, nthreads, activation == "relu")
+                _kernels_for(x.dtype).normalize(source, y, outer, channels, inner, mean, var,
+                                                self.eps, weight, bias, nthreads,
+                                                activation == "relu")
             batch = _Batch(mean, total.m2, total.count,
                            0.0 if self.momentum is None else self.momentum,
                            self.nonfinite, getattr(self, "unbiased_running_var", True))
@@ -255,6 +257,7 @@ class SyncBatchNorm(BatchNorm):
         except (TypeError, ValueError) as caught:
             error = caught
         source = _kernel_ready(x)
+        kernels = _kernels_for(x.dtype)
         sum_dy = np.zeros(channels)
         sum_dy_dev = np.zeros(channels)
         if error is None and x.size:
@@ -262,10 +265,10 @@ class SyncBatchNorm(BatchNorm):
             if activation == "relu":
                 # dL/d(pre-activation output): dy where the forward's output was > 0.
                 gated = np.empty_like(dy)
-                _kernels.relu_mask(source, dy, gated, outer, channels, inner, mean, invstd,
-                                   weight, bias, nthreads)
+                kernels.relu_mask(source, dy, gated, outer, channels, inner, mean, invstd,
+                                  weight, bias, nthreads)
                 dy = gated
-            _kernels.grad_sums(source, dy, outer, channels, inner, mean, sum_dy, sum_dy_dev,
+            kernels.grad_sums(source, dy, outer, channels, inner, mean, sum_dy, sum_dy_dev,
                                nthreads)
         # The one collective: [failed, sum_dy (C), sum_dy_dev (C)] per rank.
         gathered = self._allgather(np.concatenate(([error is not None], sum_dy, sum_dy_dev)))
@@ -277,7 +280,7 @@ class SyncBatchNorm(BatchNorm):
 
         grad_input = np.empty(x.shape, dtype=x.dtype)
         if x.size:
-            _kernels.grad_input(source, dy, grad_input, outer, channels, inner, mean, invstd,
+            kernels.grad_input(source, dy, grad_input, outer, channels, inner, mean, invstd,
                                 weight, sum_dy, sum_dy_dev, float(count), nthreads)
         # An empty global batch has NaN statistics but zero gradients (as
         # BatchNorm's): 0 * NaN would say otherwise.

@@ -13,7 +13,7 @@ import numbers
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from . import _kernels, _threads
+from . import _kernels, _lowp, _threads
 
 __all__ = ["batch_norm", "batch_norm_backward", "fold_scale_shift", "moments"]
 
@@ -31,8 +31,11 @@ ACTIVATIONS = (None, "relu")
 
 def _as_input(input, name="input"):
     x = input if isinstance(input, np.ndarray) else np.asarray(input)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    if x.dtype not in _FLOAT_DTYPES and not _lowp.is_half(x.dtype):
+        raise TypeError(
+            f"{name} must have dtype float32, float64, float16 or bfloat16 (with "
+            f"ml_dtypes), got {x.dtype}"
+        )
     if x.ndim < 2:
         raise ValueError(
             f"{name} must have at least 2 dimensions (batch and features), "
@@ -212,6 +215,13 @@ def _check_nonfinite(nonfinite):
     return nonfinite
 
 
+def _kernels_for(dtype):
+    """The compiled kernels for float32 and float64; for float16 and
+    bfloat16 their twin in bncore/_lowp.py, which runs them on float32
+    chunks."""
+    return _kernels if dtype in _FLOAT_DTYPES else _lowp
+
+
 def _kernel_ready(x, dtype=None):
     """x as the kernels read it: C-contiguous and aligned, of ``dtype`` if
     given; a copy only when needed (ascontiguousarray alone would keep a
@@ -272,7 +282,8 @@ def moments(x, *, axis=1, ddof=0, num_threads=None):
     if count == 0 or channels == 0:
         mean.fill(np.nan)
         return mean, np.full(channels, np.nan)
-    _kernels.moments(_kernel_ready(x), outer, channels, inner, mean, m2, nthreads)
+    kernels = _kernels_for(x.dtype)
+    kernels.moments(_kernel_ready(x), outer, channels, inner, mean, m2, nthreads)
     if count - ddof <= 0:
         return mean, np.full(channels, np.nan)
     return mean, m2 / (count - ddof)
@@ -459,17 +470,17 @@ def _forward(input, running_mean, running_var, weight, bias, training, momentum,
             mean.fill(np.nan)
             invstd.fill(np.nan)
         else:
-            _kernels.train_forward(source, y, outer, channels, inner, weight, bias, eps,
-                                   mean, m2, invstd, nthreads, relu)
+            _kernels_for(x.dtype).train_forward(source, y, outer, channels, inner, weight,
+                                                bias, eps, mean, m2, invstd, nthreads, relu)
             batch = _Batch(mean, m2, count, momentum, nonfinite, unbiased_running_var)
     else:
         mean = invstd = None
         if eval_stats:
             mean, invstd = _running_stats(running_mean, running_var, eps)
         if x.size:
-            _kernels.normalize(source, y, outer, channels, inner,
-                               _kernel_ready(running_mean), _kernel_ready(running_var), eps,
-                               weight, bias, nthreads, relu)
+            _kernels_for(x.dtype).normalize(
+                source, y, outer, channels, inner, _kernel_ready(running_mean),
+                _kernel_ready(running_var), eps, weight, bias, nthreads, relu)
     return y, mean, invstd, batch
 
 
@@ -608,17 +619,22 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight=None, bias=None
     grad_bias = np.zeros(channels)
     if x.size:
         source, dy = _kernel_ready(x), _kernel_ready(dy)
+        kernels = _kernels_for(x.dtype)
         if relu:
             # dL/d(pre-activation) into grad_input, then the usual backward
             # in place on it.
-            _kernels.relu_mask(source, dy, grad_input, outer, channels, inner, mean, invstd,
-                               weight, bias, nthreads)
+            kernels.relu_mask(source, dy, grad_input, outer, channels, inner, mean, invstd,
+                              weight, bias, nthreads)
             dy = grad_input
-        _kernels.backward(
+        kernels.backward(
             source, dy, grad_input, outer, channels, inner, mean, invstd, weight, training,
             grad_weight, grad_bias, nthreads,
         )
-    return grad_input, grad_weight.astype(x.dtype), grad_bias.astype(x.dtype)
+    # Half-precision parameter gradients would overflow at 65504 (float16)
+    # or keep 8 bits (bfloat16): they come back as float32, the dtype of a
+    # half-precision layer's parameters.
+    sums_dtype = x.dtype if x.dtype in _FLOAT_DTYPES else np.dtype(np.float32)
+    return grad_input, grad_weight.astype(sums_dtype), grad_bias.astype(sums_dtype)
 
 
 def _nonfinite_channels(batch, running_mean, running_var):

@@ -29,8 +29,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from . import _kernels, _threads
-from .functional import _as_input, _canonical_shape, _feature_axis, _kernel_ready
+from . import _threads
+from .functional import (
+    _as_input,
+    _canonical_shape,
+    _feature_axis,
+    _kernel_ready,
+    _kernels_for,
+)
 
 if TYPE_CHECKING:
     from .modules import BatchNorm
@@ -201,7 +207,8 @@ def _kernel_moments(x: NDArray[np.floating], axis: int, nthreads: int) -> Moment
         return Moments(count, np.full(channels, np.nan), np.zeros(channels))
     mean = np.empty(channels)
     m2 = np.empty(channels)
-    _kernels.moments(_kernel_ready(x), outer, channels, inner, mean, m2, nthreads)
+    _kernels_for(x.dtype).moments(_kernel_ready(x), outer, channels, inner, mean, m2,
+                                  nthreads)
     return Moments(count, mean, m2)
 
 

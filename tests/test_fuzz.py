@@ -37,7 +37,7 @@ SETTINGS = settings(max_examples=int(os.environ.get("BNCORE_FUZZ_EXAMPLES", "150
                     suppress_health_check=[HealthCheck.too_slow])
 
 VALID = [np.float32, np.float64]
-INVALID = [np.float16, np.int32, np.int64, np.uint8, np.bool_, np.complex64, np.complex128]
+INVALID = [np.longdouble, np.int32, np.int64, np.uint8, np.bool_, np.complex64, np.complex128]
 ORDERS = ["C", "F", "strided", "reversed"]
 
 
