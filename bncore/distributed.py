@@ -35,7 +35,6 @@ from .functional import (
     _Batch,
     _canonical_shape,
     _feature_axis,
-    _fold_batch,
     _kernel_ready,
     _kernels_for,
     _running_stats,
@@ -110,6 +109,9 @@ class SyncBatchNorm(BatchNorm):
 
     Pickling drops the communicator; an unpickled layer uses COMM_WORLD.
     """
+
+    #: Never None here (no lazy construction: the messages' size is fixed by it).
+    num_features: int
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
@@ -219,19 +221,7 @@ class SyncBatchNorm(BatchNorm):
         """Fold the global batch into the running statistics as BatchNorm
         folds its own (momentum, momentum=None, decay, nonfinite policy),
         under the layer's lock."""
-        if self.track_running_stats:
-            with self._lock:
-                counted = True
-                if batch is not None:
-                    momentum = self.momentum
-                    if momentum is None:
-                        momentum = 1.0 / (self.num_batches_tracked + 1)
-                    counted = _fold_batch(batch, self.running_mean, self.running_var,
-                                          momentum, getattr(self, "decay", None))
-                if counted:
-                    self.num_batches_tracked += 1
-        elif batch is not None:
-            _fold_batch(batch, None, None, 0.0)
+        self._fold_training_batch(batch, self.decay)
 
     # -- backward ----------------------------------------------------------
 

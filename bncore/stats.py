@@ -282,7 +282,13 @@ def update_population_stats(bn: BatchNorm, batches: Iterable[ArrayLike], *,
 
     if not isinstance(bn, BatchNorm):
         raise TypeError(f"bn must be a bncore BatchNorm layer, got {type(bn).__name__}")
-    if not bn.track_running_stats:
+    if bn.num_features is None:
+        raise ValueError(
+            "bn has not seen an input yet (a lazy layer, num_features=None): call it "
+            "on a batch or load a state dict first"
+        )
+    running_mean, running_var = bn.running_mean, bn.running_var
+    if running_mean is None or running_var is None:
         raise ValueError(
             "bn was built with track_running_stats=False: it has no running "
             "statistics to update"
@@ -313,7 +319,7 @@ def update_population_stats(bn: BatchNorm, batches: Iterable[ArrayLike], *,
     unbiased = getattr(bn, "unbiased_running_var", True)
     var = total.var(ddof=1 if unbiased else 0)
     if bn.nonfinite != "propagate":
-        limit = np.finfo(bn.running_mean.dtype).max
+        limit = np.finfo(running_mean.dtype).max
         # Comparisons with NaN are False: NaN fails the bound.
         bad = np.flatnonzero(~((np.abs(total.mean) <= limit) & (np.abs(var) <= limit)))
         if bad.size:
@@ -325,10 +331,10 @@ def update_population_stats(bn: BatchNorm, batches: Iterable[ArrayLike], *,
                 )
             return bn
     # Both casts before either write: nothing can fail between the writes.
-    new_mean = total.mean.astype(bn.running_mean.dtype)
-    new_var = var.astype(bn.running_var.dtype)
+    new_mean = total.mean.astype(running_mean.dtype)
+    new_var = var.astype(running_var.dtype)
     with bn._lock:
-        bn.running_mean[...] = new_mean
-        bn.running_var[...] = new_var
+        running_mean[...] = new_mean
+        running_var[...] = new_var
         bn.num_batches_tracked = seen
     return bn

@@ -152,7 +152,7 @@ def test_errors_name_the_argument():
     x = da.zeros((6, 3), chunks=2)
     with pytest.raises(TypeError, match="darr must be a dask array"):
         bdask.moments(np.zeros((6, 3)))
-    with pytest.raises(TypeError, match="darr must have dtype float32 or float64"):
+    with pytest.raises(TypeError, match="darr must have dtype float32, float64"):
         bdask.moments(da.zeros((6, 3), dtype=np.int32))
     with pytest.raises(ValueError, match=r"darr must have at least 2 dimensions.*\(6,\)"):
         bdask.partial_moments(da.zeros(6))
