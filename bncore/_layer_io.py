@@ -143,7 +143,7 @@ def _load(layer_class: type[BatchNorm], file: IO[bytes], name: str) -> BatchNorm
         raise refuse(f"its arrays do not match the {cls.__name__} its options describe: "
                      f"missing {missing}, unexpected {extra}")
     for key, value in entries.items():
-        want = np.dtype(np.int64) if key == "num_batches_tracked" else layer.dtype
+        want = np.dtype(np.int64) if key == "num_batches_tracked" else layer.param_dtype
         shape = () if key == "num_batches_tracked" else (layer.num_features,)
         if value.dtype != want or value.shape != shape:
             raise refuse(f"{key!r} is a {value.dtype} array of shape {value.shape}, "

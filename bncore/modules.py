@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import numbers
 import threading
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Mapping, cast
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
+from . import _lowp
 from .functional import (
     _FLOAT_DTYPES,
     _Batch,
@@ -64,6 +66,25 @@ def _check_layer_momentum(value: object) -> float | None:
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] or None, got {value!r}")
     return momentum
+
+
+def _layer_dtype(value: object) -> np.dtype:
+    """The accepted input dtype: float32, float64, float16, or bfloat16
+    (by dtype or by name, with ml_dtypes installed)."""
+    if isinstance(value, str) and value == "bfloat16":
+        bfloat16 = _lowp._bfloat16()
+        if bfloat16 is None:
+            raise TypeError(
+                "dtype bfloat16 needs ml_dtypes: pip install 'bncore[bfloat16]'")
+        return bfloat16
+    try:
+        dtype = np.dtype(value)  # type: ignore[call-overload]
+    except TypeError:
+        dtype = None
+    if dtype is None or not (dtype in _FLOAT_DTYPES or _lowp.is_half(dtype)):
+        raise TypeError(
+            f"dtype must be float32, float64, float16 or bfloat16, got {value!r}")
+    return dtype
 
 
 def _check_axis(value: object) -> int:
@@ -126,8 +147,12 @@ class BatchNorm:
         when False the batch statistics are used in eval mode too.
     axis : int
         The feature axis; -1 for channels-last input.
-    dtype : float32 or float64
-        Of the parameters, the running statistics and the accepted input.
+    dtype : float32, float64, float16 or bfloat16
+        Of the accepted input, and of the parameters and running statistics,
+        except that a float16 or bfloat16 layer (bfloat16 needs ml_dtypes)
+        keeps those in float32 (``bn.param_dtype``), as mixed-precision
+        training does: half precision cannot hold a running variance or
+        accumulate small updates.
     nonfinite : {"propagate", "skip_update", "raise"}
         What a forward that computes batch statistics (training mode, or
         any mode with ``track_running_stats=False``) does when the batch's
@@ -208,12 +233,7 @@ class BatchNorm:
         num_features = _check_num_features(num_features)
         momentum = _check_layer_momentum(momentum)
         axis = _check_axis(axis)
-        try:
-            dtype = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-        if dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        dtype = _layer_dtype(dtype)
         affine = bool(affine)
 
         self.num_features: int | None = num_features
@@ -227,6 +247,7 @@ class BatchNorm:
         self.track_running_stats: bool = bool(track_running_stats)
         self.axis: int = axis
         self.dtype: np.dtype = dtype
+        self.param_dtype: np.dtype = dtype if dtype in _FLOAT_DTYPES else np.dtype(np.float32)
         self.nonfinite: str = _check_nonfinite(nonfinite)
         _check_activation(activation)
         self.activation: str | None = activation
@@ -252,7 +273,7 @@ class BatchNorm:
     def _allocate(self, num_features: int) -> None:
         """Create the parameters and buffers for C = num_features; the
         count goes last, so that a layer with a count has its arrays."""
-        dtype = self.dtype
+        dtype = self.param_dtype
         self.weight = np.ones(num_features, dtype) if self.scale else None
         self.bias = np.zeros(num_features, dtype) if self.center else None
         if self.track_running_stats:
@@ -606,6 +627,16 @@ class BatchNorm:
         return grad_input
 
     # -- files and other libraries -----------------------------------------
+
+    def update_population_stats(self, batches: Iterable[ArrayLike], *,
+                                num_threads: int | None = None) -> BatchNorm:
+        """Set the running statistics to the exact mean and variance of all
+        the values of all the batches (an iterable, e.g. a generator over a
+        data set), instead of the moving average; see
+        :func:`bncore.stats.update_population_stats`. Returns the layer."""
+        from .stats import update_population_stats  # stats imports this module
+
+        return update_population_stats(self, batches, num_threads=num_threads)
 
     def save(self, file: PathOrFile) -> None:
         """Write the layer to ``file`` (a path, used as given, or a binary

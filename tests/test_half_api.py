@@ -139,3 +139,41 @@ def test_conversions_check_their_arguments():
         _kernels.half_to_float(np.ones(3, np.float32), np.ones(3, np.float32))
     with pytest.raises(ValueError, match="src"):
         _kernels.float_to_half(np.ones(4, np.float32), np.ones(3, np.float16))
+
+
+# --------------------------------------------------------------------------
+# Half-precision layers: half input and output, float32 parameters.
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_half_layer_trains_like_a_float32_layer_on_the_same_values(dtype_name, tmp_path):
+    if dtype_name == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    half = bncore.BatchNorm2d(3, dtype=dtype_name)
+    wide = bncore.BatchNorm2d(3, dtype=np.float32)
+    assert half.param_dtype == np.float32 and half.running_var.dtype == np.float32
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        x = (2 + 3 * rng.standard_normal((8, 3, 4, 4))).astype(half.dtype)
+        y = half(x)
+        want = wide(x.astype(np.float32))
+        assert y.dtype == half.dtype
+        _assert_half_close(y, want, half.dtype)
+        grad = half.backward(np.ones_like(y))
+        want_grad = wide.backward(np.ones_like(want))
+        assert grad.dtype == half.dtype and half.grad_weight.dtype == np.float32
+        np.testing.assert_allclose(half.grad_weight, wide.grad_weight, atol=1e-3)
+    np.testing.assert_allclose(half.running_mean, wide.running_mean, rtol=1e-6)
+    np.testing.assert_allclose(half.running_var, wide.running_var, rtol=1e-6)
+    half.save(tmp_path / "half.npz")
+    again = bncore.BatchNorm.load(tmp_path / "half.npz")
+    assert again.dtype == half.dtype
+    np.testing.assert_array_equal(again.running_var, half.running_var)
+    with pytest.raises(TypeError, match="dtype"):
+        half(np.ones((2, 3, 4, 4), np.float32))
+
+
+def test_layer_dtype_is_checked():
+    with pytest.raises(TypeError, match="dtype must be float32, float64, float16 or bfloat16"):
+        bncore.BatchNorm1d(3, dtype=np.int32)
+    with pytest.raises(TypeError, match="dtype must be"):
+        bncore.BatchNorm1d(3, dtype="no such dtype")

@@ -405,3 +405,12 @@ def test_population_stats_follow_the_nonfinite_policy(mode):
         np.testing.assert_array_equal(bn.running_mean, [0.0, 0.0])
         np.testing.assert_array_equal(bn.running_var, [1.0, 1.0])
         assert bn.num_batches_tracked == 0
+
+
+def test_the_layer_method_delegates_to_update_population_stats():
+    batches = [np.arange(12.0).reshape(4, 3), np.ones((5, 3))]
+    by_method = bncore.BatchNorm1d(3, dtype=np.float64).update_population_stats(batches)
+    by_function = update_population_stats(bncore.BatchNorm1d(3, dtype=np.float64), batches)
+    np.testing.assert_array_equal(by_method.running_mean, by_function.running_mean)
+    np.testing.assert_array_equal(by_method.running_var, by_function.running_var)
+    assert by_method.num_batches_tracked == 2
