@@ -95,6 +95,14 @@ def _bn_scale_shift(
     it is a batch norm with running statistics over ``channels`` features."""
     if not isinstance(bn, BatchNorm):
         raise TypeError(f"bn must be a bncore.BatchNorm layer, got {type(bn).__name__}")
+    if bn.activation is not None:
+        raise ValueError(
+            f"bn has activation={bn.activation!r}: weights can only hold the affine "
+            "part; fold a layer without the activation and apply it afterwards"
+        )
+    if bn.num_features is None:
+        raise ValueError("bn is a lazy layer that has not seen any input: it has no "
+                         "statistics to fold yet")
     if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
         raise ValueError(
             "bn was built with track_running_stats=False: it normalizes with the "

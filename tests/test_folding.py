@@ -490,3 +490,12 @@ def test_the_numpy_convolutions_are_torch_s(d, groups, stride, padding, dilation
         op = getattr(functional, f"conv{d}d")
     want = op(*(torch.from_numpy(a) for a in (x, w, b)), **options).numpy()
     assert_close64(got, want)
+
+
+def test_a_layer_with_a_fused_activation_or_no_statistics_yet_is_refused():
+    weight, bias = np.ones((4, 3)), np.zeros(4)
+    relu_layer = bncore.BatchNorm1d(4, dtype=np.float64, activation="relu").eval()
+    with pytest.raises(ValueError, match="activation='relu'"):
+        bncore.fold_into_linear(weight, bias, relu_layer)
+    with pytest.raises(ValueError, match="lazy"):
+        bncore.fold_into_linear(weight, bias, bncore.BatchNorm1d(None))
