@@ -9,19 +9,25 @@ same computation written with NumPy array operations. Exit status 1 if any check
 import argparse
 import sys
 import time
+from collections.abc import Callable, Sequence
+from typing import TextIO
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 import bncore
 from bncore import reference
 
 SPEED_SHAPE = (32, 64, 56, 56)
 
+#: A self-check: computes and returns its largest error.
+ErrorCheck = Callable[[], float]
 
-def _self_check_cases():
+
+def _self_check_cases() -> list[tuple[str, ErrorCheck, float]]:
     """(name, function returning the largest error, tolerance) triples."""
     rng = np.random.default_rng(2024)
-    cases = []
+    cases: list[tuple[str, ErrorCheck, float]] = []
     for dtype, tol in ((np.float32, 2e-5), (np.float64, 1e-11)):
         for shape, axis in (((16, 8), 1), ((4, 6, 9), 1), ((3, 5, 7, 7), 1),
                             ((2, 3, 4, 5, 6), 1), ((4, 5, 5, 6), -1)):
@@ -41,22 +47,25 @@ def _self_check_cases():
     return cases
 
 
-def _train_error(x, weight, bias, axis):
-    def run():
+def _train_error(x: NDArray[np.floating], weight: NDArray[np.float64],
+                 bias: NDArray[np.float64], axis: int) -> ErrorCheck:
+    def run() -> float:
         channels = x.shape[axis]
         running = (np.zeros(channels, x.dtype), np.ones(channels, x.dtype))
         y = bncore.batch_norm(x, *running, weight, bias, training=True, axis=axis)
         expected = reference.batch_norm(x, np.zeros(channels), np.ones(channels), weight,
                                         bias, training=True, axis=axis)
+        assert expected.running_mean is not None and expected.running_var is not None
         return max(_max_abs(y, expected.y),
                    _max_abs(running[0], expected.running_mean),
                    _max_abs(running[1], expected.running_var))
     return run
 
 
-def _eval_error(x, weight, bias, axis, rng):
-    def run():
-        channels = x.shape[axis]
+def _eval_error(x: NDArray[np.floating], weight: NDArray[np.float64],
+                bias: NDArray[np.float64], axis: int, rng: np.random.Generator) -> ErrorCheck:
+    def run() -> float:
+        channels: int = x.shape[axis]
         mean = (rng.standard_normal(channels) + 1000).astype(x.dtype)
         var = rng.uniform(0.5, 9, channels).astype(x.dtype)
         y = bncore.batch_norm(x, mean, var, weight, bias, training=False, axis=axis)
@@ -65,8 +74,9 @@ def _eval_error(x, weight, bias, axis, rng):
     return run
 
 
-def _backward_error(x, weight, axis, rng):
-    def run():
+def _backward_error(x: NDArray[np.floating], weight: NDArray[np.float64], axis: int,
+                    rng: np.random.Generator) -> ErrorCheck:
+    def run() -> float:
         dy = rng.standard_normal(x.shape).astype(x.dtype)
         _, mean, invstd = bncore.batch_norm(x, training=True, axis=axis, return_stats=True)
         errors = []
@@ -84,16 +94,16 @@ def _backward_error(x, weight, axis, rng):
     return run
 
 
-def _moments_error(x, axis):
-    def run():
+def _moments_error(x: NDArray[np.floating], axis: int) -> ErrorCheck:
+    def run() -> float:
         mean, var = bncore.moments(x, axis=axis)
         ref_mean, ref_var = reference.moments(x, axis=axis)
         return max(_max_abs(mean, ref_mean) / 1000, _max_abs(var / ref_var, 1.0))
     return run
 
 
-def _module_error(x, axis):
-    def run():
+def _module_error(x: NDArray[np.floating], axis: int) -> ErrorCheck:
+    def run() -> float:
         layer = bncore.BatchNorm(x.shape[axis], axis=axis, dtype=x.dtype)
         errors = []
         for training in (True, False):
@@ -107,7 +117,7 @@ def _module_error(x, axis):
     return run
 
 
-def _max_abs(a, b):
+def _max_abs(a: ArrayLike, b: ArrayLike) -> float:
     """Largest error, absolute below 1 and relative above: float32 outputs
     of a few hundred carry their rounding error in proportion."""
     a = np.asarray(a, np.float64)
@@ -115,7 +125,7 @@ def _max_abs(a, b):
     return float(np.max(np.abs(a - b) / np.maximum(1.0, np.abs(b))))
 
 
-def self_check(out):
+def self_check(out: TextIO) -> bool:
     print("\nself-check against bncore.reference (float64 NumPy):", file=out)
     failures = 0
     for name, run, tolerance in _self_check_cases():
@@ -128,7 +138,7 @@ def self_check(out):
     return failures == 0
 
 
-def _median_time(function, repeats):
+def _median_time(function: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -137,7 +147,9 @@ def _median_time(function, repeats):
     return float(np.median(times))
 
 
-def numpy_batch_norm(x, running_mean, running_var, training, eps=1e-5):
+def numpy_batch_norm(x: NDArray[np.floating], running_mean: NDArray[np.floating],
+                     running_var: NDArray[np.floating], training: bool,
+                     eps: float = 1e-5) -> NDArray[np.floating]:
     """Batch norm as NumPy users write it: whole-array operations, in the
     input's dtype, with temporaries (the peer bncore replaces)."""
     axes = (0,) + tuple(range(2, x.ndim))
@@ -150,7 +162,7 @@ def numpy_batch_norm(x, running_mean, running_var, training, eps=1e-5):
     return (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
 
 
-def speed_report(out, repeats=11):
+def speed_report(out: TextIO, repeats: int = 11) -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal(SPEED_SHAPE, dtype=np.float32)
     y = np.empty_like(x)
@@ -177,7 +189,7 @@ def speed_report(out, repeats=11):
               f"{slow_time * 1e3:8.1f}ms {slow_time / fast_time:8.1f}x", file=out)
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bncore", description=__doc__.splitlines()[0])
     parser.add_argument("--no-speed", action="store_true", help="skip the speed report")
     args = parser.parse_args(argv)

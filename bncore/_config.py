@@ -3,6 +3,7 @@
 import os
 import platform
 import sys
+from typing import TextIO, TypedDict
 
 import numpy as np
 
@@ -12,7 +13,7 @@ from ._version import __version__
 _OPENMP_LIBRARIES = {"libgomp": "GNU libgomp", "libiomp": "Intel libiomp", "libomp": "LLVM libomp"}
 
 
-def loaded_openmp_runtimes():
+def loaded_openmp_runtimes() -> list[str]:
     """OpenMP runtime libraries mapped into this process (Linux), by file.
 
     Two different runtimes in one process (say libgomp beside MKL's libiomp)
@@ -33,7 +34,24 @@ def loaded_openmp_runtimes():
     return found
 
 
-def build_info():
+class BuildInfo(TypedDict):
+    """What :func:`build_info` returns (one key per line of show_config)."""
+
+    version: str
+    python: str
+    platform: str
+    machine: str
+    compiler: str
+    openmp: bool
+    openmp_version: int
+    openmp_runtimes: list[str]
+    threads: int
+    cpu_count: int | None
+    numpy: str
+    cython: str
+
+
+def build_info() -> BuildInfo:
     """A dict describing this build of bncore and its environment."""
     try:
         import Cython
@@ -56,7 +74,7 @@ def build_info():
     }
 
 
-def show_config(file=None):
+def show_config(file: TextIO | None = None) -> None:
     """Print version, compiler, OpenMP status and runtime, threads, NumPy and Cython."""
     info = build_info()
     openmp = (

@@ -26,6 +26,7 @@ import contextvars
 import operator
 import os
 import warnings
+from collections.abc import Iterator
 
 from . import _kernels
 
@@ -38,7 +39,7 @@ _forked_after_team = False  # we are a child forked after that: stay serial
 _warned_forked_serial = False
 
 
-def _after_fork_in_child():
+def _after_fork_in_child() -> None:
     global _forked_after_team
     if _team_requested:
         _forked_after_team = True
@@ -48,7 +49,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _warn_forked_serial():
+def _warn_forked_serial() -> None:
     global _warned_forked_serial
     if not _warned_forked_serial:
         _warned_forked_serial = True
@@ -62,12 +63,12 @@ def _warn_forked_serial():
         )
 
 
-def check_num_threads(n, name="num_threads"):
+def check_num_threads(n: object, name: str = "num_threads") -> int:
     """n as a positive int, or a clear TypeError / ValueError."""
     if isinstance(n, bool):
         raise TypeError(f"{name} must be a positive integer or None, got {n!r}")
     try:
-        value = operator.index(n)
+        value = operator.index(n)  # type: ignore[arg-type]  # the except names n
     except TypeError:
         raise TypeError(
             f"{name} must be a positive integer or None, got {type(n).__name__}"
@@ -77,20 +78,20 @@ def check_num_threads(n, name="num_threads"):
     return value
 
 
-def set_num_threads(n):
+def set_num_threads(n: int | None) -> None:
     """Set the process-wide default thread count; None returns to OpenMP's."""
     global _process_default
     _process_default = None if n is None else check_num_threads(n, "n")
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """The thread count a call without ``num_threads=`` would use now."""
     n = _configured(None)
     return 1 if n > 1 and _forked_after_team else n
 
 
 @contextlib.contextmanager
-def num_threads(n):
+def num_threads(n: int) -> Iterator[None]:
     """Limit bncore to n threads inside the ``with`` block (this thread/task only)."""
     token = _scoped.set(check_num_threads(n, "n"))
     try:
@@ -99,7 +100,7 @@ def num_threads(n):
         _scoped.reset(token)
 
 
-def resolve(requested):
+def resolve(requested: int | None) -> int:
     """The thread count for one kernel call, given its ``num_threads=``
     argument: 1 in a process forked after bncore had asked OpenMP for a team."""
     global _team_requested
@@ -112,7 +113,7 @@ def resolve(requested):
     return n
 
 
-def _configured(requested):
+def _configured(requested: int | None) -> int:
     """The thread count the settings ask for, by the precedence above."""
     if requested is not None:
         return check_num_threads(requested)

@@ -9,9 +9,12 @@ and handed to the compiled layer with the thread count for the call.
 
 import math
 import numbers
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Literal, overload
 
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _kernels, _lowp, _threads
 
@@ -20,16 +23,21 @@ __all__ = ["batch_norm", "batch_norm_backward", "fold_scale_shift", "moments"]
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 #: What batch_norm may do when a training batch's statistics are not finite.
-NONFINITE_MODES = ("propagate", "skip_update", "raise")
+NonfiniteMode = Literal["propagate", "skip_update", "raise"]
+NONFINITE_MODES: tuple[NonfiniteMode, ...] = ("propagate", "skip_update", "raise")
 
 #: The activations batch_norm can fuse into its output (None: none).
-ACTIVATIONS = (None, "relu")
+Activation = Literal["relu"] | None
+ACTIVATIONS: tuple[Activation, ...] = (None, "relu")
+
+#: batch_norm's (y, mean, invstd) with return_stats=True.
+NormalizedWithStats = tuple[NDArray[np.floating], NDArray[np.float64], NDArray[np.float64]]
 
 
 # --------------------------------------------------------------------------
 # Argument checks. Each names the argument and what was expected.
 
-def _as_input(input, name="input"):
+def _as_input(input: ArrayLike, name: str = "input") -> NDArray[np.floating]:
     x = input if isinstance(input, np.ndarray) else np.asarray(input)
     if x.dtype not in _FLOAT_DTYPES and not _lowp.is_half(x.dtype):
         raise TypeError(
@@ -44,26 +52,27 @@ def _as_input(input, name="input"):
     return x
 
 
-def _feature_axis(axis, ndim):
+def _feature_axis(axis: object, ndim: int) -> int:
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
-    if not -ndim <= axis < ndim:
+    index = int(axis)
+    if not -ndim <= index < ndim:
         raise ValueError(f"axis {axis} is out of range for an input with {ndim} dimensions")
-    return int(axis) % ndim
+    return index % ndim
 
 
-def _canonical_shape(shape, axis):
+def _canonical_shape(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
     """(outer, C, inner) of an array of this shape with features on axis."""
     return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
 
 
-def _real_number(value, name):
+def _real_number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
 
 
-def _check_momentum(momentum):
+def _check_momentum(momentum: object) -> float:
     if momentum is None:
         raise TypeError(
             "momentum must be a number in [0, 1], got None; for a cumulative "
@@ -75,7 +84,7 @@ def _check_momentum(momentum):
     return value
 
 
-def _check_decay(decay, momentum):
+def _check_decay(decay: object, momentum: object) -> float | None:
     """The Keras/ONNX/Flax running-average factor, or None; it replaces
     PyTorch's momentum, so a non-default momentum with it is a contradiction."""
     if decay is None:
@@ -92,21 +101,27 @@ def _check_decay(decay, momentum):
     return value
 
 
-def _check_activation(activation):
+def _check_activation(activation: object) -> bool:
     """True for "relu", False for None."""
     if not (activation is None or (isinstance(activation, str) and activation in ACTIVATIONS)):
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
     return activation == "relu"
 
 
-def _check_eps(eps):
+def _check_eps(eps: object) -> float:
     value = _real_number(eps, "eps")
     if not (value >= 0.0 and math.isfinite(value)):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return value
 
 
-def _channel_vector(value, name, channels, axis):
+@overload
+def _channel_vector(value: None, name: str, channels: int, axis: int) -> None: ...
+@overload
+def _channel_vector(value: ArrayLike, name: str, channels: int,
+                    axis: int) -> NDArray[np.floating]: ...
+def _channel_vector(value: ArrayLike | None, name: str, channels: int,
+                    axis: int) -> NDArray[np.floating] | None:
     """A per-channel argument as a contiguous float32 or float64 (C,) array
     (the kernels read both as they are), or None."""
     if value is None:
@@ -122,7 +137,8 @@ def _channel_vector(value, name, channels, axis):
     return _kernel_ready(array, None if array.dtype in _FLOAT_DTYPES else np.float64)
 
 
-def _check_running_buffer(buffer, name, channels, axis, training):
+def _check_running_buffer(buffer: object, name: str, channels: int, axis: int,
+                          training: bool) -> None:
     if not isinstance(buffer, np.ndarray):
         raise TypeError(
             f"{name} must be a NumPy array of float32 or float64, got {type(buffer).__name__}"
@@ -142,7 +158,8 @@ def _check_running_buffer(buffer, name, channels, axis, training):
             raise ValueError(f"{name} must be contiguous, since training updates it in place")
 
 
-def _check_running_stats(running_mean, running_var, channels, axis, training):
+def _check_running_stats(running_mean: object, running_var: object, channels: int, axis: int,
+                         training: bool) -> bool:
     if (running_mean is None) != (running_var is None):
         given, missing = (
             ("running_mean", "running_var") if running_var is None
@@ -163,7 +180,7 @@ def _check_running_stats(running_mean, running_var, channels, axis, training):
     return True
 
 
-def _same_buffer(a, b):
+def _same_buffer(a: np.ndarray, b: np.ndarray) -> bool:
     return (
         a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
         and a.strides == b.strides
@@ -171,7 +188,8 @@ def _same_buffer(a, b):
     )
 
 
-def _check_out(out, like, operands, channel_arrays=None):
+def _check_out(out: object, like: np.ndarray, operands: Mapping[str, np.ndarray],
+               channel_arrays: Mapping[str, np.ndarray | None] | None = None) -> bool:
     """Whether out is exactly one of the operands (an in-place call).
 
     out must have the shape and dtype of ``like``, be C-contiguous, aligned
@@ -208,21 +226,22 @@ def _check_out(out, like, operands, channel_arrays=None):
     return in_place
 
 
-def _check_nonfinite(nonfinite):
+def _check_nonfinite(nonfinite: object) -> str:
     if not (isinstance(nonfinite, str) and nonfinite in NONFINITE_MODES):
         allowed = ", ".join(repr(m) for m in NONFINITE_MODES)
         raise ValueError(f"nonfinite must be one of {allowed}; got {nonfinite!r}")
     return nonfinite
 
 
-def _kernels_for(dtype):
+def _kernels_for(dtype: np.dtype) -> ModuleType:
     """The compiled kernels for float32 and float64; for float16 and
     bfloat16 their twin in bncore/_lowp.py, which runs them on float32
     chunks."""
     return _kernels if dtype in _FLOAT_DTYPES else _lowp
 
 
-def _kernel_ready(x, dtype=None):
+def _kernel_ready(x: NDArray[np.floating],
+                  dtype: DTypeLike | None = None) -> NDArray[np.floating]:
     """x as the kernels read it: C-contiguous and aligned, of ``dtype`` if
     given; a copy only when needed (ascontiguousarray alone would keep a
     contiguous but misaligned array as it is)."""
@@ -232,7 +251,7 @@ def _kernel_ready(x, dtype=None):
     return np.array(x, dtype=dtype, order="C", copy=True)
 
 
-def _as_flag(value, name):
+def _as_flag(value: object, name: str) -> bool:
     """A truth value, or a TypeError naming the argument (an array, say)."""
     try:
         return bool(value)
@@ -240,7 +259,7 @@ def _as_flag(value, name):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {error}") from None
 
 
-def _check_ddof(ddof):
+def _check_ddof(ddof: object) -> int:
     if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral):
         raise TypeError(f"ddof must be a non-negative integer, got {type(ddof).__name__}")
     if ddof < 0:
@@ -251,7 +270,8 @@ def _check_ddof(ddof):
 # --------------------------------------------------------------------------
 # Public API
 
-def moments(x, *, axis=1, ddof=0, num_threads=None):
+def moments(x: ArrayLike, *, axis: int = 1, ddof: int = 0,
+            num_threads: int | None = None) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Per-feature mean and variance, accurate for any offset of the data.
 
     Parameters
@@ -289,10 +309,42 @@ def moments(x, *, axis=1, ddof=0, num_threads=None):
     return mean, m2 / (count - ddof)
 
 
-def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-               training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None,
-               num_threads=None, return_stats=False, nonfinite="propagate",
-               activation=None, unbiased_running_var=True, decay=None):
+# return_stats decides what batch_norm returns: y, or (y, mean, invstd).
+@overload
+def batch_norm(input: ArrayLike, running_mean: NDArray[np.floating] | None = ...,
+               running_var: NDArray[np.floating] | None = ..., weight: ArrayLike | None = ...,
+               bias: ArrayLike | None = ..., training: bool = ..., momentum: float = ...,
+               eps: float = ..., *, axis: int = ..., out: NDArray[np.floating] | None = ...,
+               num_threads: int | None = ..., return_stats: Literal[False] = ...,
+               nonfinite: NonfiniteMode = ..., activation: Activation = ...,
+               unbiased_running_var: bool = ..., decay: float | None = ...,
+               ) -> NDArray[np.floating]: ...
+@overload
+def batch_norm(input: ArrayLike, running_mean: NDArray[np.floating] | None = ...,
+               running_var: NDArray[np.floating] | None = ..., weight: ArrayLike | None = ...,
+               bias: ArrayLike | None = ..., training: bool = ..., momentum: float = ...,
+               eps: float = ..., *, axis: int = ..., out: NDArray[np.floating] | None = ...,
+               num_threads: int | None = ..., return_stats: Literal[True],
+               nonfinite: NonfiniteMode = ..., activation: Activation = ...,
+               unbiased_running_var: bool = ..., decay: float | None = ...,
+               ) -> NormalizedWithStats: ...
+@overload
+def batch_norm(input: ArrayLike, running_mean: NDArray[np.floating] | None = ...,
+               running_var: NDArray[np.floating] | None = ..., weight: ArrayLike | None = ...,
+               bias: ArrayLike | None = ..., training: bool = ..., momentum: float = ...,
+               eps: float = ..., *, axis: int = ..., out: NDArray[np.floating] | None = ...,
+               num_threads: int | None = ..., return_stats: bool,
+               nonfinite: NonfiniteMode = ..., activation: Activation = ...,
+               unbiased_running_var: bool = ..., decay: float | None = ...,
+               ) -> NDArray[np.floating] | NormalizedWithStats: ...
+def batch_norm(input: ArrayLike, running_mean: NDArray[np.floating] | None = None,
+               running_var: NDArray[np.floating] | None = None, weight: ArrayLike | None = None,
+               bias: ArrayLike | None = None, training: bool = False, momentum: float = 0.1,
+               eps: float = 1e-5, *, axis: int = 1, out: NDArray[np.floating] | None = None,
+               num_threads: int | None = None, return_stats: bool = False,
+               nonfinite: NonfiniteMode = "propagate", activation: Activation = None,
+               unbiased_running_var: bool = True, decay: float | None = None,
+               ) -> NDArray[np.floating] | NormalizedWithStats:
     """Batch normalization with the arguments and semantics of PyTorch's
     ``torch.nn.functional.batch_norm``, and the conventions of Keras, ONNX
     and Flax as options.
@@ -388,6 +440,8 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     if batch is not None:
         _fold_batch(batch, running_mean, running_var, batch.momentum, decay)
     if return_stats:
+        # eval_stats=return_stats: the statistics were computed in either mode.
+        assert mean is not None and invstd is not None
         return y, mean, invstd
     return y
 
@@ -397,7 +451,8 @@ class _Batch:
 
     __slots__ = ("mean", "m2", "count", "momentum", "nonfinite", "unbiased")
 
-    def __init__(self, mean, m2, count, momentum, nonfinite, unbiased):
+    def __init__(self, mean: NDArray[np.float64], m2: NDArray[np.float64], count: int,
+                 momentum: float, nonfinite: str, unbiased: bool) -> None:
         self.mean = mean
         self.m2 = m2
         self.count = count
@@ -405,14 +460,19 @@ class _Batch:
         self.nonfinite = nonfinite
         self.unbiased = unbiased
 
-    def running_var(self):
+    def running_var(self) -> NDArray[np.float64]:
         """The batch variance that goes into running_var."""
         return self.m2 / (self.count - 1 if self.unbiased else self.count)
 
 
-def _forward(input, running_mean, running_var, weight, bias, training, momentum, eps, *,
-             axis, out, num_threads, nonfinite, eval_stats=True, activation=None,
-             unbiased_running_var=True):
+def _forward(input: ArrayLike, running_mean: NDArray[np.floating] | None,
+             running_var: NDArray[np.floating] | None, weight: ArrayLike | None,
+             bias: ArrayLike | None, training: object, momentum: float, eps: float, *,
+             axis: int, out: NDArray[np.floating] | None, num_threads: int | None,
+             nonfinite: str, eval_stats: bool = True, activation: str | None = None,
+             unbiased_running_var: object = True,
+             ) -> tuple[NDArray[np.floating], NDArray[np.float64] | None,
+                        NDArray[np.float64] | None, _Batch | None]:
     """Everything ``batch_norm`` does but the running update.
 
     Returns ``(y, mean, invstd, batch)``: batch is a :class:`_Batch` when the
@@ -459,9 +519,9 @@ def _forward(input, running_mean, running_var, weight, bias, training, momentum,
     if in_place:
         source = y
 
-    batch = None
-    mean: np.ndarray | None
-    invstd: np.ndarray | None
+    batch: _Batch | None = None
+    mean: NDArray[np.float64] | None
+    invstd: NDArray[np.float64] | None
     if training:
         mean = np.empty(channels)
         m2 = np.empty(channels)
@@ -474,6 +534,8 @@ def _forward(input, running_mean, running_var, weight, bias, training, momentum,
                                                 bias, eps, mean, m2, invstd, nthreads, relu)
             batch = _Batch(mean, m2, count, momentum, nonfinite, unbiased_running_var)
     else:
+        # Evaluation without running statistics was refused above.
+        assert running_mean is not None and running_var is not None
         mean = invstd = None
         if eval_stats:
             mean, invstd = _running_stats(running_mean, running_var, eps)
@@ -530,7 +592,8 @@ def fold_scale_shift(
     return scale, shift
 
 
-def _running_stats(running_mean, running_var, eps):
+def _running_stats(running_mean: ArrayLike, running_var: ArrayLike,
+                   eps: float) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """The float64 mean and invstd that eval normalises with (the kernels
     compute the same, in the same IEEE operations)."""
     mean = np.array(running_mean, dtype=np.float64)
@@ -541,8 +604,13 @@ def _running_stats(running_mean, running_var, eps):
     return mean, invstd
 
 
-def batch_norm_backward(grad_output, input, mean, invstd, weight=None, bias=None, *,
-                        training=True, axis=1, out=None, num_threads=None, activation=None):
+def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, mean: ArrayLike,
+                        invstd: ArrayLike, weight: ArrayLike | None = None,
+                        bias: ArrayLike | None = None, *, training: bool = True,
+                        axis: int = 1, out: NDArray[np.floating] | None = None,
+                        num_threads: int | None = None, activation: Activation = None,
+                        ) -> tuple[NDArray[np.floating], NDArray[np.floating],
+                                   NDArray[np.floating]]:
     """Gradients of ``batch_norm`` with respect to its input, weight and bias.
 
     Parameters
@@ -637,7 +705,8 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight=None, bias=None
     return grad_input, grad_weight.astype(sums_dtype), grad_bias.astype(sums_dtype)
 
 
-def _nonfinite_channels(batch, running_mean, running_var):
+def _nonfinite_channels(batch: _Batch, running_mean: NDArray[np.floating] | None,
+                        running_var: NDArray[np.floating] | None) -> NDArray[np.intp]:
     """Channels whose batch mean or unbiased variance is NaN, infinite, or
     beyond the largest finite value of the running buffer's dtype."""
     mean_limit = np.finfo(np.float64 if running_mean is None else running_mean.dtype).max
@@ -648,7 +717,9 @@ def _nonfinite_channels(batch, running_mean, running_var):
     return np.flatnonzero(~finite)
 
 
-def _fold_batch(batch, running_mean, running_var, momentum, decay=None):
+def _fold_batch(batch: _Batch, running_mean: NDArray[np.floating] | None,
+                running_var: NDArray[np.floating] | None, momentum: float,
+                decay: float | None = None) -> bool:
     """Apply the batch's nonfinite policy, then update the running buffers
     (when given) with momentum or, when given, decay (see batch_norm).
     Returns False when the update was skipped."""
@@ -666,13 +737,16 @@ def _fold_batch(batch, running_mean, running_var, momentum, decay=None):
                 )
             return False
     if running_mean is not None:
+        assert running_var is not None  # both or neither, as checked by the callers
         keep, take = (1.0 - momentum, momentum) if decay is None else (decay, 1.0 - decay)
         _update_running(running_mean, running_var, batch.mean, batch.running_var(), keep,
                         take)
     return True
 
 
-def _update_running(running_mean, running_var, mean, var, keep, take):
+def _update_running(running_mean: NDArray[np.floating], running_var: NDArray[np.floating],
+                    mean: NDArray[np.float64], var: NDArray[np.float64], keep: float,
+                    take: float) -> None:
     """running = keep * running + take * batch, in float64.
 
     Both new values are computed, and cast to the buffers' dtypes, before

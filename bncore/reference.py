@@ -19,11 +19,15 @@ channel over a Python list).
 """
 
 import math
-from collections import namedtuple
+from typing import Literal, NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 __all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward", "moments"]
+
+_F64 = NDArray[np.float64]
+
 
 #: What :func:`batch_norm` returns. All fields are float64 arrays.
 #:
@@ -36,12 +40,15 @@ __all__ = ["BatchNormResult", "batch_norm", "batch_norm_backward", "moments"]
 #:     NEW arrays holding the running statistics after the call (a float64
 #:     copy of the inputs when they are not updated), or ``None`` when the
 #:     corresponding argument was ``None``.
-BatchNormResult = namedtuple(
-    "BatchNormResult", ["y", "mean", "invstd", "running_mean", "running_var"]
-)
+class BatchNormResult(NamedTuple):
+    y: _F64
+    mean: _F64
+    invstd: _F64
+    running_mean: _F64 | None
+    running_var: _F64 | None
 
 
-def _normalize_axis(ndim, axis):
+def _normalize_axis(ndim: int, axis: int) -> int:
     if ndim < 2:
         raise ValueError(f"input must have at least 2 dimensions, got {ndim}")
     if not -ndim <= axis < ndim:
@@ -49,7 +56,7 @@ def _normalize_axis(ndim, axis):
     return axis % ndim
 
 
-def _channels(x, axis):
+def _channels(x: ArrayLike, axis: int) -> tuple[_F64, int]:
     """float64 copy of ``x`` as a ``(C, n)`` array, and the normalized axis."""
     x = np.asarray(x)
     ax = _normalize_axis(x.ndim, axis)
@@ -58,12 +65,12 @@ def _channels(x, axis):
     return xc, ax
 
 
-def _fsum(values):
+def _fsum(values: _F64) -> float:
     """Correctly rounded sum of a 1-D float64 array."""
     return math.fsum(values.tolist())
 
 
-def _channel_moments(xc):
+def _channel_moments(xc: _F64) -> tuple[int, _F64, _F64]:
     """Per row of the ``(C, n)`` array: ``(n, mean, M2)``; NaN when n == 0."""
     c, n = xc.shape
     mean = np.full(c, np.nan)
@@ -86,7 +93,7 @@ def _channel_moments(xc):
     return n, mean, m2
 
 
-def moments(x, *, axis=1, ddof=0):
+def moments(x: ArrayLike, *, axis: int = 1, ddof: int = 0) -> tuple[_F64, _F64]:
     """Per-channel ``(mean, var)`` of ``x`` along every axis but ``axis``.
 
     Returns two float64 arrays of shape ``(C,)``; ``var = M2 / (n - ddof)``
@@ -103,20 +110,20 @@ def moments(x, *, axis=1, ddof=0):
 
 
 def batch_norm(
-    input,
-    running_mean=None,
-    running_var=None,
-    weight=None,
-    bias=None,
-    training=False,
-    momentum=0.1,
-    eps=1e-5,
+    input: ArrayLike,
+    running_mean: ArrayLike | None = None,
+    running_var: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
     *,
-    axis=1,
-    activation=None,
-    unbiased_running_var=True,
-    decay=None,
-):
+    axis: int = 1,
+    activation: Literal["relu"] | None = None,
+    unbiased_running_var: bool = True,
+    decay: float | None = None,
+) -> BatchNormResult:
     """Batch normalization with PyTorch's semantics, in float64.
 
     Same arguments as ``bncore.batch_norm`` (without ``out``, ``num_threads``
@@ -163,7 +170,7 @@ def batch_norm(
             )
         n, mean, m2 = _channel_moments(xc)
         var = m2 / n if n > 0 else m2  # biased; m2 is already NaN when n == 0
-        if rm is not None and n > 0:
+        if rm is not None and rv is not None and n > 0:
             keep, take = (1.0 - momentum, momentum) if decay is None else (decay, 1.0 - decay)
             batch_var = m2 / (n - 1) if unbiased_running_var else m2 / n
             rm = keep * rm + take * mean
@@ -187,8 +194,18 @@ def batch_norm(
     return BatchNormResult(y, mean, invstd, rm, rv)
 
 
-def batch_norm_backward(grad_output, input, mean, invstd, weight=None, bias=None, *,
-                        training=True, axis=1, activation=None):
+def batch_norm_backward(
+    grad_output: ArrayLike,
+    input: ArrayLike,
+    mean: ArrayLike,
+    invstd: ArrayLike,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    training: bool = True,
+    axis: int = 1,
+    activation: Literal["relu"] | None = None,
+) -> tuple[_F64, _F64, _F64]:
     """Gradients of :func:`batch_norm`, in float64, written from the
     definition: with ``xhat = (x - mean) * invstd`` and n values a channel,
     ``grad_weight = sum(dy * xhat)``, ``grad_bias = sum(dy)`` and
@@ -207,19 +224,19 @@ def batch_norm_backward(grad_output, input, mean, invstd, weight=None, bias=None
     dyc, _ = _channels(np.asarray(grad_output), axis)
     c, n = xc.shape
     col = (slice(None), None)
-    mean = np.asarray(mean, dtype=np.float64).reshape(c)
-    invstd = np.asarray(invstd, dtype=np.float64).reshape(c)
+    mu = np.asarray(mean, dtype=np.float64).reshape(c)
+    istd = np.asarray(invstd, dtype=np.float64).reshape(c)
     w = np.ones(c) if weight is None else np.asarray(weight, dtype=np.float64).reshape(c)
-    xhat = (xc - mean[col]) * invstd[col]
+    xhat = (xc - mu[col]) * istd[col]
     if activation == "relu":
         b = np.zeros(c) if bias is None else np.asarray(bias, dtype=np.float64).reshape(c)
         dyc = np.where(xhat * w[col] + b[col] > 0, dyc, 0.0)
     grad_weight = np.array([_fsum(row) for row in dyc * xhat])
     grad_bias = np.array([_fsum(row) for row in dyc])
     if training:
-        dxc = (w * invstd)[col] * (dyc - (grad_bias / n)[col] - xhat * (grad_weight / n)[col])
+        dxc = (w * istd)[col] * (dyc - (grad_bias / n)[col] - xhat * (grad_weight / n)[col])
     else:
-        dxc = dyc * (w * invstd)[col]
+        dxc = dyc * (w * istd)[col]
     moved_shape = np.moveaxis(x, ax, 0).shape
     grad_input = np.ascontiguousarray(np.moveaxis(dxc.reshape(moved_shape), 0, ax))
     return grad_input, grad_weight, grad_bias
