@@ -70,18 +70,20 @@ cdef extern from "_leaf_loops.h" nogil:
                             Py_ssize_t ncols, const double *mean_hi, const double *mean_lo,
                             const double *scale, const double *shift, int relu, int stream)
     void bn_relu_gate_f32(const float *x, const float *dy, float *out, Py_ssize_t n,
-                          float mean_hi, float mean_lo, float scale, float shift, int stream)
+                          float mean_hi, float mean_lo, float scale, float shift,
+                          float above, int stream)
     void bn_relu_gate_f64(const double *x, const double *dy, double *out, Py_ssize_t n,
                           double mean_hi, double mean_lo, double scale, double shift,
-                          int stream)
+                          double above, int stream)
     void bn_rows_relu_gate_f32(const float *x, const float *dy, float *out, Py_ssize_t nrows,
                                Py_ssize_t stride, Py_ssize_t ncols, const float *mean_hi,
                                const float *mean_lo, const float *scale, const float *shift,
-                               int stream)
+                               float above, int stream)
     void bn_rows_relu_gate_f64(const double *x, const double *dy, double *out,
                                Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t ncols,
                                const double *mean_hi, const double *mean_lo,
-                               const double *scale, const double *shift, int stream)
+                               const double *scale, const double *shift, double above,
+                               int stream)
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
@@ -284,8 +286,10 @@ cdef struct AffineIn:
     Params weight             # absent: 1
     Params bias               # absent: 0
     int relu                  # y = max(y, 0)
-    const void *gate          # or NULL; else y = gate where the affine output > 0,
-                              # else 0: the backward of a fused relu (gate = dy)
+    const void *gate          # or NULL; else y = gate where the affine output >
+                              # gate_above, else 0: the backward of a fused relu
+                              # (gate = dy)
+    double gate_above
     int stream                # write the output with streaming stores
 
 
@@ -450,10 +454,10 @@ cdef inline void run_affine(const floating *x, floating *y, Py_ssize_t start, Py
     if gate != NULL:
         if floating is float:
             bn_relu_gate_f32(x + start, gate + start, y + start, n, hi, lo, scale, shift,
-                             a.stream)
+                             <float>a.gate_above, a.stream)
         else:
             bn_relu_gate_f64(x + start, gate + start, y + start, n, hi, lo, scale, shift,
-                             a.stream)
+                             a.gate_above, a.stream)
     elif floating is float:
         bn_affine_f32(x + start, y + start, n, hi, lo, scale, shift, a.relu, a.stream)
     else:
@@ -747,10 +751,10 @@ cdef inline void rows_affine(const floating *x, floating *y, Py_ssize_t start,
     if gate != NULL:
         if floating is float:
             bn_rows_relu_gate_f32(x + start, gate + start, y + start, nrows, stride, ncols,
-                                  hi, lo, scale, shift, a.stream)
+                                  hi, lo, scale, shift, <float>a.gate_above, a.stream)
         else:
             bn_rows_relu_gate_f64(x + start, gate + start, y + start, nrows, stride, ncols,
-                                  hi, lo, scale, shift, a.stream)
+                                  hi, lo, scale, shift, a.gate_above, a.stream)
     elif floating is float:
         bn_rows_affine_f32(x + start, y + start, nrows, stride, ncols, hi, lo, scale, shift,
                            a.relu, a.stream)
@@ -1346,15 +1350,21 @@ def normalize(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     a.bias = params_of(bias, channels, "bias")
     a.relu = relu
     a.gate = NULL
+    a.gate_above = 0.0
     a.stream = streams(n, typenum)
     run_normalize(px, py, typenum, outer, channels, inner, &a, num_threads)
 
 
 def relu_mask(x, dy, out, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
-              mean, invstd, weight, bias, int num_threads):
-    """out = dy where (x - mean) * invstd * weight + bias > 0, else 0: the
-    gradient through the relu of a fused forward, its affine output
-    recomputed exactly as the forward computed it. out may be dy."""
+              mean, invstd, weight, bias, int num_threads, double above=0.0):
+    """out = dy where (x - mean) * invstd * weight + bias > above, else 0:
+    the gradient through the relu of a fused forward, its affine output
+    recomputed with the forward's arithmetic (the training forward also adds
+    the mean's float64 residual, which moves the output by far less than an
+    ulp of the input type, and only in the rare channel where it changes the
+    rounding of the mean's low part). out may be dy. For an output rounded
+    to half precision afterwards, `above` is the largest value that rounds
+    to 0, so that the gate is open exactly where that output is > 0."""
     check_shape(outer, channels, inner, num_threads)
     cdef int typenum = input_typenum(x)
     cdef Py_ssize_t n = outer * channels * inner
@@ -1371,6 +1381,7 @@ def relu_mask(x, dy, out, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inne
     a.bias = params_of(bias, channels, "bias")
     a.relu = False
     a.gate = data_of(dy, typenum, n, False, "dy")
+    a.gate_above = above
     a.stream = streams(n, typenum)
     run_normalize(px, pout, typenum, outer, channels, inner, &a, num_threads)
 
@@ -1400,6 +1411,7 @@ def train_forward(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     a.bias = params_of(bias, channels, "bias")
     a.relu = relu
     a.gate = NULL
+    a.gate_above = 0.0
     a.stream = streams(n, typenum)
     with nogil:
         if typenum == cnp.NPY_FLOAT32:

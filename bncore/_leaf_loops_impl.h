@@ -126,14 +126,14 @@ BN_INLINE void BN_SFX(bn_relu_line)(BN_T *line)
     memcpy(line, &bits, sizeof bits);
 }
 
-/* line = gate where line > 0, else 0 (gate unaligned). */
-BN_INLINE void BN_SFX(bn_gate_line)(BN_T *line, const BN_T *gate)
+/* line = gate where line > above, else 0 (gate unaligned). */
+BN_INLINE void BN_SFX(bn_gate_line)(BN_T *line, const BN_T *gate, BN_T above)
 {
     BN_SFX(bn_line) v;
     BN_SFX(bn_line_bits) bits;
     memcpy(&v, line, sizeof v);
     memcpy(&bits, gate, sizeof bits);
-    bits &= (v > 0);
+    bits &= (v > above);
     memcpy(line, &bits, sizeof bits);
 }
 
@@ -180,23 +180,25 @@ BN_LEAF void BN_SFX(bn_rows_affine)(
 }
 
 /* The backward of a fused relu: out = dy where the forward's affine output
- * was > 0, else 0 (the gradient at 0 is 0, as PyTorch's). The affine output
- * is recomputed from x with the forward's constants and operations, so the
- * gate is the forward's own. out may be dy. */
+ * was > above (0; for a half-precision output, the largest value that
+ * rounds to 0), else 0 (the gradient at 0 is 0, as PyTorch's). The affine
+ * output is recomputed from x with the forward's constants and operations.
+ * out may be dy. */
 BN_LEAF void BN_SFX(bn_relu_gate)(
     const BN_T *x, const BN_T *dy, BN_T *out, ptrdiff_t n,
-    BN_T mean_hi, BN_T mean_lo, BN_T scale, BN_T shift, int stream)
+    BN_T mean_hi, BN_T mean_lo, BN_T scale, BN_T shift, BN_T above, int stream)
 {
     BN_ELEMENTWISE_LINES(
         n, out, stream,
-        BN_AFFINE(x[i], mean_hi, mean_lo, scale, shift) > 0 ? dy[i] : (BN_T)0,
-        BN_AFFINE(x[i], mean_hi, mean_lo, scale, shift), BN_SFX(bn_gate_line)(line, dy + base));
+        BN_AFFINE(x[i], mean_hi, mean_lo, scale, shift) > above ? dy[i] : (BN_T)0,
+        BN_AFFINE(x[i], mean_hi, mean_lo, scale, shift),
+        BN_SFX(bn_gate_line)(line, dy + base, above));
 }
 
 BN_LEAF void BN_SFX(bn_rows_relu_gate)(
     const BN_T *x, const BN_T *dy, BN_T *out, ptrdiff_t nrows, ptrdiff_t stride,
     ptrdiff_t ncols, const BN_T *BN_RESTRICT mean_hi, const BN_T *BN_RESTRICT mean_lo,
-    const BN_T *BN_RESTRICT scale, const BN_T *BN_RESTRICT shift, int stream)
+    const BN_T *BN_RESTRICT scale, const BN_T *BN_RESTRICT shift, BN_T above, int stream)
 {
     for (ptrdiff_t r = 0; r < nrows; r++) {
         const BN_T *xr = x + r * stride;
@@ -204,9 +206,10 @@ BN_LEAF void BN_SFX(bn_rows_relu_gate)(
         BN_T *orow = out + r * stride;
         BN_ELEMENTWISE_LINES(
             ncols, orow, stream,
-            BN_AFFINE(xr[i], mean_hi[i], mean_lo[i], scale[i], shift[i]) > 0 ? gr[i] : (BN_T)0,
+            BN_AFFINE(xr[i], mean_hi[i], mean_lo[i], scale[i], shift[i]) > above
+                ? gr[i] : (BN_T)0,
             BN_AFFINE(xr[i], mean_hi[i], mean_lo[i], scale[i], shift[i]),
-            BN_SFX(bn_gate_line)(line, gr + base));
+            BN_SFX(bn_gate_line)(line, gr + base, above));
     }
 }
 

@@ -259,6 +259,14 @@ def _as_flag(value: object, name: str) -> bool:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {error}") from None
 
 
+def _check_flag(value: object, name: str) -> bool:
+    """A true/false option: bool or NumPy bool, nothing that merely converts
+    (the string "False" is true)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return bool(value)
+
+
 def _check_ddof(ddof: object) -> int:
     if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral):
         raise TypeError(f"ddof must be a non-negative integer, got {type(ddof).__name__}")
@@ -497,7 +505,7 @@ def _forward(input: ArrayLike, running_mean: NDArray[np.floating] | None,
         nonfinite = _check_nonfinite(nonfinite)
     relu = activation is not None and _check_activation(activation)
     if type(unbiased_running_var) is not bool:
-        unbiased_running_var = _as_flag(unbiased_running_var, "unbiased_running_var")
+        unbiased_running_var = _check_flag(unbiased_running_var, "unbiased_running_var")
     _check_running_stats(running_mean, running_var, channels, ax, training)
     weight = _channel_vector(weight, "weight", channels, ax)
     bias = _channel_vector(bias, "bias", channels, ax)

@@ -26,6 +26,7 @@ from .functional import (
     _check_activation,
     _check_decay,
     _check_eps,
+    _check_flag,
     _check_nonfinite,
     _feature_axis,
     _fold_batch,
@@ -71,6 +72,9 @@ def _check_layer_momentum(value: object) -> float | None:
 def _layer_dtype(value: object) -> np.dtype:
     """The accepted input dtype: float32, float64, float16, or bfloat16
     (by dtype or by name, with ml_dtypes installed)."""
+    if value is None:
+        # np.dtype(None) is float64: a None here is a mistake, not a choice.
+        raise TypeError("dtype must be float32, float64, float16 or bfloat16, got None")
     if isinstance(value, str) and value == "bfloat16":
         bfloat16 = _lowp._bfloat16()
         if bfloat16 is None:
@@ -93,18 +97,11 @@ def _check_axis(value: object) -> int:
     return int(value)
 
 
-def _flag(value: object, name: str) -> bool:
-    """A true/false option: bool or NumPy bool, nothing that merely converts."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
-    return bool(value)
-
-
 def _toggle(value: object, name: str, affine: bool) -> bool:
     """scale or center: None follows affine; True contradicts affine=False."""
     if value is None:
         return affine
-    value = _flag(value, name)
+    value = _check_flag(value, name)
     if value and not affine:
         raise ValueError(
             f"{name}=True contradicts affine=False (affine=False turns off both scale "
@@ -240,7 +237,8 @@ class BatchNorm:
         self.eps: float = _check_eps(eps)
         self.momentum: float | None = momentum
         self.decay: float | None = _check_decay(decay, momentum)
-        self.unbiased_running_var: bool = _flag(unbiased_running_var, "unbiased_running_var")
+        self.unbiased_running_var: bool = _check_flag(unbiased_running_var,
+                                                      "unbiased_running_var")
         self.affine: bool = affine
         self.scale: bool = _toggle(scale, "scale", affine)
         self.center: bool = _toggle(center, "center", affine)
@@ -401,6 +399,16 @@ class BatchNorm:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Layers pickled by bncore 0.1.0 lack the options added since: give
+        # them their constructor defaults.
+        dtype = state.get("dtype", np.dtype(np.float32))
+        defaults = {
+            "decay": None, "unbiased_running_var": True, "activation": None,
+            "scale": state.get("affine", True), "center": state.get("affine", True),
+            "param_dtype": dtype if dtype in _FLOAT_DTYPES else np.dtype(np.float32),
+            "_fold_cache": None,
+        }
+        self.__dict__.update(defaults)
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
@@ -440,16 +448,20 @@ class BatchNorm:
 
     # -- eval transform ----------------------------------------------------
 
-    def _fold_key(self) -> tuple[Any, ...]:
-        """What fold()'s result depends on: the exact bytes (and dtypes) of
-        the four arrays, and eps. Taking a snapshot of bytes costs a copy
-        of 4 C values - far less than folding - and sees every change, in
-        place or by rebinding, including NaN to NaN of another payload."""
-        arrays = tuple(
-            None if a is None else (a.dtype.str, a.shape, a.tobytes())
-            for a in (self.weight, self.bias, self.running_mean, self.running_var)
-        )
-        return arrays + (self.eps,)
+    def _fold_inputs(self) -> tuple[tuple[Any, ...], list[NDArray[Any] | None], float]:
+        """What fold()'s result depends on, as one snapshot: a key of the
+        exact bytes (and dtypes) of weight, bias, running_mean and
+        running_var, and eps; copies of those arrays; eps. The result is
+        computed from the copies, so it matches its key even when another
+        thread writes the arrays meanwhile. A snapshot costs copies of 4 C
+        values - far less than folding - and sees every change, in place or
+        by rebinding, including NaN to NaN of another payload."""
+        eps = self.eps
+        copies = [None if a is None else np.array(a)
+                  for a in (self.weight, self.bias, self.running_mean, self.running_var)]
+        key = tuple(None if a is None else (a.dtype.str, a.shape, a.tobytes())
+                    for a in copies) + (eps,)
+        return key, copies, eps
 
     def fold(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         """The eval transform as per-feature ``(scale, shift)``.
@@ -487,18 +499,18 @@ class BatchNorm:
         if self.num_features is None:
             raise _not_materialized(self, "fold()")
         with self._lock:
-            mean, var = self.running_mean, self.running_var
-            if mean is None or var is None:
+            if self.running_mean is None or self.running_var is None:
                 raise RuntimeError(
                     f"{type(self).__name__} was built with track_running_stats=False: it "
                     "normalises with each batch's own statistics, so it has no fixed "
                     "eval transform to fold"
                 )
-            key = self._fold_key()
+            key, (weight, bias, mean, var), eps = self._fold_inputs()
             cached = self._fold_cache
             if cached is not None and cached[0] == key:
                 return cached[1]
-            scale, shift = fold_scale_shift(mean, var, self.weight, self.bias, self.eps)
+            assert mean is not None and var is not None
+            scale, shift = fold_scale_shift(mean, var, weight, bias, eps)
             scale.flags.writeable = False
             shift.flags.writeable = False
             self._fold_cache = (key, (scale, shift))

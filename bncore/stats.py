@@ -31,11 +31,13 @@ from numpy.typing import ArrayLike, NDArray
 
 from . import _threads
 from .functional import (
+    _Batch,
     _as_input,
     _canonical_shape,
     _feature_axis,
     _kernel_ready,
     _kernels_for,
+    _nonfinite_channels,
 )
 
 if TYPE_CHECKING:
@@ -218,7 +220,7 @@ def partial_moments(x: ArrayLike, axis: int = 1, *,
 
     Parameters
     ----------
-    x : array_like, float32 or float64, at least 2-D
+    x : array_like, float32, float64, float16 or bfloat16, at least 2-D
     axis : int
         The feature axis; statistics reduce over every other axis.
     num_threads : int, optional
@@ -316,12 +318,11 @@ def update_population_stats(bn: BatchNorm, batches: Iterable[ArrayLike], *,
             f"the batches hold {total.count} value(s) per feature in all; population "
             "statistics need at least 2"
         )
-    unbiased = getattr(bn, "unbiased_running_var", True)
-    var = total.var(ddof=1 if unbiased else 0)
+    population = _Batch(total.mean, total.m2, total.count, 0.0, bn.nonfinite,
+                        bn.unbiased_running_var)
+    var = population.running_var()
     if bn.nonfinite != "propagate":
-        limit = np.finfo(running_mean.dtype).max
-        # Comparisons with NaN are False: NaN fails the bound.
-        bad = np.flatnonzero(~((np.abs(total.mean) <= limit) & (np.abs(var) <= limit)))
+        bad = _nonfinite_channels(population, running_mean, running_var)
         if bad.size:
             if bn.nonfinite == "raise":
                 raise FloatingPointError(

@@ -246,8 +246,9 @@ def test_decay_and_momentum_are_exclusive_and_checked():
         bncore.batch_norm(x, rm, rv, training=True, decay=1.5)
     with pytest.raises(TypeError, match="decay must be a real number"):
         bncore.batch_norm(x, rm, rv, training=True, decay="0.9")
-    with pytest.raises(TypeError, match="unbiased_running_var must be a bool"):
-        bncore.batch_norm(x, rm, rv, training=True, unbiased_running_var=np.ones(2))
+    for not_a_bool in (np.ones(2), "False", 0):
+        with pytest.raises(TypeError, match="unbiased_running_var must be True or False"):
+            bncore.batch_norm(x, rm, rv, training=True, unbiased_running_var=not_a_bool)
     np.testing.assert_array_equal(rm, 0)
     np.testing.assert_array_equal(rv, 1)
 

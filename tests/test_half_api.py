@@ -175,5 +175,28 @@ def test_half_layer_trains_like_a_float32_layer_on_the_same_values(dtype_name, t
 def test_layer_dtype_is_checked():
     with pytest.raises(TypeError, match="dtype must be float32, float64, float16 or bfloat16"):
         bncore.BatchNorm1d(3, dtype=np.int32)
+    with pytest.raises(TypeError, match="got None"):  # np.dtype(None) would be float64
+        bncore.BatchNorm1d(3, dtype=None)
     with pytest.raises(TypeError, match="dtype must be"):
         bncore.BatchNorm1d(3, dtype="no such dtype")
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_relu_gate_follows_the_rounded_half_output(dtype_name, training):
+    """An affine output too small to survive the rounding to half precision
+    is a 0 output, and passes no gradient (PyTorch gates on the output)."""
+    if dtype_name == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    bn = bncore.BatchNorm1d(2, dtype=dtype_name, activation="relu").train(training)
+    tiny = 1e-9 if dtype_name == "float16" else 1e-45
+    bn.bias[:] = [tiny, 1.0]  # channel 0 rounds to 0, channel 1 does not
+    x = np.zeros((4, 2), dtype=bn.dtype)
+    x[:, 1] = [1, 2, 3, 4]
+    # Channel 0 is constant 0: normalised, exactly 0 in both modes (running
+    # statistics 0 and 1 in eval).
+    y = bn(x)
+    assert (y[:, 0].astype(np.float32) == 0).all()
+    bn.backward(np.ones_like(y))
+    assert bn.grad_bias[0] == 0
+    assert bn.grad_bias[1] == (y[:, 1].astype(np.float32) > 0).sum()

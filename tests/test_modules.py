@@ -444,3 +444,19 @@ def test_load_state_dict_keys_follow_flags():
         bn.load_state_dict(sd)  # running stats unexpected
     bn.load_state_dict({"weight": sd["weight"], "bias": sd["bias"]})
     np.testing.assert_array_equal(bn.weight, 2.0)
+
+
+def test_a_layer_pickled_before_the_newer_options_still_works():
+    """bncore 0.1.0 layers have no decay, activation, scale/center, ...:
+    unpickled, they take the constructor's defaults."""
+    bn = bncore.BatchNorm1d(3)
+    state = bn.__getstate__()
+    for newer in ("decay", "unbiased_running_var", "activation", "scale", "center",
+                  "param_dtype", "_fold_cache"):
+        state.pop(newer)
+    old = bncore.BatchNorm1d.__new__(bncore.BatchNorm1d)
+    old.__setstate__(state)
+    x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+    np.testing.assert_array_equal(old(x), bncore.BatchNorm1d(3)(x))
+    assert list(old.state_dict()) == list(bn.state_dict())
+    assert old.fold()[0].shape == (3,)
