@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 import zipfile
 from typing import IO, TYPE_CHECKING, Any, Union
 
@@ -42,6 +42,10 @@ FORMAT = "bncore.BatchNorm"
 FORMAT_VERSION = 1
 #: The archive entry that holds the JSON config.
 CONFIG_KEY = "bncore_config"
+
+#: Random names tried for the temporary file (64 random bits each: a clash is
+#: all but impossible, so running out means something else is wrong).
+_TEMPORARY_ATTEMPTS = 100
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, an empty zip
 _NPY_MAGIC = b"\x93NUMPY"
@@ -67,8 +71,7 @@ def save(layer: BatchNorm, file: PathOrFile) -> None:
         np.savez(file, **entries)
         return
     path = os.fspath(file)
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".bncore-", suffix=".tmp")
+    handle, temporary = _create_temporary(os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(handle, "wb") as out:
             np.savez(out, **entries)
@@ -77,6 +80,27 @@ def save(layer: BatchNorm, file: PathOrFile) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _create_temporary(directory: str) -> tuple[int, str]:
+    """A new file in ``directory``, opened for writing: its descriptor and path.
+
+    Created with mode 0o666 less the umask, as ``open()`` creates files,
+    so the saved file gets the permissions any other written file gets
+    (``tempfile.mkstemp`` would make it 0o600, private to its owner).
+    ``O_EXCL`` makes the name ours alone; a random suffix keeps it free.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(_TEMPORARY_ATTEMPTS):
+        temporary = os.path.join(directory, f".bncore-{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:
+            continue
+    raise FileExistsError(
+        f"could not create a temporary file in {directory!r}: {_TEMPORARY_ATTEMPTS} "
+        "random names were all taken"
+    )
 
 
 def load(layer_class: type[BatchNorm], file: PathOrFile) -> BatchNorm:
@@ -181,6 +205,10 @@ def _parse_config(value: np.ndarray, refuse: Any, name: str) -> dict[str, Any]:
 def _saved_class(layer_class: type[BatchNorm], name: Any, refuse: Any) -> type[BatchNorm]:
     """The class called ``name`` among bncore's layers and their subclasses,
     which must be ``layer_class`` or a subclass of it."""
+    # distributed defines SyncBatchNorm, whose files must load in a process
+    # that has not imported it yet; importing the module needs no MPI (it
+    # imports mpi4py inside functions only).
+    from . import distributed  # noqa: F401
     from .modules import BatchNorm
 
     classes: dict[str, type[BatchNorm]] = {}

@@ -13,16 +13,28 @@ these functions with their own class as ``layer_class``.
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 import os
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
+
+from ._lowp import is_half
 
 if TYPE_CHECKING:
     from .modules import BatchNorm
 
 __all__ = ["from_keras_weights", "from_onnx", "from_torch", "to_torch"]
+
+
+def _widened(array: np.ndarray) -> np.ndarray:
+    """A float16 or bfloat16 array as float32 (exact), others as they are.
+
+    Half layers keep float32 parameters, and ``load_state_dict`` takes
+    only NumPy floating-point arrays, which ml_dtypes' bfloat16 is not."""
+    return array.astype(np.float32) if is_half(array.dtype) else array
 
 
 def _optional(module: str, purpose: str, install: str) -> Any:
@@ -60,6 +72,38 @@ def _pick_class(natural: type[BatchNorm], layer_class: type[BatchNorm] | None,
 # --------------------------------------------------------------------------
 # PyTorch
 
+#: The layer dtypes (by name) and PyTorch's for the same numbers. bfloat16 has
+#: no NumPy dtype of its own (ml_dtypes supplies it, which torch.from_numpy
+#: does not know), so the pairs are listed, not derived from NumPy.
+_TORCH_DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
+
+
+def _torch_dtype(torch: Any, name: str) -> Any:
+    """PyTorch's dtype for a layer dtype name."""
+    return getattr(torch, name)
+
+
+def _layer_dtype_name(torch: Any, torch_dtype: Any) -> str:
+    """The layer dtype for PyTorch's ``torch_dtype``, by name."""
+    for name in _TORCH_DTYPE_NAMES:
+        if torch_dtype == _torch_dtype(torch, name):
+            return name
+    raise TypeError(
+        f"module holds {torch_dtype}; bncore layers take float32, float64, float16 or "
+        "bfloat16: convert it first (e.g. module.float())"
+    )
+
+
+def _is_sizeless(module: Any, tracked: bool) -> bool:
+    """True for a module with no size yet: a lazy one that has not seen an
+    input. One without parameters or buffers (``affine=False,
+    track_running_stats=False``) never has any to initialise, so PyTorch
+    leaves ``num_features`` at 0, even once it has seen an input."""
+    if getattr(module, "has_uninitialized_params", None) and module.has_uninitialized_params():
+        return True
+    return int(module.num_features) == 0 and not module.affine and not tracked
+
+
 def from_torch(module: Any, layer_class: type[BatchNorm] | None = None) -> BatchNorm:
     """A bncore copy of a PyTorch batch-norm module.
 
@@ -79,8 +123,21 @@ def from_torch(module: Any, layer_class: type[BatchNorm] | None = None) -> Batch
     BatchNorm
         With copies (not views) of the weight, bias, running statistics and
         ``num_batches_tracked``, the module's dtype, eps, momentum and
-        training mode. A lazy module that has not seen an input gives a
-        lazy layer.
+        training mode. A float16 or bfloat16 module gives a layer of that
+        dtype, whose parameters and running statistics are float32
+        (``param_dtype``) and hold the module's values exactly. A module
+        with no size yet gives a lazy layer: a lazy module that has not
+        seen an input, or one with ``num_features=0`` and neither
+        parameters nor running statistics (what a ``LazyBatchNorm*`` with
+        ``affine=False, track_running_stats=False`` keeps, before and
+        after its first input; the bncore layer takes its size from its
+        first input and then keeps it).
+
+    Raises
+    ------
+    TypeError
+        For a module that is not a batch norm, or holds a dtype other than
+        float32, float64, float16 and bfloat16 (bfloat16 needs ml_dtypes).
     """
     torch = _torch("BatchNorm.from_torch")
     nn = torch.nn
@@ -105,27 +162,26 @@ def from_torch(module: Any, layer_class: type[BatchNorm] | None = None) -> Batch
             f"buffers {'present' if tracked else 'absent'}; bncore layers have "
             "running statistics exactly when they track them"
         )
-    lazy = hasattr(module, "has_uninitialized_params") and module.has_uninitialized_params()
+    lazy = _is_sizeless(module, tracked)
     tensors = [t for t in (module.weight, module.running_mean) if t is not None]
     torch_dtype = tensors[0].dtype if tensors else torch.get_default_dtype()
-    try:
-        dtype = torch.empty(0, dtype=torch_dtype).numpy().dtype
-    except TypeError:
-        raise TypeError(
-            f"module holds {torch_dtype}, which has no NumPy dtype; convert it first "
-            "(module.float() or module.double())"
-        ) from None
     layer = cls(
         None if lazy else int(module.num_features),
         eps=float(module.eps),
         momentum=None if module.momentum is None else float(module.momentum),
         affine=bool(module.affine),
         track_running_stats=bool(module.track_running_stats),
-        dtype=dtype,
+        dtype=_layer_dtype_name(torch, torch_dtype),
     )
     if not lazy:
-        layer.load_state_dict({key: value.detach().cpu().numpy()
-                               for key, value in module.state_dict().items()})
+        # A half module's tensors widen exactly to the layer's float32
+        # parameters (param_dtype); a float32 or float64 module's stay as they are.
+        param_dtype = _torch_dtype(torch, layer.param_dtype.name)
+        layer.load_state_dict({
+            key: (value.detach().cpu().to(param_dtype) if value.is_floating_point()
+                  else value.detach().cpu()).numpy()
+            for key, value in module.state_dict().items()
+        })
     return layer.train(bool(module.training))
 
 
@@ -144,6 +200,17 @@ def to_torch(layer: BatchNorm, *, strict: bool = True) -> Any:
     ``nonfinite`` other than ``"propagate"``, and a feature axis other than
     1 (the module then expects channels-first input). The generic,
     rank-agnostic ``BatchNorm`` has no PyTorch class and raises TypeError.
+
+    The module has the layer's dtype, float16 and bfloat16 included, as
+    PyTorch's half modules are: in it, the parameters and running
+    statistics are of that dtype too, so a half layer's float32 ones
+    (``param_dtype``) are rounded to it. ``from_torch`` of the module gives
+    back the layer's options and dtype, and its arrays as rounded; a half
+    module converted with ``from_torch`` and back is unchanged, bit for bit.
+    To keep float32 parameters in PyTorch (whose float32 modules take half
+    input too), convert a float32 copy of the layer:
+    ``type(bn)(**{**bn.config(), "dtype": "float32"})`` given
+    ``bn.state_dict()``.
     """
     torch = _torch("BatchNorm.to_torch")
     nn = torch.nn
@@ -175,7 +242,7 @@ def to_torch(layer: BatchNorm, *, strict: bool = True) -> Any:
             "strict=False to drop these, or change the layer first"
         )
     momentum = layer.momentum if layer.decay is None else 1.0 - layer.decay
-    dtype = torch.from_numpy(np.empty(0, layer.dtype)).dtype
+    dtype = _torch_dtype(torch, layer.dtype.name)
     options = dict(eps=layer.eps, momentum=momentum, affine=layer.scale or layer.center,
                    track_running_stats=layer.track_running_stats, dtype=dtype)
     if lazy:
@@ -187,7 +254,9 @@ def to_torch(layer: BatchNorm, *, strict: bool = True) -> Any:
             )
         return found[1](**options).train(layer.training)
     module = found[0](layer.num_features, **options)
-    state = {key: torch.from_numpy(np.array(value)) for key, value in layer.state_dict().items()}
+    # state_dict() holds fresh float32 or float64 arrays (param_dtype), which
+    # torch.from_numpy takes; load_state_dict rounds them to a half module's dtype.
+    state = {key: torch.from_numpy(value) for key, value in layer.state_dict().items()}
     with torch.no_grad():
         for key, fill in (("weight", 1.0), ("bias", 0.0)):
             if options["affine"] and key not in state:
@@ -221,8 +290,10 @@ def from_keras_weights(weights: Sequence[ArrayLike], *, epsilon: float = 1e-3,
         Keras's momentum is the weight of the running value: it becomes
         ``decay``, and the running variance averages the biased batch
         variance (``unbiased_running_var=False``), as Keras's does.
-    dtype : float32 or float64, optional
-        The layer's dtype; by default the weights'.
+    dtype : float32, float64, float16 or bfloat16, optional
+        The layer's dtype; by default the weights'. A float16 or bfloat16
+        layer keeps its parameters and statistics in float32
+        (``param_dtype``); half weights widen to them exactly.
     activation, nonfinite
         bncore options, passed on (Keras's layer has neither).
     layer_class : BatchNorm subclass, optional
@@ -237,6 +308,11 @@ def from_keras_weights(weights: Sequence[ArrayLike], *, epsilon: float = 1e-3,
     from .modules import BatchNorm
 
     cls = BatchNorm if layer_class is None else layer_class
+    # Checked here under Keras's names: the layer would name its own (decay, eps).
+    momentum = _keras_option(momentum, "momentum", "a number in [0, 1]",
+                             lambda value: 0.0 <= value <= 1.0)
+    epsilon = _keras_option(epsilon, "epsilon", "a finite number >= 0",
+                            lambda value: 0.0 <= value < math.inf)
     names = (["gamma"] if scale else []) + (["beta"] if center else []) + [
         "moving_mean", "moving_variance"]
     if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
@@ -260,9 +336,20 @@ def from_keras_weights(weights: Sequence[ArrayLike], *, epsilon: float = 1e-3,
     )
     keys = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
             "moving_variance": "running_var"}
-    state = {keys[name]: array for name, array in arrays.items()}
+    state = {keys[name]: _widened(array) for name, array in arrays.items()}
     layer.load_state_dict({**state, "num_batches_tracked": np.array(0)})
     return layer.eval()
+
+
+def _keras_option(value: object, name: str, expected: str,
+                  valid: Callable[[float], bool]) -> float:
+    """``value`` as a float, or a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    number = float(value)
+    if not valid(number):  # NaN fails every comparison, so it lands here too
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return number
 
 
 # --------------------------------------------------------------------------
@@ -279,9 +366,11 @@ def from_onnx(model: Any, node_name: str | None = None, *, dtype: DTypeLike | No
     node_name : str, optional
         Which node, by name; needed when the graph has several
         BatchNormalization nodes.
-    dtype : float32 or float64, optional
+    dtype : float32, float64, float16 or bfloat16, optional
         The layer's dtype; by default the element type declared for the
-        node's input X, else that of the scale initializer.
+        node's input X, else that of the scale initializer. A float16 or
+        bfloat16 layer keeps its parameters and statistics in float32
+        (``param_dtype``); half initializers widen to them exactly.
     layer_class : BatchNorm subclass, optional
         The class to build (default ``BatchNorm``, any rank).
 
@@ -337,6 +426,7 @@ def from_onnx(model: Any, node_name: str | None = None, *, dtype: DTypeLike | No
         arrays[role] = array
     if dtype is None:
         dtype = _declared_dtype(graph, node.input[0], helper) or arrays["scale"].dtype
+    arrays = {role: _widened(array) for role, array in arrays.items()}
     layer = cls(
         arrays["input_mean"].shape[0],
         eps=float(attributes.get("epsilon", 1e-5)),

@@ -12,19 +12,36 @@ oracle."""
 
 import inspect
 import os
+import re
 
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-if "keras" not in os.sys.modules:
-    # Keras 3 reads its backend once, at import; the installed torch is it.
-    os.environ["KERAS_BACKEND"] = "torch"
-keras = pytest.importorskip("keras")
+import bncore
+from conftest import make_input
+from test_conventions import LIBRARIES, table_row
 
-import bncore  # noqa: E402
-from conftest import make_input  # noqa: E402
-from test_conventions import LIBRARIES, table_row  # noqa: E402
+
+def _import_keras():
+    """Keras 3 on the PyTorch backend, or None (the argument checks below
+    need neither)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return None
+    if "keras" not in os.sys.modules:
+        # Keras 3 reads its backend once, at import; the installed torch is it.
+        os.environ["KERAS_BACKEND"] = "torch"
+    try:
+        import keras
+    except ImportError:
+        return None
+    return keras
+
+
+keras = _import_keras()
+requires_keras = pytest.mark.skipif(
+    keras is None, reason="needs keras 3 and torch (pip install 'bncore[interop-test]')")
 
 # Keras 3.15's variables warn under NumPy 2 when read as arrays (their
 # __array__ lacks the copy keyword): Keras's business, not these tests'.
@@ -68,6 +85,7 @@ def _from_keras(layer, case):
                                                **options)
 
 
+@requires_keras
 @pytest.mark.parametrize("case", list(CASES))
 def test_eval_matches_keras(case):
     dtype = np.float32
@@ -81,6 +99,7 @@ def test_eval_matches_keras(case):
         np.testing.assert_allclose(bn(x), _numpy(layer(x, training=False)), **TOL)
 
 
+@requires_keras
 @pytest.mark.parametrize("case", list(CASES))
 def test_training_matches_keras(case):
     dtype = np.float32
@@ -99,6 +118,7 @@ def test_training_matches_keras(case):
     np.testing.assert_allclose(bn(x), _numpy(layer(x, training=False)), **tol)
 
 
+@requires_keras
 def test_defaults_are_keras_defaults():
     layer = keras.layers.BatchNormalization()
     signature = inspect.signature(bncore.BatchNorm.from_keras_weights).parameters
@@ -126,3 +146,39 @@ def test_mismatched_lengths_and_axis_lists_are_refused():
         bncore.BatchNorm.from_keras_weights(weights)
     with pytest.raises(TypeError, match="axis must be an integer, got list"):
         bncore.BatchNorm.from_keras_weights([np.ones(3, np.float32)] * 4, axis=[1, 2])
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(momentum=1.5), ValueError, "momentum must be a number in [0, 1], got 1.5"),
+    (dict(momentum=-0.1), ValueError, "momentum must be a number in [0, 1], got -0.1"),
+    (dict(momentum=float("nan")), ValueError, "momentum must be a number in [0, 1], got nan"),
+    (dict(momentum=None), TypeError, "momentum must be a number in [0, 1], got NoneType"),
+    (dict(momentum=True), TypeError, "momentum must be a number in [0, 1], got bool"),
+    (dict(epsilon=-1), ValueError, "epsilon must be a finite number >= 0, got -1"),
+    (dict(epsilon=float("inf")), ValueError, "epsilon must be a finite number >= 0, got inf"),
+    (dict(epsilon="1e-3"), TypeError, "epsilon must be a finite number >= 0, got str"),
+])
+def test_bad_options_are_named_as_keras_names_them(options, error, message):
+    weights = [np.ones(3, np.float32)] * 4
+    with pytest.raises(error, match=re.escape(message)):
+        bncore.BatchNorm.from_keras_weights(weights, **options)
+
+
+def test_edge_options_are_accepted():
+    weights = [np.ones(3, np.float32)] * 4
+    bn = bncore.BatchNorm.from_keras_weights(weights, momentum=1, epsilon=0)
+    assert (bn.decay, bn.eps) == (1.0, 0.0)
+    assert type(bn.decay) is float and type(bn.eps) is float
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_half_weights_give_a_half_layer_with_float32_parameters(name):
+    half = np.dtype(np.float16) if name == "float16" else np.dtype(
+        pytest.importorskip("ml_dtypes").bfloat16)
+    rng = np.random.default_rng(3)
+    weights = [rng.uniform(0.5, 2.0, 3).astype(half) for _ in range(4)]
+    bn = bncore.BatchNorm.from_keras_weights(weights)
+    assert bn.dtype == half and bn.param_dtype == np.float32
+    for got, want in zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), weights):
+        np.testing.assert_array_equal(got, want.astype(np.float32))
+    assert bncore.BatchNorm.from_keras_weights(weights, dtype=np.float64).dtype == np.float64

@@ -151,3 +151,29 @@ def test_dtype_comes_from_the_declared_input():
 def test_not_a_model_is_a_type_error():
     with pytest.raises(TypeError, match="onnx.ModelProto"):
         bncore.BatchNorm.from_onnx(42)
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_half_model_gives_a_half_layer_with_float32_parameters(name):
+    """Initializers and X in half: a half layer whose float32 parameters
+    hold the initializers' values exactly, computing what ONNX Runtime
+    computes in float32 on the same values (up to the output's rounding)."""
+    half = np.dtype(np.float16) if name == "float16" else np.dtype(
+        pytest.importorskip("ml_dtypes").bfloat16)
+    half_inits = [numpy_helper.from_array(a.astype(half), f"p_{role}")
+                  for a, role in zip(make_params(SHAPE[1], np.float32, seed=5),
+                                     ("scale", "B", "mean", "var"))]
+    node = _bn_node("bn", "X", "Y", "p", epsilon=1e-3)
+    bn = bncore.BatchNorm.from_onnx(_model([node], half_inits, half))
+    assert bn.dtype == half and bn.param_dtype == np.float32
+    values = [numpy_helper.to_array(init).astype(np.float32) for init in half_inits]
+    for got, want in zip((bn.weight, bn.bias, bn.running_mean, bn.running_var), values):
+        np.testing.assert_array_equal(got, want)
+    x32 = make_input(SHAPE, np.float32, 1, kind="normal", seed=6).astype(half).astype(np.float32)
+    wide = [numpy_helper.from_array(v, init.name) for v, init in zip(values, half_inits)]
+    (want,) = _run(_model([node], wide, np.float32), x32)
+    got = bn(x32.astype(half))
+    assert got.dtype == half
+    ulp = float(np.finfo(np.float16).eps if name == "float16" else
+                pytest.importorskip("ml_dtypes").finfo(half).eps)
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=ulp, atol=ulp)

@@ -206,6 +206,103 @@ def test_inconsistent_torch_state_is_refused():
         bncore.BatchNorm.from_torch(module)
 
 
-def test_dtype_without_numpy_twin_is_refused():
-    with pytest.raises(TypeError, match=r"bfloat16.*module.float\(\)"):
-        bncore.BatchNorm.from_torch(nn.BatchNorm1d(3, dtype=torch.bfloat16))
+def test_dtype_bncore_does_not_take_is_refused():
+    module = nn.BatchNorm1d(3, dtype=torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"float8_e4m3fn.*float32, float64, float16 or "
+                                        r"bfloat16.*module.float\(\)"):
+        bncore.BatchNorm.from_torch(module)
+
+
+def test_uninitialised_lazy_module_without_parameters_or_buffers_is_lazy():
+    module = nn.LazyBatchNorm2d(affine=False, track_running_stats=False, momentum=0.2)
+    assert module.num_features == 0 and not module.has_uninitialized_params()
+    bn = bncore.BatchNorm.from_torch(module)
+    assert type(bn) is bncore.BatchNorm2d and bn.num_features is None
+    assert (bn.affine, bn.track_running_stats, bn.momentum) == (False, False, 0.2)
+    x = make_input((4, 5, 3, 3), np.float32, 1, kind="normal", seed=9)  # no tensor: default
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(bn(x), want, **_tol(np.float32))
+    # torch keeps num_features at 0 once it has seen an input (nothing to size)
+    assert module.num_features == 0 and bn.num_features == 5
+    assert bncore.BatchNorm.from_torch(module).num_features is None
+
+
+# --------------------------------------------------------------------------
+# Half precision: float16 and bfloat16 layers keep float32 parameters
+# (param_dtype); torch's half modules keep them in half.
+
+HALF = [pytest.param("float16", id="float16"),
+        pytest.param("bfloat16", id="bfloat16")]
+
+
+def _half_layer_dtype(name):
+    if name == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    return bncore.BatchNorm1d(1, dtype=name).dtype
+
+
+def _half_input(shape, name, seed):
+    """Random input in the half dtype, as a NumPy array and the same values
+    as a torch tensor (converted by torch through float32, exactly)."""
+    x32 = make_input(shape, np.float32, 1, kind="normal", seed=seed)
+    tensor = torch.from_numpy(x32).to(getattr(torch, name))
+    return tensor.float().numpy().astype(_half_layer_dtype(name)), tensor
+
+
+def _trained_half_module(name):
+    module = nn.BatchNorm2d(3, momentum=0.3, dtype=getattr(torch, name))
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(0))
+        module.bias.uniform_(-1.0, 1.0, generator=torch.Generator().manual_seed(1))
+        for seed in range(2):
+            module(_half_input((4, 3, 5, 6), name, seed)[1])
+    return module
+
+
+@pytest.mark.parametrize("name", HALF)
+def test_half_module_converts_both_ways_bit_for_bit(name):
+    module = _trained_half_module(name)
+    bn = bncore.BatchNorm.from_torch(module)
+    assert type(bn) is bncore.BatchNorm2d
+    assert bn.dtype == _half_layer_dtype(name) and bn.param_dtype == np.float32
+    assert (bn.momentum, bn.num_batches_tracked) == (0.3, 2)
+    for key, value in module.state_dict().items():
+        want = value.float().numpy() if value.is_floating_point() else value.numpy()
+        np.testing.assert_array_equal(bn.state_dict()[key], want, err_msg=key)
+        assert bn.state_dict()[key].dtype == want.dtype, key
+    back = bn.to_torch()
+    assert isinstance(back, nn.BatchNorm2d) and back.weight.dtype == getattr(torch, name)
+    assert back.state_dict().keys() == module.state_dict().keys()
+    for key, value in module.state_dict().items():
+        assert back.state_dict()[key].dtype == value.dtype, key
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("name", HALF)
+def test_half_layer_to_torch_rounds_parameters_to_its_dtype(name):
+    half = getattr(torch, name)
+    bn = bncore.BatchNorm2d(3, momentum=0.2, dtype=name)
+    w, b, rm, rv = make_params(3, np.float32, seed=3)
+    bn.load_state_dict(dict(weight=w, bias=b, running_mean=rm, running_var=rv,
+                            num_batches_tracked=np.array(4)))
+    module = bn.to_torch()
+    assert isinstance(module, nn.BatchNorm2d) and module.training is True
+    assert module.momentum == 0.2 and int(module.num_batches_tracked) == 4
+    for key, value in bn.state_dict().items():
+        if key != "num_batches_tracked":
+            got = module.state_dict()[key]
+            assert got.dtype == half, key
+            assert torch.equal(got, torch.from_numpy(value).to(half)), key  # torch's rounding
+    again = bncore.BatchNorm.from_torch(module)
+    assert again.config() == bn.config()
+    # eval: the same computation on the same (rounded) numbers
+    module.eval()
+    again.eval()
+    x, tensor = _half_input((4, 3, 5, 6), name, seed=4)
+    with torch.no_grad():
+        want = module(tensor).float().numpy()
+    got = again(x)
+    assert got.dtype == x.dtype
+    ulp = float(torch.finfo(half).eps)
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2 * ulp, atol=2 * ulp)
