@@ -22,12 +22,13 @@ absolute.)
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from . import functional
+from . import _threads, functional
 from .functional import _as_input, _channel_vector, _feature_axis
 from .stats import Moments, merge_moments
 from .stats import partial_moments as _block_moments
@@ -53,20 +54,36 @@ def _import_dask() -> tuple[Any, Any]:
 
 def _checked_array(darr: Any, axis: int) -> int:
     """Validate a dask array as functional validates an input (dtype, rank,
-    axis), without computing it; returns the non-negative feature axis."""
+    axis), without computing it; returns the non-negative feature axis.
+
+    Sizes may be unknown (NaN, e.g. after boolean indexing) along every
+    axis but the feature axis: the blocks know their own sizes when they
+    run, but the per-feature results need the number of features now."""
     _, da = _import_dask()
     if not isinstance(darr, da.Array):
         raise TypeError(
             f"darr must be a dask array, got {type(darr).__name__}; for in-memory "
             "data use bncore.moments / bncore.batch_norm"
         )
-    # A zero-stride stand-in of the same shape and dtype: functional's own
-    # checks and messages, and no memory.
-    stand_in = np.lib.stride_tricks.as_strided(
-        np.empty(1, dtype=darr.dtype), shape=darr.shape, strides=(0,) * darr.ndim
-    )
-    _as_input(stand_in, "darr")
-    return _feature_axis(axis, darr.ndim)
+    # A zero-stride stand-in of the same rank and dtype: functional's own
+    # checks and messages, and no memory. Its shape is darr's with the
+    # unknown sizes as 1 (only a message about the rank shows it).
+    shape = tuple(1 if math.isnan(size) else int(size) for size in darr.shape)
+    _as_input(np.broadcast_to(np.empty((), dtype=darr.dtype), shape), "darr")
+    ax = _feature_axis(axis, darr.ndim)
+    if math.isnan(darr.shape[ax]):
+        raise ValueError(
+            f"darr's size along the feature axis ({ax}) is unknown (NaN chunk sizes, "
+            "e.g. from boolean indexing along that axis): call "
+            "darr.compute_chunk_sizes() first"
+        )
+    return ax
+
+
+def _checked_num_threads(num_threads: int | None) -> None:
+    """Refuse a bad num_threads now, not when the blocks run."""
+    if num_threads is not None:
+        _threads.check_num_threads(num_threads)
 
 
 def _merge_tree(parts: list[Delayed], delayed: Any) -> Delayed:
@@ -94,8 +111,11 @@ def partial_moments(darr: dask.array.Array, axis: int = 1, *,
 
     Parameters
     ----------
-    darr : dask.array.Array, float32 or float64, at least 2-D
-        Chunked any way, the feature axis included.
+    darr : dask.array.Array, at least 2-D
+        Of dtype float32, float64, float16 or bfloat16 (with ml_dtypes), as
+        :func:`bncore.moments` takes. Chunked any way, the feature axis
+        included; chunk sizes may be unknown (NaN, as after boolean
+        indexing) along every axis but the feature axis.
     axis : int
         The feature axis.
     num_threads : int, optional
@@ -112,6 +132,7 @@ def partial_moments(darr: dask.array.Array, axis: int = 1, *,
     """
     dask, _ = _import_dask()
     ax = _checked_array(darr, axis)
+    _checked_num_threads(num_threads)
     delayed = dask.delayed
     blocks = darr.to_delayed()
     per_feature_chunk = []
@@ -170,7 +191,10 @@ def batch_norm(darr: dask.array.Array, mean: ArrayLike, var: ArrayLike,
 
     Parameters
     ----------
-    darr : dask.array.Array, float32 or float64, at least 2-D
+    darr : dask.array.Array, at least 2-D
+        As in :func:`partial_moments`: float32, float64, float16 or
+        bfloat16, chunk sizes known at least along the feature axis. A
+        half-precision array gives a half-precision result.
     mean, var : array_like of shape (C,)
         E.g. a layer's running statistics, or :func:`moments` of the data
         itself (its biased variance reproduces training-mode batch norm).
@@ -189,6 +213,7 @@ def batch_norm(darr: dask.array.Array, mean: ArrayLike, var: ArrayLike,
     _, da = _import_dask()
     ax = _checked_array(darr, axis)
     eps = functional._check_eps(eps)
+    _checked_num_threads(num_threads)
     channels = darr.shape[ax]
     vectors = {"mean": mean, "var": var, "weight": weight, "bias": bias}
     for name in ("mean", "var"):

@@ -14,17 +14,23 @@ process held it all:
 * backward: the local per-feature sums of ``dy`` and ``dy * (x - mean)``,
   ONE collective gathering them, added in rank order, and the input
   gradient of each shard from those global sums and the global count.
+* update_population_stats: each rank's (count, mean, M2) over its own
+  batches, ONE collective, the same rank-order merge, and the running
+  statistics set from it as ``bncore.stats.update_population_stats`` sets
+  them.
 
 Shards may differ in size, down to empty ones. Evaluation is plain
 ``BatchNorm`` and communicates nothing.
 
 Needs the optional ``mpi`` extra (``pip install "bncore[mpi]"``: mpi4py) and
 an MPI library (a cluster's own, or ``pip install mpich``) unless a
-communicator object is passed in.
+communicator object is passed in; only the collectives need them, so a layer
+can be built, loaded and evaluated without MPI.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -34,9 +40,11 @@ from . import _threads
 from .functional import (
     _Batch,
     _canonical_shape,
+    _check_decay,
     _feature_axis,
     _kernel_ready,
     _kernels_for,
+    _nonfinite_channels,
     _running_stats,
 )
 from .modules import BatchNorm
@@ -77,28 +85,38 @@ class SyncBatchNorm(BatchNorm):
         As :class:`bncore.BatchNorm`; further keyword options (``axis``,
         ``dtype``, ``nonfinite``, ...) are passed to it.
     comm : mpi4py communicator, optional
-        The processes sharing the batch; default ``MPI.COMM_WORLD``. Any
-        object with ``Get_size()`` and mpi4py's buffer-form
-        ``Allgather(sendbuf, recvbuf)`` works.
+        The processes sharing the batch. Any object with ``Get_size()`` and
+        mpi4py's buffer-form ``Allgather(sendbuf, recvbuf)`` works. None
+        (the default) means ``MPI.COMM_WORLD``, looked up at the first
+        collective call: building, loading (``BatchNorm.load``),
+        unpickling and evaluating the layer need neither mpi4py nor MPI,
+        and a missing mpi4py is an ImportError at the first training
+        forward (or ``update_population_stats``).
 
     Notes
     -----
-    Training ``forward`` and ``backward`` are collective: every rank of
-    ``comm`` calls them together, in the same order, each with its own
-    shard (any number of samples, even none; the other dimensions may
-    differ too). Each exchanges one message of ``2 + 2 * C`` float64 values
-    per rank.
+    Training ``forward`` and ``backward``, and ``update_population_stats``,
+    are collective: every rank of ``comm`` calls them together, in the same
+    order, each with its own shard (any number of samples, even none; the
+    other dimensions may differ too) or its own batches. Each exchanges one
+    message per rank of float64 values: ``2 + 2 * C`` for a forward (failed
+    flag, count, mean, M2), ``1 + 2 * C`` for a backward (failed flag, two
+    sums), ``3 + 2 * C`` for ``update_population_stats`` (failed flag,
+    count, number of batches, mean, M2).
 
-    A call that is wrong on some rank (bad shape or dtype) still takes part
-    in the exchange, flagged as failed, and then raises on EVERY rank: its
-    own error where the call was wrong, a ValueError naming the failing
-    ranks elsewhere, so no rank is left waiting. Nothing is written on any
-    rank. A global batch of one value per feature is a ValueError, and
-    ``nonfinite="raise"`` a FloatingPointError, on every rank alike, since
-    all ranks hold the same statistics.
+    A call that is wrong on some rank (bad shape or dtype, or a ``decay``
+    contradicting a changed ``momentum``; for ``update_population_stats``
+    any error reading the batches) still takes part in the exchange,
+    flagged as failed, and then raises on EVERY rank: its own error where
+    the call was wrong, a ValueError naming the failing ranks elsewhere, so
+    no rank is left waiting. Nothing is written on any rank. A global batch
+    of one value per feature is a ValueError, and ``nonfinite="raise"`` a
+    FloatingPointError, on every rank alike, since all ranks hold the same
+    statistics.
 
     After ``backward``, ``grad_weight`` and ``grad_bias`` are those of the
-    whole batch, identical on every rank: unlike PyTorch's SyncBatchNorm,
+    whole batch, identical on every rank, of ``param_dtype`` (float32 for a
+    half-precision layer, as ``BatchNorm``'s): unlike PyTorch's SyncBatchNorm,
     they are already reduced, so leave them out of the gradient all-reduce
     of the other parameters (or divide by the number of ranks if that
     all-reduce sums and your loss is a mean over ranks).
@@ -122,7 +140,8 @@ class SyncBatchNorm(BatchNorm):
                 "size fixed by it"
             )
         super().__init__(num_features, eps, momentum, affine, track_running_stats, **options)
-        self.comm = _world() if comm is None else _check_comm(comm)
+        # None: COMM_WORLD, resolved by _communicator() at the first collective.
+        self.comm = None if comm is None else _check_comm(comm)
         # (input, mean, invstd, global count, weight, bias, activation) of the
         # last synchronized forward, or None after an unsynchronized one.
         self._sync_saved: tuple | None = None
@@ -166,9 +185,16 @@ class SyncBatchNorm(BatchNorm):
             return super().forward(input)
         channels = self.num_features
         error = None
+        decay = self.decay
         try:
             x = input if isinstance(input, np.ndarray) else np.asarray(input)
             self._check_input(x)
+            if self.track_running_stats and decay is not None:
+                # As BatchNorm.forward: the attributes may have changed since
+                # construction. Checked here, before the exchange, so that a
+                # rank whose layer differs fails through the failed flag and
+                # every rank raises together.
+                decay = _check_decay(decay, self.momentum)
         except (TypeError, ValueError) as caught:
             error = caught
         if error is None:
@@ -191,8 +217,7 @@ class SyncBatchNorm(BatchNorm):
                 f"over all {gathered.shape[0]} ranks (input size {x.shape} here)"
             )
 
-        weight, bias = self.weight, self.bias
-        activation = getattr(self, "activation", None)
+        weight, bias, activation = self.weight, self.bias, self.activation
         y = np.empty(x.shape, dtype=x.dtype)
         if total.count == 0:
             mean = np.full(channels, np.nan)
@@ -209,19 +234,13 @@ class SyncBatchNorm(BatchNorm):
                                                 activation == "relu")
             batch = _Batch(mean, total.m2, total.count,
                            0.0 if self.momentum is None else self.momentum,
-                           self.nonfinite, getattr(self, "unbiased_running_var", True))
-        self._fold_global(batch)
+                           self.nonfinite, self.unbiased_running_var)
+        self._fold_training_batch(batch, decay)
         self._saved = None
         self._sync_saved = (x, mean, invstd, total.count, weight, bias, activation)
         return y
 
     __call__ = forward
-
-    def _fold_global(self, batch: _Batch | None) -> None:
-        """Fold the global batch into the running statistics as BatchNorm
-        folds its own (momentum, momentum=None, decay, nonfinite policy),
-        under the layer's lock."""
-        self._fold_training_batch(batch, self.decay)
 
     # -- backward ----------------------------------------------------------
 
@@ -236,6 +255,8 @@ class SyncBatchNorm(BatchNorm):
         outer, _, inner = _canonical_shape(x.shape, _feature_axis(self.axis, x.ndim))
         error = None
         try:
+            # BatchNorm.backward checks the shape inline and leaves the dtype
+            # to batch_norm_backward: no helper to share.
             dy = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
             if dy.shape != x.shape:
                 raise ValueError(
@@ -275,6 +296,111 @@ class SyncBatchNorm(BatchNorm):
         # An empty global batch has NaN statistics but zero gradients (as
         # BatchNorm's): 0 * NaN would say otherwise.
         grad_weight = sum_dy_dev * invstd if count else np.zeros(channels)
-        self.grad_weight = None if weight is None else grad_weight.astype(x.dtype)
-        self.grad_bias = None if bias is None else sum_dy.astype(x.dtype)
+        # The parameters' dtype, as BatchNorm's: float32 for a half layer,
+        # whose gradients would overflow float16 (or lose bits in bfloat16).
+        self.grad_weight = None if weight is None else grad_weight.astype(self.param_dtype)
+        self.grad_bias = None if bias is None else sum_dy.astype(self.param_dtype)
         return grad_input
+
+    # -- population statistics ---------------------------------------------
+
+    def update_population_stats(self, batches: Iterable[ArrayLike], *,
+                                num_threads: int | None = None) -> SyncBatchNorm:
+        """Set the running statistics to the exact mean and variance of
+        every rank's batches together; collective.
+
+        As :func:`bncore.stats.update_population_stats` on one process
+        given all the batches: each rank reduces its own ``batches`` (any
+        number, even none) to their moments, ONE collective gathers them,
+        and every rank merges them in rank order, so all ranks write
+        bitwise the same ``running_mean`` and ``running_var``.
+        ``num_batches_tracked`` becomes the number of batches of all ranks.
+
+        An error on some rank (a batch that does not fit the layer, a data
+        loader that fails) raises on every rank, as the class notes say; so
+        do no batches on any rank, fewer than two values per feature in
+        all, and non-finite statistics under ``nonfinite="raise"``. A
+        failed call writes nothing on any rank. Returns the layer.
+        """
+        error = None
+        local, seen = Moments.empty(self.num_features), 0
+        try:
+            local, seen = self._local_population_moments(batches, num_threads)
+        except Exception as caught:  # anything from the batches: never leave a rank waiting
+            error = caught
+        # The one collective: [failed, count, batches, mean (C), M2 (C)] per rank.
+        gathered = self._allgather(np.concatenate(
+            ([error is not None, local.count, seen], local.mean, local.m2)))
+        self._raise_for_failures(error, gathered[:, 0], "update_population_stats")
+        channels = self.num_features
+        total = merge_moments(*(
+            Moments(int(row[1]), row[3:3 + channels], row[3 + channels:]) for row in gathered
+        ))
+        batches_in_all = int(gathered[:, 2].sum())
+        if batches_in_all == 0:
+            raise ValueError(
+                "batches is empty on every rank: population statistics need at least "
+                "one batch"
+            )
+        self._write_population_stats(total, batches_in_all)
+        return self
+
+    def _local_population_moments(self, batches: Iterable[ArrayLike],
+                                  num_threads: int | None) -> tuple[Moments, int]:
+        """This rank's moments and number of batches, each batch checked
+        against the layer as bncore.stats.update_population_stats checks it."""
+        if self.running_mean is None:
+            raise ValueError(
+                "the layer was built with track_running_stats=False: it has no "
+                "running statistics to update"
+            )
+        if isinstance(batches, np.ndarray) or not isinstance(batches, Iterable):
+            raise TypeError(
+                "batches must be an iterable of arrays (a list, a generator, a data "
+                f"loader), got {type(batches).__name__}; for one array pass [array]"
+            )
+        nthreads = _threads.resolve(num_threads)
+        total = Moments.empty(self.num_features)
+        seen = 0
+        for index, batch in enumerate(batches):
+            x = batch if isinstance(batch, np.ndarray) else np.asarray(batch)
+            try:
+                self._check_input(x)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"batches[{index}]: {error}") from None
+            total = merge_moments(total, _kernel_moments(x, self.axis % x.ndim, nthreads))
+            seen += 1
+        return total, seen
+
+    def _write_population_stats(self, total: Moments, batches: int) -> None:
+        """Write the global moments into the running statistics as
+        bncore.stats.update_population_stats writes its own: the same
+        checks, nonfinite policy, casts and lock."""
+        running_mean, running_var = self.running_mean, self.running_var
+        assert running_mean is not None and running_var is not None  # checked on every rank
+        if total.count < 2:
+            raise ValueError(
+                f"the batches of all ranks hold {total.count} value(s) per feature in "
+                "all; population statistics need at least 2"
+            )
+        population = _Batch(total.mean, total.m2, total.count, 1.0, self.nonfinite,
+                            self.unbiased_running_var)
+        var = population.running_var()
+        if self.nonfinite != "propagate":
+            bad = _nonfinite_channels(population, running_mean, running_var)
+            if bad.size:
+                if self.nonfinite == "raise":
+                    raise FloatingPointError(
+                        f"population statistics are not finite in feature(s) "
+                        f"{', '.join(map(str, bad[:10]))}{' ...' if bad.size > 10 else ''}; "
+                        "the running statistics were left unchanged "
+                        "(nonfinite='raise')"
+                    )
+                return
+        # Both casts before either write: nothing can fail between the writes.
+        new_mean = total.mean.astype(running_mean.dtype)
+        new_var = var.astype(running_var.dtype)
+        with self._lock:
+            running_mean[...] = new_mean
+            running_var[...] = new_var
+            self.num_batches_tracked = batches

@@ -5,8 +5,9 @@ argument: the expected number of ranks): every rank trains
 SyncBatchNorm layers for a few steps on its shard of a batch (shards of
 uneven sizes, a one-sample shard, an empty one), and checks against a
 single-process ``bncore.BatchNorm`` fed the whole batch: outputs, its
-grad_input shard, grad_weight/grad_bias, running statistics, then eval.
-It also checks that all ranks hold bitwise the same statistics and that a
+grad_input shard, grad_weight/grad_bias, running statistics, then eval;
+and update_population_stats over every rank's batches against BatchNorm's
+over all of them. It also checks that all ranks hold bitwise the same statistics and that a
 call that is wrong on one rank raises on every rank and changes nothing.
 Prints ``rank R: ok`` and exits 0, or prints the traceback and aborts the
 whole run with exit code 1 (so no rank is left waiting).
@@ -177,14 +178,41 @@ def check_errors(comm, rank, size, dtype):
     _close(y, want[:4], dtype, "output after the errors")
 
 
+def check_population(comm, rank, size, dtype, layer_comm):
+    """update_population_stats over every rank's batches (a different
+    number on each rank, none on rank 1) against BatchNorm's over all of
+    them; then a batch that does not fit on one rank fails everywhere."""
+    rng = np.random.default_rng(99)  # the same stream on every rank
+    counts = [2, 0, 3, 1][:size]
+    every = [(5.0 * k + rng.standard_normal((1 + k, 3, 2))).astype(dtype)
+             for k in range(sum(counts))]
+    start = sum(counts[:rank])
+    mine = every[start:start + counts[rank]]
+    sync = SyncBatchNorm(3, dtype=dtype, comm=layer_comm)
+    whole = bncore.BatchNorm(3, dtype=dtype).update_population_stats(every)
+    sync.update_population_stats(iter(mine))
+    _close(sync.running_mean, whole.running_mean, dtype, "population mean")
+    _close(sync.running_var, whole.running_var, dtype, "population var")
+    assert sync.num_batches_tracked == len(every)
+    _same_on_every_rank(comm, [sync.running_mean, sync.running_var], "population statistics")
+
+    state = _state(sync)
+    bad_rank = size - 1
+    batches = mine + [np.zeros((2, 4, 2), dtype)] if rank == bad_rank else mine
+    _expect_failure_everywhere(lambda: sync.update_population_stats(batches), rank,
+                               bad_rank, "input.shape[1] is 4")
+    _assert_state(sync, state)
+
+
 def check_rank(comm, rank, size, default_comm=False):
     """Every check on this rank; with default_comm (comm is then
     COMM_WORLD) the training layers are built without comm=."""
+    layer_comm = None if default_comm else comm
     for dtype in (np.float32, np.float64):
         for options, shape_of in CONFIGS:
-            check_training(comm, rank, size, dtype, options, shape_of,
-                           None if default_comm else comm)
+            check_training(comm, rank, size, dtype, options, shape_of, layer_comm)
         check_errors(comm, rank, size, dtype)
+        check_population(comm, rank, size, dtype, layer_comm)
 
 
 def main():

@@ -148,6 +148,77 @@ def test_batch_norm_is_lazy():
     assert sorted(calls) == [0.0, 1.0, 2.0]
 
 
+def _boolean_indexed(shape, axis, seed):
+    """An in-memory array and a dask array of its rows where the first
+    feature is above its median: sizes along axis 0 are unknown (NaN)."""
+    x = make_input(shape, np.float64, axis, kind="normal", seed=seed)
+    darr = da.from_array(x, chunks=(3,) + x.shape[1:])
+    key = x[(slice(None),) + (0,) * (x.ndim - 1)]
+    threshold = np.median(key)
+    picked = darr[da.from_array(key, chunks=3) > threshold]
+    assert np.isnan(picked.shape[0]) and np.isnan(picked.chunks[0]).all()
+    return x[key > threshold], picked
+
+
+@pytest.mark.parametrize("shape, axis", [((40, 3), 1), ((30, 4, 2, 3), 1),
+                                         ((30, 2, 5), -1)])
+def test_unknown_chunk_sizes_outside_the_feature_axis(shape, axis, scheduler):
+    want_x, picked = _boolean_indexed(shape, axis, seed=740)
+    mean, var = bdask.moments(picked, axis, scheduler=scheduler)
+    want_mean, want_var = bncore.moments(want_x, axis=axis)
+    assert_stats_close(mean, want_mean, np.float64, scale=channel_spread(want_x, axis))
+    assert_stats_close(var, want_var, np.float64, cond=channel_condition(want_x, axis))
+    y = bdask.batch_norm(picked, mean, var, axis=axis)
+    np.testing.assert_array_equal(y.compute(scheduler=scheduler),
+                                  bncore.batch_norm(want_x, mean, var, axis=axis))
+
+
+def test_unknown_size_of_the_feature_axis_is_refused():
+    x = da.from_array(make_input((6, 8), np.float64, 1, seed=741), chunks=3)
+    picked = x[:, x[0] > 0]
+    assert np.isnan(picked.shape[1])
+    for call in (lambda: bdask.partial_moments(picked),
+                 lambda: bdask.batch_norm(picked, np.zeros(4), np.ones(4))):
+        with pytest.raises(ValueError, match=r"darr's size along the feature axis \(1\) "
+                                             "is unknown"):
+            call()
+    # With the features on axis 0, the unknown axis is reduced over: fine.
+    mean, _ = bdask.moments(picked, axis=0)
+    np.testing.assert_allclose(mean, picked.compute().mean(axis=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("num_threads, error, text", [
+    (0, ValueError, "num_threads must be at least 1"),
+    ("2", TypeError, "num_threads must be a positive integer"),
+])
+def test_num_threads_is_checked_before_anything_is_computed(num_threads, error, text):
+    x = da.zeros((6, 3), chunks=2)
+    with pytest.raises(error, match=text):
+        bdask.partial_moments(x, num_threads=num_threads)
+    with pytest.raises(error, match=text):
+        bdask.moments(x, num_threads=num_threads)
+    with pytest.raises(error, match=text):
+        bdask.batch_norm(x, np.zeros(3), np.ones(3), num_threads=num_threads)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_matches_in_memory(dtype):
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    x = make_input((24, 5, 3), np.float64, 1, kind="normal", seed=750).astype(dtype)
+    darr = da.from_array(x, chunks=(5, 2, 3))
+    mean, var = bdask.moments(darr)
+    want_mean, want_var = bncore.moments(x)
+    # The same float64 statistics of the same half values, merged in
+    # another order.
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(var, want_var, rtol=1e-12)
+    weight, bias, _, _ = make_params(5, np.float32, seed=751)
+    y = bdask.batch_norm(darr, mean, var, weight, bias)
+    assert y.dtype == x.dtype
+    np.testing.assert_array_equal(y.compute(), bncore.batch_norm(x, mean, var, weight, bias))
+
+
 def test_errors_name_the_argument():
     x = da.zeros((6, 3), chunks=2)
     with pytest.raises(TypeError, match="darr must be a dask array"):

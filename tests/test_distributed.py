@@ -254,6 +254,210 @@ def test_nonfinite_raise_on_every_rank_with_nothing_written():
         assert state["num_batches_tracked"] == 0
 
 
+class RecordingComm(CountingComm):
+    """One rank; keeps the size of every message."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def Allgather(self, sendbuf, recvbuf):
+        self.sizes.append(np.asarray(sendbuf).size)
+        super().Allgather(sendbuf, recvbuf)
+
+
+def test_one_message_per_collective_of_the_documented_size():
+    c = 4
+    comm = RecordingComm()
+    sync = SyncBatchNorm(c, dtype=np.float64, comm=comm)
+    x = make_input((6, c), np.float64, 1, seed=865)
+    sync(x)
+    sync.backward(x)
+    sync.update_population_stats([x, x])
+    # forward: failed, count, mean, M2; backward: failed, two sums;
+    # population statistics: failed, count, batches, mean, M2.
+    assert comm.sizes == [2 + 2 * c, 1 + 2 * c, 3 + 2 * c]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_float16_layer_matches_batchnorm_with_float32_gradients(size):
+    # dy near 50 over 2400 samples: grad_bias ~ 1.2e5, beyond float16's
+    # 65504. BatchNorm gives float32 parameter gradients (the dtype of a
+    # half layer's parameters); so must every rank.
+    rng = np.random.default_rng(870)
+    n = 2400
+    x = rng.normal(3.0, 2.0, (n, 2)).astype(np.float16)
+    dy = (50.0 + rng.standard_normal((n, 2))).astype(np.float16)
+    whole = bncore.BatchNorm(2, dtype=np.float16)
+    want_y = whole(x).astype(np.float64)
+    want_dx = whole.backward(dy).astype(np.float64)
+    assert whole.grad_bias.min() > np.finfo(np.float16).max
+    bounds = np.linspace(0, n, size + 1).astype(int)
+
+    def rank_main(comm, rank, size):
+        sync = SyncBatchNorm(2, dtype=np.float16, comm=comm)
+        mine = slice(bounds[rank], bounds[rank + 1])
+        y = sync(x[mine])
+        return (y, sync.backward(dy[mine]), sync.grad_weight, sync.grad_bias,
+                sync.running_mean, sync.running_var)
+
+    results = run_ranks(size, rank_main)
+    y = np.concatenate([r[0] for r in results])
+    dx = np.concatenate([r[1] for r in results])
+    assert y.dtype == dx.dtype == np.float16
+    # One float16 rounding of unit-scale values: 2**-11 relative, and the
+    # exchanged statistics may round a value the other way (one ulp).
+    np.testing.assert_allclose(y.astype(np.float64), want_y, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(dx.astype(np.float64), want_dx, rtol=2e-3,
+                               atol=2e-3 * np.abs(want_dx).max())
+    for _, _, grad_weight, grad_bias, running_mean, running_var in results:
+        for got, want in [(grad_weight, whole.grad_weight), (grad_bias, whole.grad_bias),
+                          (running_mean, whole.running_mean),
+                          (running_var, whole.running_var)]:
+            assert got.dtype == np.float32
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+
+
+def test_decay_against_a_changed_momentum_raises_on_every_rank():
+    # BatchNorm refuses an ambiguous rule at forward time when the
+    # attributes were changed after construction; so does every rank here,
+    # with nothing written anywhere.
+    x = make_input((5, 2), np.float64, 1, seed=875)
+
+    def rank_main(comm, rank, size, bad_ranks):
+        sync = SyncBatchNorm(2, dtype=np.float64, comm=comm, decay=0.9)
+        if rank in bad_ranks:
+            sync.momentum = 0.3
+        with pytest.raises(ValueError) as caught:
+            sync(x)
+        if rank in bad_ranks:
+            assert "not both" in str(caught.value)
+        else:
+            assert f"rank(s) {', '.join(map(str, bad_ranks))}" in str(caught.value)
+        assert sync.num_batches_tracked == 0
+        np.testing.assert_array_equal(sync.running_mean, [0.0, 0.0])
+        sync.momentum = 0.1
+        return sync(x)  # still in step
+
+    run_ranks(3, lambda comm, rank, size: rank_main(comm, rank, size, [0, 1, 2]))
+    run_ranks(3, lambda comm, rank, size: rank_main(comm, rank, size, [1]))
+
+
+# --------------------------------------------------------------------------
+# Population statistics over every rank's batches
+
+
+def _rank_batches(rank, dtype=np.float64):
+    """Rank r's batches: a different number on each rank (none on rank 1),
+    sizes down to one sample, and statistics that differ between ranks."""
+    plans = [[5, 1, 3], [], [2, 6], [4]]
+    return [(10.0 * rank + make_input((n, 3, 4), np.float64, 1, kind="normal",
+                                      seed=900 + 10 * rank + k)).astype(dtype)
+            for k, n in enumerate(plans[rank])]
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_update_population_stats_spans_every_rank(size, unbiased):
+    every = [batch for rank in range(size) for batch in _rank_batches(rank)]
+    whole = bncore.BatchNorm(3, dtype=np.float64, unbiased_running_var=unbiased)
+    whole.update_population_stats(every)
+
+    def rank_main(comm, rank, size):
+        sync = SyncBatchNorm(3, dtype=np.float64, comm=comm,
+                             unbiased_running_var=unbiased, momentum=None)
+        sync(_rank_batches(rank)[0] if rank != 1 else np.zeros((0, 3, 4)))
+        assert sync.update_population_stats(iter(_rank_batches(rank)),
+                                            num_threads=1) is sync
+        return sync.state_dict()
+
+    states = run_ranks(size, rank_main)
+    for state in states:
+        np.testing.assert_allclose(state["running_mean"], whole.running_mean, rtol=1e-12)
+        np.testing.assert_allclose(state["running_var"], whole.running_var, rtol=1e-12)
+        # Every batch read, by any rank, as one process reading them all.
+        assert state["num_batches_tracked"] == whole.num_batches_tracked == len(every)
+        for key in ("running_mean", "running_var"):
+            np.testing.assert_array_equal(state[key], states[0][key])
+
+
+def test_update_population_stats_of_a_half_layer():
+    every = [batch for rank in range(3) for batch in _rank_batches(rank, np.float16)]
+    whole = bncore.BatchNorm(3, dtype=np.float16).update_population_stats(every)
+
+    def rank_main(comm, rank, size):
+        sync = SyncBatchNorm(3, dtype=np.float16, comm=comm)
+        return sync.update_population_stats(_rank_batches(rank, np.float16)).state_dict()
+
+    for state in run_ranks(3, rank_main):
+        assert state["running_mean"].dtype == np.float32
+        np.testing.assert_allclose(state["running_mean"], whole.running_mean, rtol=1e-6)
+        np.testing.assert_allclose(state["running_var"], whole.running_var, rtol=1e-6)
+
+
+def _failing_population_call(size, batches_of, expect):
+    """update_population_stats with batches_of(rank) raises on every rank as
+    expect(rank, error) checks, with nothing written anywhere."""
+
+    def rank_main(comm, rank, size):
+        sync = SyncBatchNorm(3, dtype=np.float64, comm=comm, nonfinite="raise")
+        before = {k: np.array(v, copy=True) for k, v in sync.state_dict().items()}
+        with pytest.raises(Exception) as caught:
+            sync.update_population_stats(batches_of(rank))
+        expect(rank, caught.value)
+        for key, value in sync.state_dict().items():
+            np.testing.assert_array_equal(value, before[key])
+
+    run_ranks(size, rank_main)
+
+
+def test_update_population_stats_fails_on_every_rank_alike():
+    def own_or_named(bad, own_type, own_text):
+        def expect(rank, error):
+            if rank == bad:
+                assert isinstance(error, own_type) and own_text in str(error), error
+            else:
+                assert isinstance(error, ValueError), error
+                assert f"update_population_stats: the call failed on rank(s) {bad}" \
+                    in str(error)
+        return expect
+
+    # A batch that does not fit, on rank 2 only.
+    _failing_population_call(
+        3, lambda rank: _rank_batches(rank) + ([np.zeros((2, 5, 4))] if rank == 2 else []),
+        own_or_named(2, ValueError, "batches[2]: input.shape[1] is 5"))
+
+    # A data loader that breaks on rank 0: no rank is left waiting.
+    def broken(rank):
+        yield from _rank_batches(rank)
+        if rank == 0:
+            raise OSError("disk gone")
+
+    _failing_population_call(3, broken, own_or_named(0, OSError, "disk gone"))
+    _failing_population_call(
+        2, lambda rank: np.zeros((4, 3)) if rank == 1 else [],
+        own_or_named(1, TypeError, "batches must be an iterable"))
+
+    def same_everywhere(error_type, text):
+        def expect(rank, error):
+            assert isinstance(error, error_type) and text in str(error), error
+        return expect
+
+    # Global conditions: the same error on every rank.
+    _failing_population_call(3, lambda rank: [], same_everywhere(ValueError, "empty"))
+    _failing_population_call(
+        3, lambda rank: [np.ones((1, 3))] if rank == 1 else [np.ones((0, 3))],
+        same_everywhere(ValueError, "1 value(s) per feature in all"))
+
+    def one_nan(rank):
+        batches = _rank_batches(rank)
+        if rank == 2:
+            batches[0][1, 2, 0] = np.nan
+        return batches
+
+    _failing_population_call(3, one_nan, same_everywhere(FloatingPointError, "feature(s) 2"))
+
+
 def test_backward_before_forward_and_after_eval():
     sync = SyncBatchNorm(2, comm=CountingComm())
     with pytest.raises(RuntimeError, match="before any forward"):
@@ -273,10 +477,25 @@ def test_comm_must_look_like_a_communicator():
         SyncBatchNorm(0, comm=CountingComm())
 
 
-def test_missing_mpi4py_names_the_extra(monkeypatch):
+def test_mpi_is_needed_only_at_the_first_collective(monkeypatch, tmp_path):
+    # Building, saving, loading and evaluating need no mpi4py: COMM_WORLD is
+    # looked up at the first collective call, which then names the extra.
     monkeypatch.setitem(sys.modules, "mpi4py", None)
-    with pytest.raises(ImportError, match=r'pip install "bncore\[mpi\]"'):
-        SyncBatchNorm(3)
+    sync = SyncBatchNorm(3, momentum=0.2)
+    assert sync.comm is None
+    sync.save(tmp_path / "sync.npz")
+    loaded = bncore.BatchNorm.load(tmp_path / "sync.npz")
+    assert type(loaded) is SyncBatchNorm and loaded.comm is None
+    assert loaded.momentum == 0.2
+    x = make_input((4, 3), np.float32, 1, seed=862)
+    np.testing.assert_array_equal(loaded.eval()(x), bncore.BatchNorm(3).eval()(x))
+    loaded.train()
+    for collective in (lambda: loaded(x), lambda: loaded.update_population_stats([x])):
+        with pytest.raises(ImportError, match=r'pip install "bncore\[mpi\]"'):
+            collective()
+        np.testing.assert_array_equal(loaded.running_mean, np.zeros(3))
+        np.testing.assert_array_equal(loaded.running_var, np.ones(3))
+        assert loaded.num_batches_tracked == 0
 
 
 def test_pickling_drops_the_communicator():
