@@ -44,11 +44,16 @@ from .functional import (
     _feature_axis,
     _kernel_ready,
     _kernels_for,
-    _nonfinite_channels,
     _running_stats,
 )
 from .modules import BatchNorm
-from .stats import Moments, _kernel_moments, merge_moments
+from .stats import (
+    Moments,
+    _kernel_moments,
+    _population_moments,
+    _write_population_stats,
+    merge_moments,
+)
 
 __all__ = ["SyncBatchNorm"]
 
@@ -325,7 +330,7 @@ class SyncBatchNorm(BatchNorm):
         error = None
         local, seen = Moments.empty(self.num_features), 0
         try:
-            local, seen = self._local_population_moments(batches, num_threads)
+            local, seen = _population_moments(self, batches, num_threads)
         except Exception as caught:  # anything from the batches: never leave a rank waiting
             error = caught
         # The one collective: [failed, count, batches, mean (C), M2 (C)] per rank.
@@ -342,65 +347,5 @@ class SyncBatchNorm(BatchNorm):
                 "batches is empty on every rank: population statistics need at least "
                 "one batch"
             )
-        self._write_population_stats(total, batches_in_all)
+        _write_population_stats(self, total, batches_in_all, "the batches of all ranks")
         return self
-
-    def _local_population_moments(self, batches: Iterable[ArrayLike],
-                                  num_threads: int | None) -> tuple[Moments, int]:
-        """This rank's moments and number of batches, each batch checked
-        against the layer as bncore.stats.update_population_stats checks it."""
-        if self.running_mean is None:
-            raise ValueError(
-                "the layer was built with track_running_stats=False: it has no "
-                "running statistics to update"
-            )
-        if isinstance(batches, np.ndarray) or not isinstance(batches, Iterable):
-            raise TypeError(
-                "batches must be an iterable of arrays (a list, a generator, a data "
-                f"loader), got {type(batches).__name__}; for one array pass [array]"
-            )
-        nthreads = _threads.resolve(num_threads)
-        total = Moments.empty(self.num_features)
-        seen = 0
-        for index, batch in enumerate(batches):
-            x = batch if isinstance(batch, np.ndarray) else np.asarray(batch)
-            try:
-                self._check_input(x)
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"batches[{index}]: {error}") from None
-            total = merge_moments(total, _kernel_moments(x, self.axis % x.ndim, nthreads))
-            seen += 1
-        return total, seen
-
-    def _write_population_stats(self, total: Moments, batches: int) -> None:
-        """Write the global moments into the running statistics as
-        bncore.stats.update_population_stats writes its own: the same
-        checks, nonfinite policy, casts and lock."""
-        running_mean, running_var = self.running_mean, self.running_var
-        assert running_mean is not None and running_var is not None  # checked on every rank
-        if total.count < 2:
-            raise ValueError(
-                f"the batches of all ranks hold {total.count} value(s) per feature in "
-                "all; population statistics need at least 2"
-            )
-        population = _Batch(total.mean, total.m2, total.count, 1.0, self.nonfinite,
-                            self.unbiased_running_var)
-        var = population.running_var()
-        if self.nonfinite != "propagate":
-            bad = _nonfinite_channels(population, running_mean, running_var)
-            if bad.size:
-                if self.nonfinite == "raise":
-                    raise FloatingPointError(
-                        f"population statistics are not finite in feature(s) "
-                        f"{', '.join(map(str, bad[:10]))}{' ...' if bad.size > 10 else ''}; "
-                        "the running statistics were left unchanged "
-                        "(nonfinite='raise')"
-                    )
-                return
-        # Both casts before either write: nothing can fail between the writes.
-        new_mean = total.mean.astype(running_mean.dtype)
-        new_var = var.astype(running_var.dtype)
-        with self._lock:
-            running_mean[...] = new_mean
-            running_var[...] = new_var
-            self.num_batches_tracked = batches

@@ -284,13 +284,23 @@ def update_population_stats(bn: BatchNorm, batches: Iterable[ArrayLike], *,
 
     if not isinstance(bn, BatchNorm):
         raise TypeError(f"bn must be a bncore BatchNorm layer, got {type(bn).__name__}")
+    total, seen = _population_moments(bn, batches, num_threads)
+    if seen == 0:
+        raise ValueError("batches is empty: population statistics need at least one batch")
+    _write_population_stats(bn, total, seen, "the batches")
+    return bn
+
+
+def _population_moments(bn: BatchNorm, batches: Iterable[ArrayLike],
+                        num_threads: int | None) -> tuple[Moments, int]:
+    """The moments of all the batches and their number, each batch checked
+    against the layer (its index named in the error); nothing written."""
     if bn.num_features is None:
         raise ValueError(
             "bn has not seen an input yet (a lazy layer, num_features=None): call it "
             "on a batch or load a state dict first"
         )
-    running_mean, running_var = bn.running_mean, bn.running_var
-    if running_mean is None or running_var is None:
+    if bn.running_mean is None or bn.running_var is None:
         raise ValueError(
             "bn was built with track_running_stats=False: it has no running "
             "statistics to update"
@@ -311,11 +321,20 @@ def update_population_stats(bn: BatchNorm, batches: Iterable[ArrayLike], *,
             raise type(error)(f"batches[{index}]: {error}") from None
         total = _merge_pair(total, _kernel_moments(x, bn.axis % x.ndim, nthreads))
         seen += 1
-    if seen == 0:
-        raise ValueError("batches is empty: population statistics need at least one batch")
+    return total, seen
+
+
+def _write_population_stats(bn: BatchNorm, total: Moments, batches: int,
+                            source: str) -> None:
+    """Write population moments into the layer's running statistics (mean,
+    and the variance bn.unbiased_running_var asks for) under its lock,
+    following bn.nonfinite, and set num_batches_tracked to ``batches``.
+    ``source`` names where the values came from, for the errors."""
+    running_mean, running_var = bn.running_mean, bn.running_var
+    assert running_mean is not None and running_var is not None  # _population_moments
     if total.count < 2:
         raise ValueError(
-            f"the batches hold {total.count} value(s) per feature in all; population "
+            f"{source} hold {total.count} value(s) per feature in all; population "
             "statistics need at least 2"
         )
     population = _Batch(total.mean, total.m2, total.count, 0.0, bn.nonfinite,
@@ -330,12 +349,11 @@ def update_population_stats(bn: BatchNorm, batches: Iterable[ArrayLike], *,
                     f"{', '.join(map(str, bad[:10]))}{' ...' if bad.size > 10 else ''}; "
                     "the running statistics were left unchanged (bn.nonfinite='raise')"
                 )
-            return bn
+            return
     # Both casts before either write: nothing can fail between the writes.
     new_mean = total.mean.astype(running_mean.dtype)
     new_var = var.astype(running_var.dtype)
     with bn._lock:
         running_mean[...] = new_mean
         running_var[...] = new_var
-        bn.num_batches_tracked = seen
-    return bn
+        bn.num_batches_tracked = batches

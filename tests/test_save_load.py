@@ -144,10 +144,6 @@ def test_sync_batch_norm_saves_in_a_fresh_process(tmp_path):
     assert done.stdout.split() == ["SyncBatchNorm"]
 
 
-@pytest.mark.xfail(
-    reason="SyncBatchNorm.__init__ still resolves COMM_WORLD (imports mpi4py) when "
-           "comm is None; passes once bncore/distributed.py resolves comm lazily",
-    raises=ImportError, strict=False)
 def test_sync_batch_norm_loads_without_mpi(tmp_path, monkeypatch):
     from bncore.distributed import SyncBatchNorm
 
