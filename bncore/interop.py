@@ -309,10 +309,10 @@ def from_keras_weights(weights: Sequence[ArrayLike], *, epsilon: float = 1e-3,
 
     cls = BatchNorm if layer_class is None else layer_class
     # Checked here under Keras's names: the layer would name its own (decay, eps).
-    momentum = _keras_option(momentum, "momentum", "a number in [0, 1]",
-                             lambda value: 0.0 <= value <= 1.0)
-    epsilon = _keras_option(epsilon, "epsilon", "a finite number >= 0",
-                            lambda value: 0.0 <= value < math.inf)
+    momentum = _checked_option(momentum, "momentum", "a number in [0, 1]",
+                               lambda value: 0.0 <= value <= 1.0)
+    epsilon = _checked_option(epsilon, "epsilon", "a finite number >= 0",
+                              lambda value: 0.0 <= value < math.inf)
     names = (["gamma"] if scale else []) + (["beta"] if center else []) + [
         "moving_mean", "moving_variance"]
     if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
@@ -341,9 +341,10 @@ def from_keras_weights(weights: Sequence[ArrayLike], *, epsilon: float = 1e-3,
     return layer.eval()
 
 
-def _keras_option(value: object, name: str, expected: str,
-                  valid: Callable[[float], bool]) -> float:
-    """``value`` as a float, or a TypeError/ValueError naming ``name``."""
+def _checked_option(value: object, name: str, expected: str,
+                    valid: Callable[[float], bool]) -> float:
+    """``value`` as a float, or a TypeError/ValueError naming ``name`` (the
+    option as the user's library calls it, not bncore's name for it)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
     number = float(value)
@@ -427,10 +428,15 @@ def from_onnx(model: Any, node_name: str | None = None, *, dtype: DTypeLike | No
     if dtype is None:
         dtype = _declared_dtype(graph, node.input[0], helper) or arrays["scale"].dtype
     arrays = {role: _widened(array) for role, array in arrays.items()}
+    epsilon = _checked_option(attributes.get("epsilon", 1e-5), f"the epsilon of {label}",
+                              "a finite number >= 0",
+                              lambda v: 0 <= v < math.inf)
+    momentum = _checked_option(attributes.get("momentum", 0.9), f"the momentum of {label}",
+                               "a number in [0, 1]", lambda v: 0 <= v <= 1)
     layer = cls(
         arrays["input_mean"].shape[0],
-        eps=float(attributes.get("epsilon", 1e-5)),
-        decay=float(attributes.get("momentum", 0.9)),
+        eps=epsilon,
+        decay=momentum,
         unbiased_running_var=False,
         axis=1,
         dtype=dtype,

@@ -177,3 +177,11 @@ def test_half_model_gives_a_half_layer_with_float32_parameters(name):
     ulp = float(np.finfo(np.float16).eps if name == "float16" else
                 pytest.importorskip("ml_dtypes").finfo(half).eps)
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=ulp, atol=ulp)
+
+
+@pytest.mark.parametrize("attribute, value", [("epsilon", -1.0), ("momentum", 1.5)])
+def test_bad_attributes_are_named_as_onnx_names_them(attribute, value):
+    node = _bn_node("bn7", "X", "Y", "p", **{attribute: value})
+    model = _model([node], _initializers("p", np.float32, seed=1), np.float32)
+    with pytest.raises(ValueError, match=f"the {attribute} of .*bn7"):
+        bncore.BatchNorm.from_onnx(model)
