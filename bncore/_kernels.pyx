@@ -31,6 +31,7 @@ subtract it exactly.
 """
 
 cimport numpy as cnp
+import numpy as np
 # Scratch tables come from Python's raw allocator: safe without the GIL, and
 # traced by tracemalloc, so the memory tests see them.
 from cpython.mem cimport PyMem_RawFree as free, PyMem_RawMalloc as malloc
@@ -1576,3 +1577,45 @@ def float_to_half(src, dst):
     with nogil:
         done = bn_f32_to_f16(<const float *>psrc, <unsigned short *>pdst, n)
     return bool(done)
+
+
+# --------------------------------------------------------------------------
+# Recycled buffers for large outputs (_output_pool.h).
+
+cdef extern from "_output_pool.h":
+    ctypedef struct PyDataMem_Handler:
+        pass
+    PyDataMem_Handler bn_pool_handler
+    size_t BN_POOL_MIN_BYTES
+    size_t bn_pool_release()
+    size_t bn_pool_kept_bytes()
+
+cdef extern from "numpy/arrayobject.h":
+    object PyDataMem_SetHandler(object handler)
+
+from cpython.pycapsule cimport PyCapsule_New
+
+# NumPy takes a handler as a capsule of this name.
+_pool = PyCapsule_New(<void *>&bn_pool_handler, "mem_handler", NULL)
+POOL_MIN_BYTES = BN_POOL_MIN_BYTES
+
+
+def pooled_empty(shape, dtype):
+    """np.empty(shape, dtype) whose buffer may be a recycled output buffer
+    of the same size (and returns to the pool when the array dies): see
+    _output_pool.h. For outputs of POOL_MIN_BYTES and more."""
+    previous = PyDataMem_SetHandler(_pool)
+    try:
+        return np.empty(shape, dtype)
+    finally:
+        PyDataMem_SetHandler(previous)
+
+
+def release_pool():
+    """Free the recycled buffers kept for later outputs; returns their bytes."""
+    return bn_pool_release()
+
+
+def pool_bytes():
+    """The bytes of the recycled buffers kept now."""
+    return bn_pool_kept_bytes()

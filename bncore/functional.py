@@ -11,14 +11,15 @@ import math
 import numbers
 from collections.abc import Mapping
 from types import ModuleType
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _kernels, _lowp, _threads
 
-__all__ = ["batch_norm", "batch_norm_backward", "fold_scale_shift", "moments"]
+__all__ = ["batch_norm", "batch_norm_backward", "fold_scale_shift", "moments",
+           "release_memory"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -238,6 +239,27 @@ def _kernels_for(dtype: np.dtype) -> ModuleType:
     bfloat16 their twin in bncore/_lowp.py, which runs them on float32
     chunks."""
     return _kernels if dtype in _FLOAT_DTYPES else _lowp
+
+
+def _new_output(x: NDArray[Any]) -> NDArray[Any]:
+    """An empty array like x. A large one may take the buffer of an earlier
+    output that has been freed (bncore/_output_pool.h): its pages are
+    already mapped, so a loop of allocating calls does not pay the page
+    faults of a fresh buffer each time."""
+    if x.nbytes >= _kernels.POOL_MIN_BYTES:
+        return _kernels.pooled_empty(x.shape, x.dtype)
+    return np.empty(x.shape, dtype=x.dtype)
+
+
+def release_memory() -> int:
+    """Free the buffers bncore keeps to recycle into later outputs.
+
+    Calls without ``out=`` allocate their output; when such an output of
+    16 MB or more is freed, bncore keeps its buffer (at most two, 1 GiB in
+    all) for the next output of the same size, which then needs no fresh
+    pages from the operating system (on Linux). Returns the bytes freed.
+    """
+    return int(_kernels.release_pool())
 
 
 def _kernel_ready(x: NDArray[np.floating],
@@ -523,7 +545,7 @@ def _forward(input: ArrayLike, running_mean: NDArray[np.floating] | None,
         )
 
     source = _kernel_ready(x)
-    y = out if out is not None else np.empty(x.shape, dtype=x.dtype)
+    y = out if out is not None else _new_output(x)
     if in_place:
         source = y
 
@@ -690,7 +712,7 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, mean: ArrayLik
             )
     nthreads = _threads.resolve(num_threads)
 
-    grad_input = out if out is not None else np.empty(x.shape, dtype=x.dtype)
+    grad_input = out if out is not None else _new_output(x)
     grad_weight = np.zeros(channels)
     grad_bias = np.zeros(channels)
     if x.size:
