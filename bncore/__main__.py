@@ -44,7 +44,65 @@ def _self_check_cases() -> list[tuple[str, ErrorCheck, float]]:
             cases.append((f"backward         {label}",
                           _backward_error(x, weight, axis, rng), tol))
             cases.append((f"BatchNorm        {label}", _module_error(x, axis), tol))
+    x = (rng.standard_normal((6, 4, 9)) * 3 + 100).astype(np.float32)
+    cases.append(("relu forward and backward float32 (6, 4, 9)", _relu_error(x, rng), 2e-5))
+    cases.append(("Keras conventions float64 (6, 4, 9)",
+                  _conventions_error(x.astype(np.float64)), 1e-11))
+    cases.append(("partial and merged moments float64 (6, 4, 9)",
+                  _merged_moments_error(x.astype(np.float64)), 1e-11))
+    # float16 outputs carry one rounding to 11 bits: 2**-11 relative.
+    cases.append(("batch_norm train float16 (16, 8)",
+                  _half_error(rng.standard_normal((16, 8)).astype(np.float16)), 2**-10))
     return cases
+
+
+def _relu_error(x: NDArray[np.floating], rng: np.random.Generator) -> ErrorCheck:
+    def run() -> float:
+        channels = x.shape[1]
+        weight, bias = rng.standard_normal(channels), rng.standard_normal(channels)
+        dy = rng.standard_normal(x.shape).astype(x.dtype)
+        y, mean, invstd = bncore.batch_norm(x, None, None, weight, bias, training=True,
+                                            activation="relu", return_stats=True)
+        got = bncore.batch_norm_backward(dy, x, mean, invstd, weight, bias,
+                                         activation="relu")
+        expected = reference.batch_norm(x, None, None, weight, bias, training=True,
+                                        activation="relu")
+        want = reference.batch_norm_backward(dy, x, expected.mean, expected.invstd, weight,
+                                             bias, activation="relu")
+        return max([_max_abs(y, expected.y)] + [_max_abs(g, w) for g, w in zip(got, want)])
+    return run
+
+
+def _conventions_error(x: NDArray[np.floating]) -> ErrorCheck:
+    def run() -> float:
+        layer = bncore.BatchNorm(x.shape[1], dtype=x.dtype, decay=0.99,
+                                 unbiased_running_var=False)
+        layer(x)
+        expected = reference.batch_norm(x, np.zeros(x.shape[1]), np.ones(x.shape[1]),
+                                        training=True, decay=0.99,
+                                        unbiased_running_var=False)
+        assert layer.running_mean is not None and layer.running_var is not None
+        assert expected.running_mean is not None and expected.running_var is not None
+        return max(_max_abs(layer.running_mean, expected.running_mean),
+                   _max_abs(layer.running_var, expected.running_var))
+    return run
+
+
+def _merged_moments_error(x: NDArray[np.floating]) -> ErrorCheck:
+    def run() -> float:
+        merged = bncore.merge_moments(*(bncore.partial_moments(part)
+                                        for part in np.array_split(x, 3)))
+        ref_mean, ref_var = reference.moments(x)
+        return max(_max_abs(merged.mean, ref_mean) / 100,
+                   _max_abs(merged.var() / ref_var, 1.0))
+    return run
+
+
+def _half_error(x: NDArray[np.floating]) -> ErrorCheck:
+    def run() -> float:
+        y = bncore.batch_norm(x, None, None, training=True)
+        return _max_abs(y, reference.batch_norm(x.astype(np.float64), training=True).y)
+    return run
 
 
 def _train_error(x: NDArray[np.floating], weight: NDArray[np.float64],
