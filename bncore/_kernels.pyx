@@ -82,6 +82,11 @@ cdef extern from "_leaf_loops.h" nogil:
                                Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t ncols,
                                const double *mean_hi, const double *mean_lo,
                                const double *scale, const double *shift, int stream)
+    void bn_prefetch_run_f32(const float *p, Py_ssize_t n)
+    void bn_stats_and_affine_f32(const float *xs, Py_ssize_t n, double origin, double *s1,
+                                 double *s2, const float *ahead, const float *xn, float *yn,
+                                 float mean_hi, float mean_lo, float scale, float shift,
+                                 int relu, int stream)
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
@@ -558,6 +563,109 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     else:
         for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
             planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
+
+
+# --------------------------------------------------------------------------
+# The pipelined training forward (planar order, row chunks): a work item is a
+# range of consecutive channels. While channel c is normalised, from cache,
+# the statistics of channel c + 1 are read from memory, run by run, each run
+# asking for the next one ahead of use; so the memory sees one read and one
+# write of the tensor, both at once, instead of two reads (statistics, then
+# normalisation) and a write. Channel c + 1's chunks are computed and merged
+# exactly as planar_chunk_moments does, so the results are bitwise those of
+# the two-pass path.
+
+cdef inline const float *next_run(const float *x, const Planar *g, Py_ssize_t n,
+                                     Py_ssize_t c, Py_ssize_t c_end) noexcept nogil:
+    """The run read after run (n, c) by a statistics pass over channels up
+    to c_end (excluded), or NULL."""
+    if n + 1 < g.outer:
+        return x + run_start(g, n + 1, c)
+    if c + 1 < c_end:
+        return x + run_start(g, 0, c + 1)
+    return NULL
+
+
+cdef void pipelined_runs(const float *x, float *y, const Planar *g, Py_ssize_t n,
+                         Py_ssize_t sc, double origin, Moments *acc, const float *ahead,
+                         Py_ssize_t nc, const float *next_n, const AffineIn *a) noexcept nogil:
+    """Row n: the blocks of channel sc's run merged into acc (sc < 0: none),
+    prefetching the run at ``ahead``, and channel nc's run normalised
+    (nc < 0: none), block by block."""
+    cdef double s1[BN_LANES]
+    cdef double s2[BN_LANES]
+    cdef Py_ssize_t p, start, length
+    cdef int k
+    cdef float hi = 0, lo = 0, scale = 0, shift = 0
+    cdef const float *xs = NULL
+    cdef const float *xn = NULL
+    cdef const float *pf = NULL
+    cdef float *yn = NULL
+    if nc >= 0:
+        affine_params(a, nc, &hi, &lo, &scale, &shift)
+        if next_n != NULL:
+            bn_prefetch_run_f32(next_n, g.inner)
+    for p in range(g.pieces_per_run):
+        start = p * BLOCK_LEN
+        length = min(<Py_ssize_t>BLOCK_LEN, g.inner - start)
+        if sc >= 0:
+            xs = x + run_start(g, n, sc) + start
+            for k in range(BN_LANES):
+                s1[k] = 0.0
+                s2[k] = 0.0
+        if ahead != NULL:
+            pf = ahead + start
+        if nc >= 0:
+            xn = x + run_start(g, n, nc) + start
+            yn = y + run_start(g, n, nc) + start
+        bn_stats_and_affine_f32(xs, length, origin, s1, s2, pf, xn, yn, hi, lo, scale, shift,
+                                a.relu, a.stream)
+        if sc >= 0:
+            merge_moments(acc, moments_from_shifted_sums(<double>length, 0.0, lanes_total(s1),
+                                                         lanes_total(s2)))
+
+
+cdef void pipelined_item(const float *x, float *y, const Planar *g, Py_ssize_t c0,
+                         Py_ssize_t c1, Moments *table, const StatsOut *out,
+                         const AffineIn *a) noexcept nogil:
+    """Channels [c0, c1): statistics of c0 alone, then each channel normalised
+    while the next one's statistics are read, then the last one normalised."""
+    cdef Py_ssize_t nchunks = g.chunks_per_channel
+    cdef Py_ssize_t c, k, n, sc, nc
+    cdef Span s
+    cdef double origin = 0.0
+    for c in range(c0 - 1, c1):
+        # Statistics of sc = c + 1 while normalising nc = c (-1: none).
+        sc = c + 1 if c + 1 < c1 else -1
+        nc = c if c >= c0 else -1
+        if sc >= 0:
+            origin = channel_origin(x, sc, g.inner)
+        for k in range(nchunks):
+            s = chunk_span(g, k)
+            if sc >= 0:
+                table[sc * nchunks + k] = empty_moments()
+            for n in range(s.n0, s.n1):
+                pipelined_runs(x, y, g, n, sc, origin, &table[max(sc, 0) * nchunks + k],
+                               next_run(x, g, n, sc, c1) if sc >= 0 else NULL, nc,
+                               next_run(x, g, n, nc, c1) if nc >= 0 else NULL, a)
+        if sc >= 0:
+            finish_from_table(x, table, nchunks, g.inner, sc, out)
+    if a.stream:
+        bn_stream_fence()
+
+
+cdef Py_ssize_t pipelined_items = 0     # 0: one per thread (set_pipelined)
+
+
+cdef void planar_train_pipelined(const float *x, float *y, const Planar *g,
+                                 Moments *table, const StatsOut *out, const AffineIn *a,
+                                 int nthreads) noexcept nogil:
+    cdef Py_ssize_t item
+    cdef Py_ssize_t nitems = pipelined_items if pipelined_items > 0 else nthreads
+    nitems = min(nitems, g.channels)
+    for item in prange(nitems, num_threads=nthreads, schedule="static", chunksize=1):
+        pipelined_item(x, y, g, item * g.channels // nitems,
+                       (item + 1) * g.channels // nitems, table, out, a)
 
 
 # --------------------------------------------------------------------------
@@ -1184,6 +1292,33 @@ cdef int normalize_driver(const floating *x, floating *y, Py_ssize_t outer,
                                  team_size(requested, q.nchunks * q.ntiles, nvalues))
 
 
+cdef int pipelined_mode = -1    # -1: by size; 0: never; 1: whenever possible
+
+
+cdef bint use_pipelined(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+                        int stream) noexcept nogil:
+    if pipelined_mode == 0 or inner < PLANAR_MIN_INNER:
+        return False
+    if inner >= CHUNK_VALUES:       # chunks are pieces of runs: not handled
+        return False
+    if pipelined_mode == 1:
+        return True
+    return stream != 0 and channels >= 4
+
+
+cdef int pipelined_driver(const float *x, float *y, Py_ssize_t outer,
+                          Py_ssize_t channels, Py_ssize_t inner, StatsOut *out,
+                          AffineIn *a, int requested) noexcept nogil:
+    cdef Planar p = planar_geometry(outer, channels, inner)
+    cdef Moments *chunks = <Moments *>malloc(channels * p.chunks_per_channel * sizeof(Moments))
+    if chunks == NULL:
+        return -1
+    planar_train_pipelined(x, y, &p, chunks, out, a,
+                           team_size(requested, channels, outer * channels * inner))
+    free(chunks)
+    return 0
+
+
 cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize_t channels,
                       Py_ssize_t inner, StatsOut *out, AffineIn *a,
                       int requested) noexcept nogil:
@@ -1202,9 +1337,12 @@ cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize
     # 1 / 2 threads, 0.32 / 0.51 of a streaming copy against 0.47 / 0.60,
     # because a channel's short runs lie scattered through memory. It was
     # removed; pipelining across the batch is what issue 4 should try next.)
-    status = moments_driver(x, outer, channels, inner, out, requested)
-    if status == 0:
-        status = normalize_driver(x, y, outer, channels, inner, a, requested)
+    if floating is float and use_pipelined(outer, channels, inner, a.stream):
+        status = pipelined_driver(x, y, outer, channels, inner, out, a, requested)
+    else:
+        status = moments_driver(x, outer, channels, inner, out, requested)
+        if status == 0:
+            status = normalize_driver(x, y, outer, channels, inner, a, requested)
     free(out.residual)
     out.residual = NULL
     return status
@@ -1248,6 +1386,18 @@ cdef Params params_of(object array, Py_ssize_t channels, str name) except *:
 
 
 cdef Py_ssize_t stream_min_bytes = STREAM_MIN_BYTES
+def set_pipelined(int mode, Py_ssize_t items=0):
+    """The pipelined training forward: mode -1 chooses by size, 0 never, 1
+    whenever the layout allows it; items > 0 sets the number of channel
+    ranges (else one per thread). For tests and tuning; returns the previous
+    (mode, items)."""
+    global pipelined_mode, pipelined_items
+    previous = (pipelined_mode, pipelined_items)
+    pipelined_mode = mode
+    pipelined_items = items
+    return previous
+
+
 def set_stream_min_bytes(Py_ssize_t nbytes):
     """Outputs of at least nbytes get streaming stores (for benchmarks and
     tuning); returns the previous value."""
