@@ -82,7 +82,7 @@ cdef extern from "_leaf_loops.h" nogil:
                                Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t ncols,
                                const double *mean_hi, const double *mean_lo,
                                const double *scale, const double *shift, int stream)
-    void bn_prefetch_run_f32(const float *p, Py_ssize_t n)
+    void bn_prefetch_run_f32(const float *p, Py_ssize_t n, int to_l1)
     void bn_stats_and_affine_f32(const float *xs, Py_ssize_t n, double origin, double *s1,
                                  double *s2, const float *ahead, const float *xn, float *yn,
                                  float mean_hi, float mean_lo, float scale, float shift,
@@ -162,6 +162,16 @@ cdef enum:
     # before anything reads it again. Not yet tuned by a sweep
     # (_kernels.set_stream_min_bytes is the hook).
     STREAM_MIN_BYTES = 16 * 1024 * 1024
+    # The pipelined training forward holds two channels per thread in cache:
+    # a channel of at most this many bytes is normalised from L2 (1 MiB per
+    # core on Zen 4), a larger one from L3.
+    PIPE_L2_SLICE = 512 * 1024
+    # ... and is used only when each thread gets at least PIPE_MIN_CHANNELS
+    # channels of at most PIPE_MAX_SLICE bytes (two per thread in L3, with
+    # room to spare on a 32 MiB L3 shared by a few threads). Measured at
+    # 1.6 MB; the limits themselves are judgements, not measured crossovers.
+    PIPE_MIN_CHANNELS = 8
+    PIPE_MAX_SLICE = 4 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------
@@ -604,7 +614,8 @@ cdef void pipelined_runs(const float *x, float *y, const Planar *g, Py_ssize_t n
     if nc >= 0:
         affine_params(a, nc, &hi, &lo, &scale, &shift)
         if next_n != NULL:
-            bn_prefetch_run_f32(next_n, g.inner)
+            bn_prefetch_run_f32(next_n, g.inner,
+                                g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_L2_SLICE)
     for p in range(g.pieces_per_run):
         start = p * BLOCK_LEN
         length = min(<Py_ssize_t>BLOCK_LEN, g.inner - start)
@@ -1296,14 +1307,24 @@ cdef int pipelined_mode = -1    # -1: by size; 0: never; 1: whenever possible
 
 
 cdef bint use_pipelined(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
-                        int stream) noexcept nogil:
-    if pipelined_mode == 0 or inner < PLANAR_MIN_INNER:
-        return False
-    if inner >= CHUNK_VALUES:       # chunks are pieces of runs: not handled
+                        int stream, int requested) noexcept nogil:
+    """Whether the pipelined training forward (float32 only) pays.
+
+    It needs runs walked as runs, in row chunks (the long-run chunking is
+    not pipelined). It pays where the two-pass path reads its input twice
+    from memory: outputs written with streaming stores. Each thread keeps
+    two channels in cache (PIPE_MAX_SLICE), and reads its first channel's
+    statistics and normalises its last channel alone: with fewer than
+    PIPE_MIN_CHANNELS per thread those unpipelined ends weigh too much.
+    """
+    cdef int nthreads
+    if pipelined_mode == 0 or inner < PLANAR_MIN_INNER or inner >= CHUNK_VALUES:
         return False
     if pipelined_mode == 1:
         return True
-    return stream != 0 and channels >= 4
+    nthreads = team_size(requested, channels, outer * channels * inner)
+    return (stream != 0 and channels >= PIPE_MIN_CHANNELS * nthreads
+            and outer * inner * <Py_ssize_t>sizeof(float) <= PIPE_MAX_SLICE)
 
 
 cdef int pipelined_driver(const float *x, float *y, Py_ssize_t outer,
@@ -1331,13 +1352,13 @@ cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize
     a.mean = out.mean
     a.residual = out.residual
     a.invstd = out.invstd
-    # Two passes, statistics then normalisation, each in memory order. (A
-    # per-channel fused path that normalised a channel from cache while
-    # prefetching the next measured slower on this machine: (64,256,28,28),
-    # 1 / 2 threads, 0.32 / 0.51 of a streaming copy against 0.47 / 0.60,
-    # because a channel's short runs lie scattered through memory. It was
-    # removed; pipelining across the batch is what issue 4 should try next.)
-    if floating is float and use_pipelined(outer, channels, inner, a.stream):
+    # Pipelined where it pays (use_pipelined), else two passes, statistics
+    # then normalisation, each in memory order. (An earlier per-channel fused
+    # path, with its prefetches in one burst per run and stores that went
+    # through a line buffer in 16-byte pieces, measured slower than the two
+    # passes: it left the memory idle while it computed each channel's
+    # statistics from cache.)
+    if floating is float and use_pipelined(outer, channels, inner, a.stream, requested):
         status = pipelined_driver(x, y, outer, channels, inner, out, a, requested)
     else:
         status = moments_driver(x, outer, channels, inner, out, requested)
