@@ -537,10 +537,17 @@ cdef void finish_from_table(const floating *x, const Moments *table, Py_ssize_t 
                             Py_ssize_t inner, Py_ssize_t c, const StatsOut *out) noexcept nogil:
     """Merge channel c's chunk triples (table[c * nchunks + k], either loop
     order) in chunk order and store its statistics."""
+    finish_from_chunks(x, table + c * nchunks, nchunks, inner, c, out)
+
+
+cdef void finish_from_chunks(const floating *x, const Moments *chunks, Py_ssize_t nchunks,
+                             Py_ssize_t inner, Py_ssize_t c, const StatsOut *out) noexcept nogil:
+    """Merge channel c's chunk triples chunks[0:nchunks] in order and store
+    its statistics."""
     cdef Moments acc = empty_moments()
     cdef Py_ssize_t k
     for k in range(nchunks):
-        merge_moments(&acc, table[c * nchunks + k])
+        merge_moments(&acc, chunks[k])
     finish_channel(acc, channel_origin(x, c, inner), c, out)
 
 
@@ -650,10 +657,12 @@ cdef void pipelined_runs(const float *x, float *y, const Planar *g, Py_ssize_t n
 
 
 cdef void pipelined_item(const float *x, float *y, const Planar *g, Py_ssize_t c0,
-                         Py_ssize_t c1, Moments *table, const StatsOut *out,
-                         const AffineIn *a) noexcept nogil:
+                         Py_ssize_t c1, const StatsOut *out, const AffineIn *a) noexcept nogil:
     """Channels [c0, c1): statistics of c0 alone, then each channel normalised
-    while the next one's statistics are read, then the last one normalised."""
+    while the next one's statistics are read, then the last one normalised.
+    One channel's chunk triples at a time, on the stack (row chunks: at most
+    MAX_ROW_CHUNKS), so the call allocates nothing."""
+    cdef Moments table[MAX_ROW_CHUNKS]
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef Py_ssize_t c, k, n, sc, nc
     cdef Span s
@@ -668,13 +677,13 @@ cdef void pipelined_item(const float *x, float *y, const Planar *g, Py_ssize_t c
         for k in range(nchunks):
             s = chunk_span(g, k)
             if sc >= 0:
-                table[sc * nchunks + k] = empty_moments()
+                table[k] = empty_moments()
             for n in range(s.n0, s.n1):
-                pipelined_runs(x, y, g, n, sc, origin, &table[max(sc, 0) * nchunks + k],
+                pipelined_runs(x, y, g, n, sc, origin, &table[k],
                                run_after(x, g, n, sc, c1, ahead) if sc >= 0 else NULL, nc,
                                run_after(x, g, n, nc, c1, 1) if nc >= 0 else NULL, a)
         if sc >= 0:
-            finish_from_table(x, table, nchunks, g.inner, sc, out)
+            finish_from_chunks(x, table, nchunks, g.inner, sc, out)
     if a.stream:
         bn_stream_fence()
 
@@ -683,14 +692,14 @@ cdef Py_ssize_t pipelined_items = 0     # 0: one per thread (set_pipelined)
 
 
 cdef void planar_train_pipelined(const float *x, float *y, const Planar *g,
-                                 Moments *table, const StatsOut *out, const AffineIn *a,
+                                 const StatsOut *out, const AffineIn *a,
                                  int nthreads) noexcept nogil:
     cdef Py_ssize_t item
     cdef Py_ssize_t nitems = pipelined_items if pipelined_items > 0 else nthreads
     nitems = min(nitems, g.channels)
     for item in prange(nitems, num_threads=nthreads, schedule="static", chunksize=1):
         pipelined_item(x, y, g, item * g.channels // nitems,
-                       (item + 1) * g.channels // nitems, table, out, a)
+                       (item + 1) * g.channels // nitems, out, a)
 
 
 # --------------------------------------------------------------------------
@@ -1341,17 +1350,12 @@ cdef bint use_pipelined(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
             and outer * inner * <Py_ssize_t>sizeof(float) <= PIPE_MAX_SLICE)
 
 
-cdef int pipelined_driver(const float *x, float *y, Py_ssize_t outer,
-                          Py_ssize_t channels, Py_ssize_t inner, StatsOut *out,
-                          AffineIn *a, int requested) noexcept nogil:
+cdef void pipelined_driver(const float *x, float *y, Py_ssize_t outer,
+                           Py_ssize_t channels, Py_ssize_t inner, StatsOut *out,
+                           AffineIn *a, int requested) noexcept nogil:
     cdef Planar p = planar_geometry(outer, channels, inner)
-    cdef Moments *chunks = <Moments *>malloc(channels * p.chunks_per_channel * sizeof(Moments))
-    if chunks == NULL:
-        return -1
-    planar_train_pipelined(x, y, &p, chunks, out, a,
+    planar_train_pipelined(x, y, &p, out, a,
                            team_size(requested, channels, outer * channels * inner))
-    free(chunks)
-    return 0
 
 
 cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize_t channels,
@@ -1373,7 +1377,8 @@ cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize
     # passes: it left the memory idle while it computed each channel's
     # statistics from cache.)
     if floating is float and use_pipelined(outer, channels, inner, a.stream, requested):
-        status = pipelined_driver(x, y, outer, channels, inner, out, a, requested)
+        pipelined_driver(x, y, outer, channels, inner, out, a, requested)
+        status = 0
     else:
         status = moments_driver(x, outer, channels, inner, out, requested)
         if status == 0:
