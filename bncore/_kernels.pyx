@@ -609,6 +609,17 @@ cdef inline const float *run_after(const float *x, const Planar *g, Py_ssize_t n
     return x + run_start(g, n, c)
 
 
+cdef inline const float *run_before(const float *x, const Planar *g, Py_ssize_t n,
+                                    Py_ssize_t c, Py_ssize_t c_end) noexcept nogil:
+    """The run normalised after run (n, c) by a pass over the rows of
+    channels up to c_end (excluded) from the last row to the first, or NULL."""
+    if n > 0:
+        return x + run_start(g, n - 1, c)
+    if c + 1 < c_end:
+        return x + run_start(g, g.outer - 1, c + 1)
+    return NULL
+
+
 cdef inline Py_ssize_t runs_ahead(const Planar *g) noexcept nogil:
     """How many runs ahead the statistics pass asks for: at least
     PIPE_AHEAD_BYTES, so that the prefetches of short runs are not late."""
@@ -618,10 +629,12 @@ cdef inline Py_ssize_t runs_ahead(const Planar *g) noexcept nogil:
 
 cdef void pipelined_runs(const float *x, float *y, const Planar *g, Py_ssize_t n,
                          Py_ssize_t sc, double origin, Moments *acc, const float *ahead,
-                         Py_ssize_t nc, const float *next_n, const AffineIn *a) noexcept nogil:
-    """Row n: the blocks of channel sc's run merged into acc (sc < 0: none),
-    prefetching the run at ``ahead``, and channel nc's run normalised
-    (nc < 0: none), block by block."""
+                         Py_ssize_t n_norm, Py_ssize_t nc, const float *next_n,
+                         const AffineIn *a) noexcept nogil:
+    """The blocks of channel sc's run in row n merged into acc (sc < 0:
+    none), prefetching the run at ``ahead``, and channel nc's run in row
+    n_norm normalised (nc < 0: none), block by block; next_n is the run to
+    normalise next."""
     cdef double s1[BN_LANES]
     cdef double s2[BN_LANES]
     cdef Py_ssize_t p, start, length
@@ -647,8 +660,8 @@ cdef void pipelined_runs(const float *x, float *y, const Planar *g, Py_ssize_t n
         if ahead != NULL:
             pf = ahead + start
         if nc >= 0:
-            xn = x + run_start(g, n, nc) + start
-            yn = y + run_start(g, n, nc) + start
+            xn = x + run_start(g, n_norm, nc) + start
+            yn = y + run_start(g, n_norm, nc) + start
         bn_stats_and_affine_f32(xs, length, origin, s1, s2, pf, xn, yn, hi, lo, scale, shift,
                                 a.relu, a.stream)
         if sc >= 0:
@@ -679,9 +692,12 @@ cdef void pipelined_item(const float *x, float *y, const Planar *g, Py_ssize_t c
             if sc >= 0:
                 table[k] = empty_moments()
             for n in range(s.n0, s.n1):
+                # Rows are normalised last read first: those still in L2.
                 pipelined_runs(x, y, g, n, sc, origin, &table[k],
-                               run_after(x, g, n, sc, c1, ahead) if sc >= 0 else NULL, nc,
-                               run_after(x, g, n, nc, c1, 1) if nc >= 0 else NULL, a)
+                               run_after(x, g, n, sc, c1, ahead) if sc >= 0 else NULL,
+                               g.outer - 1 - n, nc,
+                               run_before(x, g, g.outer - 1 - n, nc, c1) if nc >= 0 else NULL,
+                               a)
         if sc >= 0:
             finish_from_chunks(x, table, nchunks, g.inner, sc, out)
     if a.stream:
