@@ -14,6 +14,12 @@ Two loop orders:
 * interleaved: rows of W = C * inner values, vectorised across the row;
   column j belongs to channel j // inner.
 
+The float32 training forward in planar order also has a pipelined form
+for large outputs (use_pipelined): each thread walks a range of channels,
+normalising one from cache while it reads the next one's statistics from
+memory, so the input is read once instead of twice. It computes the same
+blocks, merged in the same order, as the two passes: the same bits.
+
 Statistics are the triple (count, mean, M2) per channel, with the mean kept
 as an offset from the channel's origin, its first value: every block of the
 channel subtracts the same origin, so the offsets are small numbers whose
@@ -167,15 +173,17 @@ cdef enum:
     # core on Zen 4), a larger one from L3.
     PIPE_L2_SLICE = 512 * 1024
     # ... and is used only when each thread gets at least PIPE_MIN_CHANNELS
-    # channels of at most PIPE_MAX_SLICE bytes (two per thread in L3, with
-    # room to spare on a 32 MiB L3 shared by a few threads). Measured at
-    # 1.6 MB; the limits themselves are judgements, not measured crossovers.
+    # channels of at most PIPE_MAX_SLICE bytes. Measured against the two
+    # passes (float32, 1 and 2 threads): channels of 0.2, 0.4, 0.8 and 1.6 MB
+    # gain 15-50 %, 3.2 MB break even, 6.4 MB lose 5-20 %; 3 channels of
+    # 12.8 MB lose 10 %. The channel count is a judgement: a thread reads
+    # its first channel and normalises its last one unpipelined.
     PIPE_MIN_CHANNELS = 8
+    PIPE_MAX_SLICE = 2 * 1024 * 1024
     # Its statistics pass prefetches at least this far ahead (in whole runs):
     # one run of 3 KB ahead was too close on (64, 256, 28, 28), three 10 %
     # faster; on runs of 12.5 KB the distance made no difference.
     PIPE_AHEAD_BYTES = 8 * 1024
-    PIPE_MAX_SLICE = 4 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------
