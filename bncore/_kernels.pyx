@@ -14,6 +14,12 @@ Two loop orders:
 * interleaved: rows of W = C * inner values, vectorised across the row;
   column j belongs to channel j // inner.
 
+The float32 training forward in planar order also has a pipelined form
+for large outputs (use_pipelined): each thread walks a range of channels,
+normalising one from cache while it reads the next one's statistics from
+memory, so the input is read once instead of twice. It computes the same
+blocks, merged in the same order, as the two passes: the same bits.
+
 Statistics are the triple (count, mean, M2) per channel, with the mean kept
 as an offset from the channel's origin, its first value: every block of the
 channel subtracts the same origin, so the offsets are small numbers whose
@@ -85,6 +91,11 @@ cdef extern from "_leaf_loops.h" nogil:
                                const double *mean_hi, const double *mean_lo,
                                const double *scale, const double *shift, double above,
                                int stream)
+    void bn_prefetch_run_f32(const float *p, Py_ssize_t n, int to_l1)
+    void bn_stats_and_affine_f32(const float *xs, Py_ssize_t n, double origin, double *s1,
+                                 double *s2, const float *ahead, const float *xn, float *yn,
+                                 float mean_hi, float mean_lo, float scale, float shift,
+                                 int relu, int stream)
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
@@ -160,6 +171,22 @@ cdef enum:
     # before anything reads it again. Not yet tuned by a sweep
     # (_kernels.set_stream_min_bytes is the hook).
     STREAM_MIN_BYTES = 16 * 1024 * 1024
+    # The pipelined training forward holds two channels per thread in cache:
+    # a channel of at most this many bytes is normalised from L2 (1 MiB per
+    # core on Zen 4), a larger one from L3.
+    PIPE_L2_SLICE = 512 * 1024
+    # ... and is used only when each thread gets at least PIPE_MIN_CHANNELS
+    # channels of at most PIPE_MAX_SLICE bytes. Measured against the two
+    # passes (float32, 1 and 2 threads): channels of 0.2, 0.4, 0.8 and 1.6 MB
+    # gain 15-50 %, 3.2 MB break even, 6.4 MB lose 5-20 %; 3 channels of
+    # 12.8 MB lose 10 %. The channel count is a judgement: a thread reads
+    # its first channel and normalises its last one unpipelined.
+    PIPE_MIN_CHANNELS = 8
+    PIPE_MAX_SLICE = 2 * 1024 * 1024
+    # Its statistics pass prefetches at least this far ahead (in whole runs):
+    # one run of 3 KB ahead was too close on (64, 256, 28, 28), three 10 %
+    # faster; on runs of 12.5 KB the distance made no difference.
+    PIPE_AHEAD_BYTES = 8 * 1024
 
 
 # --------------------------------------------------------------------------
@@ -523,10 +550,17 @@ cdef void finish_from_table(const floating *x, const Moments *table, Py_ssize_t 
                             Py_ssize_t inner, Py_ssize_t c, const StatsOut *out) noexcept nogil:
     """Merge channel c's chunk triples (table[c * nchunks + k], either loop
     order) in chunk order and store its statistics."""
+    finish_from_chunks(x, table + c * nchunks, nchunks, inner, c, out)
+
+
+cdef void finish_from_chunks(const floating *x, const Moments *chunks, Py_ssize_t nchunks,
+                             Py_ssize_t inner, Py_ssize_t c, const StatsOut *out) noexcept nogil:
+    """Merge channel c's chunk triples chunks[0:nchunks] in order and store
+    its statistics."""
     cdef Moments acc = empty_moments()
     cdef Py_ssize_t k
     for k in range(nchunks):
-        merge_moments(&acc, table[c * nchunks + k])
+        merge_moments(&acc, chunks[k])
     finish_channel(acc, channel_origin(x, c, inner), c, out)
 
 
@@ -563,6 +597,138 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     else:
         for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
             planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
+
+
+# --------------------------------------------------------------------------
+# The pipelined training forward (planar order, row chunks): a work item is a
+# range of consecutive channels. While channel c is normalised, from cache,
+# the statistics of channel c + 1 are read from memory, run by run, each run
+# asking for the next one ahead of use; so the memory sees one read and one
+# write of the tensor, both at once, instead of two reads (statistics, then
+# normalisation) and a write. Channel c + 1's chunks are computed and merged
+# exactly as planar_chunk_moments does, so the results are bitwise those of
+# the two-pass path.
+
+cdef inline const float *run_after(const float *x, const Planar *g, Py_ssize_t n,
+                                   Py_ssize_t c, Py_ssize_t c_end, Py_ssize_t ahead) noexcept nogil:
+    """The run read `ahead` runs after run (n, c) by a pass over the rows of
+    channels up to c_end (excluded), or NULL."""
+    n = n + ahead
+    while n >= g.outer:
+        n = n - g.outer
+        c = c + 1
+    if c >= c_end:
+        return NULL
+    return x + run_start(g, n, c)
+
+
+cdef inline const float *run_before(const float *x, const Planar *g, Py_ssize_t n,
+                                    Py_ssize_t c, Py_ssize_t c_end) noexcept nogil:
+    """The run normalised after run (n, c) by a pass over the rows of
+    channels up to c_end (excluded) from the last row to the first, or NULL."""
+    if n > 0:
+        return x + run_start(g, n - 1, c)
+    if c + 1 < c_end:
+        return x + run_start(g, g.outer - 1, c + 1)
+    return NULL
+
+
+cdef inline Py_ssize_t runs_ahead(const Planar *g) noexcept nogil:
+    """How many runs ahead the statistics pass asks for: at least
+    PIPE_AHEAD_BYTES, so that the prefetches of short runs are not late."""
+    cdef Py_ssize_t run_bytes = g.inner * <Py_ssize_t>sizeof(float)
+    return max(<Py_ssize_t>1, (PIPE_AHEAD_BYTES + run_bytes - 1) // run_bytes)
+
+
+cdef void pipelined_runs(const float *x, float *y, const Planar *g, Py_ssize_t n,
+                         Py_ssize_t sc, double origin, Moments *acc, const float *ahead,
+                         Py_ssize_t n_norm, Py_ssize_t nc, const float *next_n,
+                         const AffineIn *a) noexcept nogil:
+    """The blocks of channel sc's run in row n merged into acc (sc < 0:
+    none), prefetching the run at ``ahead``, and channel nc's run in row
+    n_norm normalised (nc < 0: none), block by block; next_n is the run to
+    normalise next."""
+    cdef double s1[BN_LANES]
+    cdef double s2[BN_LANES]
+    cdef Py_ssize_t p, start, length
+    cdef int k
+    cdef float hi = 0, lo = 0, scale = 0, shift = 0
+    cdef const float *xs = NULL
+    cdef const float *xn = NULL
+    cdef const float *pf = NULL
+    cdef float *yn = NULL
+    if nc >= 0:
+        affine_params(a, nc, &hi, &lo, &scale, &shift)
+        if next_n != NULL:
+            bn_prefetch_run_f32(next_n, g.inner,
+                                g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_L2_SLICE)
+    for p in range(g.pieces_per_run):
+        start = p * BLOCK_LEN
+        length = min(<Py_ssize_t>BLOCK_LEN, g.inner - start)
+        if sc >= 0:
+            xs = x + run_start(g, n, sc) + start
+            for k in range(BN_LANES):
+                s1[k] = 0.0
+                s2[k] = 0.0
+        if ahead != NULL:
+            pf = ahead + start
+        if nc >= 0:
+            xn = x + run_start(g, n_norm, nc) + start
+            yn = y + run_start(g, n_norm, nc) + start
+        bn_stats_and_affine_f32(xs, length, origin, s1, s2, pf, xn, yn, hi, lo, scale, shift,
+                                a.relu, a.stream)
+        if sc >= 0:
+            merge_moments(acc, moments_from_shifted_sums(<double>length, 0.0, lanes_total(s1),
+                                                         lanes_total(s2)))
+
+
+cdef void pipelined_item(const float *x, float *y, const Planar *g, Py_ssize_t c0,
+                         Py_ssize_t c1, const StatsOut *out, const AffineIn *a) noexcept nogil:
+    """Channels [c0, c1): statistics of c0 alone, then each channel normalised
+    while the next one's statistics are read, then the last one normalised.
+    One channel's chunk triples at a time, on the stack (row chunks: at most
+    MAX_ROW_CHUNKS), so the call allocates nothing."""
+    cdef Moments table[MAX_ROW_CHUNKS]
+    cdef Py_ssize_t nchunks = g.chunks_per_channel
+    cdef Py_ssize_t c, k, n, sc, nc
+    cdef Span s
+    cdef double origin = 0.0
+    cdef Py_ssize_t ahead = runs_ahead(g)
+    for c in range(c0 - 1, c1):
+        # Statistics of sc = c + 1 while normalising nc = c (-1: none).
+        sc = c + 1 if c + 1 < c1 else -1
+        nc = c if c >= c0 else -1
+        if sc >= 0:
+            origin = channel_origin(x, sc, g.inner)
+        for k in range(nchunks):
+            s = chunk_span(g, k)
+            if sc >= 0:
+                table[k] = empty_moments()
+            for n in range(s.n0, s.n1):
+                # Rows are normalised last read first: those still in L2.
+                pipelined_runs(x, y, g, n, sc, origin, &table[k],
+                               run_after(x, g, n, sc, c1, ahead) if sc >= 0 else NULL,
+                               g.outer - 1 - n, nc,
+                               run_before(x, g, g.outer - 1 - n, nc, c1) if nc >= 0 else NULL,
+                               a)
+        if sc >= 0:
+            finish_from_chunks(x, table, nchunks, g.inner, sc, out)
+    if a.stream:
+        bn_stream_fence()
+
+
+cdef Py_ssize_t pipelined_items = 0     # 0: one per thread (set_pipelined)
+
+
+cdef void planar_train_pipelined(const float *x, float *y, const Planar *g,
+                                 const StatsOut *out, const AffineIn *a,
+                                 int nthreads) noexcept nogil:
+    cdef Py_ssize_t item
+    cdef Py_ssize_t nitems = pipelined_items if pipelined_items > 0 else nthreads
+    nitems = min(nitems, g.channels)
+    for item in prange(nitems, num_threads=nthreads, schedule="static", chunksize=1):
+        pipelined_item(x, y, g, item * g.channels // nitems,
+                       (item + 1) * g.channels // nitems, out, a)
 
 
 # --------------------------------------------------------------------------
@@ -1189,6 +1355,38 @@ cdef int normalize_driver(const floating *x, floating *y, Py_ssize_t outer,
                                  team_size(requested, q.nchunks * q.ntiles, nvalues))
 
 
+cdef int pipelined_mode = -1    # -1: by size; 0: never; 1: whenever possible
+
+
+cdef bint use_pipelined(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+                        int stream, int requested) noexcept nogil:
+    """Whether the pipelined training forward (float32 only) pays.
+
+    It needs runs walked as runs, in row chunks (the long-run chunking is
+    not pipelined). It pays where the two-pass path reads its input twice
+    from memory: outputs written with streaming stores. Each thread keeps
+    two channels in cache (PIPE_MAX_SLICE), and reads its first channel's
+    statistics and normalises its last channel alone: with fewer than
+    PIPE_MIN_CHANNELS per thread those unpipelined ends weigh too much.
+    """
+    cdef int nthreads
+    if pipelined_mode == 0 or inner < PLANAR_MIN_INNER or inner >= CHUNK_VALUES:
+        return False
+    if pipelined_mode == 1:
+        return True
+    nthreads = team_size(requested, channels, outer * channels * inner)
+    return (stream != 0 and channels >= PIPE_MIN_CHANNELS * nthreads
+            and outer * inner * <Py_ssize_t>sizeof(float) <= PIPE_MAX_SLICE)
+
+
+cdef void pipelined_driver(const float *x, float *y, Py_ssize_t outer,
+                           Py_ssize_t channels, Py_ssize_t inner, StatsOut *out,
+                           AffineIn *a, int requested) noexcept nogil:
+    cdef Planar p = planar_geometry(outer, channels, inner)
+    planar_train_pipelined(x, y, &p, out, a,
+                           team_size(requested, channels, outer * channels * inner))
+
+
 cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize_t channels,
                       Py_ssize_t inner, StatsOut *out, AffineIn *a,
                       int requested) noexcept nogil:
@@ -1201,15 +1399,19 @@ cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize
     a.mean = out.mean
     a.residual = out.residual
     a.invstd = out.invstd
-    # Two passes, statistics then normalisation, each in memory order. (A
-    # per-channel fused path that normalised a channel from cache while
-    # prefetching the next measured slower on this machine: (64,256,28,28),
-    # 1 / 2 threads, 0.32 / 0.51 of a streaming copy against 0.47 / 0.60,
-    # because a channel's short runs lie scattered through memory. It was
-    # removed; pipelining across the batch is what issue 4 should try next.)
-    status = moments_driver(x, outer, channels, inner, out, requested)
-    if status == 0:
-        status = normalize_driver(x, y, outer, channels, inner, a, requested)
+    # Pipelined where it pays (use_pipelined), else two passes, statistics
+    # then normalisation, each in memory order. (An earlier per-channel fused
+    # path, with its prefetches in one burst per run and stores that went
+    # through a line buffer in 16-byte pieces, measured slower than the two
+    # passes: it left the memory idle while it computed each channel's
+    # statistics from cache.)
+    if floating is float and use_pipelined(outer, channels, inner, a.stream, requested):
+        pipelined_driver(x, y, outer, channels, inner, out, a, requested)
+        status = 0
+    else:
+        status = moments_driver(x, outer, channels, inner, out, requested)
+        if status == 0:
+            status = normalize_driver(x, y, outer, channels, inner, a, requested)
     free(out.residual)
     out.residual = NULL
     return status
@@ -1253,6 +1455,18 @@ cdef Params params_of(object array, Py_ssize_t channels, str name) except *:
 
 
 cdef Py_ssize_t stream_min_bytes = STREAM_MIN_BYTES
+def set_pipelined(int mode, Py_ssize_t items=0):
+    """The pipelined training forward: mode -1 chooses by size, 0 never, 1
+    whenever the layout allows it; items > 0 sets the number of channel
+    ranges (else one per thread). For tests and tuning; returns the previous
+    (mode, items)."""
+    global pipelined_mode, pipelined_items
+    previous = (pipelined_mode, pipelined_items)
+    pipelined_mode = mode
+    pipelined_items = items
+    return previous
+
+
 def set_stream_min_bytes(Py_ssize_t nbytes):
     """Outputs of at least nbytes get streaming stores (for benchmarks and
     tuning); returns the previous value."""

@@ -1,0 +1,133 @@
+"""The pipelined training forward (planar float32: each channel normalised
+from cache while the next one's statistics are read) against the two-pass
+path, bit for bit: outputs, mean, m2 and invstd, for any thread count,
+with or without streaming stores, relu, affine parameters, in place, and on
+arrays that do not start on a cache line."""
+
+import numpy as np
+import pytest
+
+from bncore import _kernels
+
+
+@pytest.fixture
+def restore_tuning():
+    previous_mode = _kernels.set_pipelined(-1)
+    previous_stream = _kernels.set_stream_min_bytes(1 << 62)
+    _kernels.set_stream_min_bytes(previous_stream)
+    yield
+    _kernels.set_pipelined(*previous_mode)
+    _kernels.set_stream_min_bytes(previous_stream)
+
+
+def _offset_array(values, offset):
+    """A copy of values whose data starts `offset` elements past a 64-byte
+    boundary (NumPy's own large arrays usually start 16 bytes past one)."""
+    buf = np.empty(values.size + 32, values.dtype)
+    start = (-buf.ctypes.data % 64) // values.itemsize + offset
+    out = buf[start:start + values.size]
+    out[:] = values.ravel()
+    return out
+
+
+def _input(outer, channels, inner, offset, seed):
+    rng = np.random.default_rng(seed)
+    # A different location and spread per channel, so a value normalised
+    # with the wrong channel's statistics shows.
+    loc = rng.uniform(-50, 50, (1, channels, 1))
+    scale = rng.uniform(0.1, 10, (1, channels, 1))
+    x = (rng.standard_normal((outer, channels, inner)) * scale + loc).astype(np.float32)
+    x.flat[::97] = 1e4     # outliers: exercise the merges' cancellation
+    return _offset_array(x, offset)
+
+
+def _train(x, shape, params, relu, threads, mode, in_place, offset, items=0):
+    outer, channels, inner = shape
+    weight, bias = params
+    _kernels.set_pipelined(mode, items)
+    x = _offset_array(x, offset)
+    y = x if in_place else _offset_array(np.zeros(x.size, np.float32), offset)
+    mean, m2, invstd = np.zeros(channels), np.zeros(channels), np.zeros(channels)
+    _kernels.train_forward(x, y, outer, channels, inner, weight, bias, 1e-5, mean, m2, invstd,
+                           threads, relu=relu)
+    return [y.copy(), mean, m2, invstd]
+
+
+def _same_bits(a, b):
+    return all(p.tobytes() == q.tobytes() for p, q in zip(a, b))
+
+
+# (outer, channels, inner): inner not a multiple of 16, of a cache line or
+# of BLOCK_LEN (2048); several blocks per run with a short last one; more
+# than 64 rows (row chunks of two, the last one short); one channel; more
+# threads than channels; the last two above the serial cutoff (64 Ki
+# values), so that threads share the channels.
+SHAPES = [(3, 5, 77), (2, 3, 1030), (65, 3, 33), (7, 2, 2100), (4, 1, 300),
+          (2, 7, 4099), (130, 4, 40), (5, 9, 784), (1, 2, 64), (3, 11, 2050),
+          (70, 5, 201)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("offset", [0, 1, 4])
+def test_pipelined_path_gives_the_bits_of_the_two_pass_path(shape, offset, restore_tuning):
+    outer, channels, inner = shape
+    x = _input(outer, channels, inner, 0, seed=sum(shape) + offset)
+    rng = np.random.default_rng(7)
+    params = (rng.uniform(-3, 3, channels).astype(np.float32), rng.standard_normal(channels))
+    for stream_min in (0, 1 << 62):
+        _kernels.set_stream_min_bytes(stream_min)
+        for relu in (False, True):
+            want = _train(x, shape, params, relu, 1, 0, False, offset)
+            for threads, items in ((1, 0), (2, 0), (3, 0), (2, 5)):
+                for in_place in (False, True):
+                    got = _train(x, shape, params, relu, threads, 1, in_place, offset, items)
+                    assert _same_bits(got, want), (stream_min, relu, threads, items, in_place)
+
+
+def test_pipelined_path_keeps_non_finite_values(restore_tuning):
+    shape = (6, 4, 500)
+    x = _input(*shape, 0, seed=3)
+    x[5::301] = np.nan
+    x[7] = np.inf
+    x[shape[2] * 2 + 9] = -np.inf   # channel 2 gets -inf, channel 0 +inf, NaN everywhere
+    x[shape[2] * 3:shape[2] * 4] = 2.5   # channel 3 in row 0 constant ...
+    _kernels.set_stream_min_bytes(0)
+    for relu in (False, True):
+        want = _train(x, shape, (None, None), relu, 1, 0, False, 0)
+        assert np.isnan(want[0]).any() and np.isnan(want[1]).any()
+        for threads in (1, 2):
+            assert _same_bits(_train(x, shape, (None, None), relu, threads, 1, False, 0), want)
+
+
+def test_pipelined_path_statistics_are_right(restore_tuning):
+    """Not only equal to the two-pass path: the mean and variance of each
+    channel, against NumPy in float64."""
+    shape = (9, 5, 1100)
+    x = _input(*shape, 4, seed=11)
+    _kernels.set_stream_min_bytes(0)
+    y, mean, m2, invstd = _train(x, shape, (None, None), False, 2, 1, False, 4)
+    wide = x.reshape(shape).astype(np.float64)
+    np.testing.assert_allclose(mean, wide.mean(axis=(0, 2)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(m2, ((wide - wide.mean(axis=(0, 2), keepdims=True)) ** 2)
+                               .sum(axis=(0, 2)), rtol=1e-9)
+    want = (wide - mean[:, None]) / np.sqrt(m2[:, None] / (shape[0] * shape[2]) + 1e-5)
+    np.testing.assert_allclose(y.reshape(shape), want, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_input_takes_the_two_pass_path_unchanged(restore_tuning):
+    shape = (3, 4, 200)
+    x = np.random.default_rng(5).standard_normal(np.prod(shape)) * 3 + 1
+    results = []
+    for mode in (0, 1):
+        _kernels.set_pipelined(mode)
+        y = np.zeros_like(x)
+        stats = [np.zeros(4) for _ in range(3)]
+        _kernels.train_forward(x, y, *shape, None, None, 1e-5, *stats, 2)
+        results.append([y, *stats])
+    assert _same_bits(*results)
+
+
+def test_set_pipelined_returns_the_previous_setting(restore_tuning):
+    _kernels.set_pipelined(1, 6)
+    assert _kernels.set_pipelined(0) == (1, 6)
+    assert _kernels.set_pipelined(-1) == (0, 0)
