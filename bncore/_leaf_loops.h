@@ -617,6 +617,18 @@ static inline void bn_stats_and_affine_f32(
     }
 }
 
+/* Whether bn_stats_and_affine_f32 has its fused AVX-512 loop here: the
+ * pipelined forward was measured only with it (the piecewise fallback is
+ * bitwise the same, and runs when forced, but its speed is unmeasured). */
+static inline int bn_pipelined_fused(void)
+{
+#if BN_X86_DISPATCH
+    return __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
+
 /* float64 input needs no conversion: the generic versions vectorise well. */
 #define bn_lane_shifted_sums_f64 bn_lane_shifted_sums_generic_f64
 #define bn_lane_grad_sums_f64 bn_lane_grad_sums_generic_f64

@@ -256,7 +256,7 @@ def release_memory() -> int:
 
     Calls without ``out=`` allocate their output; when such an output of
     16 MB or more is freed, bncore keeps its buffer (at most two, 1 GiB in
-    all) for the next output of the same size, which then needs no fresh
+    all) for the next output of about the same size, which then needs no fresh
     pages from the operating system (on Linux). Returns the bytes freed.
     """
     return int(_kernels.release_pool())
