@@ -1546,6 +1546,27 @@ cdef int run_normalize(void *px, void *py, int typenum, Py_ssize_t outer,
     return 0
 
 
+cdef AffineIn affine_in(Py_ssize_t channels, weight, bias, double eps, bint relu,
+                       Py_ssize_t nvalues, int typenum) except *:
+    """The AffineIn of a normalisation of nvalues values with this weight,
+    bias, eps and relu: no statistics, running statistics or gate yet (each
+    entry point sets those it uses)."""
+    cdef AffineIn a
+    a.mean = NULL
+    a.residual = NULL
+    a.invstd = NULL
+    a.running_mean = params_of(None, channels, "running_mean")
+    a.running_var = params_of(None, channels, "running_var")
+    a.eps = eps
+    a.weight = params_of(weight, channels, "weight")
+    a.bias = params_of(bias, channels, "bias")
+    a.relu = relu
+    a.gate = NULL
+    a.gate_above = 0.0
+    a.stream = streams(nvalues, typenum)
+    return a
+
+
 def normalize(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
               running_mean, running_var, double eps, weight, bias, int num_threads,
               bint relu=False):
@@ -1557,19 +1578,9 @@ def normalize(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     cdef Py_ssize_t n = outer * channels * inner
     cdef void *px = data_of(x, typenum, n, False, "x")
     cdef void *py = data_of(y, typenum, n, True, "y")
-    cdef AffineIn a
-    a.mean = NULL
-    a.residual = NULL
-    a.invstd = NULL
+    cdef AffineIn a = affine_in(channels, weight, bias, eps, relu, n, typenum)
     a.running_mean = params_of(running_mean, channels, "running_mean")
     a.running_var = params_of(running_var, channels, "running_var")
-    a.eps = eps
-    a.weight = params_of(weight, channels, "weight")
-    a.bias = params_of(bias, channels, "bias")
-    a.relu = relu
-    a.gate = NULL
-    a.gate_above = 0.0
-    a.stream = streams(n, typenum)
     run_normalize(px, py, typenum, outer, channels, inner, &a, num_threads)
 
 
@@ -1588,19 +1599,11 @@ def relu_mask(x, dy, out, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inne
     cdef Py_ssize_t n = outer * channels * inner
     cdef void *px = data_of(x, typenum, n, False, "x")
     cdef void *pout = data_of(out, typenum, n, True, "out")
-    cdef AffineIn a
+    cdef AffineIn a = affine_in(channels, weight, bias, 0.0, False, n, typenum)
     a.mean = <const double *>data_of(mean, cnp.NPY_FLOAT64, channels, False, "mean")
-    a.residual = NULL
     a.invstd = <const double *>data_of(invstd, cnp.NPY_FLOAT64, channels, False, "invstd")
-    a.running_mean.data = NULL
-    a.running_var.data = NULL
-    a.eps = 0.0
-    a.weight = params_of(weight, channels, "weight")
-    a.bias = params_of(bias, channels, "bias")
-    a.relu = False
     a.gate = data_of(dy, typenum, n, False, "dy")
     a.gate_above = above
-    a.stream = streams(n, typenum)
     run_normalize(px, pout, typenum, outer, channels, inner, &a, num_threads)
 
 
@@ -1615,22 +1618,13 @@ def train_forward(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     cdef void *px = data_of(x, typenum, n, False, "x")
     cdef void *py = data_of(y, typenum, n, True, "y")
     cdef StatsOut out
-    cdef AffineIn a
+    cdef AffineIn a = affine_in(channels, weight, bias, eps, relu, n, typenum)
     cdef int status
     out.eps = eps
     out.mean = <double *>data_of(mean, cnp.NPY_FLOAT64, channels, True, "mean")
     out.residual = NULL
     out.m2 = <double *>data_of(m2, cnp.NPY_FLOAT64, channels, True, "m2")
     out.invstd = <double *>data_of(invstd, cnp.NPY_FLOAT64, channels, True, "invstd")
-    a.running_mean.data = NULL
-    a.running_var.data = NULL
-    a.eps = eps
-    a.weight = params_of(weight, channels, "weight")
-    a.bias = params_of(bias, channels, "bias")
-    a.relu = relu
-    a.gate = NULL
-    a.gate_above = 0.0
-    a.stream = streams(n, typenum)
     with nogil:
         if typenum == cnp.NPY_FLOAT32:
             status = train_driver(<const float *>px, <float *>py, outer, channels, inner,
