@@ -161,7 +161,7 @@ def moments(darr: dask.array.Array, axis: int = 1, *, ddof: int = 0,
     -------
     mean, var : float64 arrays of shape (C,)
     """
-    functional._check_ddof(ddof)
+    functional._nonnegative_int(ddof, "ddof")
     total = partial_moments(darr, axis, num_threads=num_threads).compute(**compute_kwargs)
     return total.mean.copy(), total.var(ddof)
 

@@ -289,12 +289,13 @@ def _check_flag(value: object, name: str) -> bool:
     return bool(value)
 
 
-def _check_ddof(ddof: object) -> int:
-    if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral):
-        raise TypeError(f"ddof must be a non-negative integer, got {type(ddof).__name__}")
-    if ddof < 0:
-        raise ValueError(f"ddof must be >= 0, got {ddof}")
-    return int(ddof)
+def _nonnegative_int(value: object, name: str) -> int:
+    """value as an int, or a TypeError/ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative integer, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
 
 
 # --------------------------------------------------------------------------
@@ -323,7 +324,7 @@ def moments(x: ArrayLike, *, axis: int = 1, ddof: int = 0,
     """
     x = _as_input(x, "x")
     ax = _feature_axis(axis, x.ndim)
-    ddof = _check_ddof(ddof)
+    ddof = _nonnegative_int(ddof, "ddof")
     nthreads = _threads.resolve(num_threads)
     outer, channels, inner = _canonical_shape(x.shape, ax)
     count = outer * inner

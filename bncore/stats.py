@@ -22,7 +22,6 @@ exact statistics of a whole data set, fed batch by batch.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -38,6 +37,7 @@ from .functional import (
     _kernel_ready,
     _kernels_for,
     _nonfinite_channels,
+    _nonnegative_int,
 )
 
 if TYPE_CHECKING:
@@ -53,15 +53,6 @@ def _feature_vector(value: ArrayLike, name: str) -> NDArray[np.float64]:
         raise ValueError(f"{name} must be 1-D (one value per feature), got shape {array.shape}")
     array.flags.writeable = False
     return array
-
-
-def _nonnegative_int(value: object, name: str) -> int:
-    """value as an int, or a TypeError/ValueError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a non-negative integer, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return int(value)
 
 
 class Moments:
