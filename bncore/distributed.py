@@ -44,9 +44,10 @@ from .functional import (
     _feature_axis,
     _kernel_ready,
     _kernels_for,
+    _new_output,
     _running_stats,
 )
-from .modules import BatchNorm
+from .modules import BatchNorm, _grad_output_like
 from .stats import (
     Moments,
     _kernel_moments,
@@ -223,7 +224,7 @@ class SyncBatchNorm(BatchNorm):
             )
 
         weight, bias, activation = self.weight, self.bias, self.activation
-        y = np.empty(x.shape, dtype=x.dtype)
+        y = _new_output(x)
         if total.count == 0:
             mean = np.full(channels, np.nan)
             invstd = np.full(channels, np.nan)
@@ -260,30 +261,24 @@ class SyncBatchNorm(BatchNorm):
         outer, _, inner = _canonical_shape(x.shape, _feature_axis(self.axis, x.ndim))
         error = None
         try:
-            # BatchNorm.backward checks the shape inline and leaves the dtype
-            # to batch_norm_backward: no helper to share.
-            dy = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
-            if dy.shape != x.shape:
-                raise ValueError(
-                    f"grad_output has shape {dy.shape}, expected {x.shape}, the shape of "
-                    "the last forward call's input"
-                )
+            dy = _grad_output_like(grad_output, x)
             if dy.dtype != x.dtype:
                 raise TypeError(f"grad_output has dtype {dy.dtype}, expected {x.dtype}")
         except (TypeError, ValueError) as caught:
             error = caught
         source = _kernel_ready(x)
         kernels = _kernels_for(x.dtype)
+        grad_input = _new_output(x)
         sum_dy = np.zeros(channels)
         sum_dy_dev = np.zeros(channels)
         if error is None and x.size:
             dy = _kernel_ready(dy)
             if activation == "relu":
-                # dL/d(pre-activation output): dy where the forward's output was > 0.
-                gated = np.empty_like(dy)
-                kernels.relu_mask(source, dy, gated, outer, channels, inner, mean, invstd,
-                                  weight, bias, nthreads)
-                dy = gated
+                # dL/d(pre-activation output), dy where the forward's output was
+                # > 0, into grad_input: grad_input is then computed in place.
+                kernels.relu_mask(source, dy, grad_input, outer, channels, inner, mean,
+                                  invstd, weight, bias, nthreads)
+                dy = grad_input
             kernels.grad_sums(source, dy, outer, channels, inner, mean, sum_dy, sum_dy_dev,
                                nthreads)
         # The one collective: [failed, sum_dy (C), sum_dy_dev (C)] per rank.
@@ -294,7 +289,6 @@ class SyncBatchNorm(BatchNorm):
             sums += row[1:]
         sum_dy, sum_dy_dev = sums[:channels], sums[channels:]
 
-        grad_input = np.empty(x.shape, dtype=x.dtype)
         if x.size:
             kernels.grad_input(source, dy, grad_input, outer, channels, inner, mean, invstd,
                                 weight, sum_dy, sum_dy_dev, float(count), nthreads)

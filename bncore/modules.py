@@ -110,6 +110,18 @@ def _toggle(value: object, name: str, affine: bool) -> bool:
     return value
 
 
+def _grad_output_like(grad_output: ArrayLike, x: NDArray[Any]) -> NDArray[Any]:
+    """grad_output as an array, which must have the shape of x, the last
+    forward call's input (its dtype is checked where it is used)."""
+    dy = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
+    if dy.shape != x.shape:
+        raise ValueError(
+            f"grad_output has shape {dy.shape}, expected {x.shape}, the shape of "
+            "the last forward call's input"
+        )
+    return dy
+
+
 def _not_materialized(layer: BatchNorm, what: str) -> RuntimeError:
     return RuntimeError(
         f"{type(layer).__name__} was built with num_features=None and has not seen an "
@@ -624,12 +636,7 @@ class BatchNorm:
         if not used_batch_stats:
             # Saved in eval as the running statistics themselves.
             mean, invstd = _running_stats(mean, invstd, self.eps)
-        dy = grad_output if isinstance(grad_output, np.ndarray) else np.asarray(grad_output)
-        if dy.shape != x.shape:
-            raise ValueError(
-                f"grad_output has shape {dy.shape}, expected {x.shape}, the shape of "
-                "the last forward call's input"
-            )
+        dy = _grad_output_like(grad_output, x)
         grad_input, grad_weight, grad_bias = batch_norm_backward(
             dy, x, mean, invstd, weight, bias, training=used_batch_stats, axis=self.axis,
             activation=activation,
