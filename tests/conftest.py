@@ -161,11 +161,16 @@ def make_params(c, dtype=np.float64, seed=0):
     return weight, bias, running_mean, running_var
 
 
-def channel_spread(x, axis):
-    """float64 (C,) standard deviation of each channel (0 for n == 0)."""
+def _channel_rows(x, axis):
+    """x in float64 as a (C, n) array: one row of values per channel."""
     x = np.asarray(x, dtype=np.float64)
     ax = axis % x.ndim
-    xc = np.moveaxis(x, ax, 0).reshape(x.shape[ax], -1)
+    return np.moveaxis(x, ax, 0).reshape(x.shape[ax], -1)
+
+
+def channel_spread(x, axis):
+    """float64 (C,) standard deviation of each channel (0 for n == 0)."""
+    xc = _channel_rows(x, axis)
     if xc.shape[1] == 0:
         return np.zeros(xc.shape[0])
     return xc.std(axis=1)
@@ -173,9 +178,7 @@ def channel_spread(x, axis):
 
 def channel_condition(x, axis):
     """float64 (C,) kappa = |mean| / spread per channel (0 where spread is 0)."""
-    x = np.asarray(x, dtype=np.float64)
-    ax = axis % x.ndim
-    xc = np.moveaxis(x, ax, 0).reshape(x.shape[ax], -1)
+    xc = _channel_rows(x, axis)
     if xc.shape[1] == 0:
         return np.zeros(xc.shape[0])
     mean = np.abs(xc.mean(axis=1))
