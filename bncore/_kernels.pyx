@@ -568,6 +568,12 @@ cdef void finish_from_chunks(const floating *x, const Moments *chunks, Py_ssize_
 # Every prange body below is one call: the locals of the called function are
 # private to its thread by construction, which Cython cannot guarantee for
 # variables written through pointers inside the loop.
+#
+# The forward's loops have a serial twin for a team of one thread (every
+# call up to SERIAL_MAX_VALUES values): entering an OpenMP region costs about
+# 0.6 us even for one thread, measured (an eval kernel call on (1, 64) took
+# 1.95 us with its two regions, 0.67 us without; prange's use_threads_if
+# gained nothing, as GCC still enters the region).
 
 cdef void planar_moments(const floating *x, const Planar *g, Moments *table,
                          const StatsOut *out, int nthreads) noexcept nogil:
@@ -575,6 +581,16 @@ cdef void planar_moments(const floating *x, const Planar *g, Moments *table,
     cdef Py_ssize_t item, c
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef int ngroups = row_groups(g, nthreads)
+    if nthreads == 1:
+        if g.rows_per_chunk > 0:
+            for item in range(nchunks * ngroups):
+                planar_rows_moments(x, g, item, ngroups, table)
+        else:
+            for item in range(g.channels * nchunks):
+                table[item] = planar_chunk_moments(x, g, item // nchunks, item % nchunks)
+        for c in range(g.channels):
+            finish_from_table(x, table, g.chunks_per_channel, g.inner, c, out)
+        return
     if g.rows_per_chunk > 0:
         for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
             planar_rows_moments(x, g, item, ngroups, table)
@@ -592,6 +608,14 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     cdef Py_ssize_t item
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef int ngroups = row_groups(g, nthreads)
+    if nthreads == 1:
+        if g.rows_per_chunk > 0:
+            for item in range(nchunks * ngroups):
+                planar_rows_affine(x, y, g, item, ngroups, a)
+        else:
+            for item in range(g.channels * nchunks):
+                planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
+        return
     if g.rows_per_chunk > 0:
         for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
             planar_rows_affine(x, y, g, item, ngroups, a)
@@ -857,6 +881,12 @@ cdef void interleaved_item_moments(const floating *x, const Interleaved *g, Py_s
 cdef void interleaved_moments(const floating *x, const Interleaved *g, Moments *table,
                               const StatsOut *out, int nthreads) noexcept nogil:
     cdef Py_ssize_t item, c
+    if nthreads == 1:
+        for item in range(g.nchunks * g.ntiles):
+            interleaved_item_moments(x, g, item, table)
+        for c in range(g.channels):
+            finish_from_table(x, table, g.nchunks, g.inner, c, out)
+        return
     for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
         interleaved_item_moments(x, g, item, table)
     for c in prange(g.channels, num_threads=nthreads, schedule="static"):
@@ -946,10 +976,16 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
     cdef Py_ssize_t c, item
     if params == NULL:
         return -1
-    for c in prange(g.channels, num_threads=nthreads, schedule="static"):
-        channel_params(a, g.channels, c, params)
-    for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
-        interleaved_normalize_item(x, y, g, item, params, a)
+    if nthreads == 1:
+        for c in range(g.channels):
+            channel_params(a, g.channels, c, params)
+        for item in range(g.nchunks * g.ntiles):
+            interleaved_normalize_item(x, y, g, item, params, a)
+    else:
+        for c in prange(g.channels, num_threads=nthreads, schedule="static"):
+            channel_params(a, g.channels, c, params)
+        for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
+            interleaved_normalize_item(x, y, g, item, params, a)
     free(params)
     return 0
 
