@@ -42,7 +42,7 @@ import numpy as np
 # traced by tracemalloc, so the memory tests see them.
 from cpython.mem cimport PyMem_RawFree as free, PyMem_RawMalloc as malloc
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.math cimport INFINITY, sqrt
 
 cnp.import_array()
 
@@ -1866,3 +1866,111 @@ def release_pool():
 def pool_bytes():
     """The bytes of the recycled buffers kept now."""
     return bn_pool_kept_bytes()
+
+
+# --------------------------------------------------------------------------
+# Small evaluation calls. A (1, 64) eval forward is all overhead: ~5 us of
+# Python argument checks beside 0.7 us of kernel. This entry point takes
+# batch_norm's arguments as they came and recognises, in C, the common case
+# that is certainly valid (exact ndarrays of float32/float64, C-contiguous
+# and aligned, (C,) per-channel arrays, plain float and int options, an out=
+# that is the input or overlaps nothing); it returns None for anything else,
+# and functional.py then takes its full path, which accepts or refuses the
+# call with its own messages. Only calls small enough to run on one thread
+# anyway come here, so num_threads changes nothing but must still be valid.
+
+cdef inline bint plain_array(object a) noexcept:
+    """An exact ndarray, C-contiguous and aligned, of float32 or float64."""
+    if not cnp.PyArray_CheckExact(a):
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    cdef int typenum = cnp.PyArray_TYPE(arr)
+    return ((typenum == cnp.NPY_FLOAT32 or typenum == cnp.NPY_FLOAT64)
+            and cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr))
+
+
+cdef inline bint plain_channel_vector(object a, Py_ssize_t channels) noexcept:
+    """A plain (C,) array (None passes: an absent weight or bias)."""
+    if a is None:
+        return True
+    return (plain_array(a) and cnp.PyArray_NDIM(<cnp.ndarray>a) == 1
+            and cnp.PyArray_DIM(<cnp.ndarray>a, 0) == channels)
+
+
+cdef inline bint overlaps(object a, char *start, char *end) noexcept:
+    """Whether the bytes of a (a contiguous array, or None) meet [start, end)."""
+    if a is None:
+        return False
+    cdef char *lo = <char *>cnp.PyArray_DATA(<cnp.ndarray>a)
+    cdef char *hi = lo + cnp.PyArray_NBYTES(<cnp.ndarray>a)
+    return lo < end and start < hi
+
+
+def eval_small(x, running_mean, running_var, weight, bias, momentum, eps, axis, out,
+               num_threads, nonfinite, activation, unbiased_running_var):
+    """batch_norm(x, ..., training=False) for a small call of the common
+    kind, or None when the call is not one (see above)."""
+    if not plain_array(x):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int ndim = cnp.PyArray_NDIM(xa)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(xa)
+    cdef Py_ssize_t ax, k, outer = 1, inner = 1, channels
+    if ndim < 2 or n == 0 or n > SERIAL_MAX_VALUES:
+        return None
+    # The options: exact types only (bool is not an exact int), valid values.
+    if not (type(axis) is int and -ndim <= <Py_ssize_t>axis < ndim):
+        return None
+    if not (type(momentum) is float and 0.0 <= <double>momentum <= 1.0):
+        return None
+    if not (type(eps) is float and 0.0 <= <double>eps < INFINITY):
+        return None
+    if not (num_threads is None or (type(num_threads) is int and num_threads >= 1)):
+        return None
+    # (eval computes no statistics: every valid nonfinite mode acts alike)
+    if not (type(nonfinite) is str
+            and nonfinite in ("propagate", "skip_update", "raise")):
+        return None
+    if not (activation is None or (type(activation) is str and activation == "relu")):
+        return None
+    if not (unbiased_running_var is True or unbiased_running_var is False):
+        return None
+    ax = axis % ndim
+    channels = cnp.PyArray_DIM(xa, ax)
+    for k in range(ax):
+        outer *= cnp.PyArray_DIM(xa, k)
+    for k in range(ax + 1, ndim):
+        inner *= cnp.PyArray_DIM(xa, k)
+    if not (running_mean is not None and running_var is not None
+            and plain_channel_vector(running_mean, channels)
+            and plain_channel_vector(running_var, channels)
+            and plain_channel_vector(weight, channels)
+            and plain_channel_vector(bias, channels)):
+        return None
+    cdef int typenum = cnp.PyArray_TYPE(xa)
+    cdef char *start
+    cdef char *end
+    if out is None:
+        out = cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(xa), typenum, 0)
+    else:
+        if not (plain_array(out) and cnp.PyArray_TYPE(<cnp.ndarray>out) == typenum
+                and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
+                and cnp.PyArray_NDIM(<cnp.ndarray>out) == ndim):
+            return None
+        for k in range(ndim):
+            if cnp.PyArray_DIM(<cnp.ndarray>out, k) != cnp.PyArray_DIM(xa, k):
+                return None
+        # out may be x itself; any other overlap is the full path's to refuse.
+        start = <char *>cnp.PyArray_DATA(<cnp.ndarray>out)
+        end = start + cnp.PyArray_NBYTES(<cnp.ndarray>out)
+        if ((start != <char *>cnp.PyArray_DATA(xa) and overlaps(x, start, end))
+                or overlaps(running_mean, start, end) or overlaps(running_var, start, end)
+                or overlaps(weight, start, end) or overlaps(bias, start, end)):
+            return None
+    cdef AffineIn a = affine_in(channels, weight, bias, <double>eps, activation is not None,
+                                n, typenum)
+    a.running_mean = params_of(running_mean, channels, "running_mean")
+    a.running_var = params_of(running_var, channels, "running_var")
+    run_normalize(cnp.PyArray_DATA(xa), cnp.PyArray_DATA(<cnp.ndarray>out), typenum,
+                  outer, channels, inner, &a, 1)
+    return out

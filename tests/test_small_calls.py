@@ -1,0 +1,187 @@
+"""Small eval calls take a compiled fast path (_kernels.eval_small): it must
+give exactly what the full path gives, and hand every call it is not sure
+of back to the full path, so that bad arguments meet the full checks.
+
+The full path is reached with an argument of a type the fast path does not
+take but the full path accepts as the same value (eps as a NumPy float).
+"""
+
+import numpy as np
+import pytest
+
+import bncore
+from bncore import _kernels, functional, reference
+from conftest import assert_output_close, make_input, make_params
+
+SMALL_SHAPES = [(1, 64), (2, 3), (8, 32, 14, 14), (4, 5, 7), (3, 6, 2, 5), (1, 1)]
+
+
+def _full_path(*args, **kwargs):
+    """batch_norm through its full checks: eps as np.float64, a value the
+    fast path leaves alone."""
+    kwargs["eps"] = np.float64(kwargs.get("eps", 1e-5))
+    return bncore.batch_norm(*args, **kwargs)
+
+
+def _args(shape, dtype, axis, affine, seed=0):
+    x = make_input(shape, dtype, axis, kind="normal", seed=seed)
+    c = shape[axis]
+    weight, bias, rm, rv = make_params(c, dtype, seed)
+    if not affine:
+        weight = bias = None
+    return x, rm, rv, weight, bias
+
+
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_fast_path_matches_full_path_and_reference(shape, dtype, axis, affine, activation):
+    x, rm, rv, weight, bias = _args(shape, dtype, axis, affine)
+    assert _kernels.eval_small(x, rm, rv, weight, bias, 0.1, 1e-5, axis, None, None,
+                               "propagate", activation, True) is not None, "not taken"
+    fast = bncore.batch_norm(x, rm, rv, weight, bias, axis=axis, activation=activation)
+    full = _full_path(x, rm, rv, weight, bias, axis=axis, activation=activation)
+    np.testing.assert_array_equal(fast, full)
+    assert fast.dtype == dtype and fast.shape == x.shape and fast.flags.c_contiguous
+    ref = reference.batch_norm(x, rm, rv, weight, bias, False, 0.1, 1e-5, axis=axis).y
+    if activation == "relu":
+        ref = np.maximum(ref, 0)
+    assert_output_close(fast, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_path_out_and_in_place(dtype):
+    x, rm, rv, weight, bias = _args((8, 32, 14, 14), dtype, 1, True)
+    want = _full_path(x, rm, rv, weight, bias)
+    out = np.full_like(x, np.nan)
+    assert bncore.batch_norm(x, rm, rv, weight, bias, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    inplace = x.copy()
+    assert bncore.batch_norm(inplace, rm, rv, weight, bias, out=inplace) is inplace
+    np.testing.assert_array_equal(inplace, want)
+
+
+def test_mixed_parameter_dtypes():
+    """float32 input with float64 statistics and parameters (both are read
+    as they are): the same as the full path."""
+    x, rm, rv, weight, bias = _args((4, 16), np.float32, 1, True)
+    rm64, rv64, w64, b64 = (a.astype(np.float64) for a in (rm, rv, weight, bias))
+    np.testing.assert_array_equal(bncore.batch_norm(x, rm64, rv64, w64, b64),
+                                  _full_path(x, rm64, rv64, w64, b64))
+
+
+def _declined(**changes):
+    """eval_small's answer for a valid small call with some arguments changed."""
+    x, rm, rv, weight, bias = _args((4, 16), np.float32, 1, True)
+    call = dict(x=x, running_mean=rm, running_var=rv, weight=weight, bias=bias, momentum=0.1,
+                eps=1e-5, axis=1, out=None, num_threads=None, nonfinite="propagate",
+                activation=None, unbiased_running_var=True)
+    for name, change in changes.items():
+        call[name] = change(call) if callable(change) else change
+    return _kernels.eval_small(*call.values()) is None
+
+
+def test_the_baseline_call_is_taken():
+    assert not _declined()
+    for mode in functional.NONFINITE_MODES:
+        assert not _declined(nonfinite=mode)
+    assert not _declined(num_threads=2, unbiased_running_var=False, activation="relu")
+
+
+@pytest.mark.parametrize("changes", [
+    # Arguments the full path converts or refuses.
+    dict(x=lambda c: c["x"].tolist()),
+    dict(x=lambda c: np.asfortranarray(c["x"].reshape(4, 4, 4))),
+    dict(x=lambda c: c["x"][:, ::2]),
+    dict(x=lambda c: c["x"].astype(np.float16)),
+    dict(x=lambda c: c["x"].astype(np.int32)),
+    dict(x=lambda c: c["x"].view(np.matrix)),
+    dict(x=lambda c: c["x"].reshape(-1)),
+    dict(x=lambda c: c["x"][:0]),
+    dict(x=lambda c: np.zeros((1, 16, 65536), np.float32)),   # not a serial-size call
+    dict(running_mean=None),
+    dict(running_var=None),
+    dict(running_mean=lambda c: c["running_mean"][:-1]),
+    dict(running_var=lambda c: c["running_var"].reshape(16, 1)),
+    dict(running_var=lambda c: c["running_var"].astype(np.float16)),
+    dict(weight=lambda c: c["weight"].tolist()),
+    dict(bias=lambda c: np.repeat(c["bias"], 2)[::2]),
+    dict(momentum=2.0), dict(momentum=float("nan")), dict(momentum=1),
+    dict(momentum=None),
+    dict(eps=-1.0), dict(eps=float("nan")), dict(eps=float("inf")), dict(eps=0),
+    dict(eps=np.float64(1e-5)),
+    dict(axis=2), dict(axis=-3), dict(axis=True), dict(axis=1.0),
+    dict(num_threads=0), dict(num_threads=True), dict(num_threads=2.0),
+    dict(nonfinite="ignore"), dict(nonfinite=None),
+    dict(activation="gelu"), dict(activation=True),
+    dict(unbiased_running_var=1), dict(unbiased_running_var=np.True_),
+    # out= that is not a plain separate buffer or the input itself.
+    dict(out=lambda c: np.empty((4, 16), np.float64)),
+    dict(out=lambda c: np.empty((16, 4), np.float32)),
+    dict(out=lambda c: np.empty((4, 16, 1), np.float32)),
+    dict(out=lambda c: np.empty((4, 16), np.float32)[::-1]),
+    dict(out=lambda c: c["x"].copy().tolist()),
+    dict(out=lambda c: _read_only(np.empty((4, 16), np.float32))),
+    dict(out=lambda c: _over(c, "running_mean")),
+    dict(out=lambda c: _over(c, "weight")),
+])
+def test_uncertain_calls_go_to_the_full_path(changes):
+    assert _declined(**changes)
+
+
+def _read_only(a):
+    a.flags.writeable = False
+    return a
+
+
+def _shifted_view(x):
+    """(x in a buffer one row longer, the array one row further on): two
+    arrays of x's shape and values sharing all but one row."""
+    buffer = np.empty((x.shape[0] + 1,) + x.shape[1:], x.dtype)
+    buffer[:-1] = x
+    return buffer[:-1], buffer[1:]
+
+
+def _over(call, name):
+    """An out= whose memory holds the per-channel array `name`."""
+    out = np.empty((4, 16), np.float32)
+    call[name] = out[1]
+    return out
+
+
+def test_shifted_overlap_is_refused_by_the_full_path():
+    """A partial overlap between out and x, declined by the fast path, meets
+    the full path's error."""
+    x = make_input((4, 16), np.float32, 1, kind="normal")
+    x_view, out = _shifted_view(x)
+    assert _declined(x=x_view, out=out)
+    _, rm, rv, _, _ = _args((4, 16), np.float32, 1, False)
+    with pytest.raises(ValueError, match="out overlaps input"):
+        bncore.batch_norm(x_view, rm, rv, out=out)
+
+
+def test_layer_eval_takes_the_fast_path_and_keeps_backward(monkeypatch):
+    """A small eval-mode layer call takes the fast path (the full one is
+    disabled here), gives the full path's output, and its backward sees the
+    running statistics as they were at the forward."""
+    x, rm, rv, weight, bias = _args((8, 6), np.float64, 1, True)
+    layer = bncore.BatchNorm(6, dtype=np.float64)
+    layer.weight[:], layer.bias[:] = weight, bias
+    layer.running_mean[:], layer.running_var[:] = rm, rv
+    layer.eval()
+    want = _full_path(x, rm, rv, weight, bias)
+
+    def no_full_path(*args, **kwargs):
+        raise AssertionError("the layer took the full path")
+
+    monkeypatch.setattr("bncore.modules._forward", no_full_path)
+    y = layer(x)
+    np.testing.assert_array_equal(y, want)
+    layer.running_mean += 1.0   # after the forward: must not reach backward
+    dy = make_input((8, 6), np.float64, 1, kind="normal", seed=3)
+    grad = layer.backward(dy)
+    grad_ref, _, _ = reference.batch_norm_backward(dy, x, rm, 1 / np.sqrt(rv + layer.eps),
+                                                   weight, training=False)
+    assert_output_close(grad, grad_ref, np.float64)
