@@ -23,7 +23,7 @@ def normalize(x: _Floats, y: _Floats, outer: int, channels: int, inner: int,
               running_mean: _Floats, running_var: _Floats, eps: float,
               weight: _Floats | None, bias: _Floats | None, num_threads: int,
               relu: bool = False) -> None: ...
-def eval_small(x: object, running_mean: object, running_var: object, weight: object,
+def eval_fast(x: object, running_mean: object, running_var: object, weight: object,
                bias: object, momentum: object, eps: object, axis: object, out: object,
                num_threads: object, nonfinite: object, activation: object,
                unbiased_running_var: object) -> _Floats | None: ...

@@ -364,8 +364,11 @@ cdef inline void affine_params(const AffineIn *a, Py_ssize_t c, floating *hi, fl
     shift[0] = <floating>b
 
 
+cdef Py_ssize_t serial_max_values = SERIAL_MAX_VALUES
+
+
 cdef inline int team_size(int requested, Py_ssize_t nitems, Py_ssize_t nvalues) noexcept nogil:
-    if nvalues <= SERIAL_MAX_VALUES or nitems < 2 or requested < 2:
+    if nvalues <= serial_max_values or nitems < 2 or requested < 2:
         return 1
     if requested > nitems:
         return <int>nitems
@@ -1506,6 +1509,15 @@ def set_pipelined(int mode, Py_ssize_t items=0):
     return previous
 
 
+def set_serial_max_values(Py_ssize_t nvalues):
+    """Calls of at most nvalues values run on the calling thread (for
+    benchmarks and tuning); returns the previous value."""
+    global serial_max_values
+    previous = serial_max_values
+    serial_max_values = nvalues
+    return previous
+
+
 def set_stream_min_bytes(Py_ssize_t nbytes):
     """Outputs of at least nbytes get streaming stores (for benchmarks and
     tuning); returns the previous value."""
@@ -1869,15 +1881,15 @@ def pool_bytes():
 
 
 # --------------------------------------------------------------------------
-# Small evaluation calls. A (1, 64) eval forward is all overhead: ~5 us of
-# Python argument checks beside 0.7 us of kernel. This entry point takes
+# Eval calls without the Python checks. A (1, 64) eval forward is all
+# overhead: ~5 us of Python argument checks beside 0.7 us of kernel, and
+# (1, 64, 56, 56) still spent 6 us of its 25 there. This entry point takes
 # batch_norm's arguments as they came and recognises, in C, the common case
 # that is certainly valid (exact ndarrays of float32/float64, C-contiguous
 # and aligned, (C,) per-channel arrays, plain float and int options, an out=
 # that is the input or overlaps nothing); it returns None for anything else,
 # and functional.py then takes its full path, which accepts or refuses the
-# call with its own messages. Only calls small enough to run on one thread
-# anyway come here, so num_threads changes nothing but must still be valid.
+# call with its own messages.
 
 cdef inline bint plain_array(object a) noexcept:
     """An exact ndarray, C-contiguous and aligned, of float32 or float64."""
@@ -1906,17 +1918,18 @@ cdef inline bint overlaps(object a, char *start, char *end) noexcept:
     return lo < end and start < hi
 
 
-def eval_small(x, running_mean, running_var, weight, bias, momentum, eps, axis, out,
-               num_threads, nonfinite, activation, unbiased_running_var):
-    """batch_norm(x, ..., training=False) for a small call of the common
-    kind, or None when the call is not one (see above)."""
+def eval_fast(x, running_mean, running_var, weight, bias, momentum, eps, axis, out,
+              num_threads, nonfinite, activation, unbiased_running_var):
+    """batch_norm(x, ..., training=False) for a call of the common kind, or
+    None when the call is not one (see above)."""
     if not plain_array(x):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef int ndim = cnp.PyArray_NDIM(xa)
     cdef Py_ssize_t n = cnp.PyArray_SIZE(xa)
     cdef Py_ssize_t ax, k, outer = 1, inner = 1, channels
-    if ndim < 2 or n == 0 or n > SERIAL_MAX_VALUES:
+    cdef int nthreads = 1
+    if ndim < 2 or n == 0:
         return None
     # The options: exact types only (bool is not an exact int), valid values.
     if not (type(axis) is int and -ndim <= <Py_ssize_t>axis < ndim):
@@ -1950,8 +1963,15 @@ def eval_small(x, running_mean, running_var, weight, bias, momentum, eps, axis, 
     cdef int typenum = cnp.PyArray_TYPE(xa)
     cdef char *start
     cdef char *end
+    if n > serial_max_values:
+        # Imported here: bncore._threads imports this module.
+        from bncore._threads import resolve
+        nthreads = resolve(num_threads)
     if out is None:
-        out = cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(xa), typenum, 0)
+        if cnp.PyArray_NBYTES(xa) >= BN_POOL_MIN_BYTES:
+            out = pooled_empty(x.shape, x.dtype)
+        else:
+            out = cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(xa), typenum, 0)
     else:
         if not (plain_array(out) and cnp.PyArray_TYPE(<cnp.ndarray>out) == typenum
                 and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
@@ -1972,5 +1992,5 @@ def eval_small(x, running_mean, running_var, weight, bias, momentum, eps, axis, 
     a.running_mean = params_of(running_mean, channels, "running_mean")
     a.running_var = params_of(running_var, channels, "running_var")
     run_normalize(cnp.PyArray_DATA(xa), cnp.PyArray_DATA(<cnp.ndarray>out), typenum,
-                  outer, channels, inner, &a, 1)
+                  outer, channels, inner, &a, nthreads)
     return out

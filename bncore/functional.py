@@ -462,12 +462,12 @@ def batch_norm(input: ArrayLike, running_mean: NDArray[np.floating] | None = Non
     the running statistics untouched; its returned statistics are NaN.
     """
     if training is False and not return_stats and decay is None:
-        # Small eval calls of the common kind are checked and run in C.
-        small = _kernels.eval_small(input, running_mean, running_var, weight, bias, momentum,
+        # Eval calls of the common kind are checked and run in C.
+        fast = _kernels.eval_fast(input, running_mean, running_var, weight, bias, momentum,
                                     eps, axis, out, num_threads, nonfinite, activation,
                                     unbiased_running_var)
-        if small is not None:
-            return small
+        if fast is not None:
+            return fast
     decay = _check_decay(decay, momentum)
     y, mean, invstd, batch = _forward(
         input, running_mean, running_var, weight, bias, training, momentum, eps,

@@ -561,8 +561,8 @@ class BatchNorm:
             # ambiguous rule before anything runs.
             decay = _check_decay(decay, self.momentum)
         weight, bias, activation = self.weight, self.bias, self.activation
-        # A small eval call of the common kind is checked and run in C.
-        y = None if use_batch_stats else _kernels.eval_small(
+        # An eval call of the common kind is checked and run in C.
+        y = None if use_batch_stats else _kernels.eval_fast(
             x, self.running_mean, self.running_var, weight, bias, 0.0, self.eps, self.axis,
             None, None, self.nonfinite, activation, self.unbiased_running_var)
         if y is None:

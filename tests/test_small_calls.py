@@ -1,6 +1,7 @@
-"""Small eval calls take a compiled fast path (_kernels.eval_small): it must
-give exactly what the full path gives, and hand every call it is not sure
-of back to the full path, so that bad arguments meet the full checks.
+"""Eval calls take a compiled fast path (_kernels.eval_fast), which makes
+small calls cheap: it must give exactly what the full path gives, and hand
+every call it is not sure of back to the full path, so that bad arguments
+meet the full checks.
 
 The full path is reached with an argument of a type the fast path does not
 take but the full path accepts as the same value (eps as a NumPy float).
@@ -39,7 +40,7 @@ def _args(shape, dtype, axis, affine, seed=0):
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_fast_path_matches_full_path_and_reference(shape, dtype, axis, affine, activation):
     x, rm, rv, weight, bias = _args(shape, dtype, axis, affine)
-    assert _kernels.eval_small(x, rm, rv, weight, bias, 0.1, 1e-5, axis, None, None,
+    assert _kernels.eval_fast(x, rm, rv, weight, bias, 0.1, 1e-5, axis, None, None,
                                "propagate", activation, True) is not None, "not taken"
     fast = bncore.batch_norm(x, rm, rv, weight, bias, axis=axis, activation=activation)
     full = _full_path(x, rm, rv, weight, bias, axis=axis, activation=activation)
@@ -63,6 +64,20 @@ def test_fast_path_out_and_in_place(dtype):
     np.testing.assert_array_equal(inplace, want)
 
 
+@pytest.mark.parametrize("shape, num_threads", [((2, 16, 70000), 2), ((4, 70000, 3), None),
+                                                ((64, 16, 4096), 2)],
+                         ids=["planar", "interleaved", "pooled-output"])
+def test_large_calls_take_the_fast_path_too(shape, num_threads):
+    """Above the serial size the fast path runs on the resolved team (and a
+    16 MB output comes from the output pool): the same bits as the full path."""
+    x, rm, rv, weight, bias = _args(shape, np.float32, 1, True)
+    assert _kernels.eval_fast(x, rm, rv, weight, bias, 0.1, 1e-5, 1, None, num_threads,
+                              "propagate", None, True) is not None, "not taken"
+    np.testing.assert_array_equal(
+        bncore.batch_norm(x, rm, rv, weight, bias, num_threads=num_threads),
+        _full_path(x, rm, rv, weight, bias, num_threads=num_threads))
+
+
 def test_mixed_parameter_dtypes():
     """float32 input with float64 statistics and parameters (both are read
     as they are): the same as the full path."""
@@ -73,14 +88,14 @@ def test_mixed_parameter_dtypes():
 
 
 def _declined(**changes):
-    """eval_small's answer for a valid small call with some arguments changed."""
+    """eval_fast's answer for a valid small call with some arguments changed."""
     x, rm, rv, weight, bias = _args((4, 16), np.float32, 1, True)
     call = dict(x=x, running_mean=rm, running_var=rv, weight=weight, bias=bias, momentum=0.1,
                 eps=1e-5, axis=1, out=None, num_threads=None, nonfinite="propagate",
                 activation=None, unbiased_running_var=True)
     for name, change in changes.items():
         call[name] = change(call) if callable(change) else change
-    return _kernels.eval_small(*call.values()) is None
+    return _kernels.eval_fast(*call.values()) is None
 
 
 def test_the_baseline_call_is_taken():
@@ -100,7 +115,6 @@ def test_the_baseline_call_is_taken():
     dict(x=lambda c: c["x"].view(np.matrix)),
     dict(x=lambda c: c["x"].reshape(-1)),
     dict(x=lambda c: c["x"][:0]),
-    dict(x=lambda c: np.zeros((1, 16, 65536), np.float32)),   # not a serial-size call
     dict(running_mean=None),
     dict(running_var=None),
     dict(running_mean=lambda c: c["running_mean"][:-1]),
