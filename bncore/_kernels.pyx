@@ -42,7 +42,8 @@ import numpy as np
 # traced by tracemalloc, so the memory tests see them.
 from cpython.mem cimport PyMem_RawFree as free, PyMem_RawMalloc as malloc
 from cython.parallel cimport prange
-from libc.math cimport INFINITY, sqrt
+from libc.float cimport DBL_MAX, FLT_MAX
+from libc.math cimport INFINITY, fabs, sqrt
 
 cnp.import_array()
 
@@ -1994,3 +1995,58 @@ def eval_fast(x, running_mean, running_var, weight, bias, momentum, eps, axis, o
     run_normalize(cnp.PyArray_DATA(xa), cnp.PyArray_DATA(<cnp.ndarray>out), typenum,
                   outer, channels, inner, &a, nthreads)
     return out
+
+
+# --------------------------------------------------------------------------
+# The running-statistics update of a training call, in one loop instead of
+# ten NumPy operations (~6 us of a small training call).
+
+cdef inline double load_param(Params p, Py_ssize_t c) noexcept nogil:
+    return (<const float *>p.data)[c] if p.single else (<const double *>p.data)[c]
+
+
+cdef inline void store_param(Params p, Py_ssize_t c, double value) noexcept nogil:
+    if p.single:
+        (<float *>p.data)[c] = <float>value
+    else:
+        (<double *>p.data)[c] = value
+
+
+cdef inline bint overflows(double value, bint single) noexcept nogil:
+    """Whether a finite float64 becomes infinite when stored as float32."""
+    return single and fabs(value) <= DBL_MAX and fabs(<double><float>value) > FLT_MAX
+
+
+def update_running(running_mean, running_var, mean, m2, double var_divisor, double keep,
+                   double take):
+    """running = keep * running + take * batch per channel, in float64 and
+    then rounded to each buffer's dtype (float32 or float64), batch being
+    mean and m2 / var_divisor. Returns False, writing nothing, for buffers
+    it does not take (not plain writeable (C,) arrays: see plain_array) or
+    if a finite value would overflow a float32 buffer: NumPy's casts then
+    decide (under np.errstate they may raise), in functional._update_running."""
+    cdef Py_ssize_t channels = cnp.PyArray_SIZE(<cnp.ndarray>mean)
+    if not (plain_channel_vector(running_mean, channels) and running_mean is not None
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean)
+            and plain_channel_vector(running_var, channels) and running_var is not None
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var)):
+        return False
+    cdef Params rm = params_of(running_mean, channels, "running_mean")
+    cdef Params rv = params_of(running_var, channels, "running_var")
+    cdef double *pmean = <double *>data_of(mean, cnp.NPY_FLOAT64, channels, False, "mean")
+    cdef double *pm2 = <double *>data_of(m2, cnp.NPY_FLOAT64, channels, False, "m2")
+    cdef double *updated = <double *>malloc(2 * channels * sizeof(double))
+    cdef Py_ssize_t c
+    if updated == NULL:
+        raise MemoryError("bncore: out of memory for the running statistics update")
+    for c in range(channels):
+        updated[c] = keep * load_param(rm, c) + take * pmean[c]
+        updated[channels + c] = keep * load_param(rv, c) + take * (pm2[c] / var_divisor)
+        if overflows(updated[c], rm.single) or overflows(updated[channels + c], rv.single):
+            free(updated)
+            return False
+    for c in range(channels):
+        store_param(rm, c, updated[c])
+        store_param(rv, c, updated[channels + c])
+    free(updated)
+    return True

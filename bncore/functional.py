@@ -777,8 +777,12 @@ def _fold_batch(batch: _Batch, running_mean: NDArray[np.floating] | None,
     if running_mean is not None:
         assert running_var is not None  # both or neither, as checked by the callers
         keep, take = (1.0 - momentum, momentum) if decay is None else (decay, 1.0 - decay)
-        _update_running(running_mean, running_var, batch.mean, batch.running_var(), keep,
-                        take)
+        # One compiled loop; NumPy's casts only where a float32 would overflow.
+        divisor = batch.count - 1 if batch.unbiased else batch.count
+        if not _kernels.update_running(running_mean, running_var, batch.mean, batch.m2,
+                                       float(divisor), keep, take):
+            _update_running(running_mean, running_var, batch.mean, batch.running_var(), keep,
+                            take)
     return True
 
 

@@ -199,3 +199,58 @@ def test_layer_eval_takes_the_fast_path_and_keeps_backward(monkeypatch):
     grad_ref, _, _ = reference.batch_norm_backward(dy, x, rm, 1 / np.sqrt(rv + layer.eps),
                                                    weight, training=False)
     assert_output_close(grad, grad_ref, np.float64)
+
+
+# --------------------------------------------------------------------------
+# The running-statistics update: one compiled loop (_kernels.update_running)
+# that must write exactly what functional._update_running's NumPy writes.
+
+@pytest.mark.parametrize("mean_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("var_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_update_running_matches_numpy_bitwise(mean_dtype, var_dtype, unbiased):
+    rng = np.random.default_rng(7)
+    c, count = 37, 11
+    running_mean = rng.normal(size=c).astype(mean_dtype)
+    running_var = rng.uniform(0.5, 2, size=c).astype(var_dtype)
+    mean, m2 = rng.normal(size=c) * 1e3, rng.uniform(0, 50, size=c)
+    keep, take = 0.9 + rng.uniform(0, 0.05), 0.1 - rng.uniform(0, 0.05)
+    divisor = count - 1 if unbiased else count
+    want_mean, want_var = running_mean.copy(), running_var.copy()
+    functional._update_running(want_mean, want_var, mean, m2 / divisor, keep, take)
+    assert _kernels.update_running(running_mean, running_var, mean, m2, float(divisor),
+                                   keep, take)
+    np.testing.assert_array_equal(running_mean, want_mean)
+    np.testing.assert_array_equal(running_var, want_var)
+
+
+def test_update_running_leaves_overflow_to_numpy():
+    """A finite value beyond float32's range: nothing written, False; the
+    caller's NumPy path then raises under np.errstate(over="raise") with
+    both buffers untouched, as before."""
+    running_mean = np.zeros(3, np.float32)
+    running_var = np.ones(3, np.float32)
+    mean, m2 = np.zeros(3), np.array([1.0, 1e39, 1.0])
+    assert not _kernels.update_running(running_mean, running_var, mean, m2, 1.0, 0.0, 1.0)
+    np.testing.assert_array_equal(running_mean, 0)
+    np.testing.assert_array_equal(running_var, 1)
+    batch = functional._Batch(mean, m2, 2, 1.0, "propagate", False)
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        functional._fold_batch(batch, running_mean, running_var, 1.0)
+    np.testing.assert_array_equal(running_var, 1)
+
+
+@pytest.mark.parametrize("make_buffer", [
+    lambda: _read_only(np.ones(4, np.float32)),
+    lambda: np.ones(8, np.float32)[::2],
+    lambda: np.frombuffer(bytearray(17), np.float32, count=4, offset=1),   # misaligned
+    lambda: np.ones(4, np.float16),
+    lambda: np.ones((4, 1), np.float32),
+    lambda: np.ones(4, np.float32).view(np.matrix),
+])
+def test_update_running_declines_buffers_it_does_not_take(make_buffer):
+    buffer = make_buffer()
+    before = np.array(buffer, copy=True)
+    assert not _kernels.update_running(np.zeros(4), buffer, np.zeros(4), np.ones(4), 1.0,
+                                       0.5, 0.5)
+    np.testing.assert_array_equal(np.asarray(buffer), before)
