@@ -27,6 +27,11 @@ def eval_fast(x: object, running_mean: object, running_var: object, weight: obje
                bias: object, momentum: object, eps: object, axis: object, out: object,
                num_threads: object, nonfinite: object, activation: object,
                unbiased_running_var: object) -> _Floats | None: ...
+def train_fast(x: object, running_mean: object, running_var: object, weight: object,
+               bias: object, momentum: object, eps: object, axis: object, out: object,
+               num_threads: object, nonfinite: object, activation: object,
+               unbiased_running_var: object,
+               ) -> tuple[_Floats, _F64, _F64, _F64, int] | None: ...
 def update_running(running_mean: _Floats, running_var: _Floats, mean: _F64, m2: _F64,
                    var_divisor: float, keep: float, take: float) -> bool: ...
 def relu_mask(x: _Floats, dy: _Floats, out: _Floats, outer: int, channels: int, inner: int,

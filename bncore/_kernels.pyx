@@ -1919,82 +1919,153 @@ cdef inline bint overlaps(object a, char *start, char *end) noexcept:
     return lo < end and start < hi
 
 
+cdef struct PlainCall:
+    # A forward call of the common kind, as eval_fast and train_fast run it.
+    int typenum
+    Py_ssize_t outer
+    Py_ssize_t channels
+    Py_ssize_t inner
+    Py_ssize_t n
+    int nthreads
+
+
+cdef bint plain_call(x, weight, bias, momentum, eps, axis, num_threads, nonfinite, activation,
+                     unbiased_running_var, PlainCall *call) except -1:
+    """Whether a forward call's input and options are of the common kind
+    (the running statistics are for each mode to check); fills call."""
+    if not plain_array(x):
+        return False
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int ndim = cnp.PyArray_NDIM(xa)
+    cdef Py_ssize_t ax, k
+    if ndim < 2 or cnp.PyArray_SIZE(xa) == 0:
+        return False
+    # Exact types only (bool is not an exact int), valid values.
+    if not (type(axis) is int and -ndim <= <Py_ssize_t>axis < ndim):
+        return False
+    if not (type(momentum) is float and 0.0 <= <double>momentum <= 1.0):
+        return False
+    if not (type(eps) is float and 0.0 <= <double>eps < INFINITY):
+        return False
+    if not (num_threads is None or (type(num_threads) is int and num_threads >= 1)):
+        return False
+    if not (type(nonfinite) is str
+            and nonfinite in ("propagate", "skip_update", "raise")):
+        return False
+    if not (activation is None or (type(activation) is str and activation == "relu")):
+        return False
+    if not (unbiased_running_var is True or unbiased_running_var is False):
+        return False
+    ax = axis % ndim
+    call.typenum = cnp.PyArray_TYPE(xa)
+    call.n = cnp.PyArray_SIZE(xa)
+    call.channels = cnp.PyArray_DIM(xa, ax)
+    call.outer = 1
+    call.inner = 1
+    for k in range(ax):
+        call.outer *= cnp.PyArray_DIM(xa, k)
+    for k in range(ax + 1, ndim):
+        call.inner *= cnp.PyArray_DIM(xa, k)
+    if not (plain_channel_vector(weight, call.channels)
+            and plain_channel_vector(bias, call.channels)):
+        return False
+    call.nthreads = 1
+    if call.n > serial_max_values:
+        # Imported here: bncore._threads imports this module.
+        from bncore._threads import resolve
+        call.nthreads = resolve(num_threads)
+    return True
+
+
+cdef object output_for(x, out, tuple channel_arrays):
+    """A new output like x, or out when it is a plain array of x's shape
+    and dtype that is x itself or overlaps neither x nor channel_arrays;
+    else None."""
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int ndim = cnp.PyArray_NDIM(xa)
+    cdef int k
+    cdef char *start
+    cdef char *end
+    if out is None:
+        if cnp.PyArray_NBYTES(xa) >= BN_POOL_MIN_BYTES:
+            return pooled_empty(x.shape, x.dtype)
+        return cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
+    if not (plain_array(out) and cnp.PyArray_TYPE(<cnp.ndarray>out) == cnp.PyArray_TYPE(xa)
+            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
+            and cnp.PyArray_NDIM(<cnp.ndarray>out) == ndim):
+        return None
+    for k in range(ndim):
+        if cnp.PyArray_DIM(<cnp.ndarray>out, k) != cnp.PyArray_DIM(xa, k):
+            return None
+    # out may be x itself; any other overlap is the full path's to refuse.
+    start = <char *>cnp.PyArray_DATA(<cnp.ndarray>out)
+    end = start + cnp.PyArray_NBYTES(<cnp.ndarray>out)
+    if start != <char *>cnp.PyArray_DATA(xa) and overlaps(x, start, end):
+        return None
+    for array in channel_arrays:
+        if overlaps(array, start, end):
+            return None
+    return out
+
+
 def eval_fast(x, running_mean, running_var, weight, bias, momentum, eps, axis, out,
               num_threads, nonfinite, activation, unbiased_running_var):
     """batch_norm(x, ..., training=False) for a call of the common kind, or
     None when the call is not one (see above)."""
-    if not plain_array(x):
+    cdef PlainCall call
+    if not plain_call(x, weight, bias, momentum, eps, axis, num_threads, nonfinite,
+                      activation, unbiased_running_var, &call):
         return None
-    cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int ndim = cnp.PyArray_NDIM(xa)
-    cdef Py_ssize_t n = cnp.PyArray_SIZE(xa)
-    cdef Py_ssize_t ax, k, outer = 1, inner = 1, channels
-    cdef int nthreads = 1
-    if ndim < 2 or n == 0:
-        return None
-    # The options: exact types only (bool is not an exact int), valid values.
-    if not (type(axis) is int and -ndim <= <Py_ssize_t>axis < ndim):
-        return None
-    if not (type(momentum) is float and 0.0 <= <double>momentum <= 1.0):
-        return None
-    if not (type(eps) is float and 0.0 <= <double>eps < INFINITY):
-        return None
-    if not (num_threads is None or (type(num_threads) is int and num_threads >= 1)):
-        return None
-    # (eval computes no statistics: every valid nonfinite mode acts alike)
-    if not (type(nonfinite) is str
-            and nonfinite in ("propagate", "skip_update", "raise")):
-        return None
-    if not (activation is None or (type(activation) is str and activation == "relu")):
-        return None
-    if not (unbiased_running_var is True or unbiased_running_var is False):
-        return None
-    ax = axis % ndim
-    channels = cnp.PyArray_DIM(xa, ax)
-    for k in range(ax):
-        outer *= cnp.PyArray_DIM(xa, k)
-    for k in range(ax + 1, ndim):
-        inner *= cnp.PyArray_DIM(xa, k)
     if not (running_mean is not None and running_var is not None
-            and plain_channel_vector(running_mean, channels)
-            and plain_channel_vector(running_var, channels)
-            and plain_channel_vector(weight, channels)
-            and plain_channel_vector(bias, channels)):
+            and plain_channel_vector(running_mean, call.channels)
+            and plain_channel_vector(running_var, call.channels)):
         return None
-    cdef int typenum = cnp.PyArray_TYPE(xa)
+    y = output_for(x, out, (running_mean, running_var, weight, bias))
+    if y is None:
+        return None
+    cdef AffineIn a = affine_in(call.channels, weight, bias, <double>eps,
+                                activation is not None, call.n, call.typenum)
+    a.running_mean = params_of(running_mean, call.channels, "running_mean")
+    a.running_var = params_of(running_var, call.channels, "running_var")
+    run_normalize(cnp.PyArray_DATA(<cnp.ndarray>x), cnp.PyArray_DATA(<cnp.ndarray>y),
+                  call.typenum, call.outer, call.channels, call.inner, &a, call.nthreads)
+    return y
+
+
+def train_fast(x, running_mean, running_var, weight, bias, momentum, eps, axis, out,
+               num_threads, nonfinite, activation, unbiased_running_var):
+    """The kernel half of batch_norm(x, ..., training=True) for a call of the
+    common kind: (y, mean, m2, invstd, count), the running statistics not
+    yet updated (functional._fold_batch does that); or None when the call is
+    not one. Running buffers: both None, or plain writeable (C,) arrays
+    apart from each other and from out."""
+    cdef PlainCall call
+    if not plain_call(x, weight, bias, momentum, eps, axis, num_threads, nonfinite,
+                      activation, unbiased_running_var, &call):
+        return None
+    if call.n // call.channels < 2:
+        return None     # one value per channel: the full path's error
     cdef char *start
-    cdef char *end
-    if n > serial_max_values:
-        # Imported here: bncore._threads imports this module.
-        from bncore._threads import resolve
-        nthreads = resolve(num_threads)
-    if out is None:
-        if cnp.PyArray_NBYTES(xa) >= BN_POOL_MIN_BYTES:
-            out = pooled_empty(x.shape, x.dtype)
-        else:
-            out = cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(xa), typenum, 0)
-    else:
-        if not (plain_array(out) and cnp.PyArray_TYPE(<cnp.ndarray>out) == typenum
-                and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
-                and cnp.PyArray_NDIM(<cnp.ndarray>out) == ndim):
+    if running_mean is not None or running_var is not None:
+        if not (running_mean is not None and running_var is not None
+                and plain_channel_vector(running_mean, call.channels)
+                and plain_channel_vector(running_var, call.channels)
+                and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_mean)
+                and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>running_var)):
             return None
-        for k in range(ndim):
-            if cnp.PyArray_DIM(<cnp.ndarray>out, k) != cnp.PyArray_DIM(xa, k):
-                return None
-        # out may be x itself; any other overlap is the full path's to refuse.
-        start = <char *>cnp.PyArray_DATA(<cnp.ndarray>out)
-        end = start + cnp.PyArray_NBYTES(<cnp.ndarray>out)
-        if ((start != <char *>cnp.PyArray_DATA(xa) and overlaps(x, start, end))
-                or overlaps(running_mean, start, end) or overlaps(running_var, start, end)
-                or overlaps(weight, start, end) or overlaps(bias, start, end)):
+        start = <char *>cnp.PyArray_DATA(<cnp.ndarray>running_mean)
+        if overlaps(running_var, start, start + cnp.PyArray_NBYTES(<cnp.ndarray>running_mean)):
             return None
-    cdef AffineIn a = affine_in(channels, weight, bias, <double>eps, activation is not None,
-                                n, typenum)
-    a.running_mean = params_of(running_mean, channels, "running_mean")
-    a.running_var = params_of(running_var, channels, "running_var")
-    run_normalize(cnp.PyArray_DATA(xa), cnp.PyArray_DATA(<cnp.ndarray>out), typenum,
-                  outer, channels, inner, &a, nthreads)
-    return out
+    y = output_for(x, out, (running_mean, running_var, weight, bias))
+    if y is None:
+        return None
+    cdef cnp.npy_intp channels = call.channels
+    mean = cnp.PyArray_EMPTY(1, &channels, cnp.NPY_FLOAT64, 0)
+    m2 = cnp.PyArray_EMPTY(1, &channels, cnp.NPY_FLOAT64, 0)
+    invstd = cnp.PyArray_EMPTY(1, &channels, cnp.NPY_FLOAT64, 0)
+    train_forward(x, y, call.outer, call.channels, call.inner, weight, bias, <double>eps,
+                  mean, m2, invstd, call.nthreads, activation is not None)
+    return y, mean, m2, invstd, call.n // call.channels
 
 
 # --------------------------------------------------------------------------

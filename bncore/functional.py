@@ -461,13 +461,6 @@ def batch_norm(input: ArrayLike, running_mean: NDArray[np.floating] | None = Non
     An empty batch (no values per feature) gives an empty output and leaves
     the running statistics untouched; its returned statistics are NaN.
     """
-    if training is False and not return_stats and decay is None:
-        # Eval calls of the common kind are checked and run in C.
-        fast = _kernels.eval_fast(input, running_mean, running_var, weight, bias, momentum,
-                                    eps, axis, out, num_threads, nonfinite, activation,
-                                    unbiased_running_var)
-        if fast is not None:
-            return fast
     decay = _check_decay(decay, momentum)
     y, mean, invstd, batch = _forward(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -520,9 +513,26 @@ def _forward(input: ArrayLike, running_mean: NDArray[np.floating] | None,
     mean and invstd are None unless ``eval_stats``: the kernel folds the
     running statistics itself, and small calls are all overhead.
     """
+    # Calls of the common kind are checked and run in C: small calls were
+    # mostly the Python below. Anything else gets None from there.
+    if training is False and not eval_stats:
+        y = _kernels.eval_fast(input, running_mean, running_var, weight, bias, momentum, eps,
+                               axis, out, num_threads, nonfinite, activation,
+                               unbiased_running_var)
+        if y is not None:
+            return y, None, None, None
+    elif training is True:
+        fast = _kernels.train_fast(input, running_mean, running_var, weight, bias, momentum,
+                                   eps, axis, out, num_threads, nonfinite, activation,
+                                   unbiased_running_var)
+        if fast is not None:
+            y, batch_mean, m2, batch_invstd, count = fast
+            return y, batch_mean, batch_invstd, _Batch(batch_mean, m2, count, momentum,
+                                                       nonfinite, bool(unbiased_running_var))
+
     x = _as_input(input)
     # The common argument types are accepted at a glance; anything else
-    # takes the full checks (small calls are dominated by this Python).
+    # takes the full checks.
     ndim = x.ndim
     ax = axis if type(axis) is int and 0 <= axis < ndim else _feature_axis(axis, ndim)
     outer, channels, inner = _canonical_shape(x.shape, ax)

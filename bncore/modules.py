@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping, cast
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from . import _kernels, _lowp
+from . import _lowp
 from .functional import (
     _FLOAT_DTYPES,
     _Batch,
@@ -561,38 +561,32 @@ class BatchNorm:
             # ambiguous rule before anything runs.
             decay = _check_decay(decay, self.momentum)
         weight, bias, activation = self.weight, self.bias, self.activation
-        # An eval call of the common kind is checked and run in C.
-        y = None if use_batch_stats else _kernels.eval_fast(
-            x, self.running_mean, self.running_var, weight, bias, 0.0, self.eps, self.axis,
-            None, None, self.nonfinite, activation, self.unbiased_running_var)
-        if y is None:
-            # Without tracking the running buffers are None and batch
-            # statistics are used in both modes; with tracking, eval reads
-            # them and training updates them. The kernel runs outside the
-            # lock; only the update of the running statistics and the
-            # counter is serialised.
-            y, mean, invstd, batch = _forward(
-                x,
-                self.running_mean,
-                self.running_var,
-                weight,
-                bias,
-                use_batch_stats,
-                0.0 if self.momentum is None else self.momentum,
-                self.eps,
-                axis=self.axis,
-                out=None,
-                num_threads=None,
-                nonfinite=self.nonfinite,
-                eval_stats=False,
-                activation=activation,
-                unbiased_running_var=self.unbiased_running_var,
-            )
-            if self.training:
-                self._fold_training_batch(batch, decay)
-            elif batch is not None:
-                # Eval without running buffers: only nonfinite="raise" acts.
-                _fold_batch(batch, None, None, 0.0)
+        # Without tracking the running buffers are None and batch statistics
+        # are used in both modes; with tracking, eval reads them and training
+        # updates them. The kernel runs outside the lock; only the update of
+        # the running statistics and the counter is serialised.
+        y, mean, invstd, batch = _forward(
+            x,
+            self.running_mean,
+            self.running_var,
+            weight,
+            bias,
+            use_batch_stats,
+            0.0 if self.momentum is None else self.momentum,
+            self.eps,
+            axis=self.axis,
+            out=None,
+            num_threads=None,
+            nonfinite=self.nonfinite,
+            eval_stats=False,
+            activation=activation,
+            unbiased_running_var=self.unbiased_running_var,
+        )
+        if self.training:
+            self._fold_training_batch(batch, decay)
+        elif batch is not None:
+            # Eval without running buffers: only nonfinite="raise" acts.
+            _fold_batch(batch, None, None, 0.0)
         if not use_batch_stats:
             # Eval: backward needs the running statistics as they are now;
             # copying them is cheaper than folding them on every call.

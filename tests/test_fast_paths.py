@@ -87,15 +87,16 @@ def test_mixed_parameter_dtypes():
                                   _full_path(x, rm64, rv64, w64, b64))
 
 
-def _declined(**changes):
-    """eval_fast's answer for a valid small call with some arguments changed."""
+def _declined(_entry=_kernels.eval_fast, **changes):
+    """Whether the fast path (eval_fast, or _entry) declines a valid small
+    call with some arguments changed."""
     x, rm, rv, weight, bias = _args((4, 16), np.float32, 1, True)
     call = dict(x=x, running_mean=rm, running_var=rv, weight=weight, bias=bias, momentum=0.1,
                 eps=1e-5, axis=1, out=None, num_threads=None, nonfinite="propagate",
                 activation=None, unbiased_running_var=True)
     for name, change in changes.items():
         call[name] = change(call) if callable(change) else change
-    return _kernels.eval_fast(*call.values()) is None
+    return _entry(*call.values()) is None
 
 
 def test_the_baseline_call_is_taken():
@@ -190,8 +191,9 @@ def test_layer_eval_takes_the_fast_path_and_keeps_backward(monkeypatch):
     def no_full_path(*args, **kwargs):
         raise AssertionError("the layer took the full path")
 
-    monkeypatch.setattr("bncore.modules._forward", no_full_path)
+    monkeypatch.setattr("bncore.functional._as_input", no_full_path)
     y = layer(x)
+    monkeypatch.undo()
     np.testing.assert_array_equal(y, want)
     layer.running_mean += 1.0   # after the forward: must not reach backward
     dy = make_input((8, 6), np.float64, 1, kind="normal", seed=3)
@@ -254,3 +256,84 @@ def test_update_running_declines_buffers_it_does_not_take(make_buffer):
     assert not _kernels.update_running(np.zeros(4), buffer, np.zeros(4), np.ones(4), 1.0,
                                        0.5, 0.5)
     np.testing.assert_array_equal(np.asarray(buffer), before)
+
+
+# --------------------------------------------------------------------------
+# Training calls: _kernels.train_fast runs the checks and the kernel, the
+# running update stays in functional._fold_batch.
+
+def _train_both_ways(shape, dtype, axis, running=True, **options):
+    """(fast, full): outputs, statistics and running buffers of the same
+    training call through each path."""
+    results = []
+    for run in (bncore.batch_norm, _full_path):
+        x, rm, rv, weight, bias = _args(shape, dtype, axis, True)
+        if not running:
+            rm = rv = None
+        y, mean, invstd = run(x, rm, rv, weight, bias, True, axis=axis, return_stats=True,
+                              **options)
+        results.append((y, mean, invstd, rm, rv))
+    return results
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (8, 32, 14, 14), (4, 5, 7), (3, 6, 2, 5),
+                                   (2, 8, 40000)], ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_train_fast_path_matches_full_path(shape, dtype, axis):
+    x, rm, rv, weight, bias = _args(shape, dtype, axis, True)
+    assert _kernels.train_fast(x, rm, rv, weight, bias, 0.1, 1e-5, axis, None, None,
+                               "propagate", None, True) is not None, "not taken"
+    fast, full = _train_both_ways(shape, dtype, axis)
+    for got, want in zip(fast, full):
+        np.testing.assert_array_equal(got, want)
+    ref = reference.batch_norm(x, rm, rv, weight, bias, True, 0.1, 1e-5, axis=axis)
+    assert_output_close(fast[0], ref.y, dtype)
+
+
+@pytest.mark.parametrize("options", [
+    dict(momentum=0.3, activation="relu"), dict(decay=0.99), dict(unbiased_running_var=False),
+    dict(nonfinite="skip_update"), dict(num_threads=2), dict(running=False),
+])
+def test_train_fast_path_options(options):
+    options = dict(options)
+    running = options.pop("running", True)
+    fast, full = _train_both_ways((6, 4, 9), np.float32, 1, running=running, **options)
+    for got, want in zip(fast, full):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_train_fast_path_nonfinite_raise_leaves_running_stats():
+    x, rm, rv, weight, bias = _args((4, 3, 5), np.float32, 1, True)
+    x[1, 2, 3] = np.nan
+    before = rm.copy(), rv.copy()
+    assert _kernels.train_fast(x, rm, rv, weight, bias, 0.1, 1e-5, 1, None, None, "raise",
+                               None, True) is not None, "not taken"
+    with pytest.raises(FloatingPointError, match="channel"):
+        bncore.batch_norm(x, rm, rv, weight, bias, True, nonfinite="raise")
+    np.testing.assert_array_equal(rm, before[0])
+    np.testing.assert_array_equal(rv, before[1])
+
+
+def _train_declined(**changes):
+    return _declined(_entry=_kernels.train_fast, **changes)
+
+
+def _shared_running(call):
+    call["running_var"] = call["running_mean"]
+    return call["running_mean"]
+
+
+@pytest.mark.parametrize("changes", [
+    dict(running_mean=None), dict(running_var=None),
+    dict(running_mean=lambda c: _read_only(c["running_mean"])),
+    dict(running_var=lambda c: np.repeat(c["running_var"], 2)[::2]),
+    dict(running_mean=_shared_running),
+    dict(x=lambda c: c["x"][:1]),          # one value per channel
+    dict(out=lambda c: _over(c, "running_var")),
+    dict(eps=np.float64(1e-5)), dict(momentum=-0.5), dict(nonfinite="sometimes"),
+])
+def test_uncertain_training_calls_go_to_the_full_path(changes):
+    assert not _train_declined()
+    assert not _train_declined(running_mean=None, running_var=None)
+    assert _train_declined(**changes)
