@@ -97,6 +97,12 @@ cdef extern from "_leaf_loops.h" nogil:
                                  double *s2, const float *ahead, const float *xn, float *yn,
                                  float mean_hi, float mean_lo, float scale, float shift,
                                  int relu, int stream)
+    void bn_grad_sums_and_input_f32(const float *xs, const float *dys, Py_ssize_t n,
+                                    double mean, double *s_dy, double *s_dy_dev,
+                                    const float *ahead_x, const float *ahead_dy,
+                                    const float *xn, const float *dyn, float *dxn,
+                                    float mean_hi, float mean_lo, float k, float c1, float c0,
+                                    int stream)
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
@@ -188,6 +194,10 @@ cdef enum:
     # one run of 3 KB ahead was too close on (64, 256, 28, 28), three 10 %
     # faster; on runs of 12.5 KB the distance made no difference.
     PIPE_AHEAD_BYTES = 8 * 1024
+    # The pipelined backward holds x and dy of two channels per thread in
+    # cache; used (with the forward's PIPE_MIN_CHANNELS) for channels of at
+    # most this many bytes of x. Placeholder: to be measured.
+    PIPE_BWD_MAX_SLICE = 2 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------
@@ -1130,13 +1140,19 @@ cdef inline GradSums given_sums(const BackwardArgs *a, Py_ssize_t c) noexcept no
     return sums
 
 
+cdef inline GradSums chunks_total(const GradSums *chunks, Py_ssize_t nchunks) noexcept nogil:
+    """A channel's chunk sums chunks[0:nchunks] added in order."""
+    cdef GradSums total = zero_grad_sums()
+    cdef Py_ssize_t k
+    for k in range(nchunks):
+        total = add_grad_sums(total, chunks[k])
+    return total
+
+
 cdef inline void finish_grad_channel(const GradSums *table, const Planar *g, Py_ssize_t c,
                                      GradSums *totals, const BackwardArgs *a) noexcept nogil:
     """Add channel c's chunk sums in order; store its parameter gradients."""
-    cdef Py_ssize_t k
-    totals[c] = zero_grad_sums()
-    for k in range(g.chunks_per_channel):
-        totals[c] = add_grad_sums(totals[c], table[c * g.chunks_per_channel + k])
+    totals[c] = chunks_total(table + c * g.chunks_per_channel, g.chunks_per_channel)
     store_param_grads(totals[c], c, a)
 
 
@@ -1178,6 +1194,155 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
             planar_chunk_grad_input(x, dy, dx, g, item // nchunks, item % nchunks, totals, a)
     free(table)
     return 0
+
+
+# --------------------------------------------------------------------------
+# The pipelined training backward (planar float32, row chunks), the
+# forward's twin: a work item is a range of consecutive channels. While
+# channel c's dx is written, from cache, the gradient sums of channel c + 1
+# are read from memory in the same loop, run by run, each run asking for
+# the next one ahead of use; so the memory sees x and dy read once and dx
+# written, instead of x and dy read twice. Channel c + 1's run sums, chunk
+# sums and total are added exactly as planar_rows_grad_sums and
+# finish_grad_channel add them: the bits of the two-pass path.
+
+cdef struct GradConstantsF32:
+    # dx = dy * k + (((x - hi) - lo) * c1 + c0) for one channel (grad_constants)
+    float hi
+    float lo
+    float k
+    float c1
+    float c0
+
+
+cdef inline const float *beside(const float *run, const float *x,
+                                const float *other) noexcept nogil:
+    """The run of `other` at the position of x's `run` (NULL for NULL)."""
+    if run == NULL:
+        return NULL
+    return other + (run - x)
+
+
+cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const Planar *g,
+                              Py_ssize_t n, Py_ssize_t sc, double mean, GradSums *acc,
+                              const float *ahead, Py_ssize_t n_dx, Py_ssize_t nc,
+                              const float *next_dx, const GradConstantsF32 *k,
+                              int stream) noexcept nogil:
+    """The sums of channel sc's run in row n added into acc (sc < 0: none),
+    prefetching x's run at ``ahead`` and dy's beside it, and dx of channel
+    nc's run in row n_dx written with the constants k (nc < 0: none);
+    next_dx is x's run whose dx is written next."""
+    cdef double lanes_dy[BN_LANES]
+    cdef double lanes_dev[BN_LANES]
+    cdef const float *xs = NULL
+    cdef const float *xn = NULL
+    cdef Py_ssize_t start
+    cdef int lane, to_l1
+    cdef GradSums run
+    if sc >= 0:
+        xs = x + run_start(g, n, sc)
+        for lane in range(BN_LANES):
+            lanes_dy[lane] = 0.0
+            lanes_dev[lane] = 0.0
+    if nc >= 0:
+        xn = x + run_start(g, n_dx, nc)
+        if next_dx != NULL:
+            # x and dy of a channel both fit in L2: into L1, else into L2.
+            to_l1 = 2 * g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_L2_SLICE
+            bn_prefetch_run_f32(next_dx, g.inner, to_l1)
+            bn_prefetch_run_f32(beside(next_dx, x, dy), g.inner, to_l1)
+    bn_grad_sums_and_input_f32(xs, beside(xs, x, dy), g.inner, mean, lanes_dy, lanes_dev,
+                               ahead, beside(ahead, x, dy), xn, beside(xn, x, dy),
+                               <float *>beside(xn, x, dx), k.hi, k.lo, k.k, k.c1, k.c0,
+                               stream)
+    if sc >= 0:
+        # As run_grad_sums: the lanes' totals, added to the chunk's in row order.
+        run.dy = lanes_total(lanes_dy)
+        run.dy_dev = lanes_total(lanes_dev)
+        acc[0] = add_grad_sums(acc[0], run)
+
+
+cdef void pipelined_backward_item(const float *x, const float *dy, float *dx, const Planar *g,
+                                  Py_ssize_t c0, Py_ssize_t c1,
+                                  const BackwardArgs *a) noexcept nogil:
+    """Channels [c0, c1): sums of c0 alone, then each channel's dx written
+    while the next one's sums are read, then the last one's dx alone. One
+    channel's chunk sums at a time, on the stack (row chunks: at most
+    MAX_ROW_CHUNKS), so the call allocates nothing."""
+    cdef GradSums chunks[MAX_ROW_CHUNKS]
+    cdef GradSums total = zero_grad_sums()      # of the channel whose dx is written
+    cdef GradConstantsF32 k
+    cdef Py_ssize_t nchunks = g.chunks_per_channel
+    cdef Py_ssize_t c, chunk, n, sc, nc
+    cdef Span s
+    cdef double mean = 0.0
+    cdef Py_ssize_t ahead = runs_ahead(g)
+    k.hi = k.lo = k.k = k.c1 = k.c0 = 0     # set before the first dx is written
+    for c in range(c0 - 1, c1):
+        # Sums of sc = c + 1 while writing dx of nc = c (-1: none).
+        sc = c + 1 if c + 1 < c1 else -1
+        nc = c if c >= c0 else -1
+        if sc >= 0:
+            mean = a.mean[sc]
+        if nc >= 0:
+            # Training only (use_pipelined_backward): eval's dx is dy * k alone.
+            grad_constants(total, a.count, a.mean[nc], a.invstd[nc], a.weight, nc, True,
+                           &k.hi, &k.lo, &k.k, &k.c1, &k.c0)
+        for chunk in range(nchunks):
+            s = chunk_span(g, chunk)
+            if sc >= 0:
+                chunks[chunk] = zero_grad_sums()
+            for n in range(s.n0, s.n1):
+                # Rows are written last read first: those still in L2.
+                pipelined_grad_runs(x, dy, dx, g, n, sc, mean, &chunks[chunk],
+                                    run_after(x, g, n, sc, c1, ahead) if sc >= 0 else NULL,
+                                    g.outer - 1 - n, nc,
+                                    run_before(x, g, g.outer - 1 - n, nc, c1) if nc >= 0
+                                    else NULL,
+                                    &k, a.stream)
+        if sc >= 0:
+            total = chunks_total(chunks, nchunks)
+            store_param_grads(total, sc, a)
+    if a.stream:
+        bn_stream_fence()
+
+
+cdef Py_ssize_t pipelined_backward_items = 0    # 0: one per thread (set_pipelined_backward)
+
+
+cdef void planar_backward_pipelined(const float *x, const float *dy, float *dx,
+                                    const Planar *g, const BackwardArgs *a,
+                                    int nthreads) noexcept nogil:
+    cdef Py_ssize_t item
+    cdef Py_ssize_t nitems = (pipelined_backward_items if pipelined_backward_items > 0
+                              else nthreads)
+    nitems = min(nitems, g.channels)
+    for item in prange(nitems, num_threads=nthreads, schedule="static", chunksize=1):
+        pipelined_backward_item(x, dy, dx, g, item * g.channels // nitems,
+                                (item + 1) * g.channels // nitems, a)
+
+
+cdef int pipelined_backward_mode = -1   # -1: by size; 0: never; 1: whenever possible
+
+
+cdef bint use_pipelined_backward(const Planar *g, const BackwardArgs *a,
+                                 int nthreads) noexcept nogil:
+    """Whether the pipelined backward (float32 only) pays.
+
+    It needs a training backward that computes its sums and writes dx (not
+    eval, where dx = dy * k needs no sums, nor either half of a split
+    backward), over runs in row chunks (the long-run chunking is not
+    pipelined). The size rule is the forward's (use_pipelined), measured
+    again for the backward: see PIPE_BWD_MAX_SLICE.
+    """
+    if (pipelined_backward_mode == 0 or not a.training or a.sums_only
+            or a.given_dy != NULL or g.rows_per_chunk == 0):
+        return False
+    if pipelined_backward_mode == 1:
+        return True
+    return (bn_pipelined_fused() and a.stream != 0
+            and g.channels >= PIPE_MIN_CHANNELS * nthreads
+            and g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_BWD_MAX_SLICE)
 
 
 cdef void interleaved_grad_sums_item(const floating *x, const floating *dy,
@@ -1305,8 +1470,14 @@ cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
                          const BackwardArgs *a, int requested) noexcept nogil:
     cdef Planar p
     cdef Interleaved q
+    cdef int nthreads
     if inner >= PLANAR_MIN_INNER:
         p = planar_geometry(outer, channels, inner)
+        if floating is float:
+            nthreads = team_size(requested, channels, outer * channels * inner)
+            if use_pipelined_backward(&p, a, nthreads):
+                planar_backward_pipelined(x, dy, dx, &p, a, nthreads)
+                return 0
         return planar_backward(x, dy, dx, &p, a, requested)
     q = interleaved_geometry(outer, channels, inner)
     return interleaved_backward(x, dy, dx, &q, a, requested)
@@ -1467,6 +1638,17 @@ def set_pipelined(int mode, Py_ssize_t items=0):
     previous = (pipelined_mode, pipelined_items)
     pipelined_mode = mode
     pipelined_items = items
+    return previous
+
+
+def set_pipelined_backward(int mode, Py_ssize_t items=0):
+    """The pipelined training backward, as set_pipelined for the forward:
+    mode -1 chooses by size, 0 never, 1 whenever the call allows it; items
+    > 0 sets the number of channel ranges. Returns the previous (mode, items)."""
+    global pipelined_backward_mode, pipelined_backward_items
+    previous = (pipelined_backward_mode, pipelined_backward_items)
+    pipelined_backward_mode = mode
+    pipelined_backward_items = items
     return previous
 
 
