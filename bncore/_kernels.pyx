@@ -18,7 +18,9 @@ The float32 training forward in planar order also has a pipelined form
 for large outputs (use_pipelined): each thread walks a range of channels,
 normalising one from cache while it reads the next one's statistics from
 memory, so the input is read once instead of twice. It computes the same
-blocks, merged in the same order, as the two passes: the same bits.
+blocks, merged in the same order, as the two passes: the same bits. The
+float32 training backward has its twin (use_pipelined_backward): dx of one
+channel written from cache while the next one's gradient sums are read.
 
 Statistics are the triple (count, mean, M2) per channel, with the mean kept
 as an offset from the channel's origin, its first value: every block of the
@@ -187,17 +189,14 @@ cdef enum:
     # passes (float32, 1 and 2 threads): channels of 0.2, 0.4, 0.8 and 1.6 MB
     # gain 15-50 %, 3.2 MB break even, 6.4 MB lose 5-20 %; 3 channels of
     # 12.8 MB lose 10 %. The channel count is a judgement: a thread reads
-    # its first channel and normalises its last one unpipelined.
+    # its first channel and normalises its last one unpipelined. The
+    # pipelined backward uses the same two (use_pipelined_backward says why).
     PIPE_MIN_CHANNELS = 8
     PIPE_MAX_SLICE = 2 * 1024 * 1024
     # Its statistics pass prefetches at least this far ahead (in whole runs):
     # one run of 3 KB ahead was too close on (64, 256, 28, 28), three 10 %
     # faster; on runs of 12.5 KB the distance made no difference.
     PIPE_AHEAD_BYTES = 8 * 1024
-    # The pipelined backward holds x and dy of two channels per thread in
-    # cache; used (with the forward's PIPE_MIN_CHANNELS) for channels of at
-    # most this many bytes of x. Placeholder: to be measured.
-    PIPE_BWD_MAX_SLICE = 2 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------
@@ -1247,7 +1246,9 @@ cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const 
     if nc >= 0:
         xn = x + run_start(g, n_dx, nc)
         if next_dx != NULL:
-            # x and dy of a channel both fit in L2: into L1, else into L2.
+            # As the forward: into L1 when a channel's x and dy fit in L2
+            # beside the next one's, else into L2 (here the choice measured
+            # within the machine's noise either way).
             to_l1 = 2 * g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_L2_SLICE
             bn_prefetch_run_f32(next_dx, g.inner, to_l1)
             bn_prefetch_run_f32(beside(next_dx, x, dy), g.inner, to_l1)
@@ -1332,17 +1333,22 @@ cdef bint use_pipelined_backward(const Planar *g, const BackwardArgs *a,
     It needs a training backward that computes its sums and writes dx (not
     eval, where dx = dy * k needs no sums, nor either half of a split
     backward), over runs in row chunks (the long-run chunking is not
-    pipelined). The size rule is the forward's (use_pipelined), measured
-    again for the backward: see PIPE_BWD_MAX_SLICE.
+    pipelined). The size rule is the forward's, measured again for the
+    backward (benchmarks/results/pipelined_backward.md), float32, 1 and 2
+    threads: channels of 0.1-1.6 MB (of x) gain 3-46 % with streaming
+    stores, 3.2 and 6.4 MB break even (-3 to +10 %). Unlike the forward's,
+    it pays with normal stores too, which the default gives outputs under
+    STREAM_MIN_BYTES, there from cache: 0-35 % on 6 MB tensors. (Normal
+    stores forced on a 51 MB one: 8 % slower on one thread, 16 % faster on
+    two.)
     """
     if (pipelined_backward_mode == 0 or not a.training or a.sums_only
             or a.given_dy != NULL or g.rows_per_chunk == 0):
         return False
     if pipelined_backward_mode == 1:
         return True
-    return (bn_pipelined_fused() and a.stream != 0
-            and g.channels >= PIPE_MIN_CHANNELS * nthreads
-            and g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_BWD_MAX_SLICE)
+    return (bn_pipelined_fused() and g.channels >= PIPE_MIN_CHANNELS * nthreads
+            and g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_MAX_SLICE)
 
 
 cdef void interleaved_grad_sums_item(const floating *x, const floating *dy,
