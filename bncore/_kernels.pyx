@@ -18,7 +18,9 @@ The float32 training forward in planar order also has a pipelined form
 for large outputs (use_pipelined): each thread walks a range of channels,
 normalising one from cache while it reads the next one's statistics from
 memory, so the input is read once instead of twice. It computes the same
-blocks, merged in the same order, as the two passes: the same bits.
+blocks, merged in the same order, as the two passes: the same bits. The
+float32 training backward has its twin (use_pipelined_backward): dx of one
+channel written from cache while the next one's gradient sums are read.
 
 Statistics are the triple (count, mean, M2) per channel, with the mean kept
 as an offset from the channel's origin, its first value: every block of the
@@ -98,6 +100,12 @@ cdef extern from "_leaf_loops.h" nogil:
                                  double *s2, const float *ahead, const float *xn, float *yn,
                                  float mean_hi, float mean_lo, float scale, float shift,
                                  int relu, int stream)
+    void bn_grad_sums_and_input_f32(const float *xs, const float *dys, Py_ssize_t n,
+                                    double mean, double *s_dy, double *s_dy_dev,
+                                    const float *ahead_x, const float *ahead_dy,
+                                    const float *xn, const float *dyn, float *dxn,
+                                    float mean_hi, float mean_lo, float k, float c1, float c0,
+                                    int stream)
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
@@ -182,7 +190,8 @@ cdef enum:
     # passes (float32, 1 and 2 threads): channels of 0.2, 0.4, 0.8 and 1.6 MB
     # gain 15-50 %, 3.2 MB break even, 6.4 MB lose 5-20 %; 3 channels of
     # 12.8 MB lose 10 %. The channel count is a judgement: a thread reads
-    # its first channel and normalises its last one unpipelined.
+    # its first channel and normalises its last one unpipelined. The
+    # pipelined backward uses the same two (use_pipelined_backward says why).
     PIPE_MIN_CHANNELS = 8
     PIPE_MAX_SLICE = 2 * 1024 * 1024
     # Its statistics pass prefetches at least this far ahead (in whole runs):
@@ -1170,13 +1179,19 @@ cdef inline GradSums given_sums(const BackwardArgs *a, Py_ssize_t c) noexcept no
     return sums
 
 
+cdef inline GradSums chunks_total(const GradSums *chunks, Py_ssize_t nchunks) noexcept nogil:
+    """A channel's chunk sums chunks[0:nchunks] added in order."""
+    cdef GradSums total = zero_grad_sums()
+    cdef Py_ssize_t k
+    for k in range(nchunks):
+        total = add_grad_sums(total, chunks[k])
+    return total
+
+
 cdef inline void finish_grad_channel(const GradSums *table, const Planar *g, Py_ssize_t c,
                                      GradSums *totals, const BackwardArgs *a) noexcept nogil:
     """Add channel c's chunk sums in order; store its parameter gradients."""
-    cdef Py_ssize_t k
-    totals[c] = zero_grad_sums()
-    for k in range(g.chunks_per_channel):
-        totals[c] = add_grad_sums(totals[c], table[c * g.chunks_per_channel + k])
+    totals[c] = chunks_total(table + c * g.chunks_per_channel, g.chunks_per_channel)
     store_param_grads(totals[c], c, a)
 
 
@@ -1218,6 +1233,162 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
             planar_chunk_grad_input(x, dy, dx, g, item // nchunks, item % nchunks, totals, a)
     free(table)
     return 0
+
+
+# --------------------------------------------------------------------------
+# The pipelined training backward (planar float32, row chunks), the
+# forward's twin: a work item is a range of consecutive channels. While
+# channel c's dx is written, from cache, the gradient sums of channel c + 1
+# are read from memory in the same loop, run by run, each run asking for
+# the next one ahead of use; so the memory sees x and dy read once and dx
+# written, instead of x and dy read twice. Channel c + 1's run sums, chunk
+# sums and total are added exactly as planar_rows_grad_sums and
+# finish_grad_channel add them: the bits of the two-pass path.
+
+cdef struct GradConstantsF32:
+    # dx = dy * k + (((x - hi) - lo) * c1 + c0) for one channel (grad_constants)
+    float hi
+    float lo
+    float k
+    float c1
+    float c0
+
+
+cdef inline const float *beside(const float *run, const float *x,
+                                const float *other) noexcept nogil:
+    """The run of `other` at the position of x's `run` (NULL for NULL)."""
+    if run == NULL:
+        return NULL
+    return other + (run - x)
+
+
+cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const Planar *g,
+                              Py_ssize_t n, Py_ssize_t sc, double mean, GradSums *acc,
+                              const float *ahead, Py_ssize_t n_dx, Py_ssize_t nc,
+                              const float *next_dx, const GradConstantsF32 *k,
+                              int stream) noexcept nogil:
+    """The sums of channel sc's run in row n added into acc (sc < 0: none),
+    prefetching x's run at ``ahead`` and dy's beside it, and dx of channel
+    nc's run in row n_dx written with the constants k (nc < 0: none);
+    next_dx is x's run whose dx is written next."""
+    cdef double lanes_dy[BN_LANES]
+    cdef double lanes_dev[BN_LANES]
+    cdef const float *xs = NULL
+    cdef const float *xn = NULL
+    cdef Py_ssize_t start
+    cdef int lane, to_l1
+    cdef GradSums run
+    if sc >= 0:
+        xs = x + run_start(g, n, sc)
+        for lane in range(BN_LANES):
+            lanes_dy[lane] = 0.0
+            lanes_dev[lane] = 0.0
+    if nc >= 0:
+        xn = x + run_start(g, n_dx, nc)
+        if next_dx != NULL:
+            # As the forward: into L1 when a channel's x and dy fit in L2
+            # beside the next one's, else into L2 (here the choice measured
+            # within the machine's noise either way).
+            to_l1 = 2 * g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_L2_SLICE
+            bn_prefetch_run_f32(next_dx, g.inner, to_l1)
+            bn_prefetch_run_f32(beside(next_dx, x, dy), g.inner, to_l1)
+    bn_grad_sums_and_input_f32(xs, beside(xs, x, dy), g.inner, mean, lanes_dy, lanes_dev,
+                               ahead, beside(ahead, x, dy), xn, beside(xn, x, dy),
+                               <float *>beside(xn, x, dx), k.hi, k.lo, k.k, k.c1, k.c0,
+                               stream)
+    if sc >= 0:
+        # As run_grad_sums: the lanes' totals, added to the chunk's in row order.
+        run.dy = lanes_total(lanes_dy)
+        run.dy_dev = lanes_total(lanes_dev)
+        acc[0] = add_grad_sums(acc[0], run)
+
+
+cdef void pipelined_backward_item(const float *x, const float *dy, float *dx, const Planar *g,
+                                  Py_ssize_t c0, Py_ssize_t c1,
+                                  const BackwardArgs *a) noexcept nogil:
+    """Channels [c0, c1): sums of c0 alone, then each channel's dx written
+    while the next one's sums are read, then the last one's dx alone. One
+    channel's chunk sums at a time, on the stack (row chunks: at most
+    MAX_ROW_CHUNKS), so the call allocates nothing."""
+    cdef GradSums chunks[MAX_ROW_CHUNKS]
+    cdef GradSums total = zero_grad_sums()      # of the channel whose dx is written
+    cdef GradConstantsF32 k
+    cdef Py_ssize_t nchunks = g.chunks_per_channel
+    cdef Py_ssize_t c, chunk, n, sc, nc
+    cdef Span s
+    cdef double mean = 0.0
+    cdef Py_ssize_t ahead = runs_ahead(g)
+    k.hi = k.lo = k.k = k.c1 = k.c0 = 0     # set before the first dx is written
+    for c in range(c0 - 1, c1):
+        # Sums of sc = c + 1 while writing dx of nc = c (-1: none).
+        sc = c + 1 if c + 1 < c1 else -1
+        nc = c if c >= c0 else -1
+        if sc >= 0:
+            mean = a.mean[sc]
+        if nc >= 0:
+            # Training only (use_pipelined_backward): eval's dx is dy * k alone.
+            grad_constants(total, a.count, a.mean[nc], a.invstd[nc], a.weight, nc, True,
+                           &k.hi, &k.lo, &k.k, &k.c1, &k.c0)
+        for chunk in range(nchunks):
+            s = chunk_span(g, chunk)
+            if sc >= 0:
+                chunks[chunk] = zero_grad_sums()
+            for n in range(s.n0, s.n1):
+                # Rows are written last read first: those still in L2.
+                pipelined_grad_runs(x, dy, dx, g, n, sc, mean, &chunks[chunk],
+                                    run_after(x, g, n, sc, c1, ahead) if sc >= 0 else NULL,
+                                    g.outer - 1 - n, nc,
+                                    run_before(x, g, g.outer - 1 - n, nc, c1) if nc >= 0
+                                    else NULL,
+                                    &k, a.stream)
+        if sc >= 0:
+            total = chunks_total(chunks, nchunks)
+            store_param_grads(total, sc, a)
+    if a.stream:
+        bn_stream_fence()
+
+
+cdef Py_ssize_t pipelined_backward_items = 0    # 0: one per thread (set_pipelined_backward)
+
+
+cdef void planar_backward_pipelined(const float *x, const float *dy, float *dx,
+                                    const Planar *g, const BackwardArgs *a,
+                                    int nthreads) noexcept nogil:
+    cdef Py_ssize_t item
+    cdef Py_ssize_t nitems = (pipelined_backward_items if pipelined_backward_items > 0
+                              else nthreads)
+    nitems = min(nitems, g.channels)
+    for item in prange(nitems, num_threads=nthreads, schedule="static", chunksize=1):
+        pipelined_backward_item(x, dy, dx, g, item * g.channels // nitems,
+                                (item + 1) * g.channels // nitems, a)
+
+
+cdef int pipelined_backward_mode = -1   # -1: by size; 0: never; 1: whenever possible
+
+
+cdef bint use_pipelined_backward(const Planar *g, const BackwardArgs *a,
+                                 int nthreads) noexcept nogil:
+    """Whether the pipelined backward (float32 only) pays.
+
+    It needs a training backward that computes its sums and writes dx (not
+    eval, where dx = dy * k needs no sums, nor either half of a split
+    backward), over runs in row chunks (the long-run chunking is not
+    pipelined). The size rule is the forward's, measured again for the
+    backward (benchmarks/results/pipelined_backward.md), float32, 1 and 2
+    threads: channels of 0.1-1.6 MB (of x) gain 3-46 % with streaming
+    stores, 3.2 and 6.4 MB break even (-3 to +10 %). Unlike the forward's,
+    it pays with normal stores too, which the default gives outputs under
+    STREAM_MIN_BYTES, there from cache: 0-35 % on 6 MB tensors. (Normal
+    stores forced on a 51 MB one: 8 % slower on one thread, 16 % faster on
+    two.)
+    """
+    if (pipelined_backward_mode == 0 or not a.training or a.sums_only
+            or a.given_dy != NULL or g.rows_per_chunk == 0):
+        return False
+    if pipelined_backward_mode == 1:
+        return True
+    return (bn_pipelined_fused() and g.channels >= PIPE_MIN_CHANNELS * nthreads
+            and g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_MAX_SLICE)
 
 
 cdef void interleaved_grad_sums_item(const floating *x, const floating *dy,
@@ -1345,8 +1516,14 @@ cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
                          const BackwardArgs *a, int requested) noexcept nogil:
     cdef Planar p
     cdef Interleaved q
+    cdef int nthreads
     if inner >= PLANAR_MIN_INNER:
         p = planar_geometry(outer, channels, inner)
+        if floating is float:
+            nthreads = team_size(requested, channels, outer * channels * inner)
+            if use_pipelined_backward(&p, a, nthreads):
+                planar_backward_pipelined(x, dy, dx, &p, a, nthreads)
+                return 0
         return planar_backward(x, dy, dx, &p, a, requested)
     q = interleaved_geometry(outer, channels, inner)
     return interleaved_backward(x, dy, dx, &q, a, requested)
@@ -1516,6 +1693,17 @@ def set_serial_max_values(Py_ssize_t nvalues):
     global serial_max_values
     previous = serial_max_values
     serial_max_values = nvalues
+    return previous
+
+
+def set_pipelined_backward(int mode, Py_ssize_t items=0):
+    """The pipelined training backward, as set_pipelined for the forward:
+    mode -1 chooses by size, 0 never, 1 whenever the call allows it; items
+    > 0 sets the number of channel ranges. Returns the previous (mode, items)."""
+    global pipelined_backward_mode, pipelined_backward_items
+    previous = (pipelined_backward_mode, pipelined_backward_items)
+    pipelined_backward_mode = mode
+    pipelined_backward_items = items
     return previous
 
 

@@ -629,6 +629,155 @@ static inline int bn_pipelined_fused(void)
 #endif
 }
 
+/* The pipelined training backward's inner loop, the forward's twin: two runs
+ * of n values at once, the gradient sums of (xs, dys) (as
+ * bn_lane_grad_sums_f32, into s_dy and s_dy_dev) and the input gradient of
+ * (xn, dyn) into dxn (as bn_grad_input_f32), asking on the way for the n
+ * values at ahead_x and ahead_dy to be brought into L2 (prefetcht1). xs
+ * (with dys), ahead_x (with ahead_dy) or xn (with dyn and dxn) may be NULL
+ * for none; dxn may be xn or dyn. It reads one channel's x and dy from
+ * memory for the sums while it writes the previous channel's dx from
+ * cache. Both halves do exactly the operations of the separate loops, in
+ * the same order for each lane: the results are bitwise theirs. */
+#if BN_X86_DISPATCH
+BN_INLINE __m512 bn_grad16_avx512(__m512 x, __m512 dy, __m512 hi, __m512 lo, __m512 k,
+                                   __m512 c1, __m512 c0)
+    __attribute__((target("avx512f")));
+BN_INLINE __m512 bn_grad16_avx512(__m512 x, __m512 dy, __m512 hi, __m512 lo, __m512 k,
+                                   __m512 c1, __m512 c0)
+{
+    /* dy * k + (((x - hi) - lo) * c1 + c0), rounded after every operation
+     * as bn_grad_input_f32 is (built with -ffp-contract=off: no FMA). */
+    __m512 dev = _mm512_sub_ps(_mm512_sub_ps(x, hi), lo);
+    return _mm512_add_ps(_mm512_mul_ps(dy, k), _mm512_add_ps(_mm512_mul_ps(dev, c1), c0));
+}
+
+__attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512(
+    const float *xs, const float *dys, ptrdiff_t n, double mean, double *BN_RESTRICT s_dy,
+    double *BN_RESTRICT s_dy_dev, const float *ahead_x, const float *ahead_dy,
+    const float *xn, const float *dyn, float *dxn, float mean_hi, float mean_lo, float k,
+    float c1, float c0, int stream)
+{
+    __m512d a1 = _mm512_setzero_pd(), b1 = a1, a2 = a1, b2 = a1;
+    const __m512d m = _mm512_set1_pd(mean);
+    const __m512 h = _mm512_set1_ps(mean_hi), l = _mm512_set1_ps(mean_lo);
+    const __m512 kv = _mm512_set1_ps(k), c1v = _mm512_set1_ps(c1), c0v = _mm512_set1_ps(c0);
+    /* Sums: values [0, ns) sixteen at a time, then a scalar tail. Input
+     * gradient: a masked head [0, j0) up to a 64-byte boundary of dxn
+     * (streaming stores take whole aligned lines), whole vectors, a masked
+     * tail. */
+    ptrdiff_t ns = xs == NULL ? 0 : n - n % 16;
+    ptrdiff_t j0 = 0, j, i = 0;
+    if (xn != NULL && stream) {
+        j0 = (ptrdiff_t)(((64 - ((uintptr_t)dxn & 63)) & 63) / sizeof(float));
+        if (j0 > n)
+            j0 = n;
+    }
+    if (ahead_x != NULL && n > 0) {
+        /* The loop asks for the line of each vector's last value: with
+         * these, every line of both runs. */
+        _mm_prefetch((const char *)ahead_x, _MM_HINT_T1);
+        _mm_prefetch((const char *)(ahead_x + n - 1), _MM_HINT_T1);
+        _mm_prefetch((const char *)ahead_dy, _MM_HINT_T1);
+        _mm_prefetch((const char *)(ahead_dy + n - 1), _MM_HINT_T1);
+    }
+    if (xs != NULL) {
+        a1 = _mm512_loadu_pd(s_dy), b1 = _mm512_loadu_pd(s_dy + 8);
+        a2 = _mm512_loadu_pd(s_dy_dev), b2 = _mm512_loadu_pd(s_dy_dev + 8);
+    }
+    if (xn != NULL && j0 > 0) {
+        __mmask16 head = (__mmask16)((1u << j0) - 1);
+        bn_store_part_avx512(dxn, j0, bn_grad16_avx512(_mm512_maskz_loadu_ps(head, xn),
+                                                       _mm512_maskz_loadu_ps(head, dyn),
+                                                       h, l, kv, c1v, c0v), stream);
+    }
+    j = xn == NULL ? n : j0;
+#define BN_SUMS16                                                                     \
+    do {                                                                              \
+        __m512d g = _mm512_cvtps_pd(_mm256_loadu_ps(dys + i));                         \
+        __m512d e = _mm512_cvtps_pd(_mm256_loadu_ps(dys + i + 8));                     \
+        a1 = _mm512_add_pd(a1, g);                                                    \
+        a2 = _mm512_fmadd_pd(g, _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(xs + i)), m), \
+                             a2);                                                     \
+        b1 = _mm512_add_pd(b1, e);                                                    \
+        b2 = _mm512_fmadd_pd(e, _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(xs + i + 8)), \
+                                              m), b2);                                \
+        if (ahead_x != NULL) {                                                        \
+            _mm_prefetch((const char *)(ahead_x + i + 15), _MM_HINT_T1);              \
+            _mm_prefetch((const char *)(ahead_dy + i + 15), _MM_HINT_T1);             \
+        }                                                                             \
+        i += 16;                                                                      \
+    } while (0)
+#define BN_GRAD16                                                                     \
+    do {                                                                              \
+        __m512 v = bn_grad16_avx512(_mm512_loadu_ps(xn + j), _mm512_loadu_ps(dyn + j),  \
+                                    h, l, kv, c1v, c0v);                              \
+        if (stream)                                                                   \
+            _mm512_stream_ps(dxn + j, v);                                             \
+        else                                                                          \
+            _mm512_storeu_ps(dxn + j, v);                                             \
+        j += 16;                                                                      \
+    } while (0)
+    while (i < ns && j + 16 <= n) {
+        BN_SUMS16;
+        BN_GRAD16;
+    }
+    while (i < ns)
+        BN_SUMS16;
+    while (j + 16 <= n)
+        BN_GRAD16;
+#undef BN_SUMS16
+#undef BN_GRAD16
+    if (j < n) {
+        __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
+        bn_store_part_avx512(dxn + j, n - j,
+                             bn_grad16_avx512(_mm512_maskz_loadu_ps(tail, xn + j),
+                                              _mm512_maskz_loadu_ps(tail, dyn + j),
+                                              h, l, kv, c1v, c0v), stream);
+    }
+    if (xs != NULL) {
+        _mm512_storeu_pd(s_dy, a1);
+        _mm512_storeu_pd(s_dy + 8, b1);
+        _mm512_storeu_pd(s_dy_dev, a2);
+        _mm512_storeu_pd(s_dy_dev + 8, b2);
+        for (int t = 0; ns + t < n; t++) {
+            double g = (double)dys[ns + t];
+            s_dy[t] += g;
+            s_dy_dev[t] += g * ((double)xs[ns + t] - mean);
+        }
+    }
+}
+#endif
+
+static inline void bn_grad_sums_and_input_f32(
+    const float *xs, const float *dys, ptrdiff_t n, double mean, double *s_dy,
+    double *s_dy_dev, const float *ahead_x, const float *ahead_dy, const float *xn,
+    const float *dyn, float *dxn, float mean_hi, float mean_lo, float k, float c1, float c0,
+    int stream)
+{
+#if BN_X86_DISPATCH
+    if (__builtin_cpu_supports("avx512f")) {
+        bn_grad_sums_and_input_f32_avx512(xs, dys, n, mean, s_dy, s_dy_dev, ahead_x, ahead_dy,
+                                          xn, dyn, dxn, mean_hi, mean_lo, k, c1, c0, stream);
+        return;
+    }
+#endif
+    /* Elsewhere: the separate loops, piece by piece (pieces of a multiple of
+     * BN_LANES values keep every value's lane). */
+    for (ptrdiff_t j = 0; j < n; j += BN_PIPE_SPAN) {
+        ptrdiff_t m = n - j < BN_PIPE_SPAN ? n - j : BN_PIPE_SPAN;
+        if (ahead_x != NULL)
+            for (ptrdiff_t q = 0; q < m; q += BN_LINE_BYTES / (ptrdiff_t)sizeof(float)) {
+                __builtin_prefetch(ahead_x + j + q, 0, 2);
+                __builtin_prefetch(ahead_dy + j + q, 0, 2);
+            }
+        if (xs != NULL)
+            bn_lane_grad_sums_f32(xs + j, dys + j, m, mean, s_dy, s_dy_dev);
+        if (xn != NULL)
+            bn_grad_input_f32(xn + j, dyn + j, dxn + j, m, mean_hi, mean_lo, k, c1, c0, stream);
+    }
+}
+
 /* float64 input needs no conversion: the generic versions vectorise well. */
 #define bn_lane_shifted_sums_f64 bn_lane_shifted_sums_generic_f64
 #define bn_lane_grad_sums_f64 bn_lane_grad_sums_generic_f64
