@@ -11,6 +11,7 @@ that both paths give the same bits.
 """
 
 import argparse
+from collections.abc import Callable
 import time
 
 import numpy as np
@@ -46,8 +47,9 @@ def offset_array(size: int, offset: int) -> np.ndarray:
     return buf[start:start + size]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description: str) -> argparse.Namespace:
+    """The command line both pipelined_*.py scripts take."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--shapes", nargs="+", default=SHAPES, help="outer,C,inner")
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--reps", type=int, default=21)
@@ -55,7 +57,52 @@ def main() -> None:
                         help="values past a cache line (NumPy's large arrays: 4)")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each round, wait up to SECONDS for idle CPUs")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def compare_paths(run: Callable[[int], None], outputs: list[np.ndarray],
+                  copy: Callable[[], None], reps: int,
+                  wait_idle_limit: float) -> tuple[dict[str, float], dict[str, float]]:
+    """run(0) is the two-pass path, run(1) the pipelined one, both writing
+    outputs: check they give the same bits, then time them and the copy in
+    interleaved rounds. Each round starts with a different one, after two
+    untimed copies (the first calls after a pause wake the team and the
+    clock: 6 ms for a 6 MB copy). Returns the median and best seconds."""
+    def results(mode: int) -> list[np.ndarray]:
+        run(mode)
+        return [a.copy() for a in outputs]
+
+    same = all(a.tobytes() == b.tobytes() for a, b in zip(results(0), results(1)))
+    assert same, "the two paths differ"
+    runs = {"copy": copy, "two-pass": lambda: run(0), "pipelined": lambda: run(1)}
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for rep in range(reps):
+        if wait_idle_limit:
+            wait_idle(wait_idle_limit)
+        for _ in range(2):
+            copy()
+        for name in names[rep % 3:] + names[:rep % 3]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return ({name: float(np.median(t)) for name, t in times.items()},
+            {name: min(t) for name, t in times.items()})
+
+
+def table_row(shape: str, nbytes: int, threads: int, median: dict[str, float],
+              best: dict[str, float], bound: float = 1.0) -> str:
+    """A Markdown row: times, and the fraction of `bound` times the copy's
+    time each path reaches (median, and best in brackets)."""
+    line = f"| {shape} | {nbytes / 1e6:.0f} MB | {threads} | {median['copy'] * 1e3:.2f} ms |"
+    for name in ("two-pass", "pipelined"):
+        line += (f" {median[name] * 1e3:.2f} ms | {bound * median['copy'] / median[name]:.3f}"
+                 f" ({bound * best['copy'] / best[name]:.3f}) |")
+    return line + f" {median['two-pass'] / median['pipelined']:.2f}x |"
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0])
     for shape in args.shapes:
         outer, channels, inner = map(int, shape.split(","))
         size = outer * channels * inner
@@ -72,36 +119,14 @@ def main() -> None:
                 _kernels.train_forward(x, y, outer, channels, inner, weight, bias, 1e-5,
                                        *stats, threads)
 
-            def results(mode: int) -> list[np.ndarray]:
-                forward(mode)
-                return [y.copy(), *(s.copy() for s in stats)]
-
             previous = _kernels.set_pipelined(-1)
             try:
-                same = all(a.tobytes() == b.tobytes() for a, b in zip(results(0), results(1)))
-                assert same, "the two paths differ"
-                runs = {"copy": lambda: _kernels.copy(x, y, True, threads),
-                        "two-pass": lambda: forward(0),
-                        "pipelined": lambda: forward(1)}
-                times: dict[str, list[float]] = {name: [] for name in runs}
-                for _ in range(args.reps):
-                    if args.wait_idle:
-                        wait_idle(args.wait_idle)
-                    for name, run in runs.items():
-                        start = time.perf_counter()
-                        run()
-                        times[name].append(time.perf_counter() - start)
+                median, best = compare_paths(forward, [y, *stats],
+                                             lambda: _kernels.copy(x, y, True, threads),
+                                             args.reps, args.wait_idle)
             finally:
                 _kernels.set_pipelined(*previous)
-            median = {name: float(np.median(t)) for name, t in times.items()}
-            best = {name: min(t) for name, t in times.items()}
-            line = (f"| {shape} | {x.nbytes / 1e6:.0f} MB | {threads} | "
-                    f"{median['copy'] * 1e3:.2f} ms |")
-            for name in ("two-pass", "pipelined"):
-                line += (f" {median[name] * 1e3:.2f} ms | {median['copy'] / median[name]:.3f}"
-                         f" ({best['copy'] / best[name]:.3f}) |")
-            line += f" {median['two-pass'] / median['pipelined']:.2f}x |"
-            print(line, flush=True)
+            print(table_row(shape, x.nbytes, threads, median, best), flush=True)
 
 
 if __name__ == "__main__":
