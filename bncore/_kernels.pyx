@@ -2129,7 +2129,7 @@ cdef bint plain_call(x, weight, bias, momentum, eps, axis, num_threads, nonfinit
     if ndim < 2 or cnp.PyArray_SIZE(xa) == 0:
         return False
     # Exact types only (bool is not an exact int), valid values.
-    if not (type(axis) is int and -ndim <= <Py_ssize_t>axis < ndim):
+    if not (type(axis) is int and -ndim <= axis < ndim):    # (a Python compare: any int)
         return False
     if not (type(momentum) is float and 0.0 <= <double>momentum <= 1.0):
         return False

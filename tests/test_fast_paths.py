@@ -127,7 +127,7 @@ def test_the_baseline_call_is_taken():
     dict(momentum=None),
     dict(eps=-1.0), dict(eps=float("nan")), dict(eps=float("inf")), dict(eps=0),
     dict(eps=np.float64(1e-5)),
-    dict(axis=2), dict(axis=-3), dict(axis=True), dict(axis=1.0),
+    dict(axis=2), dict(axis=-3), dict(axis=True), dict(axis=1.0), dict(axis=2**70),
     dict(num_threads=0), dict(num_threads=True), dict(num_threads=2.0),
     dict(nonfinite="ignore"), dict(nonfinite=None),
     dict(activation="gelu"), dict(activation=True),
