@@ -1804,9 +1804,9 @@ cdef AffineIn affine_in(Py_ssize_t channels, weight, bias, double eps, bint relu
     return a
 
 
-def normalize(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
-              running_mean, running_var, double eps, weight, bias, int num_threads,
-              bint relu=False):
+cpdef normalize(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+                running_mean, running_var, double eps, weight, bias, int num_threads,
+                bint relu=False):
     """y = (x - running_mean) / sqrt(running_var + eps) * weight + bias per
     channel, then max(y, 0) with relu; y may be x. The (C,) arrays are
     float32 or float64 (weight and bias may be None), read as they are."""
@@ -1844,9 +1844,9 @@ def relu_mask(x, dy, out, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inne
     run_normalize(px, pout, typenum, outer, channels, inner, &a, num_threads)
 
 
-def train_forward(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
-                  weight, bias, double eps, mean, m2, invstd, int num_threads,
-                  bint relu=False):
+cpdef train_forward(x, y, Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+                    weight, bias, double eps, mean, m2, invstd, int num_threads,
+                    bint relu=False):
     """Batch statistics into mean, m2, invstd (float64[C]) and the normalised
     batch (then max(y, 0) with relu) into y (which may be x)."""
     check_shape(outer, channels, inner, num_threads)
@@ -2211,12 +2211,8 @@ def eval_fast(x, running_mean, running_var, weight, bias, momentum, eps, axis, o
     y = output_for(x, out, (running_mean, running_var, weight, bias))
     if y is None:
         return None
-    cdef AffineIn a = affine_in(call.channels, weight, bias, <double>eps,
-                                activation is not None, call.n, call.typenum)
-    a.running_mean = params_of(running_mean, call.channels, "running_mean")
-    a.running_var = params_of(running_var, call.channels, "running_var")
-    run_normalize(cnp.PyArray_DATA(<cnp.ndarray>x), cnp.PyArray_DATA(<cnp.ndarray>y),
-                  call.typenum, call.outer, call.channels, call.inner, &a, call.nthreads)
+    normalize(x, y, call.outer, call.channels, call.inner, running_mean, running_var,
+              <double>eps, weight, bias, call.nthreads, activation is not None)
     return y
 
 

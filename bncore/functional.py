@@ -491,9 +491,13 @@ class _Batch:
         self.nonfinite = nonfinite
         self.unbiased = unbiased
 
+    def var_divisor(self) -> int:
+        """What m2 is divided by for the variance that goes into running_var."""
+        return self.count - 1 if self.unbiased else self.count
+
     def running_var(self) -> NDArray[np.float64]:
         """The batch variance that goes into running_var."""
-        return self.m2 / (self.count - 1 if self.unbiased else self.count)
+        return self.m2 / self.var_divisor()
 
 
 def _forward(input: ArrayLike, running_mean: NDArray[np.floating] | None,
@@ -788,9 +792,8 @@ def _fold_batch(batch: _Batch, running_mean: NDArray[np.floating] | None,
         assert running_var is not None  # both or neither, as checked by the callers
         keep, take = (1.0 - momentum, momentum) if decay is None else (decay, 1.0 - decay)
         # One compiled loop; NumPy's casts only where a float32 would overflow.
-        divisor = batch.count - 1 if batch.unbiased else batch.count
         if not _kernels.update_running(running_mean, running_var, batch.mean, batch.m2,
-                                       float(divisor), keep, take):
+                                       float(batch.var_divisor()), keep, take):
             _update_running(running_mean, running_var, batch.mean, batch.running_var(), keep,
                             take)
     return True
