@@ -10,14 +10,21 @@ import pytest
 from bncore import _kernels
 
 
-@pytest.fixture
-def restore_tuning():
-    previous_mode = _kernels.set_pipelined(-1)
-    previous_stream = _kernels.set_stream_min_bytes(1 << 62)
-    _kernels.set_stream_min_bytes(previous_stream)
-    yield
-    _kernels.set_pipelined(*previous_mode)
-    _kernels.set_stream_min_bytes(previous_stream)
+def tuning_restorer(set_mode):
+    """A fixture that gives back, after the test, the mode of the hook
+    set_mode (set_pipelined or its backward twin) and the streaming size."""
+    @pytest.fixture
+    def restore_tuning():
+        previous_mode = set_mode(-1)
+        previous_stream = _kernels.set_stream_min_bytes(1 << 62)
+        _kernels.set_stream_min_bytes(previous_stream)
+        yield
+        set_mode(*previous_mode)
+        _kernels.set_stream_min_bytes(previous_stream)
+    return restore_tuning
+
+
+restore_tuning = tuning_restorer(_kernels.set_pipelined)
 
 
 def _offset_array(values, offset):

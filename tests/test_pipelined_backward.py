@@ -11,17 +11,10 @@ import pytest
 import bncore
 from bncore import _kernels, reference
 
-from test_pipelined import SHAPES, _offset_array
+from test_pipelined import SHAPES, _offset_array, tuning_restorer
 
 
-@pytest.fixture
-def restore_tuning():
-    previous_mode = _kernels.set_pipelined_backward(-1)
-    previous_stream = _kernels.set_stream_min_bytes(1 << 62)
-    _kernels.set_stream_min_bytes(previous_stream)
-    yield
-    _kernels.set_pipelined_backward(*previous_mode)
-    _kernels.set_stream_min_bytes(previous_stream)
+restore_tuning = tuning_restorer(_kernels.set_pipelined_backward)
 
 
 def _problem(outer, channels, inner, seed):
