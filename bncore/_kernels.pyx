@@ -106,6 +106,12 @@ cdef extern from "_leaf_loops.h" nogil:
                                     const float *xn, const float *dyn, float *dxn,
                                     float mean_hi, float mean_lo, float k, float c1, float c0,
                                     int stream)
+    int bn_periodic_lanes(int itemsize)
+    void bn_periodic_affine_f32(const float *x, float *y, Py_ssize_t n, const float *pattern,
+                                Py_ssize_t period, Py_ssize_t phase, int relu, int stream)
+    void bn_periodic_affine_f64(const double *x, double *y, Py_ssize_t n,
+                                const double *pattern, Py_ssize_t period, Py_ssize_t phase,
+                                int relu, int stream)
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
@@ -168,6 +174,10 @@ cdef enum:
     # a slab once per group of columns, and the later passes should find it
     # in L2.
     SLAB_BYTES = 256 * 1024
+    # The flat interleaved normalisation keeps its pattern (4 constants per
+    # column of a period) in L1: 4 x 2048 float32 are 32 KiB. Wider rows are
+    # walked row by row.
+    PERIODIC_MAX_VALUES = 2048
     # At most this many row chunks per column, so the chunk results kept for
     # the ordered merge stay O(C) in size.
     MAX_ROW_CHUNKS = 64
@@ -981,24 +991,96 @@ cdef void channel_params(const AffineIn *a, Py_ssize_t channels, Py_ssize_t c,
                   params + 3 * channels + c)
 
 
+cdef bint periodic_enabled = True      # set_periodic_normalize
+
+
+cdef inline Py_ssize_t periodic_period(const Interleaved *g, const AffineIn *a,
+                                       Py_ssize_t lanes) noexcept nogil:
+    """The period of the flat loop (the least multiple of the row width that
+    holds a vector), or 0 where the rows are walked instead: no AVX-512, the
+    relu gate, or rows so wide that their pattern would not stay in L1 (and
+    their line boundaries are few)."""
+    cdef Py_ssize_t period
+    if lanes == 0 or a.gate != NULL or not periodic_enabled:
+        return 0
+    period = ((lanes + g.width - 1) // g.width) * g.width
+    return period if period <= PERIODIC_MAX_VALUES else 0
+
+
+cdef void periodic_pattern(const floating *params, const Interleaved *g, Py_ssize_t period,
+                           Py_ssize_t lanes, floating *pattern) noexcept nogil:
+    """The four constants of pattern columns [0, period + lanes), each
+    period + lanes apart (bn_periodic_affine's layout)."""
+    cdef Py_ssize_t m, t, c
+    cdef Py_ssize_t stretch = period + lanes
+    for m in range(stretch):
+        c = (m % g.width) // g.inner
+        for t in range(4):
+            pattern[t * stretch + m] = params[t * g.channels + c]
+
+
+cdef inline Py_ssize_t periodic_bound(floating *y, Py_ssize_t n, Py_ssize_t k, int nparts,
+                                      Py_ssize_t lanes) noexcept nogil:
+    """Where part k of the flat span starts: on a 64-byte line of y past
+    the unaligned head, so no line is written by two threads."""
+    cdef Py_ssize_t head
+    if k == 0:
+        return 0
+    if k == nparts:
+        return n
+    head = min(<Py_ssize_t>((64 - (<size_t>y & 63)) & 63) // <Py_ssize_t>sizeof(floating), n)
+    return head + ((n - head) * k // nparts) // lanes * lanes
+
+
+cdef void periodic_part(const floating *x, floating *y, Py_ssize_t n, int k, int nparts,
+                        const floating *pattern, Py_ssize_t period, Py_ssize_t lanes,
+                        const AffineIn *a) noexcept nogil:
+    cdef Py_ssize_t start = periodic_bound(y, n, k, nparts, lanes)
+    cdef Py_ssize_t stop = periodic_bound(y, n, k + 1, nparts, lanes)
+    if floating is float:
+        bn_periodic_affine_f32(x + start, y + start, stop - start, pattern, period,
+                               start % period, a.relu, a.stream)
+    else:
+        bn_periodic_affine_f64(x + start, y + start, stop - start, pattern, period,
+                               start % period, a.relu, a.stream)
+    if a.stream:
+        bn_stream_fence()
+
+
 cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved *g,
                                const AffineIn *a, int nthreads) noexcept nogil:
-    """Per-channel constants (4 C values), then every item. Returns -1 when
-    they cannot be allocated."""
-    cdef floating *params = <floating *>malloc(4 * g.channels * sizeof(floating))
+    """Per-channel constants (4 C values), then the flat periodic loop, one
+    contiguous part per thread, or every (row chunk, column tile) item.
+    Returns -1 when the constants cannot be allocated."""
+    cdef Py_ssize_t lanes = bn_periodic_lanes(sizeof(floating))
+    cdef Py_ssize_t period = periodic_period(g, a, lanes)
+    cdef Py_ssize_t n = g.rows * g.width
+    cdef Py_ssize_t nconst = 4 * g.channels + (4 * (period + lanes) if period else 0)
+    cdef floating *params = <floating *>malloc(nconst * sizeof(floating))
+    cdef floating *pattern = params + 4 * g.channels
     cdef Py_ssize_t c, item
+    cdef int k
     if params == NULL:
         return -1
     if nthreads == 1:
         for c in range(g.channels):
             channel_params(a, g.channels, c, params)
-        for item in range(g.nchunks * g.ntiles):
-            interleaved_normalize_item(x, y, g, item, params, a)
+        if period:
+            periodic_pattern(params, g, period, lanes, pattern)
+            periodic_part(x, y, n, 0, 1, pattern, period, lanes, a)
+        else:
+            for item in range(g.nchunks * g.ntiles):
+                interleaved_normalize_item(x, y, g, item, params, a)
     else:
         for c in prange(g.channels, num_threads=nthreads, schedule="static"):
             channel_params(a, g.channels, c, params)
-        for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
-            interleaved_normalize_item(x, y, g, item, params, a)
+        if period:
+            periodic_pattern(params, g, period, lanes, pattern)
+            for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+                periodic_part(x, y, n, k, nthreads, pattern, period, lanes, a)
+        else:
+            for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
+                interleaved_normalize_item(x, y, g, item, params, a)
     free(params)
     return 0
 
@@ -1704,6 +1786,16 @@ def set_pipelined_backward(int mode, Py_ssize_t items=0):
     previous = (pipelined_backward_mode, pipelined_backward_items)
     pipelined_backward_mode = mode
     pipelined_backward_items = items
+    return previous
+
+
+def set_periodic_normalize(bint enabled):
+    """Whether the interleaved normalisation may take the flat periodic loop
+    (for tests and A/B timing; the row loop gives the same bits). Returns
+    the previous setting."""
+    global periodic_enabled
+    previous = periodic_enabled
+    periodic_enabled = enabled
     return previous
 
 

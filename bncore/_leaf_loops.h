@@ -629,6 +629,111 @@ static inline int bn_pipelined_fused(void)
 #endif
 }
 
+/* The interleaved normalisation as one flat loop. Rows of W values laid end
+ * to end repeat their per-column constants every W values, so a span of
+ * them is one run whose constants come from a periodic pattern: value i of
+ * the span takes those of pattern column (phase + i) % period, where period
+ * is a multiple of W of at least one vector and `pattern` holds hi, lo,
+ * scale and shift, each period + one vector long (the extra vector repeats
+ * its start, so a vector at any column loads without wrapping).
+ *
+ * Walked row by row, narrow rows (W = 8, 128) ran at 0.71-0.79 of a
+ * streaming copy on one thread: every row began and ended off a line
+ * boundary, with normal stores into lines the streaming stores also wrote.
+ * Here the stores are whole aligned 64-byte lines but for a masked head and
+ * tail; the loads of the pattern come from L1. Same operations per value as
+ * bn_rows_affine (BN_AFFINE, then bn_relu), so the results are bitwise
+ * those of the row loop. AVX-512 only: bn_periodic_affine returns 0 without
+ * touching anything elsewhere, and the caller walks the rows. */
+#if BN_X86_DISPATCH
+BN_INLINE __m512d bn_affine8_avx512(__m512d v, __m512d hi, __m512d lo, __m512d scale,
+                                     __m512d shift, int relu)
+    __attribute__((target("avx512f")));
+BN_INLINE __m512d bn_affine8_avx512(__m512d v, __m512d hi, __m512d lo, __m512d scale,
+                                     __m512d shift, int relu)
+{
+    v = _mm512_add_pd(_mm512_mul_pd(_mm512_sub_pd(_mm512_sub_pd(v, hi), lo), scale), shift);
+    if (relu)
+        v = _mm512_mask_mov_pd(v, _mm512_cmp_pd_mask(v, _mm512_setzero_pd(), _CMP_LT_OQ),
+                               _mm512_setzero_pd());
+    return v;
+}
+
+/* One template for both widths: VEC the vector type, L its lanes, SFX the
+ * intrinsics' suffix, AFF the vector affine. */
+#define BN_DEFINE_PERIODIC_AFFINE(T, NAME, VEC, L, MASK, SFX, AFF)                        \
+__attribute__((target("avx512f"))) static void NAME(                                     \
+    const T *x, T *y, ptrdiff_t n, const T *BN_RESTRICT pattern, ptrdiff_t period,        \
+    ptrdiff_t phase, int relu, int stream)                                                \
+{                                                                                         \
+    const ptrdiff_t stretch = period + (L);                                               \
+    const T *ph = pattern, *pl = pattern + stretch;                                       \
+    const T *ps = pattern + 2 * stretch, *pt = pattern + 3 * stretch;                     \
+    ptrdiff_t i = 0, p = phase, k0 = 0;                                                   \
+    if (stream && ((uintptr_t)y % sizeof(T)) == 0)                                        \
+        k0 = (ptrdiff_t)(((64 - ((uintptr_t)y & 63)) & 63) / sizeof(T));                  \
+    else                                                                                  \
+        stream = 0;                                                                       \
+    if (k0 > n)                                                                           \
+        k0 = n;                                                                           \
+    if (k0 > 0) {                                                                         \
+        MASK m = (MASK)((1u << k0) - 1);                                                  \
+        VEC v = AFF(_mm512_maskz_loadu_##SFX(m, x), _mm512_loadu_##SFX(ph + p),           \
+                    _mm512_loadu_##SFX(pl + p), _mm512_loadu_##SFX(ps + p),               \
+                    _mm512_loadu_##SFX(pt + p), relu);                                    \
+        _mm512_mask_storeu_##SFX(y, m, v);                                                \
+        i = k0;                                                                           \
+        p += k0;                                                                          \
+        if (p >= period)                                                                  \
+            p -= period;                                                                  \
+    }                                                                                     \
+    for (; i + (L) <= n; i += (L)) {                                                      \
+        VEC v = AFF(_mm512_loadu_##SFX(x + i), _mm512_loadu_##SFX(ph + p),                \
+                    _mm512_loadu_##SFX(pl + p), _mm512_loadu_##SFX(ps + p),               \
+                    _mm512_loadu_##SFX(pt + p), relu);                                    \
+        if (stream)                                                                       \
+            _mm512_stream_##SFX(y + i, v);                                                \
+        else                                                                              \
+            _mm512_storeu_##SFX(y + i, v);                                                \
+        p += (L);                                                                         \
+        if (p >= period)                                                                  \
+            p -= period;                                                                  \
+    }                                                                                     \
+    if (i < n) {                                                                          \
+        MASK m = (MASK)((1u << (n - i)) - 1);                                             \
+        VEC v = AFF(_mm512_maskz_loadu_##SFX(m, x + i), _mm512_loadu_##SFX(ph + p),       \
+                    _mm512_loadu_##SFX(pl + p), _mm512_loadu_##SFX(ps + p),               \
+                    _mm512_loadu_##SFX(pt + p), relu);                                    \
+        _mm512_mask_storeu_##SFX(y + i, m, v);                                            \
+    }                                                                                     \
+}
+BN_DEFINE_PERIODIC_AFFINE(float, bn_periodic_affine_f32_avx512, __m512, 16, __mmask16, ps,
+                          bn_affine16_avx512)
+BN_DEFINE_PERIODIC_AFFINE(double, bn_periodic_affine_f64_avx512, __m512d, 8, __mmask8, pd,
+                          bn_affine8_avx512)
+#undef BN_DEFINE_PERIODIC_AFFINE
+#endif
+
+/* Values per vector of the periodic loop (its period is a multiple of it),
+ * or 0 where it is not built or the CPU lacks AVX-512. */
+static inline int bn_periodic_lanes(int itemsize)
+{
+#if BN_X86_DISPATCH
+    if (__builtin_cpu_supports("avx512f"))
+        return 64 / itemsize;
+#endif
+    (void)itemsize;
+    return 0;
+}
+
+#if BN_X86_DISPATCH
+#define bn_periodic_affine_f32 bn_periodic_affine_f32_avx512
+#define bn_periodic_affine_f64 bn_periodic_affine_f64_avx512
+#else   /* never called there: bn_periodic_lanes is 0 */
+#define bn_periodic_affine_f32(...) ((void)0)
+#define bn_periodic_affine_f64(...) ((void)0)
+#endif
+
 /* The pipelined training backward's inner loop, the forward's twin: two runs
  * of n values at once, the gradient sums of (xs, dys) (as
  * bn_lane_grad_sums_f32, into s_dy and s_dy_dev) and the input gradient of
