@@ -1029,53 +1029,67 @@ cdef bint periodic_enabled = True      # set_periodic_normalize
 
 cdef inline Py_ssize_t periodic_period(const Interleaved *g, const AffineIn *a,
                                        Py_ssize_t lanes) noexcept nogil:
-    """The period of the flat loop (the least multiple of the row width that
-    holds a vector), or 0 where the rows are walked instead: no AVX-512, the
-    relu gate, or rows so wide that their pattern would not stay in L1 (and
-    their line boundaries are few)."""
+    """The period of the flat loop, or 0 where the rows are walked instead:
+    no AVX-512, the relu gate, or rows so wide that their pattern would not
+    stay in L1 (and their line boundaries are few). The least common
+    multiple of the row width and a vector where it fits, so that every
+    vector of the loop loads its constants from whole aligned lines, else
+    the least multiple of the width that holds a vector."""
     cdef Py_ssize_t period
     if lanes == 0 or a.gate != NULL or not periodic_enabled:
         return 0
+    period = g.width
+    while period % lanes and period <= PERIODIC_MAX_VALUES:
+        period = period + g.width
+    if period <= PERIODIC_MAX_VALUES:
+        return period
     period = ((lanes + g.width - 1) // g.width) * g.width
     return period if period <= PERIODIC_MAX_VALUES else 0
 
 
+cdef inline Py_ssize_t line_head(const floating *y, Py_ssize_t n) noexcept nogil:
+    """Values of y before its first 64-byte line boundary (at most n)."""
+    return min(<Py_ssize_t>((64 - (<size_t>y & 63)) & 63) // <Py_ssize_t>sizeof(floating), n)
+
+
 cdef void periodic_pattern(const floating *params, const Interleaved *g, Py_ssize_t period,
-                           Py_ssize_t lanes, floating *pattern) noexcept nogil:
+                           Py_ssize_t lanes, Py_ssize_t head, floating *pattern) noexcept nogil:
     """The four constants of pattern columns [0, period + lanes), each
-    period + lanes apart (bn_periodic_affine's layout)."""
+    period + lanes apart (bn_periodic_affine's layout); column m is that of
+    flat value head + m, so the vectors after the head start on a column
+    that is a multiple of the vector."""
     cdef Py_ssize_t m, t, c
     cdef Py_ssize_t stretch = period + lanes
     for m in range(stretch):
-        c = (m % g.width) // g.inner
+        c = ((head + m) % g.width) // g.inner
         for t in range(4):
             pattern[t * stretch + m] = params[t * g.channels + c]
 
 
-cdef inline Py_ssize_t periodic_bound(floating *y, Py_ssize_t n, Py_ssize_t k, int nparts,
+cdef inline Py_ssize_t periodic_bound(Py_ssize_t head, Py_ssize_t n, Py_ssize_t k, int nparts,
                                       Py_ssize_t lanes) noexcept nogil:
     """Where part k of the flat span starts: on a 64-byte line of y past
-    the unaligned head, so no line is written by two threads."""
-    cdef Py_ssize_t head
+    its head, so no line is written by two threads."""
     if k == 0:
         return 0
     if k == nparts:
         return n
-    head = min(<Py_ssize_t>((64 - (<size_t>y & 63)) & 63) // <Py_ssize_t>sizeof(floating), n)
     return head + ((n - head) * k // nparts) // lanes * lanes
 
 
 cdef void periodic_part(const floating *x, floating *y, Py_ssize_t n, int k, int nparts,
                         const floating *pattern, Py_ssize_t period, Py_ssize_t lanes,
                         const AffineIn *a) noexcept nogil:
-    cdef Py_ssize_t start = periodic_bound(y, n, k, nparts, lanes)
-    cdef Py_ssize_t stop = periodic_bound(y, n, k + 1, nparts, lanes)
+    cdef Py_ssize_t head = line_head(y, n)
+    cdef Py_ssize_t start = periodic_bound(head, n, k, nparts, lanes)
+    cdef Py_ssize_t stop = periodic_bound(head, n, k + 1, nparts, lanes)
+    cdef Py_ssize_t phase = (start - head + period) % period
     if floating is float:
-        bn_periodic_affine_f32(x + start, y + start, stop - start, pattern, period,
-                               start % period, a.relu, a.stream)
+        bn_periodic_affine_f32(x + start, y + start, stop - start, pattern, period, phase,
+                               a.relu, a.stream)
     else:
-        bn_periodic_affine_f64(x + start, y + start, stop - start, pattern, period,
-                               start % period, a.relu, a.stream)
+        bn_periodic_affine_f64(x + start, y + start, stop - start, pattern, period, phase,
+                               a.relu, a.stream)
     if a.stream:
         bn_stream_fence()
 
@@ -1088,18 +1102,20 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
     cdef Py_ssize_t lanes = bn_periodic_lanes(sizeof(floating))
     cdef Py_ssize_t period = periodic_period(g, a, lanes)
     cdef Py_ssize_t n = g.rows * g.width
-    cdef Py_ssize_t nconst = 4 * g.channels + (4 * (period + lanes) if period else 0)
+    # The pattern after the per-channel constants, on a 64-byte boundary.
+    cdef Py_ssize_t nconst = 4 * g.channels + (4 * (period + lanes) + 64 if period else 0)
     cdef floating *params = <floating *>malloc(nconst * sizeof(floating))
     cdef floating *pattern = params + 4 * g.channels
     cdef Py_ssize_t c, item
     cdef int k
     if params == NULL:
         return -1
+    pattern = pattern + line_head(pattern, 64)
     if nthreads == 1:
         for c in range(g.channels):
             channel_params(a, g.channels, c, params)
         if period:
-            periodic_pattern(params, g, period, lanes, pattern)
+            periodic_pattern(params, g, period, lanes, line_head(y, n), pattern)
             periodic_part(x, y, n, 0, 1, pattern, period, lanes, a)
         else:
             for item in range(g.nchunks * g.ntiles):
@@ -1108,7 +1124,7 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
         for c in prange(g.channels, num_threads=nthreads, schedule="static"):
             channel_params(a, g.channels, c, params)
         if period:
-            periodic_pattern(params, g, period, lanes, pattern)
+            periodic_pattern(params, g, period, lanes, line_head(y, n), pattern)
             for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
                 periodic_part(x, y, n, k, nthreads, pattern, period, lanes, a)
         else:

@@ -27,10 +27,12 @@ def restore_tuning():
 # (outer, channels, inner) with inner < 32 (the interleaved layout): rows
 # narrower than a vector (widths 1, 3, 8, 15), one vector wide, not a
 # multiple of one (17, 35, 100), wide (1000); the pattern's limit of 2048
-# values and one past it (walked by rows either way); the last three above
-# the serial cutoff (64 Ki values), so that threads split the span.
+# values; 2047, whose period (its least common multiple with a vector) is
+# past the limit, so the width itself is the period and the pattern's
+# loads are not aligned; 2049, walked by rows; the last three above the
+# serial cutoff (64 Ki values), so that threads split the span.
 SHAPES = [(300, 1, 1), (101, 3, 1), (77, 8, 1), (40, 5, 3), (33, 16, 1), (29, 17, 1),
-          (23, 7, 5), (11, 100, 1), (6, 1000, 1), (3, 2048, 1), (3, 2049, 1),
+          (23, 7, 5), (11, 100, 1), (6, 1000, 1), (3, 2048, 1), (3, 2047, 1), (3, 2049, 1),
           (3000, 37, 1), (700, 128, 1), (130, 64, 9)]
 
 
