@@ -106,6 +106,7 @@ cdef extern from "_leaf_loops.h" nogil:
                                     const float *xn, const float *dyn, float *dxn,
                                     float mean_hi, float mean_lo, float k, float c1, float c0,
                                     int stream)
+    Py_ssize_t bn_line_head(const void *p, size_t itemsize, Py_ssize_t n)
     int bn_periodic_lanes(int itemsize)
     void bn_periodic_affine_f32(const float *x, float *y, Py_ssize_t n, const float *pattern,
                                 Py_ssize_t period, Py_ssize_t phase, int relu, int stream)
@@ -835,6 +836,15 @@ cdef inline void rows_shifted_sums(const floating *x, Py_ssize_t nrows, Py_ssize
         bn_rows_shifted_sums_f64(x, nrows, stride, ncols, origin, offset, s1, s2)
 
 
+cdef inline Py_ssize_t least_common_multiple(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    cdef Py_ssize_t p = a, q = b, r
+    while q:                 # Euclid: p ends as the greatest common divisor
+        r = p % q
+        p = q
+        q = r
+    return a // p * b
+
+
 cdef inline Py_ssize_t stats_pack(const Interleaved *g, Py_ssize_t ncols) noexcept nogil:
     """How many rows the statistics take as one: a narrow row (a whole,
     single tile under 64 values) is read k rows at a time as one row of k
@@ -844,9 +854,7 @@ cdef inline Py_ssize_t stats_pack(const Interleaved *g, Py_ssize_t ncols) noexce
     cdef Py_ssize_t width = g.width, period
     if ncols != width or width >= 64:
         return 1
-    period = width
-    while period % 16:
-        period = period + width          # the least common multiple with 16
+    period = least_common_multiple(width, 16)
     if period <= COLUMN_TILE // 2:
         return (64 + period - 1) // period * period // width
     return (64 + width - 1) // width
@@ -1038,18 +1046,11 @@ cdef inline Py_ssize_t periodic_period(const Interleaved *g, const AffineIn *a,
     cdef Py_ssize_t period
     if lanes == 0 or a.gate != NULL or not periodic_enabled:
         return 0
-    period = g.width
-    while period % lanes and period <= PERIODIC_MAX_VALUES:
-        period = period + g.width
+    period = least_common_multiple(g.width, lanes)
     if period <= PERIODIC_MAX_VALUES:
         return period
     period = ((lanes + g.width - 1) // g.width) * g.width
     return period if period <= PERIODIC_MAX_VALUES else 0
-
-
-cdef inline Py_ssize_t line_head(const floating *y, Py_ssize_t n) noexcept nogil:
-    """Values of y before its first 64-byte line boundary (at most n)."""
-    return min(<Py_ssize_t>((64 - (<size_t>y & 63)) & 63) // <Py_ssize_t>sizeof(floating), n)
 
 
 cdef void periodic_pattern(const floating *params, const Interleaved *g, Py_ssize_t period,
@@ -1077,10 +1078,11 @@ cdef inline Py_ssize_t periodic_bound(Py_ssize_t head, Py_ssize_t n, Py_ssize_t 
     return head + ((n - head) * k // nparts) // lanes * lanes
 
 
-cdef void periodic_part(const floating *x, floating *y, Py_ssize_t n, int k, int nparts,
-                        const floating *pattern, Py_ssize_t period, Py_ssize_t lanes,
-                        const AffineIn *a) noexcept nogil:
-    cdef Py_ssize_t head = line_head(y, n)
+cdef void periodic_part(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t head, int k,
+                        int nparts, const floating *pattern, Py_ssize_t period,
+                        Py_ssize_t lanes, const AffineIn *a) noexcept nogil:
+    """Part k of nparts of the flat loop; head: the values of y before its
+    first line boundary (the pattern's column 0 is the value after them)."""
     cdef Py_ssize_t start = periodic_bound(head, n, k, nparts, lanes)
     cdef Py_ssize_t stop = periodic_bound(head, n, k + 1, nparts, lanes)
     cdef Py_ssize_t phase = (start - head + period) % period
@@ -1102,6 +1104,7 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
     cdef Py_ssize_t lanes = bn_periodic_lanes(sizeof(floating))
     cdef Py_ssize_t period = periodic_period(g, a, lanes)
     cdef Py_ssize_t n = g.rows * g.width
+    cdef Py_ssize_t head = bn_line_head(y, sizeof(floating), n)
     # The pattern after the per-channel constants, on a 64-byte boundary.
     cdef Py_ssize_t nconst = 4 * g.channels + (4 * (period + lanes) + 64 if period else 0)
     cdef floating *params = <floating *>malloc(nconst * sizeof(floating))
@@ -1110,26 +1113,26 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
     cdef int k
     if params == NULL:
         return -1
-    pattern = pattern + line_head(pattern, 64)
+    pattern = pattern + bn_line_head(pattern, sizeof(floating), 64)
     if nthreads == 1:
         for c in range(g.channels):
             channel_params(a, g.channels, c, params)
-        if period:
-            periodic_pattern(params, g, period, lanes, line_head(y, n), pattern)
-            periodic_part(x, y, n, 0, 1, pattern, period, lanes, a)
-        else:
-            for item in range(g.nchunks * g.ntiles):
-                interleaved_normalize_item(x, y, g, item, params, a)
     else:
         for c in prange(g.channels, num_threads=nthreads, schedule="static"):
             channel_params(a, g.channels, c, params)
-        if period:
-            periodic_pattern(params, g, period, lanes, line_head(y, n), pattern)
-            for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
-                periodic_part(x, y, n, k, nthreads, pattern, period, lanes, a)
+    if period:
+        periodic_pattern(params, g, period, lanes, head, pattern)
+        if nthreads == 1:
+            periodic_part(x, y, n, head, 0, 1, pattern, period, lanes, a)
         else:
-            for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
-                interleaved_normalize_item(x, y, g, item, params, a)
+            for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+                periodic_part(x, y, n, head, k, nthreads, pattern, period, lanes, a)
+    elif nthreads == 1:
+        for item in range(g.nchunks * g.ntiles):
+            interleaved_normalize_item(x, y, g, item, params, a)
+    else:
+        for item in prange(g.nchunks * g.ntiles, num_threads=nthreads, schedule="static"):
+            interleaved_normalize_item(x, y, g, item, params, a)
     free(params)
     return 0
 

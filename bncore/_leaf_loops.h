@@ -72,6 +72,15 @@ BN_INLINE bn_v8df bn_load8_f32(const float *p)
 /* A cache line: the unit a streaming loop writes. */
 #define BN_LINE_BYTES 64
 
+/* How many of the n values (itemsize bytes each) at p lie before p's first
+ * line boundary: where whole-line streaming stores can begin. */
+static inline ptrdiff_t bn_line_head(const void *p, size_t itemsize, ptrdiff_t n)
+{
+    ptrdiff_t head = (ptrdiff_t)(((BN_LINE_BYTES - ((uintptr_t)p & (BN_LINE_BYTES - 1)))
+                                  & (BN_LINE_BYTES - 1)) / itemsize);
+    return head < n ? head : n;
+}
+
 #if defined(__GNUC__) || defined(__clang__)
 #define BN_RESTRICT __restrict__
 #else
@@ -518,11 +527,8 @@ __attribute__((target("avx512f"))) static void bn_stats_and_affine_f32_avx512(
      * (streaming stores take whole aligned lines), whole vectors, a tail. */
     ptrdiff_t ns = xs == NULL ? 0 : n - n % 16;
     ptrdiff_t k0 = 0, k, i = 0;
-    if (xn != NULL && stream) {
-        k0 = (ptrdiff_t)(((64 - ((uintptr_t)yn & 63)) & 63) / sizeof(float));
-        if (k0 > n)
-            k0 = n;
-    }
+    if (xn != NULL && stream)
+        k0 = bn_line_head(yn, sizeof(float), n);
     if (ahead != NULL && n > 0) {
         /* The loop asks for the line of each vector's last value: with
          * these two, every line of the run. */
@@ -673,11 +679,9 @@ __attribute__((target("avx512f"))) static void NAME(                            
     const T *ps = pattern + 2 * stretch, *pt = pattern + 3 * stretch;                     \
     ptrdiff_t i = 0, p = phase, k0 = 0;                                                   \
     if (stream && ((uintptr_t)y % sizeof(T)) == 0)                                        \
-        k0 = (ptrdiff_t)(((64 - ((uintptr_t)y & 63)) & 63) / sizeof(T));                  \
+        k0 = bn_line_head(y, sizeof(T), n);                                               \
     else                                                                                  \
         stream = 0;                                                                       \
-    if (k0 > n)                                                                           \
-        k0 = n;                                                                           \
     if (k0 > 0) {                                                                         \
         MASK m = (MASK)((1u << k0) - 1);                                                  \
         VEC v = AFF(_mm512_maskz_loadu_##SFX(m, x), _mm512_loadu_##SFX(ph + p),           \
@@ -775,11 +779,8 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512
      * tail. */
     ptrdiff_t ns = xs == NULL ? 0 : n - n % 16;
     ptrdiff_t j0 = 0, j, i = 0;
-    if (xn != NULL && stream) {
-        j0 = (ptrdiff_t)(((64 - ((uintptr_t)dxn & 63)) & 63) / sizeof(float));
-        if (j0 > n)
-            j0 = n;
-    }
+    if (xn != NULL && stream)
+        j0 = bn_line_head(dxn, sizeof(float), n);
     if (ahead_x != NULL && n > 0) {
         /* The loop asks for the line of each vector's last value: with
          * these, every line of both runs. */
