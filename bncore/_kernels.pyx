@@ -113,6 +113,12 @@ cdef extern from "_leaf_loops.h" nogil:
     void bn_periodic_affine_f64(const double *x, double *y, Py_ssize_t n,
                                 const double *pattern, Py_ssize_t period, Py_ssize_t phase,
                                 int relu, int stream)
+    void bn_periodic_grad_f32(const float *x, const float *dy, float *dx, Py_ssize_t n,
+                              const float *pattern, Py_ssize_t period, Py_ssize_t phase,
+                              int stream)
+    void bn_periodic_grad_f64(const double *x, const double *dy, double *dx, Py_ssize_t n,
+                              const double *pattern, Py_ssize_t period, Py_ssize_t phase,
+                              int stream)
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
@@ -1032,19 +1038,18 @@ cdef void channel_params(const AffineIn *a, Py_ssize_t channels, Py_ssize_t c,
                   params + 3 * channels + c)
 
 
-cdef bint periodic_enabled = True      # set_periodic_normalize
+cdef bint periodic_enabled = True      # set_periodic_loops
 
 
-cdef inline Py_ssize_t periodic_period(const Interleaved *g, const AffineIn *a,
-                                       Py_ssize_t lanes) noexcept nogil:
+cdef inline Py_ssize_t periodic_period(const Interleaved *g, Py_ssize_t lanes) noexcept nogil:
     """The period of the flat loop, or 0 where the rows are walked instead:
-    no AVX-512, the relu gate, or rows so wide that their pattern would not
-    stay in L1 (and their line boundaries are few). The least common
-    multiple of the row width and a vector where it fits, so that every
-    vector of the loop loads its constants from whole aligned lines, else
-    the least multiple of the width that holds a vector."""
+    no AVX-512, or rows so wide that their pattern would not stay in L1
+    (and their line boundaries are few). The least common multiple of the
+    row width and a vector where it fits, so that every vector of the loop
+    loads its constants from whole aligned lines, else the least multiple
+    of the width that holds a vector."""
     cdef Py_ssize_t period
-    if lanes == 0 or a.gate != NULL or not periodic_enabled:
+    if lanes == 0 or not periodic_enabled:
         return 0
     period = least_common_multiple(g.width, lanes)
     if period <= PERIODIC_MAX_VALUES:
@@ -1053,24 +1058,33 @@ cdef inline Py_ssize_t periodic_period(const Interleaved *g, const AffineIn *a,
     return period if period <= PERIODIC_MAX_VALUES else 0
 
 
+cdef inline Py_ssize_t periodic_bytes(Py_ssize_t period, Py_ssize_t lanes, Py_ssize_t nconst,
+                                      Py_ssize_t itemsize) noexcept nogil:
+    """Room for a pattern of nconst constants and its alignment, 0 without one."""
+    return (nconst * (period + lanes) * itemsize + 64) if period else 0
+
+
 cdef void periodic_pattern(const floating *params, const Interleaved *g, Py_ssize_t period,
-                           Py_ssize_t lanes, Py_ssize_t head, floating *pattern) noexcept nogil:
-    """The four constants of pattern columns [0, period + lanes), each
-    period + lanes apart (bn_periodic_affine's layout); column m is that of
+                           Py_ssize_t lanes, Py_ssize_t head, const int *order, int nconst,
+                           floating *pattern) noexcept nogil:
+    """Pattern columns [0, period + lanes) of nconst constants, each
+    period + lanes apart (the periodic loops' layout): constant t is the
+    per-channel constant order[t] of params (C apart). Column m is that of
     flat value head + m, so the vectors after the head start on a column
     that is a multiple of the vector."""
-    cdef Py_ssize_t m, t, c
+    cdef Py_ssize_t m, c
     cdef Py_ssize_t stretch = period + lanes
+    cdef int t
     for m in range(stretch):
         c = ((head + m) % g.width) // g.inner
-        for t in range(4):
-            pattern[t * stretch + m] = params[t * g.channels + c]
+        for t in range(nconst):
+            pattern[t * stretch + m] = params[order[t] * g.channels + c]
 
 
 cdef inline Py_ssize_t periodic_bound(Py_ssize_t head, Py_ssize_t n, Py_ssize_t k, int nparts,
                                       Py_ssize_t lanes) noexcept nogil:
-    """Where part k of the flat span starts: on a 64-byte line of y past
-    its head, so no line is written by two threads."""
+    """Where part k of the flat span starts: on a 64-byte line of the output
+    past its head, so no line is written by two threads."""
     if k == 0:
         return 0
     if k == nparts:
@@ -1080,20 +1094,51 @@ cdef inline Py_ssize_t periodic_bound(Py_ssize_t head, Py_ssize_t n, Py_ssize_t 
 
 cdef void periodic_part(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t head, int k,
                         int nparts, const floating *pattern, Py_ssize_t period,
-                        Py_ssize_t lanes, const AffineIn *a) noexcept nogil:
-    """Part k of nparts of the flat loop; head: the values of y before its
-    first line boundary (the pattern's column 0 is the value after them)."""
+                        Py_ssize_t lanes, int relu, int stream) noexcept nogil:
+    """Part k of nparts of the flat affine loop; head: the values of y
+    before its first line boundary (the pattern's column 0 is the value
+    after them)."""
     cdef Py_ssize_t start = periodic_bound(head, n, k, nparts, lanes)
     cdef Py_ssize_t stop = periodic_bound(head, n, k + 1, nparts, lanes)
     cdef Py_ssize_t phase = (start - head + period) % period
     if floating is float:
         bn_periodic_affine_f32(x + start, y + start, stop - start, pattern, period, phase,
-                               a.relu, a.stream)
+                               relu, stream)
     else:
         bn_periodic_affine_f64(x + start, y + start, stop - start, pattern, period, phase,
-                               a.relu, a.stream)
-    if a.stream:
+                               relu, stream)
+    if stream:
         bn_stream_fence()
+
+
+cdef void periodic_grad_part(const floating *x, const floating *dy, floating *dx,
+                             Py_ssize_t n, Py_ssize_t head, int k, int nparts,
+                             const floating *pattern, Py_ssize_t period, Py_ssize_t lanes,
+                             int stream) noexcept nogil:
+    """Part k of nparts of the flat training input gradient (as periodic_part)."""
+    cdef Py_ssize_t start = periodic_bound(head, n, k, nparts, lanes)
+    cdef Py_ssize_t stop = periodic_bound(head, n, k + 1, nparts, lanes)
+    cdef Py_ssize_t phase = (start - head + period) % period
+    if floating is float:
+        bn_periodic_grad_f32(x + start, dy + start, dx + start, stop - start, pattern, period,
+                             phase, stream)
+    else:
+        bn_periodic_grad_f64(x + start, dy + start, dx + start, stop - start, pattern, period,
+                             phase, stream)
+    if stream:
+        bn_stream_fence()
+
+
+# The periodic patterns' constants, as indices into the per-channel tables:
+# the affine's (hi, lo, scale, shift); the training input gradient's (hi, lo,
+# k, c1, c0); the eval input gradient's, dx = ((dy - 0) - 0) * k + 0 with c1
+# and c0 both 0 there (as interleaved_grad_input_item's row loop).
+cdef int AFFINE_ORDER[4]
+cdef int GRAD_ORDER[5]
+cdef int EVAL_GRAD_ORDER[4]
+AFFINE_ORDER[:] = [0, 1, 2, 3]
+GRAD_ORDER[:] = [0, 1, 2, 3, 4]
+EVAL_GRAD_ORDER[:] = [3, 3, 2, 4]
 
 
 cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved *g,
@@ -1102,12 +1147,13 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
     contiguous part per thread, or every (row chunk, column tile) item.
     Returns -1 when the constants cannot be allocated."""
     cdef Py_ssize_t lanes = bn_periodic_lanes(sizeof(floating))
-    cdef Py_ssize_t period = periodic_period(g, a, lanes)
+    # Not for the relu gate, whose row loop reads dy too.
+    cdef Py_ssize_t period = periodic_period(g, lanes) if a.gate == NULL else 0
     cdef Py_ssize_t n = g.rows * g.width
     cdef Py_ssize_t head = bn_line_head(y, sizeof(floating), n)
     # The pattern after the per-channel constants, on a 64-byte boundary.
-    cdef Py_ssize_t nconst = 4 * g.channels + (4 * (period + lanes) + 64 if period else 0)
-    cdef floating *params = <floating *>malloc(nconst * sizeof(floating))
+    cdef floating *params = <floating *>malloc(
+        4 * g.channels * sizeof(floating) + periodic_bytes(period, lanes, 4, sizeof(floating)))
     cdef floating *pattern = params + 4 * g.channels
     cdef Py_ssize_t c, item
     cdef int k
@@ -1121,12 +1167,13 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
         for c in prange(g.channels, num_threads=nthreads, schedule="static"):
             channel_params(a, g.channels, c, params)
     if period:
-        periodic_pattern(params, g, period, lanes, head, pattern)
+        periodic_pattern(params, g, period, lanes, head, AFFINE_ORDER, 4, pattern)
         if nthreads == 1:
-            periodic_part(x, y, n, head, 0, 1, pattern, period, lanes, a)
+            periodic_part(x, y, n, head, 0, 1, pattern, period, lanes, a.relu, a.stream)
         else:
             for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
-                periodic_part(x, y, n, head, k, nthreads, pattern, period, lanes, a)
+                periodic_part(x, y, n, head, k, nthreads, pattern, period, lanes, a.relu,
+                              a.stream)
     elif nthreads == 1:
         for item in range(g.nchunks * g.ntiles):
             interleaved_normalize_item(x, y, g, item, params, a)
@@ -1525,44 +1572,61 @@ cdef bint use_pipelined_backward(const Planar *g, const BackwardArgs *a,
             and g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_MAX_SLICE)
 
 
+cdef inline void rows_grad_sums(const floating *x, const floating *dy, Py_ssize_t nrows,
+                                Py_ssize_t stride, Py_ssize_t ncols, const double *mean,
+                                double *s_dy, double *s_dev) noexcept nogil:
+    """Column j's gradient sums of nrows rows (stride apart), in slabs of
+    rows as the moments'."""
+    cdef Py_ssize_t slab = max(<Py_ssize_t>1,
+                               SLAB_BYTES // (2 * ncols * <Py_ssize_t>sizeof(floating)))
+    cdef Py_ssize_t r = 0, n
+    while r < nrows:
+        n = min(slab, nrows - r)
+        if floating is float:
+            bn_rows_grad_sums_f32(x + r * stride, dy + r * stride, n, stride, ncols, mean,
+                                  s_dy, s_dev)
+        else:
+            bn_rows_grad_sums_f64(x + r * stride, dy + r * stride, n, stride, ncols, mean,
+                                  s_dy, s_dev)
+        r = r + n
+
+
 cdef void interleaved_grad_sums_item(const floating *x, const floating *dy,
                                      const Interleaved *g, Py_ssize_t item,
                                      const double *mean, GradSums *table) noexcept nogil:
     """Per-channel sums of one (row chunk, column tile) item into the chunk
     table (channel c's chunk k at c * nchunks + k): per column down the rows
-    (in slabs of rows, as the moments), then each channel's columns in order."""
+    (narrow rows packed as the moments', stats_pack, the rows left over
+    after the last whole pack into the first row's columns), then each
+    channel's columns in order."""
     cdef double column_mean[COLUMN_TILE]
     cdef double s_dy[COLUMN_TILE]
     cdef double s_dev[COLUMN_TILE]
-    cdef Py_ssize_t r0 = 0, nrows_chunk = 0, j0 = 0, ncols = 0
+    cdef Py_ssize_t r0 = 0, nrows = 0, j0 = 0, ncols = 0
     cdef Py_ssize_t chunk = item // g.ntiles
-    cdef Py_ssize_t j, q, rb, r_end, nrows, start, slab
+    cdef Py_ssize_t j, p, q, pack, packed, start
     cdef GradSums sums, part
-    item_span(g, item, &r0, &nrows_chunk, &j0, &ncols)
-    r_end = r0 + nrows_chunk
-    slab = max(<Py_ssize_t>1, SLAB_BYTES // (2 * ncols * <Py_ssize_t>sizeof(floating)))
-    for j in range(ncols):
-        column_mean[j] = mean[(j0 + j) // g.inner]
+    item_span(g, item, &r0, &nrows, &j0, &ncols)
+    pack = stats_pack(g, ncols)
+    for j in range(ncols * pack):
+        column_mean[j] = mean[((j0 + j) % g.width) // g.inner]
         s_dy[j] = 0.0
         s_dev[j] = 0.0
-    rb = r0
-    while rb < r_end:
-        nrows = min(slab, r_end - rb)
-        start = rb * g.width + j0
-        if floating is float:
-            bn_rows_grad_sums_f32(x + start, dy + start, nrows, g.width, ncols, column_mean,
-                                  s_dy, s_dev)
-        else:
-            bn_rows_grad_sums_f64(x + start, dy + start, nrows, g.width, ncols, column_mean,
-                                  s_dy, s_dev)
-        rb = rb + nrows
+    packed = (nrows // pack) * pack
+    start = r0 * g.width + j0
+    rows_grad_sums(x + start, dy + start, packed // pack, g.width * pack, ncols * pack,
+                   column_mean, s_dy, s_dev)
+    start = start + packed * g.width
+    rows_grad_sums(x + start, dy + start, nrows - packed, g.width, ncols, column_mean,
+                   s_dy, s_dev)
     j = 0
     while j < ncols:
         sums = zero_grad_sums()
-        for q in range(g.inner):
-            part.dy = s_dy[j + q]
-            part.dy_dev = s_dev[j + q]
-            sums = add_grad_sums(sums, part)
+        for p in range(pack):
+            for q in range(g.inner):
+                part.dy = s_dy[p * ncols + j + q]
+                part.dy_dev = s_dev[p * ncols + j + q]
+                sums = add_grad_sums(sums, part)
         table[((j0 + j) // g.inner) * g.nchunks + chunk] = sums
         j = j + g.inner
 
@@ -1623,21 +1687,48 @@ cdef void interleaved_grad_channel(const Interleaved *g, Py_ssize_t c, const Gra
 cdef int interleaved_backward(const floating *x, const floating *dy, floating *dx,
                               const Interleaved *g, const BackwardArgs *a,
                               int requested) noexcept nogil:
+    """The sums per (row chunk, column tile) item, then per channel; then dx
+    by the flat periodic loop, one contiguous part per thread (as
+    interleaved_normalize), or item by item. Returns -1 when the tables
+    cannot be allocated."""
     cdef Py_ssize_t nitems = g.nchunks * g.ntiles
     cdef int nthreads = team_size(requested, nitems, g.rows * g.width)
+    cdef Py_ssize_t lanes = bn_periodic_lanes(sizeof(floating))
+    cdef Py_ssize_t period = 0 if a.sums_only else periodic_period(g, lanes)
+    cdef Py_ssize_t n = g.rows * g.width
+    cdef Py_ssize_t head = bn_line_head(dx, sizeof(floating), n)
     cdef Py_ssize_t item, c
+    cdef int k
     cdef GradSums *table = <GradSums *>malloc(g.nchunks * g.channels * sizeof(GradSums))
-    cdef floating *constants = <floating *>malloc(5 * g.channels * sizeof(floating))
+    # The pattern after the per-channel constants, on a 64-byte boundary.
+    cdef floating *constants = <floating *>malloc(
+        5 * g.channels * sizeof(floating) + periodic_bytes(period, lanes, 5, sizeof(floating)))
+    cdef floating *pattern = constants + 5 * g.channels
     if table == NULL or constants == NULL:
         free(table)
         free(constants)
         return -1
+    pattern = pattern + bn_line_head(pattern, sizeof(floating), 64)
     if a.given_dy == NULL:
         for item in prange(nitems, num_threads=nthreads, schedule="static"):
             interleaved_grad_sums_item(x, dy, g, item, a.mean, table)
     for c in prange(g.channels, num_threads=nthreads, schedule="static"):
         interleaved_grad_channel(g, c, table, constants, a)
-    if not a.sums_only:
+    if a.sums_only:
+        pass
+    elif period:
+        if a.training:
+            periodic_pattern(constants, g, period, lanes, head, GRAD_ORDER, 5, pattern)
+        else:
+            periodic_pattern(constants, g, period, lanes, head, EVAL_GRAD_ORDER, 4, pattern)
+        for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
+            if a.training:
+                periodic_grad_part(x, dy, dx, n, head, k, nthreads, pattern, period, lanes,
+                                   a.stream)
+            else:
+                periodic_part(dy, dx, n, head, k, nthreads, pattern, period, lanes, 0,
+                              a.stream)
+    else:
         for item in prange(nitems, num_threads=nthreads, schedule="static"):
             interleaved_grad_input_item(x, dy, dx, g, item, constants, a.training, a.stream)
     free(table)
@@ -1841,10 +1932,10 @@ def set_pipelined_backward(int mode, Py_ssize_t items=0):
     return previous
 
 
-def set_periodic_normalize(bint enabled):
-    """Whether the interleaved normalisation may take the flat periodic loop
-    (for tests and A/B timing; the row loop gives the same bits). Returns
-    the previous setting."""
+def set_periodic_loops(bint enabled):
+    """Whether the interleaved normalisation and input gradient may take the
+    flat periodic loops (for tests and A/B timing; the row loops give the
+    same bits). Returns the previous setting."""
     global periodic_enabled
     previous = periodic_enabled
     periodic_enabled = enabled

@@ -336,30 +336,62 @@ __attribute__((target("avx2,fma"))) static void bn_rows_shifted_sums_f32_avx2(
                                          s1 + j, s2 + j);
 }
 
+/* The gradient sums' version of the blocked loop above: s_dy[j] += dy and
+ * s_dy_dev[j] += dy * (x - mean[j]) (one FMA) down the rows, column groups
+ * of 64 (then 32, 16) whose sums stay in registers. Each column's sums take
+ * its rows in order, so the group width does not change the bits. */
+#define BN_DEFINE_ROWS_GRAD_SUMS_AVX512(GROUP)                                         \
+__attribute__((target("avx512f"))) static ptrdiff_t bn_rows_grad_sums_f32_avx512_##GROUP( \
+    const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t nrows,          \
+    ptrdiff_t stride, ptrdiff_t ncols, const double *BN_RESTRICT mean,                 \
+    double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)                            \
+{                                                                                      \
+    ptrdiff_t j = 0;                                                                   \
+    for (; j + 16 * (GROUP) <= ncols; j += 16 * (GROUP)) {                             \
+        __m512d m[2 * (GROUP)], a[2 * (GROUP)], b[2 * (GROUP)];                        \
+        for (int t = 0; t < 2 * (GROUP); t++) {                                        \
+            m[t] = _mm512_loadu_pd(mean + j + 8 * t);                                  \
+            a[t] = _mm512_loadu_pd(s_dy + j + 8 * t);                                  \
+            b[t] = _mm512_loadu_pd(s_dy_dev + j + 8 * t);                              \
+        }                                                                              \
+        for (ptrdiff_t r = 0; r < nrows; r++) {                                        \
+            const float *p = x + r * stride + j, *q = dy + r * stride + j;             \
+            for (int t = 0; t < 2 * (GROUP); t++) {                                    \
+                __m512d g = _mm512_cvtps_pd(_mm256_loadu_ps(q + 8 * t));               \
+                __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + 8 * t)), m[t]); \
+                a[t] = _mm512_add_pd(a[t], g);                                         \
+                b[t] = _mm512_fmadd_pd(g, d, b[t]);                                    \
+            }                                                                          \
+        }                                                                              \
+        for (int t = 0; t < 2 * (GROUP); t++) {                                        \
+            _mm512_storeu_pd(s_dy + j + 8 * t, a[t]);                                  \
+            _mm512_storeu_pd(s_dy_dev + j + 8 * t, b[t]);                              \
+        }                                                                              \
+    }                                                                                  \
+    return j;                                                                          \
+}
+BN_DEFINE_ROWS_GRAD_SUMS_AVX512(4)
+BN_DEFINE_ROWS_GRAD_SUMS_AVX512(2)
+BN_DEFINE_ROWS_GRAD_SUMS_AVX512(1)
+#undef BN_DEFINE_ROWS_GRAD_SUMS_AVX512
+
+/* Rows wider than 64 columns go BN_WIDE_ROWS at a time, as the moments'.
+ * (N, 128) float32 sums ran at 3.8 times a streaming copy's time on one
+ * thread when each 16 columns walked all the rows of a slab in turn. */
 __attribute__((target("avx512f"))) static void bn_rows_grad_sums_f32_avx512(
     const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t nrows, ptrdiff_t stride,
     ptrdiff_t ncols, const double *BN_RESTRICT mean, double *BN_RESTRICT s_dy,
     double *BN_RESTRICT s_dy_dev)
 {
-    ptrdiff_t j = 0;
-    for (; j + 16 <= ncols; j += 16) {
-        const __m512d m0 = _mm512_loadu_pd(mean + j), m1 = _mm512_loadu_pd(mean + j + 8);
-        __m512d a0 = _mm512_loadu_pd(s_dy + j), a1 = _mm512_loadu_pd(s_dy + j + 8);
-        __m512d b0 = _mm512_loadu_pd(s_dy_dev + j), b1 = _mm512_loadu_pd(s_dy_dev + j + 8);
-        for (ptrdiff_t r = 0; r < nrows; r++) {
-            const float *p = x + r * stride + j;
-            const float *q = dy + r * stride + j;
-            __m512d g0 = _mm512_cvtps_pd(_mm256_loadu_ps(q));
-            __m512d g1 = _mm512_cvtps_pd(_mm256_loadu_ps(q + 8));
-            a0 = _mm512_add_pd(a0, g0);
-            b0 = _mm512_fmadd_pd(g0, _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p)), m0), b0);
-            a1 = _mm512_add_pd(a1, g1);
-            b1 = _mm512_fmadd_pd(g1, _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + 8)), m1), b1);
-        }
-        _mm512_storeu_pd(s_dy + j, a0);
-        _mm512_storeu_pd(s_dy + j + 8, a1);
-        _mm512_storeu_pd(s_dy_dev + j, b0);
-        _mm512_storeu_pd(s_dy_dev + j + 8, b1);
+    ptrdiff_t step = ncols > 64 ? BN_WIDE_ROWS : nrows, j = 0;
+    for (ptrdiff_t r = 0; r < nrows; r += step) {
+        const float *p = x + r * stride, *q = dy + r * stride;
+        ptrdiff_t n = nrows - r < step ? nrows - r : step;
+        j = bn_rows_grad_sums_f32_avx512_4(p, q, n, stride, ncols, mean, s_dy, s_dy_dev);
+        j += bn_rows_grad_sums_f32_avx512_2(p + j, q + j, n, stride, ncols - j, mean + j,
+                                            s_dy + j, s_dy_dev + j);
+        j += bn_rows_grad_sums_f32_avx512_1(p + j, q + j, n, stride, ncols - j, mean + j,
+                                            s_dy + j, s_dy_dev + j);
     }
     if (j < ncols)
         bn_rows_grad_sums_generic_f32(x + j, dy + j, nrows, stride, ncols - j, mean + j,
@@ -667,9 +699,67 @@ BN_INLINE __m512d bn_affine8_avx512(__m512d v, __m512d hi, __m512d lo, __m512d s
     return v;
 }
 
-/* One template for both widths: VEC the vector type, L its lanes, SFX the
- * intrinsics' suffix, AFF the vector affine. */
-#define BN_DEFINE_PERIODIC_AFFINE(T, NAME, VEC, L, MASK, SFX, AFF)                        \
+BN_INLINE __m512 bn_grad16_avx512(__m512 x, __m512 dy, __m512 hi, __m512 lo, __m512 k,
+                                   __m512 c1, __m512 c0)
+    __attribute__((target("avx512f")));
+BN_INLINE __m512 bn_grad16_avx512(__m512 x, __m512 dy, __m512 hi, __m512 lo, __m512 k,
+                                   __m512 c1, __m512 c0)
+{
+    /* dy * k + (((x - hi) - lo) * c1 + c0), rounded after every operation
+     * as bn_grad_input_f32 is (built with -ffp-contract=off: no FMA). */
+    __m512 dev = _mm512_sub_ps(_mm512_sub_ps(x, hi), lo);
+    return _mm512_add_ps(_mm512_mul_ps(dy, k), _mm512_add_ps(_mm512_mul_ps(dev, c1), c0));
+}
+
+BN_INLINE __m512d bn_grad8_avx512(__m512d x, __m512d dy, __m512d hi, __m512d lo, __m512d k,
+                                   __m512d c1, __m512d c0)
+    __attribute__((target("avx512f")));
+BN_INLINE __m512d bn_grad8_avx512(__m512d x, __m512d dy, __m512d hi, __m512d lo, __m512d k,
+                                   __m512d c1, __m512d c0)
+{
+    __m512d dev = _mm512_sub_pd(_mm512_sub_pd(x, hi), lo);
+    return _mm512_add_pd(_mm512_mul_pd(dy, k), _mm512_add_pd(_mm512_mul_pd(dev, c1), c0));
+}
+
+/* The loop both periodic kernels share, for either width: VEC the vector
+ * type, L its lanes, MASK its mask, SFX the intrinsics' suffix; VALUE(LOAD,
+ * i, p) the vector of values i.. of OUT with pattern column p, its inputs
+ * read with LOAD (whole vectors in the body, masked at the head and tail,
+ * which may end at the buffer's). A masked head up to OUT's first line, then
+ * whole lines (streamed with `stream`), then a masked tail. */
+#define BN_PERIODIC_FULL(SFX, ptr) _mm512_loadu_##SFX(ptr)
+#define BN_PERIODIC_MASKED(SFX, ptr) _mm512_maskz_loadu_##SFX(m, ptr)
+#define BN_PERIODIC_LOOP(T, VEC, L, MASK, SFX, OUT, VALUE)                               \
+    ptrdiff_t i = 0, p = phase, k0 = 0;                                                   \
+    if (stream && ((uintptr_t)(OUT) % sizeof(T)) == 0)                                    \
+        k0 = bn_line_head(OUT, sizeof(T), n);                                             \
+    else                                                                                  \
+        stream = 0;                                                                       \
+    if (k0 > 0) {                                                                         \
+        MASK m = (MASK)((1u << k0) - 1);                                                  \
+        _mm512_mask_storeu_##SFX(OUT, m, VALUE(BN_PERIODIC_MASKED, SFX, 0, p));           \
+        i = k0;                                                                           \
+        p += k0;                                                                          \
+        if (p >= period)                                                                  \
+            p -= period;                                                                  \
+    }                                                                                     \
+    for (; i + (L) <= n; i += (L)) {                                                      \
+        VEC v = VALUE(BN_PERIODIC_FULL, SFX, i, p);                                       \
+        if (stream)                                                                       \
+            _mm512_stream_##SFX((OUT) + i, v);                                            \
+        else                                                                              \
+            _mm512_storeu_##SFX((OUT) + i, v);                                            \
+        p += (L);                                                                         \
+        if (p >= period)                                                                  \
+            p -= period;                                                                  \
+    }                                                                                     \
+    if (i < n) {                                                                          \
+        MASK m = (MASK)((1u << (n - i)) - 1);                                             \
+        _mm512_mask_storeu_##SFX((OUT) + i, m, VALUE(BN_PERIODIC_MASKED, SFX, i, p));     \
+    }
+
+/* y = affine(x) (then relu): pattern holds hi, lo, scale and shift. */
+#define BN_DEFINE_PERIODIC_AFFINE(T, NAME, VEC, L, MASK, SFX)                             \
 __attribute__((target("avx512f"))) static void NAME(                                     \
     const T *x, T *y, ptrdiff_t n, const T *BN_RESTRICT pattern, ptrdiff_t period,        \
     ptrdiff_t phase, int relu, int stream)                                                \
@@ -677,47 +767,43 @@ __attribute__((target("avx512f"))) static void NAME(                            
     const ptrdiff_t stretch = period + (L);                                               \
     const T *ph = pattern, *pl = pattern + stretch;                                       \
     const T *ps = pattern + 2 * stretch, *pt = pattern + 3 * stretch;                     \
-    ptrdiff_t i = 0, p = phase, k0 = 0;                                                   \
-    if (stream && ((uintptr_t)y % sizeof(T)) == 0)                                        \
-        k0 = bn_line_head(y, sizeof(T), n);                                               \
-    else                                                                                  \
-        stream = 0;                                                                       \
-    if (k0 > 0) {                                                                         \
-        MASK m = (MASK)((1u << k0) - 1);                                                  \
-        VEC v = AFF(_mm512_maskz_loadu_##SFX(m, x), _mm512_loadu_##SFX(ph + p),           \
-                    _mm512_loadu_##SFX(pl + p), _mm512_loadu_##SFX(ps + p),               \
-                    _mm512_loadu_##SFX(pt + p), relu);                                    \
-        _mm512_mask_storeu_##SFX(y, m, v);                                                \
-        i = k0;                                                                           \
-        p += k0;                                                                          \
-        if (p >= period)                                                                  \
-            p -= period;                                                                  \
-    }                                                                                     \
-    for (; i + (L) <= n; i += (L)) {                                                      \
-        VEC v = AFF(_mm512_loadu_##SFX(x + i), _mm512_loadu_##SFX(ph + p),                \
-                    _mm512_loadu_##SFX(pl + p), _mm512_loadu_##SFX(ps + p),               \
-                    _mm512_loadu_##SFX(pt + p), relu);                                    \
-        if (stream)                                                                       \
-            _mm512_stream_##SFX(y + i, v);                                                \
-        else                                                                              \
-            _mm512_storeu_##SFX(y + i, v);                                                \
-        p += (L);                                                                         \
-        if (p >= period)                                                                  \
-            p -= period;                                                                  \
-    }                                                                                     \
-    if (i < n) {                                                                          \
-        MASK m = (MASK)((1u << (n - i)) - 1);                                             \
-        VEC v = AFF(_mm512_maskz_loadu_##SFX(m, x + i), _mm512_loadu_##SFX(ph + p),       \
-                    _mm512_loadu_##SFX(pl + p), _mm512_loadu_##SFX(ps + p),               \
-                    _mm512_loadu_##SFX(pt + p), relu);                                    \
-        _mm512_mask_storeu_##SFX(y + i, m, v);                                            \
-    }                                                                                     \
+    BN_PERIODIC_LOOP(T, VEC, L, MASK, SFX, y, BN_PERIODIC_AFFINE_VALUE_##SFX)             \
 }
-BN_DEFINE_PERIODIC_AFFINE(float, bn_periodic_affine_f32_avx512, __m512, 16, __mmask16, ps,
-                          bn_affine16_avx512)
-BN_DEFINE_PERIODIC_AFFINE(double, bn_periodic_affine_f64_avx512, __m512d, 8, __mmask8, pd,
-                          bn_affine8_avx512)
+#define BN_PERIODIC_AFFINE_VALUE(LOAD, SFX, AFF, i, p)                                    \
+    AFF(LOAD(SFX, x + (i)), _mm512_loadu_##SFX(ph + (p)), _mm512_loadu_##SFX(pl + (p)),  \
+        _mm512_loadu_##SFX(ps + (p)), _mm512_loadu_##SFX(pt + (p)), relu)
+#define BN_PERIODIC_AFFINE_VALUE_ps(LOAD, SFX, i, p)                                      \
+    BN_PERIODIC_AFFINE_VALUE(LOAD, SFX, bn_affine16_avx512, i, p)
+#define BN_PERIODIC_AFFINE_VALUE_pd(LOAD, SFX, i, p)                                      \
+    BN_PERIODIC_AFFINE_VALUE(LOAD, SFX, bn_affine8_avx512, i, p)
+BN_DEFINE_PERIODIC_AFFINE(float, bn_periodic_affine_f32_avx512, __m512, 16, __mmask16, ps)
+BN_DEFINE_PERIODIC_AFFINE(double, bn_periodic_affine_f64_avx512, __m512d, 8, __mmask8, pd)
+
+/* The training input gradient, dx = dy * k + (((x - hi) - lo) * c1 + c0)
+ * (bn_rows_grad_input's operations, so its bits): pattern holds hi, lo, k,
+ * c1 and c0. dx may be x or dy. */
+#define BN_DEFINE_PERIODIC_GRAD(T, NAME, VEC, L, MASK, SFX)                              \
+__attribute__((target("avx512f"))) static void NAME(                                     \
+    const T *x, const T *dy, T *dx, ptrdiff_t n, const T *BN_RESTRICT pattern,            \
+    ptrdiff_t period, ptrdiff_t phase, int stream)                                        \
+{                                                                                         \
+    const ptrdiff_t stretch = period + (L);                                               \
+    const T *ph = pattern, *pl = pattern + stretch, *pk = pattern + 2 * stretch;          \
+    const T *p1 = pattern + 3 * stretch, *p0 = pattern + 4 * stretch;                    \
+    BN_PERIODIC_LOOP(T, VEC, L, MASK, SFX, dx, BN_PERIODIC_GRAD_VALUE_##SFX)              \
+}
+#define BN_PERIODIC_GRAD_VALUE(LOAD, SFX, GRAD, i, p)                                     \
+    GRAD(LOAD(SFX, x + (i)), LOAD(SFX, dy + (i)), _mm512_loadu_##SFX(ph + (p)),           \
+         _mm512_loadu_##SFX(pl + (p)), _mm512_loadu_##SFX(pk + (p)),                      \
+         _mm512_loadu_##SFX(p1 + (p)), _mm512_loadu_##SFX(p0 + (p)))
+#define BN_PERIODIC_GRAD_VALUE_ps(LOAD, SFX, i, p)                                        \
+    BN_PERIODIC_GRAD_VALUE(LOAD, SFX, bn_grad16_avx512, i, p)
+#define BN_PERIODIC_GRAD_VALUE_pd(LOAD, SFX, i, p)                                        \
+    BN_PERIODIC_GRAD_VALUE(LOAD, SFX, bn_grad8_avx512, i, p)
+BN_DEFINE_PERIODIC_GRAD(float, bn_periodic_grad_f32_avx512, __m512, 16, __mmask16, ps)
+BN_DEFINE_PERIODIC_GRAD(double, bn_periodic_grad_f64_avx512, __m512d, 8, __mmask8, pd)
 #undef BN_DEFINE_PERIODIC_AFFINE
+#undef BN_DEFINE_PERIODIC_GRAD
 #endif
 
 /* Values per vector of the periodic loop (its period is a multiple of it),
@@ -735,9 +821,13 @@ static inline int bn_periodic_lanes(int itemsize)
 #if BN_X86_DISPATCH
 #define bn_periodic_affine_f32 bn_periodic_affine_f32_avx512
 #define bn_periodic_affine_f64 bn_periodic_affine_f64_avx512
+#define bn_periodic_grad_f32 bn_periodic_grad_f32_avx512
+#define bn_periodic_grad_f64 bn_periodic_grad_f64_avx512
 #else   /* never called there: bn_periodic_lanes is 0 */
 #define bn_periodic_affine_f32(...) ((void)0)
 #define bn_periodic_affine_f64(...) ((void)0)
+#define bn_periodic_grad_f32(...) ((void)0)
+#define bn_periodic_grad_f64(...) ((void)0)
 #endif
 
 /* The pipelined training backward's inner loop, the forward's twin: two runs
@@ -751,18 +841,6 @@ static inline int bn_periodic_lanes(int itemsize)
  * cache. Both halves do exactly the operations of the separate loops, in
  * the same order for each lane: the results are bitwise theirs. */
 #if BN_X86_DISPATCH
-BN_INLINE __m512 bn_grad16_avx512(__m512 x, __m512 dy, __m512 hi, __m512 lo, __m512 k,
-                                   __m512 c1, __m512 c0)
-    __attribute__((target("avx512f")));
-BN_INLINE __m512 bn_grad16_avx512(__m512 x, __m512 dy, __m512 hi, __m512 lo, __m512 k,
-                                   __m512 c1, __m512 c0)
-{
-    /* dy * k + (((x - hi) - lo) * c1 + c0), rounded after every operation
-     * as bn_grad_input_f32 is (built with -ffp-contract=off: no FMA). */
-    __m512 dev = _mm512_sub_ps(_mm512_sub_ps(x, hi), lo);
-    return _mm512_add_ps(_mm512_mul_ps(dy, k), _mm512_add_ps(_mm512_mul_ps(dev, c1), c0));
-}
-
 __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512(
     const float *xs, const float *dys, ptrdiff_t n, double mean, double *BN_RESTRICT s_dy,
     double *BN_RESTRICT s_dy_dev, const float *ahead_x, const float *ahead_dy,

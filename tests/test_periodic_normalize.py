@@ -17,10 +17,10 @@ from test_pipelined import _offset_array
 
 @pytest.fixture
 def restore_tuning():
-    previous_periodic = _kernels.set_periodic_normalize(True)
+    previous_periodic = _kernels.set_periodic_loops(True)
     previous_stream = _kernels.set_stream_min_bytes(1 << 62)
     yield
-    _kernels.set_periodic_normalize(previous_periodic)
+    _kernels.set_periodic_loops(previous_periodic)
     _kernels.set_stream_min_bytes(previous_stream)
 
 
@@ -80,9 +80,9 @@ def test_periodic_loop_gives_the_bits_of_the_row_loop(shape, dtype, run, restore
     for stream_min in (0, 1 << 62):
         _kernels.set_stream_min_bytes(stream_min)
         for relu in (False, True):
-            _kernels.set_periodic_normalize(False)
+            _kernels.set_periodic_loops(False)
             want = run(problem, shape, 1, relu, 0, False)
-            _kernels.set_periodic_normalize(True)
+            _kernels.set_periodic_loops(True)
             for threads in (1, 2, 3):
                 for offset in (0, 1, 4):
                     for in_place in (False, True):
@@ -104,9 +104,9 @@ def test_periodic_loop_keeps_non_finite_values_and_signed_zeros(dtype, restore_t
     x[7] = -0.0
     _kernels.set_stream_min_bytes(0)
     for relu in (False, True):
-        _kernels.set_periodic_normalize(False)
+        _kernels.set_periodic_loops(False)
         want = _eval(problem, shape, 1, relu, 0, False)
-        _kernels.set_periodic_normalize(True)
+        _kernels.set_periodic_loops(True)
         got = _eval(problem, shape, 2, relu, 1, False)
         assert np.isnan(got[0]).any() and np.isinf(got[0]).any()
         assert _same_bits(got, want), relu
@@ -127,6 +127,6 @@ def test_periodic_loop_matches_the_reference(shape, restore_tuning):
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-5)
 
 
-def test_set_periodic_normalize_returns_the_previous_setting(restore_tuning):
-    assert _kernels.set_periodic_normalize(False) is True
-    assert _kernels.set_periodic_normalize(True) is False
+def test_set_periodic_loops_returns_the_previous_setting(restore_tuning):
+    assert _kernels.set_periodic_loops(False) is True
+    assert _kernels.set_periodic_loops(True) is False
