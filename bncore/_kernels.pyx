@@ -181,9 +181,12 @@ cdef enum:
     # a slab once per group of columns, and the later passes should find it
     # in L2.
     SLAB_BYTES = 256 * 1024
-    # The flat interleaved normalisation keeps its pattern (4 constants per
-    # column of a period) in L1: 4 x 2048 float32 are 32 KiB. Wider rows are
-    # walked row by row.
+    # The flat interleaved loops keep their pattern (4 constants per column
+    # of a period for the normalisation, 5 for the input gradient) in L1 or
+    # near it: 4 x 2048 float32 are 32 KiB. (A period is the width's least
+    # common multiple with a vector, up to 16 times the width, or else the
+    # width's least multiple that holds a vector.) Wider rows are walked row
+    # by row.
     PERIODIC_MAX_VALUES = 2048
     # At most this many row chunks per column, so the chunk results kept for
     # the ordered merge stay O(C) in size.
@@ -1092,9 +1095,9 @@ cdef inline Py_ssize_t periodic_bound(Py_ssize_t head, Py_ssize_t n, Py_ssize_t 
     return head + ((n - head) * k // nparts) // lanes * lanes
 
 
-cdef void periodic_part(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t head, int k,
-                        int nparts, const floating *pattern, Py_ssize_t period,
-                        Py_ssize_t lanes, int relu, int stream) noexcept nogil:
+cdef void periodic_affine_part(const floating *x, floating *y, Py_ssize_t n, Py_ssize_t head,
+                               int k, int nparts, const floating *pattern, Py_ssize_t period,
+                               Py_ssize_t lanes, int relu, int stream) noexcept nogil:
     """Part k of nparts of the flat affine loop; head: the values of y
     before its first line boundary (the pattern's column 0 is the value
     after them)."""
@@ -1115,7 +1118,8 @@ cdef void periodic_grad_part(const floating *x, const floating *dy, floating *dx
                              Py_ssize_t n, Py_ssize_t head, int k, int nparts,
                              const floating *pattern, Py_ssize_t period, Py_ssize_t lanes,
                              int stream) noexcept nogil:
-    """Part k of nparts of the flat training input gradient (as periodic_part)."""
+    """Part k of nparts of the flat training input gradient (as
+    periodic_affine_part)."""
     cdef Py_ssize_t start = periodic_bound(head, n, k, nparts, lanes)
     cdef Py_ssize_t stop = periodic_bound(head, n, k + 1, nparts, lanes)
     cdef Py_ssize_t phase = (start - head + period) % period
@@ -1159,7 +1163,8 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
     cdef int k
     if params == NULL:
         return -1
-    pattern = pattern + bn_line_head(pattern, sizeof(floating), 64)
+    if period:
+        pattern = pattern + bn_line_head(pattern, sizeof(floating), 64)
     if nthreads == 1:
         for c in range(g.channels):
             channel_params(a, g.channels, c, params)
@@ -1169,11 +1174,12 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
     if period:
         periodic_pattern(params, g, period, lanes, head, AFFINE_ORDER, 4, pattern)
         if nthreads == 1:
-            periodic_part(x, y, n, head, 0, 1, pattern, period, lanes, a.relu, a.stream)
+            periodic_affine_part(x, y, n, head, 0, 1, pattern, period, lanes, a.relu,
+                                 a.stream)
         else:
             for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
-                periodic_part(x, y, n, head, k, nthreads, pattern, period, lanes, a.relu,
-                              a.stream)
+                periodic_affine_part(x, y, n, head, k, nthreads, pattern, period, lanes,
+                                     a.relu, a.stream)
     elif nthreads == 1:
         for item in range(g.nchunks * g.ntiles):
             interleaved_normalize_item(x, y, g, item, params, a)
@@ -1708,7 +1714,8 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
         free(table)
         free(constants)
         return -1
-    pattern = pattern + bn_line_head(pattern, sizeof(floating), 64)
+    if period:
+        pattern = pattern + bn_line_head(pattern, sizeof(floating), 64)
     if a.given_dy == NULL:
         for item in prange(nitems, num_threads=nthreads, schedule="static"):
             interleaved_grad_sums_item(x, dy, g, item, a.mean, table)
@@ -1726,8 +1733,8 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
                 periodic_grad_part(x, dy, dx, n, head, k, nthreads, pattern, period, lanes,
                                    a.stream)
             else:
-                periodic_part(dy, dx, n, head, k, nthreads, pattern, period, lanes, 0,
-                              a.stream)
+                periodic_affine_part(dy, dx, n, head, k, nthreads, pattern, period, lanes,
+                                     0, a.stream)
     else:
         for item in prange(nitems, num_threads=nthreads, schedule="static"):
             interleaved_grad_input_item(x, dy, dx, g, item, constants, a.training, a.stream)

@@ -18,12 +18,22 @@ from test_periodic_normalize import SHAPES, _same_bits, restore_tuning  # noqa: 
 from test_pipelined import _offset_array
 
 # (channels, inner): row widths around every column group and packing case:
-# 1, 3, 8 and 40 (packed), 16, 17, 33, 48, 63 (packed, not a multiple of 16),
-# 64, 65, 80, 100, 128, 130 and 200 (groups of 64 + 32 + 16 + a scalar
-# rest, rows taken 8 at a time), and 600 (two column tiles).
+# 1, 3, 8, 16, 40 and 48 (packed into a multiple of 16 columns), 17, 33 and
+# 63 (packed, not a multiple of 16), 64 (one group, not packed), 65, 80,
+# 100, 128, 130 and 200 (groups of 64, 32 and 16 and a scalar rest, rows
+# taken 8 at a time), and 600 (two column tiles).
 GEOMETRIES = [(1, 1), (3, 1), (8, 1), (2, 20), (16, 1), (17, 1), (33, 1), (16, 3), (63, 1),
               (64, 1), (65, 1), (80, 1), (100, 1), (128, 1), (130, 1), (200, 1), (600, 1)]
 ROWS = [5, 77, 4133]
+
+
+@pytest.fixture
+def threads_on_small_calls():
+    """Let threads split even the small calls here (they would otherwise
+    run serially whatever the thread count asked for)."""
+    previous = _kernels.set_serial_max_values(0)
+    yield
+    _kernels.set_serial_max_values(previous)
 
 
 def _sums_problem(outer, channels, inner, dtype, seed):
@@ -62,7 +72,8 @@ def test_interleaved_grad_sums_match_numpy_in_float64(geometry, outer, dtype):
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}x{g[1]}")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_interleaved_grad_sums_are_the_same_bits_for_any_thread_count(geometry, dtype):
+def test_interleaved_grad_sums_are_the_same_bits_for_any_thread_count(geometry, dtype,
+                                                                      threads_on_small_calls):
     x, dy, mean = _sums_problem(4133, *geometry, dtype, seed=sum(geometry))
     want = _grad_sums(x, dy, mean, 1)
     for threads in (2, 3):
@@ -70,7 +81,7 @@ def test_interleaved_grad_sums_are_the_same_bits_for_any_thread_count(geometry, 
 
 
 def test_a_nan_in_one_packed_column_reaches_only_its_channels_sums():
-    """A NaN in row 7 (the eighth of a pack of 8-value rows) of channel 2
+    """A NaN in row 7 (the eighth row of a pack of 8 rows) of channel 2
     poisons channel 2's sums and no other."""
     x, dy, mean = _sums_problem(300, 8, 1, np.float32, seed=1)
     dy[7, 2, 0] = np.nan
@@ -108,7 +119,8 @@ def _backward(problem, shape, threads, training, offset, in_place):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_periodic_grad_input_gives_the_bits_of_the_row_loop(shape, dtype, training,
-                                                            restore_tuning):
+                                                            restore_tuning,
+                                                            threads_on_small_calls):
     problem = _backward_problem(shape, dtype, seed=sum(shape))
     for stream_min in (0, 1 << 62):
         _kernels.set_stream_min_bytes(stream_min)
@@ -123,7 +135,8 @@ def test_periodic_grad_input_gives_the_bits_of_the_row_loop(shape, dtype, traini
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_periodic_grad_input_keeps_non_finite_values(dtype, restore_tuning):
+def test_periodic_grad_input_keeps_non_finite_values(dtype, restore_tuning,
+                                                     threads_on_small_calls):
     shape = (50, 24, 1)
     x, dy, mean, invstd, weight = _backward_problem(shape, dtype, seed=2)
     x[3::29] = np.nan
@@ -157,3 +170,26 @@ def test_channels_last_backward_matches_the_reference(shape, training, restore_t
     for g, w in zip(got, want):
         scale = np.abs(w).max()
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("shape", [(77, 8, 1), (700, 128, 1), (29, 17, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_periodic_split_grad_input_gives_the_bits_of_the_row_loop(shape, restore_tuning,
+                                                                  threads_on_small_calls):
+    """The second half of a split backward (sums given, as a distributed
+    backward calls it) takes the periodic loop too."""
+    x, dy, mean, invstd, weight = _backward_problem(shape, np.float32, seed=4)
+    sum_dy, sum_dy_dev = _grad_sums(x.reshape(shape), dy.reshape(shape), mean, 1)
+    count = float(shape[0] * shape[2])
+
+    def grad_input(threads):
+        dx = _offset_array(np.zeros(x.size, x.dtype), 1)
+        _kernels.grad_input(x, dy, dx, *shape, mean, invstd, weight, sum_dy, sum_dy_dev,
+                            count, threads)
+        return [dx]
+
+    _kernels.set_periodic_loops(False)
+    want = grad_input(1)
+    _kernels.set_periodic_loops(True)
+    for threads in (1, 2, 3):
+        assert _same_bits(grad_input(threads), want), threads
