@@ -14,7 +14,8 @@ import pytest
 import bncore
 from bncore import _kernels, reference
 
-from test_periodic_normalize import SHAPES, _same_bits, restore_tuning  # noqa: F401
+from test_periodic_normalize import (  # noqa: F401 (restore_tuning: a fixture)
+    SHAPES, _same_bits, assert_periodic_gives_row_loop_bits, restore_tuning)
 from test_pipelined import _offset_array
 
 # (channels, inner): row widths around every column group and packing case:
@@ -124,14 +125,10 @@ def test_periodic_grad_input_gives_the_bits_of_the_row_loop(shape, dtype, traini
     problem = _backward_problem(shape, dtype, seed=sum(shape))
     for stream_min in (0, 1 << 62):
         _kernels.set_stream_min_bytes(stream_min)
-        _kernels.set_periodic_loops(False)
-        want = _backward(problem, shape, 1, training, 0, False)
-        _kernels.set_periodic_loops(True)
-        for threads in (1, 2, 3):
-            for offset in (0, 1, 4):
-                for in_place in (False, True):
-                    got = _backward(problem, shape, threads, training, offset, in_place)
-                    assert _same_bits(got, want), (stream_min, threads, offset, in_place)
+        assert_periodic_gives_row_loop_bits(
+            lambda threads, offset, in_place: _backward(problem, shape, threads, training,
+                                                        offset, in_place),
+            (stream_min,))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -72,6 +72,20 @@ def _same_bits(a, b):
     return all(p.tobytes() == q.tobytes() for p, q in zip(a, b))
 
 
+def assert_periodic_gives_row_loop_bits(run, context=()):
+    """run(threads, offset, in_place) -> arrays: the periodic loop's, on 1-3
+    threads, 0, 1 and 4 elements off a cache line, in place or not, must be
+    bitwise the row loop's on one thread."""
+    _kernels.set_periodic_loops(False)
+    want = run(1, 0, False)
+    _kernels.set_periodic_loops(True)
+    for threads in (1, 2, 3):
+        for offset in (0, 1, 4):
+            for in_place in (False, True):
+                got = run(threads, offset, in_place)
+                assert _same_bits(got, want), (*context, threads, offset, in_place)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("run", [_eval, _train], ids=["eval", "train"])
@@ -80,15 +94,10 @@ def test_periodic_loop_gives_the_bits_of_the_row_loop(shape, dtype, run, restore
     for stream_min in (0, 1 << 62):
         _kernels.set_stream_min_bytes(stream_min)
         for relu in (False, True):
-            _kernels.set_periodic_loops(False)
-            want = run(problem, shape, 1, relu, 0, False)
-            _kernels.set_periodic_loops(True)
-            for threads in (1, 2, 3):
-                for offset in (0, 1, 4):
-                    for in_place in (False, True):
-                        got = run(problem, shape, threads, relu, offset, in_place)
-                        assert _same_bits(got, want), (stream_min, relu, threads, offset,
-                                                       in_place)
+            assert_periodic_gives_row_loop_bits(
+                lambda threads, offset, in_place: run(problem, shape, threads, relu, offset,
+                                                      in_place),
+                (stream_min, relu))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
