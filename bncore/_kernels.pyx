@@ -172,10 +172,17 @@ cdef enum:
     CHUNK_BLOCKS = 32
     CHUNK_VALUES = CHUNK_BLOCKS * BLOCK_LEN
     # Interleaved layout: columns per tile (a tile's per-column arrays, 4 x
-    # 512 float64 and 512 triples, 28 KiB, stay in L1) and float64 rows per
-    # block (two passes over a block of 32 x 512 float64, 128 KiB, in L2).
+    # 512 float64 and 512 triples, 28 KiB, stay in L1); row chunks are whole
+    # multiples of ROW_BLOCK rows.
     COLUMN_TILE = 512
     ROW_BLOCK = 32
+    # float64 columns take their two passes over blocks of about this many
+    # bytes of rows (the second pass from L2): 64 rows of a whole tile, more
+    # of a narrower one. Each block costs every column two triples and a
+    # merge, with their divisions: blocks of 32 rows held (N, 64) float64
+    # moments at 1.64 streaming-copy times on one core, 128 KiB blocks at
+    # 1.02 and 256 KiB at 1.00 (0.77 on two threads).
+    ROW_BLOCK_BYTES = 256 * 1024
     # Rows of an interleaved tile are walked in slabs of about this many
     # bytes: the register-blocked loops (tiles of up to 64 columns) pass over
     # a slab once per group of columns, and the later passes should find it
@@ -875,7 +882,7 @@ cdef void columns_moments(const floating *x, Py_ssize_t nrows, Py_ssize_t stride
 
     float32 takes a column's rows as one block, one pass of float64 sums of
     x minus its channel's origin (exact enough, as in block_moments), walked
-    in slabs of rows; float64 takes blocks of ROW_BLOCK rows in two passes
+    in slabs of rows; float64 takes blocks of ROW_BLOCK_BYTES in two passes
     like block_moments, merged in row order."""
     cdef double offset[COLUMN_TILE]
     cdef double s1[COLUMN_TILE]
@@ -883,6 +890,8 @@ cdef void columns_moments(const floating *x, Py_ssize_t nrows, Py_ssize_t stride
     cdef Moments block
     cdef Py_ssize_t r, n, j
     cdef Py_ssize_t slab = max(<Py_ssize_t>1, SLAB_BYTES // (ncols * <Py_ssize_t>sizeof(floating)))
+    cdef Py_ssize_t block_rows = max(<Py_ssize_t>1,
+                                     ROW_BLOCK_BYTES // (ncols * <Py_ssize_t>sizeof(double)))
     cdef int npass
     if nrows == 0:
         return
@@ -900,7 +909,7 @@ cdef void columns_moments(const floating *x, Py_ssize_t nrows, Py_ssize_t stride
     else:
         r = 0
         while r < nrows:
-            n = min(<Py_ssize_t>ROW_BLOCK, nrows - r)
+            n = min(block_rows, nrows - r)
             for npass in range(2):
                 for j in range(ncols):
                     s1[j] = 0.0

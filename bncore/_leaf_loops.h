@@ -307,6 +307,29 @@ __attribute__((target("avx512f"))) static ptrdiff_t bn_rows_sums_##SFX##_avx512_
  * and software prefetch measured no better.) */
 #define BN_WIDE_ROWS 8
 
+/* Rows wider than 512 bytes, read from memory by the column groups in
+ * pieces, ran at half the speed of a sequential read: float64 (N, 128) on
+ * one core 12 GB/s against 23 for (N, 64), with any number of rows at a
+ * time (1 to all) and with software prefetch at any distance. (The cause is
+ * not known: there is no profiler on this machine.) Loading the slab (its
+ * callers keep it to 256 KiB, in L2) once in memory order first, a vector
+ * per line, and then summing it from L2 runs at 17 GB/s. */
+#define BN_TOUCH_MIN_ROW_BYTES 512
+__attribute__((target("avx512f"))) static void bn_touch_rows_avx512(
+    const void *x, ptrdiff_t nrows, ptrdiff_t stride_bytes, ptrdiff_t row_bytes)
+{
+    __m512i seen = _mm512_setzero_si512();
+    volatile long long sink;
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const char *p = (const char *)x + r * stride_bytes;
+        for (ptrdiff_t k = 0; k + 64 <= row_bytes; k += 64)
+            seen = _mm512_or_si512(seen, _mm512_loadu_si512((const void *)(p + k)));
+        seen = _mm512_or_si512(seen, _mm512_loadu_si512((const void *)(p + row_bytes - 64)));
+    }
+    sink = _mm512_reduce_or_epi64(seen);    /* keeps the loads */
+    (void)sink;
+}
+
 /* The column groups over rows BN_WIDE_ROWS at a time, the rest of the
  * columns by the generic loop. */
 #define BN_DEFINE_ROWS_SHIFTED_SUMS_AVX512(TYPE, SFX, LOAD8, MULADD)                   \
@@ -319,10 +342,13 @@ __attribute__((target("avx512f"))) static void bn_rows_shifted_sums_##SFX##_avx5
     double *BN_RESTRICT s1, double *BN_RESTRICT s2)                                    \
 {                                                                                      \
     ptrdiff_t step = ncols > 64 ? BN_WIDE_ROWS : nrows, j = 0;                         \
+    ptrdiff_t row_bytes = ncols * (ptrdiff_t)sizeof(TYPE);                             \
+    if (offset == NULL && row_bytes > BN_TOUCH_MIN_ROW_BYTES)  /* else from cache */   \
+        bn_touch_rows_avx512(x, nrows, stride * (ptrdiff_t)sizeof(TYPE), row_bytes);   \
     for (ptrdiff_t r = 0; r < nrows; r += step) {                                      \
         const TYPE *p = x + r * stride;                                                \
         ptrdiff_t n = nrows - r < step ? nrows - r : step;                             \
-        j = bn_rows_sums_##SFX##_avx512_4(p, n, stride, ncols, origin, offset, s1, s2); \
+        j = ncols > 64 ? 0 : bn_rows_sums_##SFX##_avx512_4(p, n, stride, ncols, origin, offset, s1, s2); \
         j += bn_rows_sums_##SFX##_avx512_2(p + j, n, stride, ncols - j, origin + j,    \
                                            offset ? offset + j : NULL, s1 + j, s2 + j); \
         j += bn_rows_sums_##SFX##_avx512_1(p + j, n, stride, ncols - j, origin + j,    \
@@ -414,6 +440,11 @@ __attribute__((target("avx512f"))) static void bn_rows_grad_sums_##SFX##_avx512(
     double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)                            \
 {                                                                                      \
     ptrdiff_t step = ncols > 64 ? BN_WIDE_ROWS : nrows, j = 0;                         \
+    ptrdiff_t row_bytes = ncols * (ptrdiff_t)sizeof(TYPE);                             \
+    if (row_bytes > BN_TOUCH_MIN_ROW_BYTES) {                                          \
+        bn_touch_rows_avx512(x, nrows, stride * (ptrdiff_t)sizeof(TYPE), row_bytes);   \
+        bn_touch_rows_avx512(dy, nrows, stride * (ptrdiff_t)sizeof(TYPE), row_bytes);  \
+    }                                                                                  \
     for (ptrdiff_t r = 0; r < nrows; r += step) {                                      \
         const TYPE *p = x + r * stride, *q = dy + r * stride;                          \
         ptrdiff_t n = nrows - r < step ? nrows - r : step;                             \
