@@ -14,8 +14,8 @@ Two loop orders:
 * interleaved: rows of W = C * inner values, vectorised across the row;
   column j belongs to channel j // inner.
 
-The float32 training forward in planar order also has a pipelined form
-for large outputs (use_pipelined): each thread walks a range of channels,
+The training forward in planar order also has a pipelined form for large
+outputs (use_pipelined): each thread walks a range of channels,
 normalising one from cache while it reads the next one's statistics from
 memory, so the input is read once instead of twice. It computes the same
 blocks, merged in the same order, as the two passes: the same bits. The
@@ -94,12 +94,16 @@ cdef extern from "_leaf_loops.h" nogil:
                                const double *mean_hi, const double *mean_lo,
                                const double *scale, const double *shift, double above,
                                int stream)
-    void bn_prefetch_run_f32(const float *p, Py_ssize_t n, int to_l1)
+    void bn_prefetch_run(const void *run, Py_ssize_t nbytes, int to_l1)
     int bn_pipelined_fused()
     void bn_stats_and_affine_f32(const float *xs, Py_ssize_t n, double origin, double *s1,
                                  double *s2, const float *ahead, const float *xn, float *yn,
                                  float mean_hi, float mean_lo, float scale, float shift,
                                  int relu, int stream)
+    void bn_stats_and_affine_f64(const double *xs, Py_ssize_t n, double origin, double *s1,
+                                 double *s2, const double *ahead, const double *xn,
+                                 double *yn, double mean_hi, double mean_lo, double scale,
+                                 double shift, int relu, int stream)
     void bn_grad_sums_and_input_f32(const float *xs, const float *dys, Py_ssize_t n,
                                     double mean, double *s_dy, double *s_dy_dev,
                                     const float *ahead_x, const float *ahead_dy,
@@ -292,6 +296,20 @@ cdef inline void lane_shifted_sums(const floating *x, Py_ssize_t n, double origi
         bn_lane_shifted_sums_f64(x, n, origin, offset, s1, s2)
 
 
+cdef Moments shifted_block_moments(const floating *x, Py_ssize_t n, double origin,
+                                   double offset) noexcept nogil:
+    """The triple of n contiguous values from one pass of sums of
+    (x - origin) - offset."""
+    cdef double s1[BN_LANES]
+    cdef double s2[BN_LANES]
+    cdef int k
+    for k in range(BN_LANES):
+        s1[k] = 0.0
+        s2[k] = 0.0
+    lane_shifted_sums(x, n, origin, offset, s1, s2)
+    return moments_from_shifted_sums(<double>n, offset, lanes_total(s1), lanes_total(s2))
+
+
 cdef Moments block_moments(const floating *x, Py_ssize_t n, double origin) noexcept nogil:
     """The triple of n contiguous values, its mean an offset from ``origin``.
 
@@ -301,18 +319,9 @@ cdef Moments block_moments(const floating *x, Py_ssize_t n, double origin) noexc
     as a two-pass algorithm. A constant block gives M2 = 0 exactly, since
     every shifted value is exactly 0.
     """
-    cdef double s1[BN_LANES]
-    cdef double s2[BN_LANES]
-    cdef double offset = 0.0
-    cdef Moments m
-    cdef int k, npass
-    for npass in range(1 if floating is float else 2):
-        for k in range(BN_LANES):
-            s1[k] = 0.0
-            s2[k] = 0.0
-        lane_shifted_sums(x, n, origin, offset, s1, s2)
-        m = moments_from_shifted_sums(<double>n, offset, lanes_total(s1), lanes_total(s2))
-        offset = m.mean
+    cdef Moments m = shifted_block_moments(x, n, origin, 0.0)
+    if floating is double:
+        m = shifted_block_moments(x, n, origin, m.mean)
     return m
 
 
@@ -674,8 +683,9 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
 # exactly as planar_chunk_moments does, so the results are bitwise those of
 # the two-pass path.
 
-cdef inline const float *run_after(const float *x, const Planar *g, Py_ssize_t n,
-                                   Py_ssize_t c, Py_ssize_t c_end, Py_ssize_t ahead) noexcept nogil:
+cdef inline const floating *run_after(const floating *x, const Planar *g, Py_ssize_t n,
+                                      Py_ssize_t c, Py_ssize_t c_end,
+                                      Py_ssize_t ahead) noexcept nogil:
     """The run read `ahead` runs after run (n, c) by a pass over the rows of
     channels up to c_end (excluded), or NULL."""
     n = n + ahead
@@ -687,8 +697,8 @@ cdef inline const float *run_after(const float *x, const Planar *g, Py_ssize_t n
     return x + run_start(g, n, c)
 
 
-cdef inline const float *run_before(const float *x, const Planar *g, Py_ssize_t n,
-                                    Py_ssize_t c, Py_ssize_t c_end) noexcept nogil:
+cdef inline const floating *run_before(const floating *x, const Planar *g, Py_ssize_t n,
+                                       Py_ssize_t c, Py_ssize_t c_end) noexcept nogil:
     """The run normalised after run (n, c) by a pass over the rows of
     channels up to c_end (excluded) from the last row to the first, or NULL."""
     if n > 0:
@@ -698,16 +708,16 @@ cdef inline const float *run_before(const float *x, const Planar *g, Py_ssize_t 
     return NULL
 
 
-cdef inline Py_ssize_t runs_ahead(const Planar *g) noexcept nogil:
+cdef inline Py_ssize_t runs_ahead(const Planar *g, Py_ssize_t itemsize) noexcept nogil:
     """How many runs ahead the statistics pass asks for: at least
     PIPE_AHEAD_BYTES, so that the prefetches of short runs are not late."""
-    cdef Py_ssize_t run_bytes = g.inner * <Py_ssize_t>sizeof(float)
+    cdef Py_ssize_t run_bytes = g.inner * itemsize
     return max(<Py_ssize_t>1, (PIPE_AHEAD_BYTES + run_bytes - 1) // run_bytes)
 
 
-cdef void pipelined_runs(const float *x, float *y, const Planar *g, Py_ssize_t n,
-                         Py_ssize_t sc, double origin, Moments *acc, const float *ahead,
-                         Py_ssize_t n_norm, Py_ssize_t nc, const float *next_n,
+cdef void pipelined_runs(const floating *x, floating *y, const Planar *g, Py_ssize_t n,
+                         Py_ssize_t sc, double origin, Moments *acc, const floating *ahead,
+                         Py_ssize_t n_norm, Py_ssize_t nc, const floating *next_n,
                          const AffineIn *a) noexcept nogil:
     """The blocks of channel sc's run in row n merged into acc (sc < 0:
     none), prefetching the run at ``ahead``, and channel nc's run in row
@@ -716,17 +726,18 @@ cdef void pipelined_runs(const float *x, float *y, const Planar *g, Py_ssize_t n
     cdef double s1[BN_LANES]
     cdef double s2[BN_LANES]
     cdef Py_ssize_t p, start, length
+    cdef Py_ssize_t run_bytes = g.inner * <Py_ssize_t>sizeof(floating)
     cdef int k
-    cdef float hi = 0, lo = 0, scale = 0, shift = 0
-    cdef const float *xs = NULL
-    cdef const float *xn = NULL
-    cdef const float *pf = NULL
-    cdef float *yn = NULL
+    cdef floating hi = 0, lo = 0, scale = 0, shift = 0
+    cdef const floating *xs = NULL
+    cdef const floating *xn = NULL
+    cdef const floating *pf = NULL
+    cdef floating *yn = NULL
+    cdef Moments block
     if nc >= 0:
         affine_params(a, nc, &hi, &lo, &scale, &shift)
         if next_n != NULL:
-            bn_prefetch_run_f32(next_n, g.inner,
-                                g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_L2_SLICE)
+            bn_prefetch_run(next_n, run_bytes, g.outer * run_bytes <= PIPE_L2_SLICE)
     for p in range(g.pieces_per_run):
         start = p * BLOCK_LEN
         length = min(<Py_ssize_t>BLOCK_LEN, g.inner - start)
@@ -740,14 +751,23 @@ cdef void pipelined_runs(const float *x, float *y, const Planar *g, Py_ssize_t n
         if nc >= 0:
             xn = x + run_start(g, n_norm, nc) + start
             yn = y + run_start(g, n_norm, nc) + start
-        bn_stats_and_affine_f32(xs, length, origin, s1, s2, pf, xn, yn, hi, lo, scale, shift,
-                                a.relu, a.stream)
+        if floating is float:
+            bn_stats_and_affine_f32(xs, length, origin, s1, s2, pf, xn, yn, hi, lo, scale,
+                                    shift, a.relu, a.stream)
+        else:
+            bn_stats_and_affine_f64(xs, length, origin, s1, s2, pf, xn, yn, hi, lo, scale,
+                                    shift, a.relu, a.stream)
         if sc >= 0:
-            merge_moments(acc, moments_from_shifted_sums(<double>length, 0.0, lanes_total(s1),
-                                                         lanes_total(s2)))
+            # block_moments' passes: the first one above, float64's second
+            # one here, from L1.
+            block = moments_from_shifted_sums(<double>length, 0.0, lanes_total(s1),
+                                              lanes_total(s2))
+            if floating is double:
+                block = shifted_block_moments(xs, length, origin, block.mean)
+            merge_moments(acc, block)
 
 
-cdef void pipelined_item(const float *x, float *y, const Planar *g, Py_ssize_t c0,
+cdef void pipelined_item(const floating *x, floating *y, const Planar *g, Py_ssize_t c0,
                          Py_ssize_t c1, const StatsOut *out, const AffineIn *a) noexcept nogil:
     """Channels [c0, c1): statistics of c0 alone, then each channel normalised
     while the next one's statistics are read, then the last one normalised.
@@ -758,7 +778,7 @@ cdef void pipelined_item(const float *x, float *y, const Planar *g, Py_ssize_t c
     cdef Py_ssize_t c, k, n, sc, nc
     cdef Span s
     cdef double origin = 0.0
-    cdef Py_ssize_t ahead = runs_ahead(g)
+    cdef Py_ssize_t ahead = runs_ahead(g, sizeof(floating))
     for c in range(c0 - 1, c1):
         # Statistics of sc = c + 1 while normalising nc = c (-1: none).
         sc = c + 1 if c + 1 < c1 else -1
@@ -785,7 +805,7 @@ cdef void pipelined_item(const float *x, float *y, const Planar *g, Py_ssize_t c
 cdef Py_ssize_t pipelined_items = 0     # 0: one per thread (set_pipelined)
 
 
-cdef void planar_train_pipelined(const float *x, float *y, const Planar *g,
+cdef void planar_train_pipelined(const floating *x, floating *y, const Planar *g,
                                  const StatsOut *out, const AffineIn *a,
                                  int nthreads) noexcept nogil:
     cdef Py_ssize_t item
@@ -1486,8 +1506,8 @@ cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const 
             # beside the next one's, else into L2 (here the choice measured
             # within the machine's noise either way).
             to_l1 = 2 * g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_L2_SLICE
-            bn_prefetch_run_f32(next_dx, g.inner, to_l1)
-            bn_prefetch_run_f32(beside(next_dx, x, dy), g.inner, to_l1)
+            bn_prefetch_run(next_dx, g.inner * <Py_ssize_t>sizeof(float), to_l1)
+            bn_prefetch_run(beside(next_dx, x, dy), g.inner * <Py_ssize_t>sizeof(float), to_l1)
     bn_grad_sums_and_input_f32(xs, beside(xs, x, dy), g.inner, mean, lanes_dy, lanes_dev,
                                ahead, beside(ahead, x, dy), xn, beside(xn, x, dy),
                                <float *>beside(xn, x, dx), k.hi, k.lo, k.k, k.c1, k.c0,
@@ -1513,7 +1533,7 @@ cdef void pipelined_backward_item(const float *x, const float *dy, float *dx, co
     cdef Py_ssize_t c, chunk, n, sc, nc
     cdef Span s
     cdef double mean = 0.0
-    cdef Py_ssize_t ahead = runs_ahead(g)
+    cdef Py_ssize_t ahead = runs_ahead(g, sizeof(float))
     k.hi = k.lo = k.k = k.c1 = k.c0 = 0     # set before the first dx is written
     for c in range(c0 - 1, c1):
         # Sums of sc = c + 1 while writing dx of nc = c (-1: none).
@@ -1818,8 +1838,8 @@ cdef int pipelined_mode = -1    # -1: by size; 0: never; 1: whenever possible
 
 
 cdef bint use_pipelined(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
-                        int stream, int requested) noexcept nogil:
-    """Whether the pipelined training forward (float32 only) pays.
+                        Py_ssize_t itemsize, int stream, int requested) noexcept nogil:
+    """Whether the pipelined training forward pays.
 
     It needs runs walked as runs, in row chunks (the long-run chunking is
     not pipelined). It pays where the two-pass path reads its input twice
@@ -1827,6 +1847,11 @@ cdef bint use_pipelined(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     two channels in cache (PIPE_MAX_SLICE), and reads its first channel's
     statistics and normalises its last channel alone: with fewer than
     PIPE_MIN_CHANNELS per thread those unpipelined ends weigh too much.
+
+    float64 has no fused loop (its statistics take a second pass from L1
+    per block): on one core, where that arithmetic competes with the
+    memory, it measured slower than the two passes ((64, 256, 784): 0.46
+    of a streaming copy against 0.53), on two faster (0.67 against 0.58).
     """
     cdef int nthreads
     if pipelined_mode == 0 or inner < PLANAR_MIN_INNER or inner >= CHUNK_VALUES:
@@ -1834,13 +1859,14 @@ cdef bint use_pipelined(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     if pipelined_mode == 1:
         return True
     nthreads = team_size(requested, channels, outer * channels * inner)
-    # Measured with the fused AVX-512 loop only; elsewhere the two passes.
+    # Measured on AVX-512 machines only; elsewhere the two passes.
     return (bn_pipelined_fused() and stream != 0
+            and (itemsize == sizeof(float) or nthreads >= 2)
             and channels >= PIPE_MIN_CHANNELS * nthreads
-            and outer * inner * <Py_ssize_t>sizeof(float) <= PIPE_MAX_SLICE)
+            and outer * inner * itemsize <= PIPE_MAX_SLICE)
 
 
-cdef void pipelined_driver(const float *x, float *y, Py_ssize_t outer,
+cdef void pipelined_driver(const floating *x, floating *y, Py_ssize_t outer,
                            Py_ssize_t channels, Py_ssize_t inner, StatsOut *out,
                            AffineIn *a, int requested) noexcept nogil:
     cdef Planar p = planar_geometry(outer, channels, inner)
@@ -1866,7 +1892,7 @@ cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize
     # through a line buffer in 16-byte pieces, measured slower than the two
     # passes: it left the memory idle while it computed each channel's
     # statistics from cache.)
-    if floating is float and use_pipelined(outer, channels, inner, a.stream, requested):
+    if use_pipelined(outer, channels, inner, sizeof(floating), a.stream, requested):
         pipelined_driver(x, y, outer, channels, inner, out, a, requested)
         status = 0
     else:

@@ -539,6 +539,10 @@ static inline void bn_rows_grad_sums_f32(
     bn_rows_grad_sums_generic_f32(x, dy, nrows, stride, ncols, mean, s_dy, s_dy_dev);
 }
 
+/* float64 runs need no conversion: the generic versions vectorise well. */
+#define bn_lane_shifted_sums_f64 bn_lane_shifted_sums_generic_f64
+#define bn_lane_grad_sums_f64 bn_lane_grad_sums_generic_f64
+
 /* The pipelined training forward's inner loop: two runs of n values at
  * once, the statistics of xs (as bn_lane_shifted_sums_f32 with offset 0,
  * into s1 and s2) and xn normalised into yn (as bn_affine_f32), asking on
@@ -554,25 +558,26 @@ static inline void bn_rows_grad_sums_f32(
  * in the same order for each lane: the results are bitwise theirs. */
 #define BN_PIPE_SPAN 256
 
-/* Ask for the n values at p to be brought into L1 (prefetcht0) or, when
+/* Ask for the nbytes at run to be brought into L1 (prefetcht0) or, when
  * to_l1 is 0, into L2 (prefetcht1), all at once. The pipelined training
  * forward calls it on the run it will normalise next: fetched ahead as a
  * whole it is at hand when the lockstep loop reaches it (measured 5-15 %
  * faster than spreading those prefetches through the loop). A channel that
  * fits in L2 is fetched into L1; a larger one, normalised from L3, into L2
  * (6 % faster there than into L1, 5 % slower for the small one). */
-static inline void bn_prefetch_run_f32(const float *p, ptrdiff_t n, int to_l1)
+static inline void bn_prefetch_run(const void *run, ptrdiff_t nbytes, int to_l1)
 {
-    if (n <= 0)
+    const char *p = (const char *)run;
+    if (nbytes <= 0)
         return;
     if (to_l1) {
-        for (ptrdiff_t k = 0; k < n; k += BN_LINE_BYTES / (ptrdiff_t)sizeof(float))
+        for (ptrdiff_t k = 0; k < nbytes; k += BN_LINE_BYTES)
             __builtin_prefetch(p + k, 0, 3);
-        __builtin_prefetch(p + n - 1, 0, 3);    /* the last line, when p does not start one */
+        __builtin_prefetch(p + nbytes - 1, 0, 3);   /* the last line, when p does not start one */
     } else {
-        for (ptrdiff_t k = 0; k < n; k += BN_LINE_BYTES / (ptrdiff_t)sizeof(float))
+        for (ptrdiff_t k = 0; k < nbytes; k += BN_LINE_BYTES)
             __builtin_prefetch(p + k, 0, 2);
-        __builtin_prefetch(p + n - 1, 0, 2);
+        __builtin_prefetch(p + nbytes - 1, 0, 2);
     }
 }
 
@@ -698,6 +703,30 @@ __attribute__((target("avx512f"))) static void bn_stats_and_affine_f32_avx512(
 }
 #endif
 
+/* The same work as the separate loops, piece by piece (pieces of a multiple
+ * of BN_LANES values keep every value's lane): the statistics of a piece of
+ * xs, then the normalisation of a piece of xn. */
+#define BN_DEFINE_STATS_AND_AFFINE_PIECES(T, SFX)                                      \
+static inline void bn_stats_and_affine_pieces_##SFX(                                   \
+    const T *xs, ptrdiff_t n, double origin, double *s1, double *s2, const T *ahead,   \
+    const T *xn, T *yn, T mean_hi, T mean_lo, T scale, T shift, int relu, int stream)  \
+{                                                                                      \
+    for (ptrdiff_t j = 0; j < n; j += BN_PIPE_SPAN) {                                  \
+        ptrdiff_t m = n - j < BN_PIPE_SPAN ? n - j : BN_PIPE_SPAN;                     \
+        if (ahead != NULL)                                                             \
+            for (ptrdiff_t k = 0; k < m; k += BN_LINE_BYTES / (ptrdiff_t)sizeof(T))    \
+                __builtin_prefetch(ahead + j + k, 0, 2);                               \
+        if (xs != NULL)                                                                \
+            bn_lane_shifted_sums_##SFX(xs + j, m, origin, 0.0, s1, s2);                \
+        if (xn != NULL)                                                                \
+            bn_affine_##SFX(xn + j, yn + j, m, mean_hi, mean_lo, scale, shift, relu,   \
+                            stream);                                                   \
+    }                                                                                  \
+}
+BN_DEFINE_STATS_AND_AFFINE_PIECES(float, f32)
+BN_DEFINE_STATS_AND_AFFINE_PIECES(double, f64)
+#undef BN_DEFINE_STATS_AND_AFFINE_PIECES
+
 static inline void bn_stats_and_affine_f32(
     const float *xs, ptrdiff_t n, double origin, double *s1, double *s2, const float *ahead,
     const float *xn, float *yn, float mean_hi, float mean_lo, float scale, float shift,
@@ -710,19 +739,13 @@ static inline void bn_stats_and_affine_f32(
         return;
     }
 #endif
-    /* Elsewhere: the separate loops, piece by piece (pieces of a multiple of
-     * BN_LANES values keep every value's lane). */
-    for (ptrdiff_t j = 0; j < n; j += BN_PIPE_SPAN) {
-        ptrdiff_t m = n - j < BN_PIPE_SPAN ? n - j : BN_PIPE_SPAN;
-        if (ahead != NULL)
-            for (ptrdiff_t k = 0; k < m; k += BN_LINE_BYTES / (ptrdiff_t)sizeof(float))
-                __builtin_prefetch(ahead + j + k, 0, 2);
-        if (xs != NULL)
-            bn_lane_shifted_sums_f32(xs + j, m, origin, 0.0, s1, s2);
-        if (xn != NULL)
-            bn_affine_f32(xn + j, yn + j, m, mean_hi, mean_lo, scale, shift, relu, stream);
-    }
+    bn_stats_and_affine_pieces_f32(xs, n, origin, s1, s2, ahead, xn, yn, mean_hi, mean_lo,
+                                   scale, shift, relu, stream);
 }
+
+/* float64 has no fused loop: its blocks take a second pass from cache
+ * anyway (block_moments), and its generic loops vectorise well. */
+#define bn_stats_and_affine_f64 bn_stats_and_affine_pieces_f64
 
 /* Whether bn_stats_and_affine_f32 has its fused AVX-512 loop here: the
  * pipelined forward was measured only with it (the piecewise fallback is
@@ -1043,12 +1066,10 @@ static inline void bn_grad_sums_and_input_f32(
     }
 }
 
-/* float64 runs need no conversion: the generic versions vectorise well.
- * float64's interleaved rows do not (their sums go through memory every
- * row): the register-blocked loops take them, with the generic loop's bits.
- * (N, 32) moments from 3.2-3.5 streaming-copy times to 1.2-1.6. */
-#define bn_lane_shifted_sums_f64 bn_lane_shifted_sums_generic_f64
-#define bn_lane_grad_sums_f64 bn_lane_grad_sums_generic_f64
+/* float64's interleaved rows do not vectorise well in the generic loops
+ * (their sums go through memory every row): the register-blocked loops take
+ * them, with the generic loop's bits. (N, 32) moments from 3.2-3.5
+ * streaming-copy times to 1.2-1.6. */
 
 static inline void bn_rows_shifted_sums_f64(
     const double *x, ptrdiff_t nrows, ptrdiff_t stride, ptrdiff_t ncols,

@@ -1,4 +1,4 @@
-"""The pipelined training forward (planar float32: each channel normalised
+"""The pipelined training forward (planar order: each channel normalised
 from cache while the next one's statistics are read) against the two-pass
 path, bit for bit: outputs, mean, m2 and invstd, for any thread count,
 with or without streaming stores, relu, affine parameters, in place, and on
@@ -37,13 +37,13 @@ def _offset_array(values, offset):
     return out
 
 
-def _input(outer, channels, inner, offset, seed):
+def _input(outer, channels, inner, offset, seed, dtype=np.float32):
     rng = np.random.default_rng(seed)
     # A different location and spread per channel, so a value normalised
     # with the wrong channel's statistics shows.
     loc = rng.uniform(-50, 50, (1, channels, 1))
     scale = rng.uniform(0.1, 10, (1, channels, 1))
-    x = (rng.standard_normal((outer, channels, inner)) * scale + loc).astype(np.float32)
+    x = (rng.standard_normal((outer, channels, inner)) * scale + loc).astype(dtype)
     x.flat[::97] = 1e4     # outliers: exercise the merges' cancellation
     return _offset_array(x, offset)
 
@@ -53,7 +53,7 @@ def _train(x, shape, params, relu, threads, mode, in_place, offset, items=0):
     weight, bias = params
     _kernels.set_pipelined(mode, items)
     x = _offset_array(x, offset)
-    y = x if in_place else _offset_array(np.zeros(x.size, np.float32), offset)
+    y = x if in_place else _offset_array(np.zeros(x.size, x.dtype), offset)
     mean, m2, invstd = np.zeros(channels), np.zeros(channels), np.zeros(channels)
     _kernels.train_forward(x, y, outer, channels, inner, weight, bias, 1e-5, mean, m2, invstd,
                            threads, relu=relu)
@@ -74,11 +74,13 @@ SHAPES = [(3, 5, 77), (2, 3, 1030), (65, 3, 33), (7, 2, 2100), (4, 1, 300),
           (70, 5, 201)]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("offset", [0, 1, 4])
-def test_pipelined_path_gives_the_bits_of_the_two_pass_path(shape, offset, restore_tuning):
+def test_pipelined_path_gives_the_bits_of_the_two_pass_path(shape, offset, dtype,
+                                                             restore_tuning):
     outer, channels, inner = shape
-    x = _input(outer, channels, inner, 0, seed=sum(shape) + offset)
+    x = _input(outer, channels, inner, 0, seed=sum(shape) + offset, dtype=dtype)
     rng = np.random.default_rng(7)
     params = (rng.uniform(-3, 3, channels).astype(np.float32), rng.standard_normal(channels))
     for stream_min in (0, 1 << 62):
@@ -91,9 +93,10 @@ def test_pipelined_path_gives_the_bits_of_the_two_pass_path(shape, offset, resto
                     assert _same_bits(got, want), (stream_min, relu, threads, items, in_place)
 
 
-def test_pipelined_path_keeps_non_finite_values(restore_tuning):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pipelined_path_keeps_non_finite_values(dtype, restore_tuning):
     shape = (6, 4, 500)
-    x = _input(*shape, 0, seed=3)
+    x = _input(*shape, 0, seed=3, dtype=dtype)
     x[5::301] = np.nan
     x[7] = np.inf
     x[shape[2] * 2 + 9] = -np.inf   # channel 2 gets -inf, channel 0 +inf, NaN everywhere
@@ -106,11 +109,12 @@ def test_pipelined_path_keeps_non_finite_values(restore_tuning):
             assert _same_bits(_train(x, shape, (None, None), relu, threads, 1, False, 0), want)
 
 
-def test_pipelined_path_statistics_are_right(restore_tuning):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pipelined_path_statistics_are_right(dtype, restore_tuning):
     """Not only equal to the two-pass path: the mean and variance of each
     channel, against NumPy in float64."""
     shape = (9, 5, 1100)
-    x = _input(*shape, 4, seed=11)
+    x = _input(*shape, 4, seed=11, dtype=dtype)
     _kernels.set_stream_min_bytes(0)
     y, mean, m2, invstd = _train(x, shape, (None, None), False, 2, 1, False, 4)
     wide = x.reshape(shape).astype(np.float64)
@@ -121,17 +125,15 @@ def test_pipelined_path_statistics_are_right(restore_tuning):
     np.testing.assert_allclose(y.reshape(shape), want, rtol=1e-5, atol=1e-5)
 
 
-def test_float64_input_takes_the_two_pass_path_unchanged(restore_tuning):
-    shape = (3, 4, 200)
-    x = np.random.default_rng(5).standard_normal(np.prod(shape)) * 3 + 1
-    results = []
-    for mode in (0, 1):
-        _kernels.set_pipelined(mode)
-        y = np.zeros_like(x)
-        stats = [np.zeros(4) for _ in range(3)]
-        _kernels.train_forward(x, y, *shape, None, None, 1e-5, *stats, 2)
-        results.append([y, *stats])
-    assert _same_bits(*results)
+def test_float64_is_pipelined_on_two_threads_only_by_size(restore_tuning):
+    """By the size rule (mode -1) float64 takes two passes on one thread and
+    the pipelined path on two: the same bits."""
+    shape = (4, 32, 4096)     # 16 channels per thread, channels of 128 KiB
+    x = _input(*shape, 0, seed=2, dtype=np.float64)
+    _kernels.set_stream_min_bytes(0)
+    want = _train(x, shape, (None, None), False, 1, -1, False, 0)
+    assert _same_bits(_train(x, shape, (None, None), False, 2, -1, False, 0), want)
+    assert _same_bits(_train(x, shape, (None, None), False, 2, 1, False, 0), want)
 
 
 def test_set_pipelined_returns_the_previous_setting(restore_tuning):
