@@ -348,7 +348,7 @@ __attribute__((target("avx512f"))) static void bn_rows_shifted_sums_##SFX##_avx5
     for (ptrdiff_t r = 0; r < nrows; r += step) {                                      \
         const TYPE *p = x + r * stride;                                                \
         ptrdiff_t n = nrows - r < step ? nrows - r : step;                             \
-        j = ncols > 64 ? 0 : bn_rows_sums_##SFX##_avx512_4(p, n, stride, ncols, origin, offset, s1, s2); \
+        j = bn_rows_sums_##SFX##_avx512_4(p, n, stride, ncols, origin, offset, s1, s2); \
         j += bn_rows_sums_##SFX##_avx512_2(p + j, n, stride, ncols - j, origin + j,    \
                                            offset ? offset + j : NULL, s1 + j, s2 + j); \
         j += bn_rows_sums_##SFX##_avx512_1(p + j, n, stride, ncols - j, origin + j,    \
