@@ -748,8 +748,9 @@ static inline void bn_stats_and_affine_f32(
 #define bn_stats_and_affine_f64 bn_stats_and_affine_pieces_f64
 
 /* Whether bn_stats_and_affine_f32 has its fused AVX-512 loop here: the
- * pipelined forward was measured only with it (the piecewise fallback is
- * bitwise the same, and runs when forced, but its speed is unmeasured). */
+ * pipelined forward was measured only on such machines (float32 with that
+ * loop, float64 piecewise). The piecewise float32 fallback is bitwise the
+ * same, and runs when forced, but its speed is unmeasured. */
 static inline int bn_pipelined_fused(void)
 {
 #if BN_X86_DISPATCH
