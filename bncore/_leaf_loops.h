@@ -820,7 +820,17 @@ BN_INLINE __m512d bn_grad8_avx512(__m512d x, __m512d dy, __m512d hi, __m512d lo,
  * inputs read with LOAD(SFX, pointer): whole vectors in the body, masked by
  * the loop's `m` at the head and tail (which may end at the buffer's). A
  * masked head up to OUT's first line, then whole lines (streamed with
- * `stream`), then a masked tail. */
+ * `stream`), then a masked tail.
+ *
+ * The whole lines go in two streams at once: those of the first `half`
+ * values paired with those `half` later, then the rest. `half` is a
+ * multiple of the period (so both share the pattern column p) and of a
+ * line, an odd number of those units, so that the two streams are not a
+ * large power of two apart. On this machine (Zen 4) memory serves two
+ * streams faster than one: a streaming copy in two 10-15 % faster on one
+ * core, 5-8 % on two; this loop's eval, (N, 8), (N, 32) and (N, 128)
+ * float32 and float64, 0.92-1.00 -> 1.03-1.14 of a streaming copy on one
+ * thread, 0.94-1.06 -> 0.96-1.15 on two. */
 #define BN_PERIODIC_FULL(SFX, ptr) _mm512_loadu_##SFX(ptr)
 #define BN_PERIODIC_MASKED(SFX, ptr) _mm512_maskz_loadu_##SFX(m, ptr)
 #define BN_PERIODIC_LOOP(T, VEC, L, MASK, SFX, OUT, VALUE)                               \
@@ -836,6 +846,26 @@ BN_INLINE __m512d bn_grad8_avx512(__m512d x, __m512d dy, __m512d hi, __m512d lo,
         p += k0;                                                                          \
         if (p >= period)                                                                  \
             p -= period;                                                                  \
+    }                                                                                     \
+    {                                                                                     \
+        ptrdiff_t unit = period % (L) == 0 ? period : period * (L);                       \
+        ptrdiff_t units = (n - i) / 2 / unit;                                             \
+        ptrdiff_t half = (units - (units > 0 && units % 2 == 0)) * unit, end = i + half;  \
+        for (; i < end; i += (L)) {                                                       \
+            VEC v = VALUE(BN_PERIODIC_FULL, SFX, i, p);                                   \
+            VEC w = VALUE(BN_PERIODIC_FULL, SFX, i + half, p);                            \
+            if (stream) {                                                                 \
+                _mm512_stream_##SFX((OUT) + i, v);                                        \
+                _mm512_stream_##SFX((OUT) + i + half, w);                                 \
+            } else {                                                                      \
+                _mm512_storeu_##SFX((OUT) + i, v);                                        \
+                _mm512_storeu_##SFX((OUT) + i + half, w);                                 \
+            }                                                                             \
+            p += (L);                                                                     \
+            if (p >= period)                                                              \
+                p -= period;                                                              \
+        }                                                                                 \
+        i += half;                                                                        \
     }                                                                                     \
     for (; i + (L) <= n; i += (L)) {                                                      \
         VEC v = VALUE(BN_PERIODIC_FULL, SFX, i, p);                                       \
