@@ -123,6 +123,11 @@ cdef extern from "_leaf_loops.h" nogil:
     void bn_periodic_grad_f64(const double *x, const double *dy, double *dx, Py_ssize_t n,
                               const double *pattern, Py_ssize_t period, Py_ssize_t phase,
                               int stream)
+    void bn_affine_twin_f32(const float *x, float *y, Py_ssize_t apart, Py_ssize_t n,
+                            float hi, float lo, float scale, float shift, int relu, int stream)
+    void bn_affine_twin_f64(const double *x, double *y, Py_ssize_t apart, Py_ssize_t n,
+                            double hi, double lo, double scale, double shift, int relu,
+                            int stream)
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
@@ -570,6 +575,33 @@ cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t ite
                         &table[c * nchunks + k])
 
 
+cdef inline Py_ssize_t twin_rows(const Planar *g, Py_ssize_t nrows, Py_ssize_t itemsize,
+                                  const AffineIn *a) noexcept nogil:
+    """How many rows apart run_affine_twin pairs the runs of nrows rows, or
+    0 to take them one at a time: about half of them, an odd number so that
+    the two streams are not a large power of two apart, and only where both
+    runs' lines start at the same index (AVX-512, no relu gate)."""
+    cdef Py_ssize_t apart = nrows // 2
+    if (a.gate != NULL or bn_periodic_lanes(itemsize) == 0
+            or g.channels * g.inner * itemsize % 64):
+        return 0
+    return apart - (apart > 0 and apart % 2 == 0)
+
+
+cdef inline void run_affine_twin(const floating *x, floating *y, Py_ssize_t start,
+                                 Py_ssize_t apart, Py_ssize_t n, const AffineIn *a,
+                                 Py_ssize_t c) noexcept nogil:
+    """run_affine of the runs at start and start + apart, in step."""
+    cdef floating hi = 0, lo = 0, scale = 0, shift = 0
+    affine_params(a, c, &hi, &lo, &scale, &shift)
+    if floating is float:
+        bn_affine_twin_f32(x + start, y + start, apart, n, hi, lo, scale, shift, a.relu,
+                           a.stream)
+    else:
+        bn_affine_twin_f64(x + start, y + start, apart, n, hi, lo, scale, shift, a.relu,
+                           a.stream)
+
+
 cdef void planar_chunk_affine(const floating *x, floating *y, const Planar *g, Py_ssize_t c,
                               Py_ssize_t k, const AffineIn *a) noexcept nogil:
     """Normalise chunk k of channel c."""
@@ -585,13 +617,25 @@ cdef void planar_chunk_affine(const floating *x, floating *y, const Planar *g, P
 
 cdef void planar_rows_affine(const floating *x, floating *y, const Planar *g, Py_ssize_t item,
                              int ngroups, const AffineIn *a) noexcept nogil:
+    """Normalise a row chunk's group of channels: rows n and n + twin apart
+    in step (twin_rows; blocks of 2 * twin rows), the rows left after the
+    last block one at a time. (Chunks of pieces hold one row: nothing to
+    pair there.)"""
     cdef Span s = chunk_span(g, item // ngroups)
-    cdef Py_ssize_t n, c, start, c0 = 0, c1 = 0
+    cdef Py_ssize_t n = s.n0, j, c, start, c0 = 0, c1 = 0
+    cdef Py_ssize_t twin = twin_rows(g, s.n1 - s.n0, sizeof(floating), a)
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
-    for n in range(s.n0, s.n1):
+    if twin > 0:
+        while n + 2 * twin <= s.n1:
+            for j in range(n, n + twin):
+                for c in range(c0, c1):
+                    start = run_start(g, j, c)
+                    run_affine_twin(x, y, start, run_start(g, j + twin, c) - start, g.inner,
+                                    a, c)
+            n = n + 2 * twin
+    for j in range(n, s.n1):
         for c in range(c0, c1):
-            start = run_start(g, n, c)
-            run_affine(x, y, start, g.inner, a, c)
+            run_affine(x, y, run_start(g, j, c), g.inner, a, c)
     if a.stream:
         bn_stream_fence()
 
