@@ -926,29 +926,32 @@ __attribute__((target("avx512f"))) static void NAME(                            
     BN_PERIODIC_GRAD_VALUE(LOAD, SFX, bn_grad8_avx512, i, p)
 BN_DEFINE_PERIODIC_GRAD(float, bn_periodic_grad_f32_avx512, __m512, 16, __mmask16, ps)
 BN_DEFINE_PERIODIC_GRAD(double, bn_periodic_grad_f64_avx512, __m512d, 8, __mmask8, pd)
+
 /* Two runs of one channel's affine at once, x[0, n) into y and x[apart,
  * apart + n) into y + apart, for the two streams' sake (as the periodic
  * loops): masked heads up to y's first line, whole lines of both in step,
  * masked tails. The caller keeps apart * sizeof(T) a multiple of a line, so
  * both runs' lines start at the same index. bn_affine's operations, so its
  * bits. */
-#define BN_DEFINE_AFFINE_TWIN(T, NAME, VEC, L, MASK, SFX, AFF)                           \
-__attribute__((target("avx512f"))) static void NAME(                                     \
+#define BN_DEFINE_AFFINE_TWIN(T, NAME, VEC, L, MASK, SFX, AFF)                            \
+__attribute__((target("avx512f"))) static void NAME(                                      \
     const T *x, T *y, ptrdiff_t apart, ptrdiff_t n, T hi, T lo, T scale, T shift,         \
     int relu, int stream)                                                                 \
 {                                                                                         \
     const VEC h = _mm512_set1_##SFX(hi), l = _mm512_set1_##SFX(lo);                       \
     const VEC a = _mm512_set1_##SFX(scale), b = _mm512_set1_##SFX(shift);                 \
     ptrdiff_t i = 0, k0 = 0;                                                              \
+    MASK m;                                                                               \
     if (stream && ((uintptr_t)y % sizeof(T)) == 0)                                        \
         k0 = bn_line_head(y, sizeof(T), n);                                               \
     else                                                                                  \
         stream = 0;                                                                       \
     if (k0 > 0) {                                                                         \
-        MASK m = (MASK)((1u << k0) - 1);                                                  \
-        _mm512_mask_storeu_##SFX(y, m, AFF(_mm512_maskz_loadu_##SFX(m, x), h, l, a, b, relu)); \
-        _mm512_mask_storeu_##SFX(y + apart, m,                                            \
-                                 AFF(_mm512_maskz_loadu_##SFX(m, x + apart), h, l, a, b, relu)); \
+        m = (MASK)((1u << k0) - 1);                                                       \
+        _mm512_mask_storeu_##SFX(                                                         \
+            y, m, AFF(_mm512_maskz_loadu_##SFX(m, x), h, l, a, b, relu));                 \
+        _mm512_mask_storeu_##SFX(                                                         \
+            y + apart, m, AFF(_mm512_maskz_loadu_##SFX(m, x + apart), h, l, a, b, relu)); \
         i = k0;                                                                           \
     }                                                                                     \
     for (; i + (L) <= n; i += (L)) {                                                      \
@@ -963,11 +966,12 @@ __attribute__((target("avx512f"))) static void NAME(                            
         }                                                                                 \
     }                                                                                     \
     if (i < n) {                                                                          \
-        MASK m = (MASK)((1u << (n - i)) - 1);                                             \
-        _mm512_mask_storeu_##SFX(y + i, m,                                                \
-                                 AFF(_mm512_maskz_loadu_##SFX(m, x + i), h, l, a, b, relu)); \
-        _mm512_mask_storeu_##SFX(y + apart + i, m,                                        \
-                                 AFF(_mm512_maskz_loadu_##SFX(m, x + apart + i), h, l, a, b, relu)); \
+        m = (MASK)((1u << (n - i)) - 1);                                                  \
+        _mm512_mask_storeu_##SFX(                                                         \
+            y + i, m, AFF(_mm512_maskz_loadu_##SFX(m, x + i), h, l, a, b, relu));         \
+        _mm512_mask_storeu_##SFX(                                                         \
+            y + apart + i, m,                                                             \
+            AFF(_mm512_maskz_loadu_##SFX(m, x + apart + i), h, l, a, b, relu));           \
     }                                                                                     \
 }
 BN_DEFINE_AFFINE_TWIN(float, bn_affine_twin_f32_avx512, __m512, 16, __mmask16, ps,
