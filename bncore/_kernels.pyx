@@ -217,6 +217,13 @@ cdef enum:
     # before anything reads it again. Not yet tuned by a sweep
     # (_kernels.set_stream_min_bytes is the hook).
     STREAM_MIN_BYTES = 16 * 1024 * 1024
+    # A chunk of a long run (planar, inner >= CHUNK_VALUES) of at least
+    # this many bytes is normalised as two halves in step (twin_halves), so
+    # that the halves are 16 KiB or more apart: streams closer than about
+    # 6 KiB ran slower than one (benchmarks/memory_streams.c's finding).
+    # Eval of (16, 8, 256, 256) float32 on one thread, 256 KiB chunks: 0.95
+    # -> 1.04 of a streaming copy.
+    TWIN_MIN_BYTES = 32 * 1024
     # The pipelined training forward holds two channels per thread in cache:
     # a channel of at most this many bytes is normalised from L2 (1 MiB per
     # core on Zen 4), a larger one from L3.
@@ -588,6 +595,21 @@ cdef inline Py_ssize_t twin_rows(const Planar *g, Py_ssize_t nrows, Py_ssize_t i
     return apart - (apart > 0 and apart % 2 == 0)
 
 
+cdef inline Py_ssize_t twin_halves(Py_ssize_t length, Py_ssize_t itemsize,
+                                   const AffineIn *a) noexcept nogil:
+    """How far apart run_affine_twin takes the two halves of a run of
+    length values, or 0 for one stream: an odd number of lines (as
+    twin_rows) of about half the run, for runs of at least twin_min_bytes
+    (TWIN_MIN_BYTES), with AVX-512 and no relu gate. The values after the
+    second half (under four lines) are left to run_affine."""
+    cdef Py_ssize_t lines = length * itemsize // (2 * 64)
+    if (a.gate != NULL or bn_periodic_lanes(itemsize) == 0
+            or length * itemsize < twin_min_bytes):
+        return 0
+    lines = lines - (lines % 2 == 0)
+    return max(lines, 0) * 64 // itemsize
+
+
 cdef inline void run_affine_twin(const floating *x, floating *y, Py_ssize_t start,
                                  Py_ssize_t apart, Py_ssize_t n, const AffineIn *a,
                                  Py_ssize_t c) noexcept nogil:
@@ -604,13 +626,19 @@ cdef inline void run_affine_twin(const floating *x, floating *y, Py_ssize_t star
 
 cdef void planar_chunk_affine(const floating *x, floating *y, const Planar *g, Py_ssize_t c,
                               Py_ssize_t k, const AffineIn *a) noexcept nogil:
-    """Normalise chunk k of channel c."""
+    """Normalise chunk k of channel c, its two halves in step where
+    twin_halves allows."""
     cdef Span s = chunk_span(g, k)
     cdef Py_ssize_t n, start, first = s.p0 * BLOCK_LEN
     cdef Py_ssize_t length = pieces_end(g, s.p1) - first
+    cdef Py_ssize_t half = twin_halves(length, sizeof(floating), a)
     for n in range(s.n0, s.n1):
         start = run_start(g, n, c) + first
-        run_affine(x, y, start, length, a, c)
+        if half > 0:
+            run_affine_twin(x, y, start, half, half, a, c)
+            run_affine(x, y, start + 2 * half, length - 2 * half, a, c)
+        else:
+            run_affine(x, y, start, length, a, c)
     if a.stream:
         bn_stream_fence()
 
@@ -1986,6 +2014,7 @@ cdef Params params_of(object array, Py_ssize_t channels, str name) except *:
 
 
 cdef Py_ssize_t stream_min_bytes = STREAM_MIN_BYTES
+cdef Py_ssize_t twin_min_bytes = TWIN_MIN_BYTES
 def set_pipelined(int mode, Py_ssize_t items=0):
     """The pipelined training forward: mode -1 chooses by size, 0 never, 1
     whenever the layout allows it; items > 0 sets the number of channel
@@ -2025,6 +2054,16 @@ def set_periodic_loops(bint enabled):
     global periodic_enabled
     previous = periodic_enabled
     periodic_enabled = enabled
+    return previous
+
+
+def set_twin_min_bytes(Py_ssize_t nbytes):
+    """Runs of at least nbytes are normalised as two halves in step (for
+    tests and A/B timing: the bits are the same); returns the previous
+    value."""
+    global twin_min_bytes
+    previous = twin_min_bytes
+    twin_min_bytes = nbytes
     return previous
 
 

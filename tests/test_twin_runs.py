@@ -1,7 +1,10 @@
-"""The planar normalisation takes the runs of two rows of a row chunk at
-once (rows about half the chunk apart, for the memory's sake): its output
-must be bitwise that of normalising each row alone, where no row has a
-partner. Eval, float32 and float64, with and without relu and streaming
+"""The planar normalisation takes two streams at once, for the memory's
+sake: the runs of two rows of a row chunk (rows about half the chunk
+apart), and the two halves of a chunk of a long run. Its output must be
+bitwise that of one stream: each row normalised alone, where no row has a
+partner, and the long runs with the halves turned off.
+
+Rows:  Eval, float32 and float64, with and without relu and streaming
 stores, 1-3 threads, arrays that start off a cache line, in place. Chunks
 hold ceil(outer / 64) rows, so outer > 64: chunks of 3 rows (one pair, one
 row alone), 4 (one pair, 2 alone), 8 (3 pairs of rows 3 apart, 2 alone);
@@ -11,6 +14,7 @@ a call above the serial cutoff, so that threads share the chunks."""
 import numpy as np
 import pytest
 
+import bncore
 from bncore import _kernels
 
 from test_periodic_normalize import _problem, _same_bits
@@ -59,3 +63,60 @@ def test_paired_rows_give_the_bits_of_rows_alone(shape, dtype, restore_stream_mi
                         _normalize(x, y, shape, problem, threads, relu)
                         assert _same_bits([y], [want]), (stream_min, relu, threads, offset,
                                                          in_place)
+
+
+# Long runs (inner >= 64 Ki values: chunks of 64 Ki values, pieces of one
+# run): whole chunks, a last chunk of an odd length, and one whose halves
+# are under twin_min_bytes.
+LONG_SHAPES = [(2, 2, 65536 * 2), (1, 3, 65536 + 9001), (3, 1, 65536 + 40)]
+
+
+@pytest.fixture
+def twin_min_default():
+    default = _kernels.set_twin_min_bytes(1 << 62)
+    yield default
+    _kernels.set_twin_min_bytes(default)
+
+
+def _one_stream_then_halves(run, twin_min_default):
+    """run() with the halves off, then on at the default size and for
+    every chunk (0)."""
+    _kernels.set_twin_min_bytes(1 << 62)
+    yield run()
+    for twin_min in (twin_min_default, 0):
+        _kernels.set_twin_min_bytes(twin_min)
+        yield run()
+
+
+@pytest.mark.parametrize("shape", LONG_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_halves_of_long_runs_give_the_bits_of_one_stream(shape, dtype, restore_stream_min,
+                                                         twin_min_default):
+    problem = _problem(shape, dtype, seed=sum(shape))
+    for stream_min in (0, 1 << 62):
+        _kernels.set_stream_min_bytes(stream_min)
+        for relu in (False, True):
+            for threads in (1, 2, 3):
+                for offset in (0, 1, 4):
+                    for in_place in (False, True):
+                        def run():
+                            x = _offset_array(problem[0], offset)
+                            y = x if in_place else _offset_array(np.zeros(x.size, dtype),
+                                                                 offset)
+                            _normalize(x, y, shape, problem, threads, relu)
+                            return y
+                        want, *got = _one_stream_then_halves(run, twin_min_default)
+                        assert _same_bits(got, [want] * len(got)), (
+                            stream_min, relu, threads, offset, in_place)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_halves_in_the_training_forward(dtype, twin_min_default):
+    """The training forward's normalisation pass takes the same halves."""
+    shape = (2, 3, 65536 + 9001)
+    x = _problem(shape, dtype, seed=7)[0].reshape(shape)
+    for threads in (1, 2):
+        def run():
+            return bncore.batch_norm(x, training=True, num_threads=threads)
+        want, *got = _one_stream_then_halves(run, twin_min_default)
+        assert _same_bits(got, [want] * len(got)), threads
