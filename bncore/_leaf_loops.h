@@ -927,19 +927,22 @@ __attribute__((target("avx512f"))) static void NAME(                            
 BN_DEFINE_PERIODIC_GRAD(float, bn_periodic_grad_f32_avx512, __m512, 16, __mmask16, ps)
 BN_DEFINE_PERIODIC_GRAD(double, bn_periodic_grad_f64_avx512, __m512d, 8, __mmask8, pd)
 
-/* Two runs of one channel's affine at once, x[0, n) into y and x[apart,
- * apart + n) into y + apart, for the two streams' sake (as the periodic
- * loops): masked heads up to y's first line, whole lines of both in step,
- * masked tails. The caller keeps apart * sizeof(T) a multiple of a line, so
- * both runs' lines start at the same index. bn_affine's operations, so its
- * bits. */
+/* Two runs' affines at once, x[0, n) into y and x[apart, apart + n) into
+ * y + apart, for the two streams' sake (as the periodic loops): masked
+ * heads up to y's first line, whole lines of both in step, masked tails.
+ * Each run has its constants, {hi, lo, scale, shift} in p (the first) and
+ * q (the second): the same channel's or two channels'. The caller keeps
+ * apart * sizeof(T) a multiple of a line, so both runs' lines start at the
+ * same index. bn_affine's operations, so its bits. */
 #define BN_DEFINE_AFFINE_TWIN(T, NAME, VEC, L, MASK, SFX, AFF)                            \
 __attribute__((target("avx512f"))) static void NAME(                                      \
-    const T *x, T *y, ptrdiff_t apart, ptrdiff_t n, T hi, T lo, T scale, T shift,         \
-    int relu, int stream)                                                                 \
+    const T *x, T *y, ptrdiff_t apart, ptrdiff_t n, const T *p, const T *q, int relu,     \
+    int stream)                                                                           \
 {                                                                                         \
-    const VEC h = _mm512_set1_##SFX(hi), l = _mm512_set1_##SFX(lo);                       \
-    const VEC a = _mm512_set1_##SFX(scale), b = _mm512_set1_##SFX(shift);                 \
+    const VEC h = _mm512_set1_##SFX(p[0]), l = _mm512_set1_##SFX(p[1]);                   \
+    const VEC a = _mm512_set1_##SFX(p[2]), b = _mm512_set1_##SFX(p[3]);                   \
+    const VEC h2 = _mm512_set1_##SFX(q[0]), l2 = _mm512_set1_##SFX(q[1]);                 \
+    const VEC a2 = _mm512_set1_##SFX(q[2]), b2 = _mm512_set1_##SFX(q[3]);                 \
     ptrdiff_t i = 0, k0 = 0;                                                              \
     MASK m;                                                                               \
     if (stream && ((uintptr_t)y % sizeof(T)) == 0)                                        \
@@ -951,12 +954,13 @@ __attribute__((target("avx512f"))) static void NAME(                            
         _mm512_mask_storeu_##SFX(                                                         \
             y, m, AFF(_mm512_maskz_loadu_##SFX(m, x), h, l, a, b, relu));                 \
         _mm512_mask_storeu_##SFX(                                                         \
-            y + apart, m, AFF(_mm512_maskz_loadu_##SFX(m, x + apart), h, l, a, b, relu)); \
+            y + apart, m,                                                                 \
+            AFF(_mm512_maskz_loadu_##SFX(m, x + apart), h2, l2, a2, b2, relu));           \
         i = k0;                                                                           \
     }                                                                                     \
     for (; i + (L) <= n; i += (L)) {                                                      \
         VEC v = AFF(_mm512_loadu_##SFX(x + i), h, l, a, b, relu);                         \
-        VEC w = AFF(_mm512_loadu_##SFX(x + apart + i), h, l, a, b, relu);                 \
+        VEC w = AFF(_mm512_loadu_##SFX(x + apart + i), h2, l2, a2, b2, relu);             \
         if (stream) {                                                                     \
             _mm512_stream_##SFX(y + i, v);                                                \
             _mm512_stream_##SFX(y + apart + i, w);                                        \
@@ -971,7 +975,7 @@ __attribute__((target("avx512f"))) static void NAME(                            
             y + i, m, AFF(_mm512_maskz_loadu_##SFX(m, x + i), h, l, a, b, relu));         \
         _mm512_mask_storeu_##SFX(                                                         \
             y + apart + i, m,                                                             \
-            AFF(_mm512_maskz_loadu_##SFX(m, x + apart + i), h, l, a, b, relu));           \
+            AFF(_mm512_maskz_loadu_##SFX(m, x + apart + i), h2, l2, a2, b2, relu));       \
     }                                                                                     \
 }
 BN_DEFINE_AFFINE_TWIN(float, bn_affine_twin_f32_avx512, __m512, 16, __mmask16, ps,

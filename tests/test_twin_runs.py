@@ -1,8 +1,9 @@
 """The planar normalisation takes two streams at once, for the memory's
 sake: the runs of two rows of a row chunk (rows about half the chunk
-apart), and the two halves of a chunk of a long run. Its output must be
-bitwise that of one stream: each row normalised alone, where no row has a
-partner, and the long runs with the halves turned off.
+apart), the runs of two channels of a row that has no partner, and the two
+halves of a chunk of a long run. Its output must be bitwise that of one
+stream: each row normalised alone with the channel pairs off, and the
+channel pairs and halves against the same call with them turned off.
 
 Rows:  Eval, float32 and float64, with and without relu and streaming
 stores, 1-3 threads, arrays that start off a cache line, in place. Chunks
@@ -38,12 +39,17 @@ def _normalize(x, y, shape, problem, threads, relu):
 
 
 def _row_by_row(problem, shape, relu):
-    """Each row normalised by a call of its own (one row: nothing to pair)."""
+    """Each row normalised by a call of its own (one row: no row pairs),
+    with the channel pairs off."""
     outer, channels, inner = shape
     x = problem[0].reshape(outer, channels * inner)
     y = np.empty_like(x)
-    for n in range(outer):
-        _normalize(x[n], y[n], (1, channels, inner), problem, 1, relu)
+    previous = _kernels.set_twin_min_bytes(1 << 62)
+    try:
+        for n in range(outer):
+            _normalize(x[n], y[n], (1, channels, inner), problem, 1, relu)
+    finally:
+        _kernels.set_twin_min_bytes(previous)
     return y.ravel()
 
 
@@ -67,8 +73,12 @@ def test_paired_rows_give_the_bits_of_rows_alone(shape, dtype, restore_stream_mi
 
 # Long runs (inner >= 64 Ki values: chunks of 64 Ki values, pieces of one
 # run): whole chunks, a last chunk of an odd length, and one whose halves
-# are under twin_min_bytes.
+# are under twin_min_bytes. Then rows of runs that are whole lines, outer
+# <= 64 (chunks of one row): channels paired at the default size (8 KiB
+# runs: 7 channels, 3 pairs and one alone; 4 channels, one pair 1 apart
+# and 2 alone) and, at twin_min_bytes = 0, short runs.
 LONG_SHAPES = [(2, 2, 65536 * 2), (1, 3, 65536 + 9001), (3, 1, 65536 + 40)]
+PAIRED_CHANNEL_SHAPES = [(3, 7, 2048), (2, 4, 2048), (5, 6, 48), (64, 5, 32)]
 
 
 @pytest.fixture
@@ -78,9 +88,9 @@ def twin_min_default():
     _kernels.set_twin_min_bytes(default)
 
 
-def _one_stream_then_halves(run, twin_min_default):
-    """run() with the halves off, then on at the default size and for
-    every chunk (0)."""
+def _one_stream_then_two(run, twin_min_default):
+    """run() with the halves and channel pairs off, then on at the default
+    size and for every size (0)."""
     _kernels.set_twin_min_bytes(1 << 62)
     yield run()
     for twin_min in (twin_min_default, 0):
@@ -88,9 +98,10 @@ def _one_stream_then_halves(run, twin_min_default):
         yield run()
 
 
-@pytest.mark.parametrize("shape", LONG_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", LONG_SHAPES + PAIRED_CHANNEL_SHAPES,
+                         ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_halves_of_long_runs_give_the_bits_of_one_stream(shape, dtype, restore_stream_min,
+def test_halves_and_channel_pairs_give_the_bits_of_one_stream(shape, dtype, restore_stream_min,
                                                          twin_min_default):
     problem = _problem(shape, dtype, seed=sum(shape))
     for stream_min in (0, 1 << 62):
@@ -105,7 +116,7 @@ def test_halves_of_long_runs_give_the_bits_of_one_stream(shape, dtype, restore_s
                                                                  offset)
                             _normalize(x, y, shape, problem, threads, relu)
                             return y
-                        want, *got = _one_stream_then_halves(run, twin_min_default)
+                        want, *got = _one_stream_then_two(run, twin_min_default)
                         assert _same_bits(got, [want] * len(got)), (
                             stream_min, relu, threads, offset, in_place)
 
@@ -118,5 +129,5 @@ def test_halves_in_the_training_forward(dtype, twin_min_default):
     for threads in (1, 2):
         def run():
             return bncore.batch_norm(x, training=True, num_threads=threads)
-        want, *got = _one_stream_then_halves(run, twin_min_default)
+        want, *got = _one_stream_then_two(run, twin_min_default)
         assert _same_bits(got, [want] * len(got)), threads
