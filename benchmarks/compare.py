@@ -164,6 +164,9 @@ NHWC_M, NC_L = (32, 56, 56, 128), (400_000, 128)                # 51 MB, 205 MB
 Q_NCHW_L, Q_NCHW_M, Q_NHWC_M, Q_NC_L = (8, 32, 56, 56), (8, 64, 28, 28), (4, 28, 28, 64), (20_000, 64)
 SCALING = [((64, 3, 224, 224), (4, 3, 224, 224)), ((8, 8, 256, 256), (2, 8, 128, 128)),
            ((2_000_000, 8), (100_000, 8))]
+# Small feature maps (ResNet's last stages): runs of 196 and 784 bytes,
+# under the planar loops' per-run costs and not whole cache lines.
+SHORT_RUNS = [((512, 512, 7, 7), (16, 64, 7, 7)), ((256, 256, 14, 14), (8, 64, 14, 14))]
 LATENCY = [("eval", (1, 64)), ("eval", (8, 32, 14, 14)), ("train", (8, 32, 14, 14)),
            ("eval", (1, 64, 56, 56)), ("train", (1, 64, 56, 56))]
 
@@ -177,6 +180,8 @@ WORKLOADS = (
                                   (NHWC_M, -1, Q_NHWC_M))]
     + [_wl(kind, shape, group="scaling", quick=quick)
        for kind in ("train", "eval") for shape, quick in SCALING]
+    + [_wl(kind, shape, group="short", quick=quick)
+       for kind in ("train", "eval", "backward") for shape, quick in SHORT_RUNS]
     + [_wl(kind, NCHW_L, group="alloc", quick=Q_NCHW_L, alloc=True) for kind in ("train", "eval")]
     + [_wl(kind, shape, group="latency", latency=True) for kind, shape in LATENCY]
 )
@@ -186,6 +191,7 @@ GROUPS = {
     "eval": "Eval forward",
     "backward": "Backward (training)",
     "scaling": "Few channels (thread scaling)",
+    "short": "Short runs: small feature maps",
     "alloc": "Allocating calls (no out=) against out=",
     "latency": "Small, latency-bound calls (time per call)",
 }
