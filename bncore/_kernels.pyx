@@ -221,7 +221,8 @@ cdef enum:
     # that the halves are 16 KiB or more apart: streams closer than about
     # 6 KiB ran slower than one (benchmarks/memory_streams.c's finding).
     # Eval of (16, 8, 256, 256) float32 on one thread, 256 KiB chunks: 0.95
-    # -> 1.04 of a streaming copy.
+    # -> 1.04 of a streaming copy. Runs of a quarter of it and more are
+    # paired across channels (twin_channels).
     TWIN_MIN_BYTES = 32 * 1024
     # The pipelined training forward holds two channels per thread in cache:
     # a channel of at most this many bytes is normalised from L2 (1 MiB per
@@ -645,12 +646,12 @@ cdef void planar_chunk_affine(const floating *x, floating *y, const Planar *g, P
 
 cdef inline Py_ssize_t twin_channels(const Planar *g, Py_ssize_t nchannels,
                                      Py_ssize_t itemsize, const AffineIn *a) noexcept nogil:
-    """How many channels apart the runs of one row are paired (rows that
-    twin_rows leaves alone: chunks of one row, N <= 64), or 0: about half
-    the channels, odd (as twin_rows), where runs are whole lines of at
-    least twin_min_bytes / 4; AVX-512, no relu gate. Measured on one
-    thread, float32 eval: runs of 12.5 KB (64, 128, 56, 56) 7 % faster,
-    6.3 KB 6 % slower, 3.1 KB (64, 256, 28, 28) 8-28 % slower."""
+    """How many channels apart the runs of one row are paired (the rows
+    twin_rows leaves alone: all of them in chunks of one row, N <= 64), or
+    0: about half the channels, odd (as twin_rows), where runs are whole
+    lines of at least twin_min_bytes / 4; AVX-512, no relu gate. Measured
+    on one thread, float32 eval: runs of 12.5 KB (64, 128, 56, 56) 7 %
+    faster, 6.3 KB 6 % slower, 3.1 KB (64, 256, 28, 28) 8-28 % slower."""
     cdef Py_ssize_t apart = nchannels // 2
     apart = apart - (apart > 0 and apart % 2 == 0)
     if (a.gate != NULL or bn_periodic_lanes(itemsize) == 0 or apart == 0
@@ -2111,7 +2112,8 @@ def set_periodic_loops(bint enabled):
 
 
 def set_twin_min_bytes(Py_ssize_t nbytes):
-    """Runs of at least nbytes are normalised as two halves in step (for
+    """Chunks of long runs of at least nbytes are normalised as two halves
+    in step, and runs of at least nbytes / 4 two channels at a time (for
     tests and A/B timing: the bits are the same); returns the previous
     value."""
     global twin_min_bytes
