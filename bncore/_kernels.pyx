@@ -582,32 +582,38 @@ cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t ite
                         &table[c * nchunks + k])
 
 
+cdef inline bint can_pair(const AffineIn *a, Py_ssize_t itemsize) noexcept nogil:
+    """Whether the normalisation may write two runs in step
+    (run_affine_twin): AVX-512 here, and no relu gate."""
+    return a.gate == NULL and bn_periodic_lanes(itemsize) != 0
+
+
+cdef inline Py_ssize_t odd_at_most(Py_ssize_t k) noexcept nogil:
+    """The largest odd number up to k, or 0: two streams an odd number of
+    rows, channels or lines apart are not a large power of two apart."""
+    return k - (k % 2 == 0) if k > 0 else 0
+
+
 cdef inline Py_ssize_t twin_rows(const Planar *g, Py_ssize_t nrows, Py_ssize_t itemsize,
                                   const AffineIn *a) noexcept nogil:
     """How many rows apart run_affine_twin pairs the runs of nrows rows, or
-    0 to take them one at a time: about half of them, an odd number so that
-    the two streams are not a large power of two apart, and only where both
-    runs' lines start at the same index (AVX-512, no relu gate)."""
-    cdef Py_ssize_t apart = nrows // 2
-    if (a.gate != NULL or bn_periodic_lanes(itemsize) == 0
-            or g.channels * g.inner * itemsize % 64):
+    0 to take them one at a time: about half of them, odd, and only where
+    both runs' lines start at the same index (rows of whole lines)."""
+    if not can_pair(a, itemsize) or g.channels * g.inner * itemsize % 64:
         return 0
-    return apart - (apart > 0 and apart % 2 == 0)
+    return odd_at_most(nrows // 2)
 
 
 cdef inline Py_ssize_t twin_halves(Py_ssize_t length, Py_ssize_t itemsize,
                                    const AffineIn *a) noexcept nogil:
     """How far apart run_affine_twin takes the two halves of a run of
-    length values, or 0 for one stream: an odd number of lines (as
-    twin_rows) of about half the run, for runs of at least twin_min_bytes
-    (TWIN_MIN_BYTES), with AVX-512 and no relu gate. The values after the
-    second half (under four lines) are left to run_affine."""
-    cdef Py_ssize_t lines = length * itemsize // (2 * 64)
-    if (a.gate != NULL or bn_periodic_lanes(itemsize) == 0
-            or length * itemsize < twin_min_bytes):
+    length values, or 0 for one stream: an odd number of lines of about
+    half the run, for runs of at least twin_min_bytes (TWIN_MIN_BYTES). The
+    values after the second half (under four lines) are left to
+    run_affine."""
+    if not can_pair(a, itemsize) or length * itemsize < twin_min_bytes:
         return 0
-    lines = lines - (lines % 2 == 0)
-    return max(lines, 0) * 64 // itemsize
+    return odd_at_most(length * itemsize // (2 * 64)) * 64 // itemsize
 
 
 cdef inline void run_affine_twin(const floating *x, floating *y, Py_ssize_t start,
@@ -648,16 +654,14 @@ cdef inline Py_ssize_t twin_channels(const Planar *g, Py_ssize_t nchannels,
                                      Py_ssize_t itemsize, const AffineIn *a) noexcept nogil:
     """How many channels apart the runs of one row are paired (the rows
     twin_rows leaves alone: all of them in chunks of one row, N <= 64), or
-    0: about half the channels, odd (as twin_rows), where runs are whole
-    lines of at least twin_min_bytes / 4; AVX-512, no relu gate. Measured
-    on one thread, float32 eval: runs of 12.5 KB (64, 128, 56, 56) 7 %
-    faster, 6.3 KB 6 % slower, 3.1 KB (64, 256, 28, 28) 8-28 % slower."""
-    cdef Py_ssize_t apart = nchannels // 2
-    apart = apart - (apart > 0 and apart % 2 == 0)
-    if (a.gate != NULL or bn_periodic_lanes(itemsize) == 0 or apart == 0
-            or g.inner * itemsize % 64 or g.inner * itemsize < twin_min_bytes // 4):
+    0: about half the channels, odd, where runs are whole lines of at least
+    twin_min_bytes / 4. Measured on one thread, float32 eval: runs of
+    12.5 KB (64, 128, 56, 56) 7 % faster, 6.3 KB 6 % slower, 3.1 KB
+    (64, 256, 28, 28) 8-28 % slower."""
+    if (not can_pair(a, itemsize) or g.inner * itemsize % 64
+            or g.inner * itemsize < twin_min_bytes // 4):
         return 0
-    return apart
+    return odd_at_most(nchannels // 2)
 
 
 cdef void planar_row_affine(const floating *x, floating *y, const Planar *g, Py_ssize_t n,
@@ -683,26 +687,19 @@ cdef void planar_rows_affine(const floating *x, floating *y, const Planar *g, Py
     last block with their channels paired (planar_row_affine)."""
     cdef Span s = chunk_span(g, item // ngroups)
     cdef Py_ssize_t n = s.n0, j, c, start, c0 = 0, c1 = 0
-    cdef AffineIn b = a[0]
     cdef Py_ssize_t twin = twin_rows(g, s.n1 - s.n0, sizeof(floating), a)
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
-    # Where runs are not whole lines, each begins and ends with a masked
-    # store into a line its neighbour shares: with streaming stores between
-    # those, eval of (512, 512, 7, 7) and (64, 512, 14, 28) float32 ran at
-    # 0.15 of a streaming copy on one thread, with normal stores at 0.70.
-    if g.inner * sizeof(floating) % 64:
-        b.stream = False
     if twin > 0:
         while n + 2 * twin <= s.n1:
             for j in range(n, n + twin):
                 for c in range(c0, c1):
                     start = run_start(g, j, c)
                     run_affine_twin(x, y, start, run_start(g, j + twin, c) - start, g.inner,
-                                    &b, c, c)
+                                    a, c, c)
             n = n + 2 * twin
     twin = twin_channels(g, c1 - c0, sizeof(floating), a)
     for j in range(n, s.n1):
-        planar_row_affine(x, y, g, j, c0, c1, twin, &b)
+        planar_row_affine(x, y, g, j, c0, c1, twin, a)
     if a.stream:
         bn_stream_fence()
 
@@ -763,22 +760,37 @@ cdef void planar_moments(const floating *x, const Planar *g, Moments *table,
         finish_from_table(x, table, g.chunks_per_channel, g.inner, c, out)
 
 
+cdef inline bint runs_share_lines(const Planar *g, Py_ssize_t itemsize) noexcept nogil:
+    """Whether runs are not whole 64-byte lines, so that each run's first
+    and last lines are shared with its neighbours'."""
+    return g.inner * itemsize % 64 != 0
+
+
 cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
                            const AffineIn *a, int nthreads) noexcept nogil:
     cdef Py_ssize_t item
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef int ngroups = row_groups(g, nthreads)
+    cdef AffineIn rows = a[0]
+    # Row chunks whose runs share lines write them with normal stores: each
+    # run begins and ends with a masked store into a line its neighbour
+    # shares, and with streaming stores between those, eval of (512, 512,
+    # 7, 7) and (64, 512, 14, 28) float32 ran at 0.15 of a streaming copy on
+    # one thread, with normal stores at 0.70. (Runs cut into chunks share a
+    # line only every 256 KiB or more, and keep streaming stores.)
+    if runs_share_lines(g, sizeof(floating)):
+        rows.stream = False
     if nthreads == 1:
         if g.rows_per_chunk > 0:
             for item in range(nchunks * ngroups):
-                planar_rows_affine(x, y, g, item, ngroups, a)
+                planar_rows_affine(x, y, g, item, ngroups, &rows)
         else:
             for item in range(g.channels * nchunks):
                 planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
         return
     if g.rows_per_chunk > 0:
         for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
-            planar_rows_affine(x, y, g, item, ngroups, a)
+            planar_rows_affine(x, y, g, item, ngroups, &rows)
     else:
         for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
             planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
@@ -885,8 +897,7 @@ cdef inline bint short_split_runs(const Planar *g, Py_ssize_t itemsize) noexcept
     float32, one thread, in streaming-copy times: (512, 512, 7, 7) training
     19 with streaming stores, 4.9 with normal ones, backward 19.6 and 8.4;
     runs of 784 and 1568 bytes ran 15-30 % faster with streaming stores."""
-    cdef Py_ssize_t run_bytes = g.inner * itemsize
-    return run_bytes % 64 != 0 and run_bytes < 512
+    return runs_share_lines(g, itemsize) and g.inner * itemsize < 512
 
 
 cdef void pipelined_item(const floating *x, floating *y, const Planar *g, Py_ssize_t c0,

@@ -311,7 +311,7 @@ __attribute__((target("avx512f"))) static ptrdiff_t bn_rows_sums_##SFX##_avx512_
  * pieces, ran at half the speed of a sequential read: float64 (N, 128) on
  * one core 12 GB/s against 23 for (N, 64), with any number of rows at a
  * time (1 to all) and with software prefetch at any distance. (The cause is
- * not known: there is no profiler on this machine.) Loading the slab (its
+ * not known: this VM has no hardware counters to tell.) Loading the slab (its
  * callers keep it to 256 KiB, in L2) once in memory order first, a vector
  * per line, and then summing it from L2 runs at 17 GB/s. */
 #define BN_TOUCH_MIN_ROW_BYTES 512
