@@ -27,8 +27,8 @@ as an offset from the channel's origin, its first value: every block of the
 channel subtracts the same origin, so the offsets are small numbers whose
 differences (in Chan's merge) do not lose the digits a large mean would.
 A block gives its triple from float64 sums of x - origin (planar: at most
-BLOCK_LEN values of a run; interleaved float32: a column's rows in one work
-item); float64 input gets a second, corrected pass around each block's mean,
+BLOCK_LEN values, of one run or of the whole short runs of consecutive rows;
+interleaved float32: a column's rows in one work item); float64 input gets a second, corrected pass around each block's mean,
 from cache (Chan, Golub & LeVeque, "Algorithms for computing the sample
 variance", 1983). Blocks merge into chunks and chunks into channels with Chan's pairwise
 update, always in the same order. Block and chunk boundaries come from the
@@ -57,6 +57,7 @@ cdef extern from "_openmp.h" nogil:
 
 cdef extern from "_leaf_loops.h" nogil:
     enum: BN_LANES
+    ctypedef double bn_lanes[BN_LANES]
     void bn_lane_shifted_sums_f32(const float *x, Py_ssize_t n, double origin,
                                   double offset, double *s1, double *s2)
     void bn_lane_shifted_sums_f64(const double *x, Py_ssize_t n, double origin,
@@ -237,6 +238,18 @@ cdef enum:
     # pipelined backward uses the same two (use_pipelined_backward says why).
     PIPE_MIN_CHANNELS = 8
     PIPE_MAX_SLICE = 2 * 1024 * 1024
+    # ... and runs of at least PIPE_MIN_RUN_BYTES (the backward:
+    # PIPE_BACKWARD_MIN_RUN_BYTES): each run costs the pipelined loops a
+    # fixed overhead (the next runs found and prefetched, a call), and the
+    # two passes walk short runs row by row, front to back. Measured against
+    # the two passes, (N, 256, H, W) float32 of 12.5 MB, 1 and 2 threads,
+    # in streaming-copy times: forward runs of 196 and 400 bytes 7.8-11 and
+    # 4.9-6.5 pipelined against 2.6-4.1, 256 bytes even, 576 and more
+    # pipelined 10-40 % faster; backward runs of 196-1024 bytes 20-130 %
+    # slower pipelined, 1.5-1.6 KB even, 2.3-4 KB 0-20 % faster on two
+    # threads and 0-20 % slower on one.
+    PIPE_MIN_RUN_BYTES = 512
+    PIPE_BACKWARD_MIN_RUN_BYTES = 1536
     # Its statistics pass prefetches at least this far ahead (in whole runs):
     # one run of 3 KB ahead was too close on (64, 256, 28, 28), three 10 %
     # faster; on runs of 12.5 KB the distance made no difference.
@@ -308,32 +321,38 @@ cdef inline void lane_shifted_sums(const floating *x, Py_ssize_t n, double origi
         bn_lane_shifted_sums_f64(x, n, origin, offset, s1, s2)
 
 
-cdef Moments shifted_block_moments(const floating *x, Py_ssize_t n, double origin,
-                                   double offset) noexcept nogil:
-    """The triple of n contiguous values from one pass of sums of
-    (x - origin) - offset."""
-    cdef double s1[BN_LANES]
-    cdef double s2[BN_LANES]
+cdef Moments shifted_runs_moments(const floating *x, Py_ssize_t nruns, Py_ssize_t stride,
+                                  Py_ssize_t n, double origin, double offset) noexcept nogil:
+    """The triple of nruns runs of n contiguous values, stride apart, from
+    one pass of lane sums of (x - origin) - offset over the runs in order."""
+    cdef bn_lanes s1
+    cdef bn_lanes s2
+    cdef Py_ssize_t r
     cdef int k
     for k in range(BN_LANES):
         s1[k] = 0.0
         s2[k] = 0.0
-    lane_shifted_sums(x, n, origin, offset, s1, s2)
-    return moments_from_shifted_sums(<double>n, offset, lanes_total(s1), lanes_total(s2))
+    for r in range(nruns):
+        lane_shifted_sums(x + r * stride, n, origin, offset, s1, s2)
+    return moments_from_shifted_sums(<double>(nruns * n), offset, lanes_total(s1),
+                                     lanes_total(s2))
 
 
-cdef Moments block_moments(const floating *x, Py_ssize_t n, double origin) noexcept nogil:
-    """The triple of n contiguous values, its mean an offset from ``origin``.
+cdef Moments block_moments(const floating *x, Py_ssize_t nruns, Py_ssize_t stride,
+                           Py_ssize_t n, double origin) noexcept nogil:
+    """The triple of a block, nruns runs of n contiguous values stride apart
+    (one piece of a run: nruns = 1), its mean an offset from ``origin``.
 
     For float32 input one pass of float64 sums of x - origin is exact
     enough: the accumulators have 29 bits to spare. For float64 input a
-    second pass around the first pass's mean (from L1) makes it as accurate
-    as a two-pass algorithm. A constant block gives M2 = 0 exactly, since
-    every shifted value is exactly 0.
+    second pass around the first pass's mean (from L1: a block is at most
+    BLOCK_LEN values) makes it as accurate as a two-pass algorithm. A
+    constant block gives M2 = 0 exactly, since every shifted value is
+    exactly 0.
     """
-    cdef Moments m = shifted_block_moments(x, n, origin, 0.0)
+    cdef Moments m = shifted_runs_moments(x, nruns, stride, n, origin, 0.0)
     if floating is double:
-        m = shifted_block_moments(x, n, origin, m.mean)
+        m = shifted_runs_moments(x, nruns, stride, n, origin, m.mean)
     return m
 
 
@@ -436,22 +455,23 @@ cdef inline int team_size(int requested, Py_ssize_t nitems, Py_ssize_t nvalues) 
 # --------------------------------------------------------------------------
 # Planar order: channel c is `outer` runs of `inner` values, C * inner apart.
 #
-# A block is a piece of at most BLOCK_LEN values of one run. A chunk of a
-# channel is either the whole runs of a range of rows (short runs) or a range
+# A block is at most BLOCK_LEN values of one channel: a piece of one run
+# (runs longer than BLOCK_LEN), or the whole runs of up to runs_per_block
+# consecutive rows of a chunk (shorter runs), whose lane sums run on from one
+# run to the next, so that a 49-value run costs no more than its reads. A
+# chunk of a channel is either the whole runs of a range of rows or a range
 # of pieces of one run (runs of CHUNK_VALUES or more); its triple is its
 # blocks merged in row, then piece order. Channel c's statistics are its
-# chunks merged in order. Work is visited in one of two orders with the same
-# arithmetic:
-# * row-major items (short runs): rows of a chunk across a group of channels,
-#   reading memory front to back, so the prefetchers keep streaming;
-# * channel-major (long runs): one chunk of
-#   one channel, itself contiguous when runs are long.
+# chunks merged in order. Work items are either one chunk of a group of
+# channels (row chunks) or one chunk of one channel, walked channel by
+# channel, and with the same arithmetic in the pipelined forward.
 
 cdef struct Planar:
     Py_ssize_t outer
     Py_ssize_t channels
     Py_ssize_t inner
     Py_ssize_t pieces_per_run
+    Py_ssize_t runs_per_block       # rows per block of whole runs (1 with pieces)
     Py_ssize_t rows_per_chunk       # > 0: a chunk is whole runs of these rows
     Py_ssize_t pieces_per_chunk     # > 0: a chunk is pieces of one run
     Py_ssize_t chunks_per_run       # with pieces_per_chunk
@@ -473,6 +493,7 @@ cdef Planar planar_geometry(Py_ssize_t outer, Py_ssize_t channels,
     g.channels = channels
     g.inner = inner
     g.pieces_per_run = (inner + BLOCK_LEN - 1) // BLOCK_LEN
+    g.runs_per_block = max(<Py_ssize_t>1, BLOCK_LEN // max(inner, <Py_ssize_t>1))
     if inner >= CHUNK_VALUES:
         g.rows_per_chunk = 0
         g.pieces_per_chunk = CHUNK_BLOCKS
@@ -531,8 +552,8 @@ cdef inline void run_moments(const floating *run, const Planar *g, Py_ssize_t p0
     cdef Py_ssize_t p, start
     for p in range(p0, p1):
         start = p * BLOCK_LEN
-        merge_moments(acc, block_moments(run + start, min(<Py_ssize_t>BLOCK_LEN,
-                                                          g.inner - start), origin))
+        merge_moments(acc, block_moments(run + start, 1, 0,
+                                         min(<Py_ssize_t>BLOCK_LEN, g.inner - start), origin))
 
 
 cdef inline void run_affine(const floating *x, floating *y, Py_ssize_t start, Py_ssize_t n,
@@ -554,32 +575,40 @@ cdef inline void run_affine(const floating *x, floating *y, Py_ssize_t start, Py
         bn_affine_f64(x + start, y + start, n, hi, lo, scale, shift, a.relu, a.stream)
 
 
+cdef inline Py_ssize_t block_rows(const Planar *g, Py_ssize_t n, Py_ssize_t n1) noexcept nogil:
+    """The rows of the block of whole runs that begins at row n of a chunk
+    ending before row n1."""
+    return min(g.runs_per_block, n1 - n)
+
+
 cdef Moments planar_chunk_moments(const floating *x, const Planar *g, Py_ssize_t c,
                                   Py_ssize_t k) noexcept nogil:
     cdef Moments acc = empty_moments()
     cdef Span s = chunk_span(g, k)
     cdef double origin = channel_origin(x, c, g.inner)
-    cdef Py_ssize_t n
-    for n in range(s.n0, s.n1):
-        run_moments(x + run_start(g, n, c), g, s.p0, s.p1, origin, &acc)
+    cdef Py_ssize_t n = s.n0, nrows
+    if g.pieces_per_run > 1:
+        for n in range(s.n0, s.n1):
+            run_moments(x + run_start(g, n, c), g, s.p0, s.p1, origin, &acc)
+        return acc
+    while n < s.n1:
+        nrows = block_rows(g, n, s.n1)
+        merge_moments(&acc, block_moments(x + run_start(g, n, c), nrows, g.channels * g.inner,
+                                          g.inner, origin))
+        n = n + nrows
     return acc
 
 
 cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t item, int ngroups,
                               Moments *table) noexcept nogil:
-    """Row-major item: chunk k's rows across a group of channels, into the
-    chunk table (channel c's chunk k at c * chunks_per_channel + k)."""
+    """Item `item` of the row chunks: chunk k of a group of channels, into
+    the chunk table (channel c's chunk k at c * chunks_per_channel + k)."""
     cdef Py_ssize_t k = item // ngroups
     cdef Py_ssize_t nchunks = g.chunks_per_channel
-    cdef Span s = chunk_span(g, k)
-    cdef Py_ssize_t n, c, c0 = 0, c1 = 0
+    cdef Py_ssize_t c, c0 = 0, c1 = 0
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
     for c in range(c0, c1):
-        table[c * nchunks + k] = empty_moments()
-    for n in range(s.n0, s.n1):
-        for c in range(c0, c1):
-            run_moments(x + run_start(g, n, c), g, s.p0, s.p1, channel_origin(x, c, g.inner),
-                        &table[c * nchunks + k])
+        table[c * nchunks + k] = planar_chunk_moments(x, g, c, k)
 
 
 cdef inline bint can_pair(const AffineIn *a, Py_ssize_t itemsize) noexcept nogil:
@@ -839,17 +868,19 @@ cdef inline Py_ssize_t runs_ahead(const Planar *g, Py_ssize_t itemsize) noexcept
 
 
 cdef void pipelined_runs(const floating *x, floating *y, const Planar *g, Py_ssize_t n,
-                         Py_ssize_t sc, double origin, Moments *acc, const floating *ahead,
+                         Py_ssize_t sc, double origin, double *s1, double *s2,
+                         Py_ssize_t block_end, Moments *acc, const floating *ahead,
                          Py_ssize_t n_norm, Py_ssize_t nc, const floating *next_n,
                          const AffineIn *a) noexcept nogil:
-    """The blocks of channel sc's run in row n merged into acc (sc < 0:
+    """Channel sc's run in row n added into the lane sums s1, s2 (sc < 0:
     none), prefetching the run at ``ahead``, and channel nc's run in row
     n_norm normalised (nc < 0: none), block by block; next_n is the run to
-    normalise next."""
-    cdef double s1[BN_LANES]
-    cdef double s2[BN_LANES]
+    normalise next. A block that ends here (a piece of a long run, or
+    block_end > 0 rows of whole runs ending with row n) is merged into acc,
+    and its lanes cleared for the next."""
     cdef Py_ssize_t p, start, length
     cdef Py_ssize_t run_bytes = g.inner * <Py_ssize_t>sizeof(floating)
+    cdef Py_ssize_t stride = g.channels * g.inner
     cdef int k
     cdef floating hi = 0, lo = 0, scale = 0, shift = 0
     cdef const floating *xs = NULL
@@ -866,9 +897,6 @@ cdef void pipelined_runs(const floating *x, floating *y, const Planar *g, Py_ssi
         length = min(<Py_ssize_t>BLOCK_LEN, g.inner - start)
         if sc >= 0:
             xs = x + run_start(g, n, sc) + start
-            for k in range(BN_LANES):
-                s1[k] = 0.0
-                s2[k] = 0.0
         if ahead != NULL:
             pf = ahead + start
         if nc >= 0:
@@ -880,14 +908,18 @@ cdef void pipelined_runs(const floating *x, floating *y, const Planar *g, Py_ssi
         else:
             bn_stats_and_affine_f64(xs, length, origin, s1, s2, pf, xn, yn, hi, lo, scale,
                                     shift, a.relu, a.stream)
-        if sc >= 0:
+        if sc >= 0 and block_end > 0:
             # block_moments' passes: the first one above, float64's second
             # one here, from L1.
-            block = moments_from_shifted_sums(<double>length, 0.0, lanes_total(s1),
-                                              lanes_total(s2))
+            block = moments_from_shifted_sums(<double>(block_end * length), 0.0,
+                                              lanes_total(s1), lanes_total(s2))
             if floating is double:
-                block = shifted_block_moments(xs, length, origin, block.mean)
+                block = shifted_runs_moments(xs - (block_end - 1) * stride, block_end, stride,
+                                             length, origin, block.mean)
             merge_moments(acc, block)
+            for k in range(BN_LANES):
+                s1[k] = 0.0
+                s2[k] = 0.0
 
 
 cdef inline bint short_split_runs(const Planar *g, Py_ssize_t itemsize) noexcept nogil:
@@ -907,14 +939,20 @@ cdef void pipelined_item(const floating *x, floating *y, const Planar *g, Py_ssi
     One channel's chunk triples at a time, on the stack (row chunks: at most
     MAX_ROW_CHUNKS), so the call allocates nothing."""
     cdef Moments table[MAX_ROW_CHUNKS]
+    cdef bn_lanes s1
+    cdef bn_lanes s2
     cdef Py_ssize_t nchunks = g.chunks_per_channel
-    cdef Py_ssize_t c, k, n, sc, nc
+    cdef Py_ssize_t c, k, n, sc, nc, block_end, left, nrows = 0
+    cdef int lane
     cdef Span s
     cdef double origin = 0.0
     cdef Py_ssize_t ahead = runs_ahead(g, sizeof(floating))
     cdef AffineIn b = a[0]
     if short_split_runs(g, sizeof(floating)):
         b.stream = False
+    for lane in range(BN_LANES):
+        s1[lane] = 0.0
+        s2[lane] = 0.0
     for c in range(c0 - 1, c1):
         # Statistics of sc = c + 1 while normalising nc = c (-1: none).
         sc = c + 1 if c + 1 < c1 else -1
@@ -925,9 +963,17 @@ cdef void pipelined_item(const floating *x, floating *y, const Planar *g, Py_ssi
             s = chunk_span(g, k)
             if sc >= 0:
                 table[k] = empty_moments()
+            left = 0
             for n in range(s.n0, s.n1):
+                # Blocks of whole runs as planar_chunk_moments cuts them;
+                # block_end is the block's rows at its last row, else 0.
+                if left == 0:
+                    nrows = block_rows(g, n, s.n1)
+                    left = nrows
+                left = left - 1
+                block_end = nrows if left == 0 else 0
                 # Rows are normalised last read first: those still in L2.
-                pipelined_runs(x, y, g, n, sc, origin, &table[k],
+                pipelined_runs(x, y, g, n, sc, origin, s1, s2, block_end, &table[k],
                                run_after(x, g, n, sc, c1, ahead) if sc >= 0 else NULL,
                                g.outer - 1 - n, nc,
                                run_before(x, g, g.outer - 1 - n, nc, c1) if nc >= 0 else NULL,
@@ -1428,8 +1474,8 @@ cdef struct BackwardArgs:
 cdef inline GradSums run_grad_sums(const floating *x, const floating *dy, Py_ssize_t n,
                                    double mean) noexcept nogil:
     """The two sums over n contiguous values: lanes, then totals in order."""
-    cdef double lanes_dy[BN_LANES]
-    cdef double lanes_dev[BN_LANES]
+    cdef bn_lanes lanes_dy
+    cdef bn_lanes lanes_dev
     cdef GradSums sums
     cdef int k
     for k in range(BN_LANES):
@@ -1557,6 +1603,7 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
     cdef GradSums *table = <GradSums *>malloc((g.channels * nchunks + g.channels)
                                               * sizeof(GradSums))
     cdef GradSums *totals
+    cdef BackwardArgs rows = a[0]
     if table == NULL:
         return -1
     totals = table + g.channels * nchunks
@@ -1577,9 +1624,14 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
     if a.sums_only:
         free(table)
         return 0
+    # Runs that share lines take normal stores, as in planar_normalize:
+    # streaming ones ran (996, 256, 7, 7) float32 at 19 streaming-copy
+    # times on one thread, (124, 256, 14, 28) at 7.9.
+    if runs_share_lines(g, sizeof(floating)):
+        rows.stream = False
     if g.rows_per_chunk > 0:
         for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
-            planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, a)
+            planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, &rows)
     else:
         for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
             planar_chunk_grad_input(x, dy, dx, g, item // nchunks, item % nchunks, totals, a)
@@ -1623,8 +1675,8 @@ cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const 
     prefetching x's run at ``ahead`` and dy's beside it, and dx of channel
     nc's run in row n_dx written with the constants k (nc < 0: none);
     next_dx is x's run whose dx is written next."""
-    cdef double lanes_dy[BN_LANES]
-    cdef double lanes_dev[BN_LANES]
+    cdef bn_lanes lanes_dy
+    cdef bn_lanes lanes_dev
     cdef const float *xs = NULL
     cdef const float *xn = NULL
     cdef Py_ssize_t start
@@ -1741,6 +1793,7 @@ cdef bint use_pipelined_backward(const Planar *g, const BackwardArgs *a,
     if pipelined_backward_mode == 1:
         return True
     return (bn_pipelined_fused() and g.channels >= PIPE_MIN_CHANNELS * nthreads
+            and g.inner * <Py_ssize_t>sizeof(float) >= PIPE_BACKWARD_MIN_RUN_BYTES
             and g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_MAX_SLICE)
 
 
@@ -1998,6 +2051,7 @@ cdef bint use_pipelined(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     nthreads = team_size(requested, channels, outer * channels * inner)
     # Measured on AVX-512 machines only; elsewhere the two passes.
     return (bn_pipelined_fused() and stream != 0
+            and inner * itemsize >= PIPE_MIN_RUN_BYTES
             and (itemsize == sizeof(float) or nthreads >= 2)
             and channels >= PIPE_MIN_CHANNELS * nthreads
             and outer * inner * itemsize <= PIPE_MAX_SLICE)

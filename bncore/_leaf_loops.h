@@ -22,6 +22,12 @@
 #define BN_LANES 16
 _Static_assert(BN_LANES == 16, "the lane loops use two 8-lane vectors");
 
+/* Lane sums in memory between calls, aligned to whole lines: the vector
+ * loops store them with 64-byte stores and the next call on the next run
+ * loads them back at once, which a store split across two lines cannot
+ * forward (the load waits for it to reach the cache). */
+typedef double bn_lanes[BN_LANES] __attribute__((aligned(64)));
+
 /* Eight float64 values: the compiler maps operations on this GCC/Clang vector
  * type onto whatever the target clone has (one zmm, two ymm, four xmm). */
 typedef double bn_v8df __attribute__((vector_size(64)));
@@ -134,6 +140,82 @@ static inline ptrdiff_t bn_line_head(const void *p, size_t itemsize, ptrdiff_t n
 #include <immintrin.h>
 #define BN_X86_DISPATCH 1
 
+/* The last r (< 16) values of a run added into lanes 0 to r - 1 in
+ * registers, with the operations of the generic loops' scalar tails (the
+ * square or product rounded before its add). Lane sums run on from one
+ * short run to the next (a block of whole runs), so the next call loads
+ * them straight back: had the tail added into memory, value by value,
+ * those 64-byte loads would wait for its 8-byte stores to retire (a store
+ * cannot forward to a wider load), which took 32 % of the statistics of
+ * (512, 512, 7, 7) float32. */
+/* The r (< 16) values at x in lanes 0 to r - 1 (the others 0), read
+ * without touching memory past them where `before` >= 16 - r values lie
+ * before x: a masked load does not fetch its masked-off values, but it
+ * waits for every line its 64 bytes cover, and at the end of a short run
+ * that is often a line of another channel, not in cache (34 % of the
+ * pipelined forward's samples on (64, 512, 14, 28) float32 were that
+ * wait). So: the 16 values that end with them, rotated down. */
+BN_INLINE __m512 bn_load_tail_avx512(const float *x, ptrdiff_t r, ptrdiff_t before)
+    __attribute__((target("avx512f")));
+BN_INLINE __m512 bn_load_tail_avx512(const float *x, ptrdiff_t r, ptrdiff_t before)
+{
+    __mmask16 first = (__mmask16)((1u << r) - 1);
+    if (before < 16 - r)
+        return _mm512_maskz_loadu_ps(first, x);
+    __m512i from = _mm512_add_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32((int)(16 - r)));
+    return _mm512_maskz_permutexvar_ps(first, from, _mm512_loadu_ps(x + r - 16));
+}
+
+BN_INLINE void bn_tail_lanes_avx512(const float *x, ptrdiff_t r, ptrdiff_t before,
+                                    __m512d *lo, __m512d *hi)
+    __attribute__((target("avx512f")));
+BN_INLINE void bn_tail_lanes_avx512(const float *x, ptrdiff_t r, ptrdiff_t before,
+                                    __m512d *lo, __m512d *hi)
+{
+    __m512 v = bn_load_tail_avx512(x, r, before);
+    *lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    *hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+BN_INLINE void bn_tail_shifted_sums_avx512(const float *x, ptrdiff_t r, ptrdiff_t before,
+                                           __m512d origin, __m512d *a1, __m512d *b1,
+                                           __m512d *a2, __m512d *b2)
+    __attribute__((target("avx512f")));
+BN_INLINE void bn_tail_shifted_sums_avx512(const float *x, ptrdiff_t r, ptrdiff_t before,
+                                           __m512d origin, __m512d *a1, __m512d *b1,
+                                           __m512d *a2, __m512d *b2)
+{
+    __mmask8 in_a = (__mmask8)((1u << r) - 1), in_b = (__mmask8)(((1u << r) - 1) >> 8);
+    __m512d d, e;
+    bn_tail_lanes_avx512(x, r, before, &d, &e);
+    d = _mm512_sub_pd(d, origin);
+    e = _mm512_sub_pd(e, origin);
+    *a1 = _mm512_mask_add_pd(*a1, in_a, *a1, d);
+    *a2 = _mm512_mask_add_pd(*a2, in_a, *a2, _mm512_mul_pd(d, d));
+    *b1 = _mm512_mask_add_pd(*b1, in_b, *b1, e);
+    *b2 = _mm512_mask_add_pd(*b2, in_b, *b2, _mm512_mul_pd(e, e));
+}
+
+BN_INLINE void bn_tail_grad_sums_avx512(const float *x, const float *dy, ptrdiff_t r,
+                                        ptrdiff_t before, __m512d mean, __m512d *a1,
+                                        __m512d *b1, __m512d *a2, __m512d *b2)
+    __attribute__((target("avx512f")));
+BN_INLINE void bn_tail_grad_sums_avx512(const float *x, const float *dy, ptrdiff_t r,
+                                        ptrdiff_t before, __m512d mean, __m512d *a1,
+                                        __m512d *b1, __m512d *a2, __m512d *b2)
+{
+    __mmask8 in_a = (__mmask8)((1u << r) - 1), in_b = (__mmask8)(((1u << r) - 1) >> 8);
+    __m512d g, h, d, e;
+    bn_tail_lanes_avx512(dy, r, before, &g, &h);
+    bn_tail_lanes_avx512(x, r, before, &d, &e);
+    *a1 = _mm512_mask_add_pd(*a1, in_a, *a1, g);
+    *a2 = _mm512_mask_add_pd(*a2, in_a, *a2, _mm512_mul_pd(g, _mm512_sub_pd(d, mean)));
+    *b1 = _mm512_mask_add_pd(*b1, in_b, *b1, h);
+    *b2 = _mm512_mask_add_pd(*b2, in_b, *b2, _mm512_mul_pd(h, _mm512_sub_pd(e, mean)));
+}
+
 __attribute__((target("avx512f"))) static void bn_lane_shifted_sums_f32_avx512(
     const float *BN_RESTRICT x, ptrdiff_t n, double origin, double offset,
     double *BN_RESTRICT s1, double *BN_RESTRICT s2)
@@ -151,15 +233,12 @@ __attribute__((target("avx512f"))) static void bn_lane_shifted_sums_f32_avx512(
         b1 = _mm512_add_pd(b1, e);
         b2 = _mm512_fmadd_pd(e, e, b2);
     }
+    if (i < n)
+        bn_tail_shifted_sums_avx512(x + i, n - i, i, o, &a1, &b1, &a2, &b2);
     _mm512_storeu_pd(s1, a1);
     _mm512_storeu_pd(s1 + 8, b1);
     _mm512_storeu_pd(s2, a2);
     _mm512_storeu_pd(s2 + 8, b2);
-    for (int k = 0; i + k < n; k++) {
-        double d = ((double)x[i + k] - origin) - offset;
-        s1[k] += d;
-        s2[k] += d * d;
-    }
 }
 
 __attribute__((target("avx2,fma"))) static void bn_lane_shifted_sums_f32_avx2(
@@ -207,15 +286,12 @@ __attribute__((target("avx512f"))) static void bn_lane_grad_sums_f32_avx512(
         b1 = _mm512_add_pd(b1, h);
         b2 = _mm512_fmadd_pd(h, _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8)), m), b2);
     }
+    if (i < n)
+        bn_tail_grad_sums_avx512(x + i, dy + i, n - i, i, m, &a1, &b1, &a2, &b2);
     _mm512_storeu_pd(s_dy, a1);
     _mm512_storeu_pd(s_dy + 8, b1);
     _mm512_storeu_pd(s_dy_dev, a2);
     _mm512_storeu_pd(s_dy_dev + 8, b2);
-    for (int k = 0; i + k < n; k++) {
-        double g = (double)dy[i + k];
-        s_dy[k] += g;
-        s_dy_dev[k] += g * ((double)x[i + k] - mean);
-    }
 }
 
 __attribute__((target("avx2,fma"))) static void bn_lane_grad_sums_f32_avx2(
@@ -628,7 +704,7 @@ __attribute__((target("avx512f"))) static void bn_stats_and_affine_f32_avx512(
     const __m512d o = _mm512_set1_pd(origin);
     const __m512 h = _mm512_set1_ps(mean_hi), l = _mm512_set1_ps(mean_lo);
     const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
-    /* Statistics: values [0, ns) sixteen at a time, then a scalar tail.
+    /* Statistics: values [0, ns) sixteen at a time, then a masked tail.
      * Normalisation: a scalar head [0, k0) up to a 64-byte boundary of yn
      * (streaming stores take whole aligned lines), whole vectors, a tail. */
     ptrdiff_t ns = xs == NULL ? 0 : n - n % 16;
@@ -685,20 +761,16 @@ __attribute__((target("avx512f"))) static void bn_stats_and_affine_f32_avx512(
 #undef BN_STATS16
 #undef BN_AFFINE16
     if (k < n) {
-        __mmask16 m = (__mmask16)((1u << (n - k)) - 1);
-        bn_store_part_avx512(yn + k, n - k, bn_affine16_avx512(_mm512_maskz_loadu_ps(m, xn + k),
+        bn_store_part_avx512(yn + k, n - k, bn_affine16_avx512(bn_load_tail_avx512(xn + k, n - k, k),
                                                                h, l, sc, sh, relu), stream);
     }
     if (xs != NULL) {
+        if (ns < n)
+            bn_tail_shifted_sums_avx512(xs + ns, n - ns, ns, o, &a1, &b1, &a2, &b2);
         _mm512_storeu_pd(s1, a1);
         _mm512_storeu_pd(s1 + 8, b1);
         _mm512_storeu_pd(s2, a2);
         _mm512_storeu_pd(s2 + 8, b2);
-        for (int t = 0; ns + t < n; t++) {
-            double d = (double)xs[ns + t] - origin;
-            s1[t] += d;
-            s2[t] += d * d;
-        }
     }
 }
 #endif
@@ -1045,7 +1117,7 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512
     const __m512d m = _mm512_set1_pd(mean);
     const __m512 h = _mm512_set1_ps(mean_hi), l = _mm512_set1_ps(mean_lo);
     const __m512 kv = _mm512_set1_ps(k), c1v = _mm512_set1_ps(c1), c0v = _mm512_set1_ps(c0);
-    /* Sums: values [0, ns) sixteen at a time, then a scalar tail. Input
+    /* Sums: values [0, ns) sixteen at a time, then a masked tail. Input
      * gradient: a masked head [0, j0) up to a 64-byte boundary of dxn
      * (streaming stores take whole aligned lines), whole vectors, a masked
      * tail. */
@@ -1109,22 +1181,18 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512
 #undef BN_SUMS16
 #undef BN_GRAD16
     if (j < n) {
-        __mmask16 tail = (__mmask16)((1u << (n - j)) - 1);
         bn_store_part_avx512(dxn + j, n - j,
-                             bn_grad16_avx512(_mm512_maskz_loadu_ps(tail, xn + j),
-                                              _mm512_maskz_loadu_ps(tail, dyn + j),
+                             bn_grad16_avx512(bn_load_tail_avx512(xn + j, n - j, j),
+                                              bn_load_tail_avx512(dyn + j, n - j, j),
                                               h, l, kv, c1v, c0v), stream);
     }
     if (xs != NULL) {
+        if (ns < n)
+            bn_tail_grad_sums_avx512(xs + ns, dys + ns, n - ns, ns, m, &a1, &b1, &a2, &b2);
         _mm512_storeu_pd(s_dy, a1);
         _mm512_storeu_pd(s_dy + 8, b1);
         _mm512_storeu_pd(s_dy_dev, a2);
         _mm512_storeu_pd(s_dy_dev + 8, b2);
-        for (int t = 0; ns + t < n; t++) {
-            double g = (double)dys[ns + t];
-            s_dy[t] += g;
-            s_dy_dev[t] += g * ((double)xs[ns + t] - mean);
-        }
     }
 }
 #endif

@@ -67,11 +67,12 @@ def _same_bits(a, b):
 # (outer, channels, inner): inner not a multiple of 16, of a cache line or
 # of BLOCK_LEN (2048); several blocks per run with a short last one; more
 # than 64 rows (row chunks of two, the last one short); one channel; more
-# threads than channels; the last two above the serial cutoff (64 Ki
-# values), so that threads share the channels.
+# threads than channels; two above the serial cutoff (64 Ki values), so
+# that threads share the channels; row chunks of 63 runs of 40 values, cut
+# into blocks of 51 runs and of 12.
 SHAPES = [(3, 5, 77), (2, 3, 1030), (65, 3, 33), (7, 2, 2100), (4, 1, 300),
           (2, 7, 4099), (130, 4, 40), (5, 9, 784), (1, 2, 64), (3, 11, 2050),
-          (70, 5, 201)]
+          (70, 5, 201), (4000, 2, 40)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
