@@ -397,6 +397,8 @@ cdef struct AffineIn:
                               # (gate = dy)
     double gate_above
     int stream                # write the output with streaming stores
+    const void *constants     # or NULL; else affine_params' results per channel,
+                              # (hi, lo, scale, shift) of the input type
 
 
 cdef inline double channel_origin(const floating *x, Py_ssize_t c,
@@ -429,6 +431,14 @@ cdef inline void affine_params(const AffineIn *a, Py_ssize_t c, floating *hi, fl
     cdef double b = param_at(a.bias, c, 0.0)
     cdef double extra = 0.0 if a.residual == NULL else a.residual[c]
     cdef double mean, invstd
+    cdef const floating *known
+    if a.constants != NULL:
+        known = <const floating *>a.constants + 4 * c
+        hi[0] = known[0]
+        lo[0] = known[1]
+        scale[0] = known[2]
+        shift[0] = known[3]
+        return
     if a.mean != NULL:
         mean = a.mean[c]
         invstd = a.invstd[c]
@@ -439,6 +449,28 @@ cdef inline void affine_params(const AffineIn *a, Py_ssize_t c, floating *hi, fl
     lo[0] = <floating>((mean - <double>hi[0]) + extra)
     scale[0] = <floating>(w * invstd)
     shift[0] = <floating>b
+
+
+cdef void *affine_table(const floating *x, const AffineIn *a, Py_ssize_t channels,
+                        int nthreads) noexcept nogil:
+    """Every channel's affine_params, computed once for a pass that would
+    compute them run by run (eval: a division and a square root each, 16 %
+    of eval of (512, 512, 7, 7) float32); NULL where memory is short, and
+    the pass computes them per run, with the same bits. (x only names the
+    type.)"""
+    cdef floating *table = <floating *>malloc(4 * channels * sizeof(floating))
+    cdef Py_ssize_t c
+    if table == NULL:
+        return NULL
+    if nthreads == 1:
+        for c in range(channels):
+            affine_params(a, c, table + 4 * c, table + 4 * c + 1, table + 4 * c + 2,
+                          table + 4 * c + 3)
+    else:
+        for c in prange(channels, num_threads=nthreads, schedule="static"):
+            affine_params(a, c, table + 4 * c, table + 4 * c + 1, table + 4 * c + 2,
+                          table + 4 * c + 3)
+    return table
 
 
 cdef Py_ssize_t serial_max_values = SERIAL_MAX_VALUES
@@ -801,28 +833,33 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef int ngroups = row_groups(g, nthreads)
     cdef AffineIn rows = a[0]
-    # Row chunks whose runs share lines write them with normal stores: each
-    # run begins and ends with a masked store into a line its neighbour
-    # shares, and with streaming stores between those, eval of (512, 512,
-    # 7, 7) and (64, 512, 14, 28) float32 ran at 0.15 of a streaming copy on
-    # one thread, with normal stores at 0.70. (Runs cut into chunks share a
-    # line only every 256 KiB or more, and keep streaming stores.)
+    if g.rows_per_chunk == 0:
+        if nthreads == 1:
+            for item in range(g.channels * nchunks):
+                planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
+        else:
+            for item in prange(g.channels * nchunks, num_threads=nthreads,
+                               schedule="dynamic"):
+                planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
+        return
+    # Row chunks: runs of up to 64 Ki values, each asking for its channel's
+    # constants; a table of them, made once.
+    rows.constants = affine_table(x, a, g.channels, nthreads)
+    # Runs that share lines are written with normal stores: each run begins
+    # and ends with a masked store into a line its neighbour shares, and
+    # with streaming stores between those, eval of (512, 512, 7, 7) and
+    # (64, 512, 14, 28) float32 ran at 0.15 of a streaming copy on one
+    # thread, with normal stores at 0.70. (Runs cut into chunks share a line
+    # only every 256 KiB or more, and keep streaming stores.)
     if runs_share_lines(g, sizeof(floating)):
         rows.stream = False
     if nthreads == 1:
-        if g.rows_per_chunk > 0:
-            for item in range(nchunks * ngroups):
-                planar_rows_affine(x, y, g, item, ngroups, &rows)
-        else:
-            for item in range(g.channels * nchunks):
-                planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
-        return
-    if g.rows_per_chunk > 0:
-        for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
+        for item in range(nchunks * ngroups):
             planar_rows_affine(x, y, g, item, ngroups, &rows)
     else:
-        for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
-            planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
+        for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
+            planar_rows_affine(x, y, g, item, ngroups, &rows)
+    free(<void *>rows.constants)
 
 
 # --------------------------------------------------------------------------
@@ -1499,11 +1536,36 @@ cdef inline GradSums zero_grad_sums() noexcept nogil:
 
 cdef inline void run_grad_input(const floating *x, const floating *dy, floating *dx,
                                 Py_ssize_t n, Py_ssize_t c, const GradSums *totals,
-                                const Planar *g, const BackwardArgs *a) noexcept nogil:
+                                const floating *constants,
+                                const BackwardArgs *a) noexcept nogil:
+    """dx of n values of channel c, with its constants from the table
+    (grad_constants_table) or, where there is none, computed here."""
     cdef floating hi = 0, lo = 0, k = 0, c1 = 0, c0 = 0
-    grad_constants(totals[c], a.count, a.mean[c], a.invstd[c], a.weight,
-                   c, a.training, &hi, &lo, &k, &c1, &c0)
+    if constants != NULL:
+        constants = constants + 5 * c
+        hi, lo, k, c1, c0 = constants[0], constants[1], constants[2], constants[3], constants[4]
+    else:
+        grad_constants(totals[c], a.count, a.mean[c], a.invstd[c], a.weight,
+                       c, a.training, &hi, &lo, &k, &c1, &c0)
     grad_input_run(x, dy, dx, n, hi, lo, k, c1, c0, a.training, a.stream)
+
+
+cdef floating *grad_constants_table(const floating *x, const GradSums *totals, const Planar *g,
+                                    const BackwardArgs *a, int nthreads) noexcept nogil:
+    """Every channel's grad_constants (hi, lo, k, c1, c0), computed once for
+    the input gradient of row chunks, which would compute them run by run
+    (two divisions each); or NULL where memory is short, and they are, with
+    the same bits. (x only names the type.)"""
+    cdef floating *table = <floating *>malloc(5 * g.channels * sizeof(floating))
+    cdef floating *t
+    cdef Py_ssize_t c
+    if table == NULL:
+        return NULL
+    for c in prange(g.channels, num_threads=nthreads, schedule="static"):
+        t = table + 5 * c
+        grad_constants(totals[c], a.count, a.mean[c], a.invstd[c], a.weight, c, a.training,
+                       t, t + 1, t + 2, t + 3, t + 4)
+    return table
 
 
 cdef GradSums planar_chunk_grad_sums(const floating *x, const floating *dy, const Planar *g,
@@ -1545,21 +1607,22 @@ cdef void planar_chunk_grad_input(const floating *x, const floating *dy, floatin
     cdef Py_ssize_t length = pieces_end(g, s.p1) - first
     for n in range(s.n0, s.n1):
         start = run_start(g, n, c) + first
-        run_grad_input(x + start, dy + start, dx + start, length, c, totals, g, a)
+        run_grad_input(x + start, dy + start, dx + start, length, c, totals, NULL, a)
     if a.stream:
         bn_stream_fence()
 
 
 cdef void planar_rows_grad_input(const floating *x, const floating *dy, floating *dx,
                                  const Planar *g, Py_ssize_t item, int ngroups,
-                                 const GradSums *totals, const BackwardArgs *a) noexcept nogil:
+                                 const GradSums *totals, const floating *constants,
+                                 const BackwardArgs *a) noexcept nogil:
     cdef Span s = chunk_span(g, item // ngroups)
     cdef Py_ssize_t n, c, start, c0 = 0, c1 = 0
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
     for n in range(s.n0, s.n1):
         for c in range(c0, c1):
             start = run_start(g, n, c)
-            run_grad_input(x + start, dy + start, dx + start, g.inner, c, totals, g, a)
+            run_grad_input(x + start, dy + start, dx + start, g.inner, c, totals, constants, a)
     if a.stream:
         bn_stream_fence()
 
@@ -1604,6 +1667,7 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
                                               * sizeof(GradSums))
     cdef GradSums *totals
     cdef BackwardArgs rows = a[0]
+    cdef floating *constants
     if table == NULL:
         return -1
     totals = table + g.channels * nchunks
@@ -1630,8 +1694,10 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
     if runs_share_lines(g, sizeof(floating)):
         rows.stream = False
     if g.rows_per_chunk > 0:
+        constants = grad_constants_table(x, totals, g, a, nthreads)
         for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
-            planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, &rows)
+            planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, constants, &rows)
+        free(constants)
     else:
         for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
             planar_chunk_grad_input(x, dy, dx, g, item // nchunks, item % nchunks, totals, a)
@@ -2281,6 +2347,7 @@ cdef AffineIn affine_in(Py_ssize_t channels, weight, bias, double eps, bint relu
     a.gate = NULL
     a.gate_above = 0.0
     a.stream = streams(nvalues, typenum)
+    a.constants = NULL
     return a
 
 
