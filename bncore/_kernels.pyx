@@ -128,6 +128,10 @@ cdef extern from "_leaf_loops.h" nogil:
                             const float *p, const float *q, int relu, int stream)
     void bn_affine_twin_f64(const double *x, double *y, Py_ssize_t apart, Py_ssize_t n,
                             const double *p, const double *q, int relu, int stream)
+    void bn_affine_runs_f32(const float *x, float *y, Py_ssize_t n, Py_ssize_t inner,
+                            const float *p, int relu, int stream)
+    void bn_affine_runs_f64(const double *x, double *y, Py_ssize_t n, Py_ssize_t inner,
+                            const double *p, int relu, int stream)
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
@@ -742,14 +746,29 @@ cdef void planar_row_affine(const floating *x, floating *y, const Planar *g, Py_
 
 
 cdef void planar_rows_affine(const floating *x, floating *y, const Planar *g, Py_ssize_t item,
-                             int ngroups, const AffineIn *a) noexcept nogil:
-    """Normalise a row chunk's group of channels: rows n and n + twin apart
-    in step (twin_rows; blocks of 2 * twin rows), the rows left after the
-    last block with their channels paired (planar_row_affine)."""
+                             int ngroups, const AffineIn *a, bint row_runs) noexcept nogil:
+    """Normalise a row chunk's group of channels: with row_runs, each row's
+    runs as one stream (bn_affine_runs; a.constants is the table); else
+    rows n and n + twin apart in step (twin_rows; blocks of 2 * twin rows),
+    the rows left after the last block with their channels paired
+    (planar_row_affine)."""
     cdef Span s = chunk_span(g, item // ngroups)
     cdef Py_ssize_t n = s.n0, j, c, start, c0 = 0, c1 = 0
     cdef Py_ssize_t twin = twin_rows(g, s.n1 - s.n0, sizeof(floating), a)
+    cdef const floating *table = <const floating *>a.constants
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
+    if row_runs:
+        for j in range(s.n0, s.n1):
+            start = run_start(g, j, c0)
+            if floating is float:
+                bn_affine_runs_f32(x + start, y + start, (c1 - c0) * g.inner, g.inner,
+                                   table + 4 * c0, a.relu, a.stream)
+            else:
+                bn_affine_runs_f64(x + start, y + start, (c1 - c0) * g.inner, g.inner,
+                                   table + 4 * c0, a.relu, a.stream)
+        if a.stream:
+            bn_stream_fence()
+        return
     if twin > 0:
         while n + 2 * twin <= s.n1:
             for j in range(n, n + twin):
@@ -827,12 +846,16 @@ cdef inline bint runs_share_lines(const Planar *g, Py_ssize_t itemsize) noexcept
     return g.inner * itemsize % 64 != 0
 
 
+cdef bint row_runs_enabled = True     # set_row_runs
+
+
 cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
                            const AffineIn *a, int nthreads) noexcept nogil:
     cdef Py_ssize_t item
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef int ngroups = row_groups(g, nthreads)
     cdef AffineIn rows = a[0]
+    cdef bint row_runs
     if g.rows_per_chunk == 0:
         if nthreads == 1:
             for item in range(g.channels * nchunks):
@@ -845,20 +868,25 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     # Row chunks: runs of up to 64 Ki values, each asking for its channel's
     # constants; a table of them, made once.
     rows.constants = affine_table(x, a, g.channels, nthreads)
-    # Runs that share lines are written with normal stores: each run begins
-    # and ends with a masked store into a line its neighbour shares, and
-    # with streaming stores between those, eval of (512, 512, 7, 7) and
-    # (64, 512, 14, 28) float32 ran at 0.15 of a streaming copy on one
-    # thread, with normal stores at 0.70. (Runs cut into chunks share a line
-    # only every 256 KiB or more, and keep streaming stores.)
-    if runs_share_lines(g, sizeof(floating)):
+    # Runs that share lines are written with streaming stores only a row at
+    # a time, as one stream (bn_affine_runs); else with normal stores: each
+    # run begins and ends with a masked store into a line its neighbour
+    # shares, and with streaming stores between those, eval of (512, 512, 7,
+    # 7) and (64, 512, 14, 28) float32 ran at 0.15 of a streaming copy on
+    # one thread, with normal stores at 0.70 and as rows at 0.90-1.06.
+    # (Runs cut into chunks share a line only every 256 KiB or more, and
+    # keep streaming stores.)
+    row_runs = (a.stream and runs_share_lines(g, sizeof(floating))
+                and can_pair(a, sizeof(floating)) and rows.constants != NULL
+                and row_runs_enabled)
+    if runs_share_lines(g, sizeof(floating)) and not row_runs:
         rows.stream = False
     if nthreads == 1:
         for item in range(nchunks * ngroups):
-            planar_rows_affine(x, y, g, item, ngroups, &rows)
+            planar_rows_affine(x, y, g, item, ngroups, &rows, row_runs)
     else:
         for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
-            planar_rows_affine(x, y, g, item, ngroups, &rows)
+            planar_rows_affine(x, y, g, item, ngroups, &rows, row_runs)
     free(<void *>rows.constants)
 
 
@@ -2250,6 +2278,17 @@ def set_twin_min_bytes(Py_ssize_t nbytes):
     global twin_min_bytes
     previous = twin_min_bytes
     twin_min_bytes = nbytes
+    return previous
+
+
+def set_row_runs(bint enabled):
+    """Turn the row-at-a-time normalisation of runs that share lines
+    (bn_affine_runs) on or off, for tests and benchmarks; returns the
+    previous setting. Off, those runs are written one at a time with normal
+    stores: the same bits."""
+    global row_runs_enabled
+    previous = row_runs_enabled
+    row_runs_enabled = enabled
     return previous
 
 

@@ -1055,6 +1055,71 @@ BN_DEFINE_AFFINE_TWIN(float, bn_affine_twin_f32_avx512, __m512, 16, __mmask16, p
 BN_DEFINE_AFFINE_TWIN(double, bn_affine_twin_f64_avx512, __m512d, 8, __mmask8, pd,
                       bn_affine8_avx512)
 #undef BN_DEFINE_AFFINE_TWIN
+
+/* One row's runs of consecutive channels, n values in all, each channel's
+ * run `inner` (at least a vector) long, normalised as one stream of whole
+ * lines (with streaming stores where asked), though the runs themselves
+ * neither start nor end on lines: written one at a time, such runs could
+ * only take normal stores (planar_normalize says why), which cap a pass
+ * at about 0.75 of a streaming copy. p holds (hi, lo, scale, shift) per
+ * channel from the first. A vector holds values of at most two channels
+ * and gives each value its own channel's constants (blended where a run
+ * ends inside it): the operations of bn_affine per value, so its bits. */
+#define BN_DEFINE_AFFINE_RUNS(T, NAME, VEC, L, MASK, SFX, AFF)                            \
+__attribute__((target("avx512f"))) static void NAME(                                      \
+    const T *x, T *y, ptrdiff_t n, ptrdiff_t inner, const T *p, int relu, int stream)     \
+{                                                                                         \
+    VEC h = _mm512_set1_##SFX(p[0]), l = _mm512_set1_##SFX(p[1]);                         \
+    VEC a = _mm512_set1_##SFX(p[2]), b = _mm512_set1_##SFX(p[3]);                         \
+    ptrdiff_t i = 0, k0 = 0, left = inner;    /* values of p's channel from i on */       \
+    if (stream && ((uintptr_t)y % sizeof(T)) == 0)                                        \
+        k0 = bn_line_head(y, sizeof(T), n);                                               \
+    else                                                                                  \
+        stream = 0;                                                                       \
+    while (i < n) {                                                                       \
+        /* This vector's m values: the head up to a line, whole lines, the tail. */       \
+        ptrdiff_t m = (i == 0 && k0 > 0) ? k0 : (n - i < (L) ? n - i : (L));              \
+        MASK all = (MASK)((1u << m) - 1);                                                 \
+        VEC vh, vl, va, vb, v;                                                            \
+        if (left == 0) {                                                                  \
+            p += 4;                                                                       \
+            h = _mm512_set1_##SFX(p[0]), l = _mm512_set1_##SFX(p[1]);                     \
+            a = _mm512_set1_##SFX(p[2]), b = _mm512_set1_##SFX(p[3]);                     \
+            left = inner;                                                                 \
+        }                                                                                 \
+        vh = h, vl = l, va = a, vb = b;                                                   \
+        if (left < m) {                                                                   \
+            /* Values [left, m) are the next channel's. */                                \
+            MASK next = (MASK)(all & ~((1u << left) - 1));                                \
+            p += 4;                                                                       \
+            h = _mm512_set1_##SFX(p[0]), l = _mm512_set1_##SFX(p[1]);                     \
+            a = _mm512_set1_##SFX(p[2]), b = _mm512_set1_##SFX(p[3]);                     \
+            vh = _mm512_mask_blend_##SFX(next, vh, h);                                    \
+            vl = _mm512_mask_blend_##SFX(next, vl, l);                                    \
+            va = _mm512_mask_blend_##SFX(next, va, a);                                    \
+            vb = _mm512_mask_blend_##SFX(next, vb, b);                                    \
+            left = inner - (m - left);                                                    \
+        } else {                                                                          \
+            left -= m;                                                                    \
+        }                                                                                 \
+        if (m == (L)) {                                                                   \
+            v = AFF(_mm512_loadu_##SFX(x + i), vh, vl, va, vb, relu);                     \
+            if (stream)                                                                   \
+                _mm512_stream_##SFX(y + i, v);                                            \
+            else                                                                          \
+                _mm512_storeu_##SFX(y + i, v);                                            \
+        } else {                                                                          \
+            v = AFF(_mm512_maskz_loadu_##SFX(all, x + i), vh, vl, va, vb, relu);          \
+            _mm512_mask_storeu_##SFX(y + i, all, v);                                      \
+        }                                                                                 \
+        i += m;                                                                           \
+    }                                                                                     \
+}
+BN_DEFINE_AFFINE_RUNS(float, bn_affine_runs_f32_avx512, __m512, 16, __mmask16, ps,
+                      bn_affine16_avx512)
+BN_DEFINE_AFFINE_RUNS(double, bn_affine_runs_f64_avx512, __m512d, 8, __mmask8, pd,
+                      bn_affine8_avx512)
+#undef BN_DEFINE_AFFINE_RUNS
 #undef BN_DEFINE_PERIODIC_AFFINE
 #undef BN_DEFINE_PERIODIC_GRAD
 #undef BN_PERIODIC_AFFINE_VALUE
@@ -1087,9 +1152,13 @@ static inline int bn_periodic_lanes(int itemsize)
 #define bn_periodic_grad_f64 bn_periodic_grad_f64_avx512
 #define bn_affine_twin_f32 bn_affine_twin_f32_avx512
 #define bn_affine_twin_f64 bn_affine_twin_f64_avx512
+#define bn_affine_runs_f32 bn_affine_runs_f32_avx512
+#define bn_affine_runs_f64 bn_affine_runs_f64_avx512
 #else   /* never called there: bn_periodic_lanes is 0 */
 #define bn_affine_twin_f32(...) ((void)0)
 #define bn_affine_twin_f64(...) ((void)0)
+#define bn_affine_runs_f32(...) ((void)0)
+#define bn_affine_runs_f64(...) ((void)0)
 #define bn_periodic_affine_f32(...) ((void)0)
 #define bn_periodic_affine_f64(...) ((void)0)
 #define bn_periodic_grad_f32(...) ((void)0)

@@ -1,0 +1,88 @@
+"""Planar runs that do not fill whole cache lines (7x7, 10x10, 14x14 feature
+maps) are normalised a row at a time when the output takes streaming
+stores: one stream over the runs of consecutive channels, whose vectors
+blend two channels' constants where a run ends inside them
+(bn_affine_runs). Its output must be bitwise that of the runs written one
+at a time (set_row_runs(False)).
+
+Eval and the two-pass training forward; float32 and float64; relu; arrays
+that start off a cache line; in place; 1-3 threads with the serial cutoff
+off, so that a few row chunks are split into channel groups and a row's
+runs are cut between threads; inner from 32 (two float32 vectors) up, and
+channel boundaries at every position within a vector."""
+
+import numpy as np
+import pytest
+
+from bncore import _kernels
+
+from test_periodic_normalize import _problem, _same_bits
+from test_pipelined import _offset_array
+
+# (outer, channels, inner), inner >= 32 (the planar layout), inner * itemsize
+# not a multiple of 64.
+SHAPES = [(130, 2, 33), (70, 7, 49), (9, 64, 196), (5, 17, 47), (3, 40, 100),
+          (300, 3, 40), (2, 5, 1001)]
+
+
+@pytest.fixture
+def streaming():
+    """Streaming stores at every size (row runs only take those), the serial
+    cutoff off, and the tuning hooks restored afterwards."""
+    stream_min = _kernels.set_stream_min_bytes(0)
+    serial_max = _kernels.set_serial_max_values(0)
+    pipelined = _kernels.set_pipelined(0)
+    yield
+    _kernels.set_stream_min_bytes(stream_min)
+    _kernels.set_serial_max_values(serial_max)
+    _kernels.set_pipelined(*pipelined)
+    _kernels.set_row_runs(True)
+
+
+def _eval(problem, shape, threads, relu, offset, in_place, row_runs):
+    x, running_mean, running_var, weight, bias = problem
+    _kernels.set_row_runs(row_runs)
+    x = _offset_array(x, offset)
+    y = x if in_place else _offset_array(np.zeros_like(x), offset)
+    _kernels.normalize(x, y, *shape, running_mean, running_var, 1e-5, weight, bias, threads,
+                       relu)
+    return y.copy()
+
+
+def _train(problem, shape, threads, relu, offset, row_runs):
+    x, _, _, weight, bias = problem
+    _kernels.set_row_runs(row_runs)
+    x = _offset_array(x, offset)
+    y = _offset_array(np.zeros_like(x), offset)
+    channels = shape[1]
+    mean, m2, invstd = np.zeros(channels), np.zeros(channels), np.zeros(channels)
+    _kernels.train_forward(x, y, *shape, weight, bias, 1e-5, mean, m2, invstd, threads, relu)
+    return [y.copy(), mean, m2, invstd]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_runs_give_the_bits_of_runs_alone(shape, dtype, streaming):
+    problem = _problem(shape, dtype, seed=sum(shape))
+    for relu in (False, True):
+        for offset in (0, 1, 5):
+            want = _eval(problem, shape, 1, relu, offset, False, False)
+            for threads in (1, 2, 3):
+                for in_place in (False, True):
+                    got = _eval(problem, shape, threads, relu, offset, in_place, True)
+                    assert got.tobytes() == want.tobytes(), (relu, offset, threads, in_place)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_training_forward_with_row_runs_gives_the_same_bits(shape, dtype, streaming):
+    problem = _problem(shape, dtype, seed=2 * sum(shape))
+    for relu in (False, True):
+        want = _train(problem, shape, 1, relu, 1, False)
+        for threads in (1, 2):
+            assert _same_bits(_train(problem, shape, threads, relu, 1, True), want)
+
+
+def test_set_row_runs_returns_the_previous_setting(streaming):
+    assert _kernels.set_row_runs(False) is True
+    assert _kernels.set_row_runs(True) is False
