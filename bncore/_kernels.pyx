@@ -28,11 +28,12 @@ channel subtracts the same origin, so the offsets are small numbers whose
 differences (in Chan's merge) do not lose the digits a large mean would.
 A block gives its triple from float64 sums of x - origin (planar: at most
 BLOCK_LEN values, of one run or of the whole short runs of consecutive rows;
-interleaved float32: a column's rows in one work item); float64 input gets a second, corrected pass around each block's mean,
-from cache (Chan, Golub & LeVeque, "Algorithms for computing the sample
-variance", 1983). Blocks merge into chunks and chunks into channels with Chan's pairwise
-update, always in the same order. Block and chunk boundaries come from the
-shape alone, never from the thread count, so every result is bitwise
+interleaved float32: a column's rows in one work item); float64 input gets
+a second, corrected pass around each block's mean, from cache (Chan, Golub &
+LeVeque, "Algorithms for computing the sample variance", 1983). Blocks
+merge into chunks and chunks into channels with Chan's pairwise update,
+always in the same order. Block and chunk boundaries come from the shape
+alone, never from the thread count, so every result is bitwise
 identical for any number of threads. The final mean is returned as a float64
 and the residual that float64 could not hold, so the normalization can
 subtract it exactly.
@@ -242,18 +243,17 @@ cdef enum:
     # pipelined backward uses the same two (use_pipelined_backward says why).
     PIPE_MIN_CHANNELS = 8
     PIPE_MAX_SLICE = 2 * 1024 * 1024
-    # ... and runs of at least PIPE_MIN_RUN_BYTES (the backward:
-    # PIPE_BACKWARD_MIN_RUN_BYTES): each run costs the pipelined loops a
-    # fixed overhead (the next runs found and prefetched, a call), and the
-    # two passes walk short runs row by row, front to back. Measured against
-    # the two passes, (N, 256, H, W) float32 of 12.5 MB, 1 and 2 threads,
-    # in streaming-copy times: forward runs of 196 and 400 bytes 7.8-11 and
-    # 4.9-6.5 pipelined against 2.6-4.1, 256 bytes even, 576 and more
-    # pipelined 10-40 % faster; backward runs of 196-1024 bytes 20-130 %
-    # slower pipelined, 1.5-1.6 KB even, 2.3-4 KB 0-20 % faster on two
-    # threads and 0-20 % slower on one.
+    # ... and runs of at least PIPE_MIN_RUN_BYTES, forward and backward:
+    # each run costs the pipelined loops a fixed overhead (the next runs
+    # found and prefetched, a call), and the two passes walk short runs row
+    # by row, front to back. Measured against the two passes, (N, 256, H,
+    # W) float32 of 12.5 MB, 1 and 2 threads, in streaming-copy times:
+    # runs of 196 and 400 bytes, forward 6.2-8.0 and 4.1-5.9 pipelined
+    # against 2.1-2.7 and 1.9-2.2, backward 5.4-9.0 and 4.4-6.2 against
+    # 4.6-6.1 and 3.9-4.7; 256 bytes even forward, slower backward; 576,
+    # 784 and 1568 bytes pipelined 0-40 % faster but for the forward of
+    # 784 on one thread (15 % slower); 1024 bytes mixed.
     PIPE_MIN_RUN_BYTES = 512
-    PIPE_BACKWARD_MIN_RUN_BYTES = 1536
     # Its statistics pass prefetches at least this far ahead (in whole runs):
     # one run of 3 KB ahead was too close on (64, 256, 28, 28), three 10 %
     # faster; on runs of 12.5 KB the distance made no difference.
@@ -617,6 +617,19 @@ cdef inline Py_ssize_t block_rows(const Planar *g, Py_ssize_t n, Py_ssize_t n1) 
     return min(g.runs_per_block, n1 - n)
 
 
+cdef inline Py_ssize_t block_end_at(const Planar *g, Py_ssize_t n, Py_ssize_t n1,
+                                    Py_ssize_t *left, Py_ssize_t *nrows) noexcept nogil:
+    """For a walk over a chunk's rows in order, up to row n1: the rows of the
+    block of whole runs that ends at row n, or 0 where the block goes on, as
+    block_rows cuts them. left and nrows are the walk's state; left is 0 at
+    the chunk's first row."""
+    if left[0] == 0:
+        nrows[0] = block_rows(g, n, n1)
+        left[0] = nrows[0]
+    left[0] = left[0] - 1
+    return nrows[0] if left[0] == 0 else 0
+
+
 cdef Moments planar_chunk_moments(const floating *x, const Planar *g, Py_ssize_t c,
                                   Py_ssize_t k) noexcept nogil:
     cdef Moments acc = empty_moments()
@@ -753,8 +766,7 @@ cdef void planar_rows_affine(const floating *x, floating *y, const Planar *g, Py
     the rows left after the last block with their channels paired
     (planar_row_affine)."""
     cdef Span s = chunk_span(g, item // ngroups)
-    cdef Py_ssize_t n = s.n0, j, c, start, c0 = 0, c1 = 0
-    cdef Py_ssize_t twin = twin_rows(g, s.n1 - s.n0, sizeof(floating), a)
+    cdef Py_ssize_t n = s.n0, j, c, start, c0 = 0, c1 = 0, twin
     cdef const floating *table = <const floating *>a.constants
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
     if row_runs:
@@ -769,6 +781,7 @@ cdef void planar_rows_affine(const floating *x, floating *y, const Planar *g, Py
         if a.stream:
             bn_stream_fence()
         return
+    twin = twin_rows(g, s.n1 - s.n0, sizeof(floating), a)
     if twin > 0:
         while n + 2 * twin <= s.n1:
             for j in range(n, n + twin):
@@ -1030,13 +1043,8 @@ cdef void pipelined_item(const floating *x, floating *y, const Planar *g, Py_ssi
                 table[k] = empty_moments()
             left = 0
             for n in range(s.n0, s.n1):
-                # Blocks of whole runs as planar_chunk_moments cuts them;
-                # block_end is the block's rows at its last row, else 0.
-                if left == 0:
-                    nrows = block_rows(g, n, s.n1)
-                    left = nrows
-                left = left - 1
-                block_end = nrows if left == 0 else 0
+                # Blocks of whole runs as planar_chunk_moments cuts them.
+                block_end = block_end_at(g, n, s.n1, &left, &nrows)
                 # Rows are normalised last read first: those still in L2.
                 pipelined_runs(x, y, g, n, sc, origin, s1, s2, block_end, &table[k],
                                run_after(x, g, n, sc, c1, ahead) if sc >= 0 else NULL,
@@ -1536,20 +1544,24 @@ cdef struct BackwardArgs:
     double count            # the number of values the sums run over
 
 
-cdef inline GradSums run_grad_sums(const floating *x, const floating *dy, Py_ssize_t n,
-                                   double mean) noexcept nogil:
-    """The two sums over n contiguous values: lanes, then totals in order."""
+cdef inline GradSums runs_grad_sums(const floating *x, const floating *dy, Py_ssize_t nruns,
+                                    Py_ssize_t stride, Py_ssize_t n,
+                                    double mean) noexcept nogil:
+    """The two sums over nruns runs of n contiguous values, stride apart (a
+    block): lanes carried from run to run, then totals in order."""
     cdef bn_lanes lanes_dy
     cdef bn_lanes lanes_dev
     cdef GradSums sums
+    cdef Py_ssize_t r
     cdef int k
     for k in range(BN_LANES):
         lanes_dy[k] = 0.0
         lanes_dev[k] = 0.0
-    if floating is float:
-        bn_lane_grad_sums_f32(x, dy, n, mean, lanes_dy, lanes_dev)
-    else:
-        bn_lane_grad_sums_f64(x, dy, n, mean, lanes_dy, lanes_dev)
+    for r in range(nruns):
+        if floating is float:
+            bn_lane_grad_sums_f32(x + r * stride, dy + r * stride, n, mean, lanes_dy, lanes_dev)
+        else:
+            bn_lane_grad_sums_f64(x + r * stride, dy + r * stride, n, mean, lanes_dy, lanes_dev)
     sums.dy = lanes_total(lanes_dy)
     sums.dy_dev = lanes_total(lanes_dev)
     return sums
@@ -1599,32 +1611,38 @@ cdef floating *grad_constants_table(const floating *x, const GradSums *totals, c
 cdef GradSums planar_chunk_grad_sums(const floating *x, const floating *dy, const Planar *g,
                                      Py_ssize_t c, Py_ssize_t chunk,
                                      double mean) noexcept nogil:
-    """Chunk sums: run sums added in row order (as planar_rows_grad_sums)."""
+    """Chunk sums: the sums of its blocks added in row order. A block is
+    the statistics' block of whole runs (runs of at most BLOCK_LEN values)
+    or, for longer runs, the chunk's part of one run."""
     cdef Span s = chunk_span(g, chunk)
-    cdef Py_ssize_t n, start, first = s.p0 * BLOCK_LEN
+    cdef Py_ssize_t n = s.n0, nrows, start, first = s.p0 * BLOCK_LEN
     cdef GradSums sums = zero_grad_sums()
-    for n in range(s.n0, s.n1):
-        start = run_start(g, n, c) + first
-        sums = add_grad_sums(sums, run_grad_sums(x + start, dy + start,
-                                                 pieces_end(g, s.p1) - first, mean))
+    if g.pieces_per_run > 1:
+        for n in range(s.n0, s.n1):
+            start = run_start(g, n, c) + first
+            sums = add_grad_sums(sums, runs_grad_sums(x + start, dy + start, 1, 0,
+                                                      pieces_end(g, s.p1) - first, mean))
+        return sums
+    while n < s.n1:
+        nrows = block_rows(g, n, s.n1)
+        start = run_start(g, n, c)
+        sums = add_grad_sums(sums, runs_grad_sums(x + start, dy + start, nrows,
+                                                  g.channels * g.inner, g.inner, mean))
+        n = n + nrows
     return sums
 
 
 cdef void planar_rows_grad_sums(const floating *x, const floating *dy, const Planar *g,
                                 Py_ssize_t item, int ngroups, const BackwardArgs *a,
                                 GradSums *table) noexcept nogil:
+    """Item `item` of the row chunks: chunk k of a group of channels, into
+    the chunk table (as planar_rows_moments)."""
     cdef Py_ssize_t k = item // ngroups
     cdef Py_ssize_t nchunks = g.chunks_per_channel
-    cdef Span s = chunk_span(g, k)
-    cdef Py_ssize_t n, c, start, c0 = 0, c1 = 0
+    cdef Py_ssize_t c, c0 = 0, c1 = 0
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
     for c in range(c0, c1):
-        table[c * nchunks + k] = zero_grad_sums()
-    for n in range(s.n0, s.n1):
-        for c in range(c0, c1):
-            start = run_start(g, n, c)
-            table[c * nchunks + k] = add_grad_sums(
-                table[c * nchunks + k], run_grad_sums(x + start, dy + start, g.inner, a.mean[c]))
+        table[c * nchunks + k] = planar_chunk_grad_sums(x, dy, g, c, k, a.mean[c])
 
 
 cdef void planar_chunk_grad_input(const floating *x, const floating *dy, floating *dx,
@@ -1761,16 +1779,17 @@ cdef inline const float *beside(const float *run, const float *x,
 
 
 cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const Planar *g,
-                              Py_ssize_t n, Py_ssize_t sc, double mean, GradSums *acc,
+                              Py_ssize_t n, Py_ssize_t sc, double mean, double *lanes_dy,
+                              double *lanes_dev, Py_ssize_t block_end, GradSums *acc,
                               const float *ahead, Py_ssize_t n_dx, Py_ssize_t nc,
                               const float *next_dx, const GradConstantsF32 *k,
                               int stream) noexcept nogil:
-    """The sums of channel sc's run in row n added into acc (sc < 0: none),
-    prefetching x's run at ``ahead`` and dy's beside it, and dx of channel
-    nc's run in row n_dx written with the constants k (nc < 0: none);
-    next_dx is x's run whose dx is written next."""
-    cdef bn_lanes lanes_dy
-    cdef bn_lanes lanes_dev
+    """The sums of channel sc's run in row n added into the lanes (sc < 0:
+    none), prefetching x's run at ``ahead`` and dy's beside it, and dx of
+    channel nc's run in row n_dx written with the constants k (nc < 0:
+    none); next_dx is x's run whose dx is written next. Where a block ends
+    at row n (block_end > 0), its totals are added into acc and the lanes
+    cleared."""
     cdef const float *xs = NULL
     cdef const float *xn = NULL
     cdef Py_ssize_t start
@@ -1778,9 +1797,6 @@ cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const 
     cdef GradSums run
     if sc >= 0:
         xs = x + run_start(g, n, sc)
-        for lane in range(BN_LANES):
-            lanes_dy[lane] = 0.0
-            lanes_dev[lane] = 0.0
     if nc >= 0:
         xn = x + run_start(g, n_dx, nc)
         if next_dx != NULL:
@@ -1794,11 +1810,14 @@ cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const 
                                ahead, beside(ahead, x, dy), xn, beside(xn, x, dy),
                                <float *>beside(xn, x, dx), k.hi, k.lo, k.k, k.c1, k.c0,
                                stream)
-    if sc >= 0:
-        # As run_grad_sums: the lanes' totals, added to the chunk's in row order.
+    if sc >= 0 and block_end > 0:
+        # As runs_grad_sums: the lanes' totals, added to the chunk's in row order.
         run.dy = lanes_total(lanes_dy)
         run.dy_dev = lanes_total(lanes_dev)
         acc[0] = add_grad_sums(acc[0], run)
+        for lane in range(BN_LANES):
+            lanes_dy[lane] = 0.0
+            lanes_dev[lane] = 0.0
 
 
 cdef void pipelined_backward_item(const float *x, const float *dy, float *dx, const Planar *g,
@@ -1811,13 +1830,19 @@ cdef void pipelined_backward_item(const float *x, const float *dy, float *dx, co
     cdef GradSums chunks[MAX_ROW_CHUNKS]
     cdef GradSums total = zero_grad_sums()      # of the channel whose dx is written
     cdef GradConstantsF32 k
+    cdef bn_lanes lanes_dy
+    cdef bn_lanes lanes_dev
     cdef Py_ssize_t nchunks = g.chunks_per_channel
-    cdef Py_ssize_t c, chunk, n, sc, nc
+    cdef Py_ssize_t c, chunk, n, sc, nc, block_end, left, nrows = 0
+    cdef int lane
     cdef Span s
     cdef double mean = 0.0
     cdef Py_ssize_t ahead = runs_ahead(g, sizeof(float))
     cdef int stream = a.stream and not short_split_runs(g, sizeof(float))
     k.hi = k.lo = k.k = k.c1 = k.c0 = 0     # set before the first dx is written
+    for lane in range(BN_LANES):
+        lanes_dy[lane] = 0.0
+        lanes_dev[lane] = 0.0
     for c in range(c0 - 1, c1):
         # Sums of sc = c + 1 while writing dx of nc = c (-1: none).
         sc = c + 1 if c + 1 < c1 else -1
@@ -1832,9 +1857,13 @@ cdef void pipelined_backward_item(const float *x, const float *dy, float *dx, co
             s = chunk_span(g, chunk)
             if sc >= 0:
                 chunks[chunk] = zero_grad_sums()
+            left = 0
             for n in range(s.n0, s.n1):
+                # Blocks of whole runs as planar_chunk_grad_sums cuts them.
+                block_end = block_end_at(g, n, s.n1, &left, &nrows)
                 # Rows are written last read first: those still in L2.
-                pipelined_grad_runs(x, dy, dx, g, n, sc, mean, &chunks[chunk],
+                pipelined_grad_runs(x, dy, dx, g, n, sc, mean, lanes_dy, lanes_dev, block_end,
+                                    &chunks[chunk],
                                     run_after(x, g, n, sc, c1, ahead) if sc >= 0 else NULL,
                                     g.outer - 1 - n, nc,
                                     run_before(x, g, g.outer - 1 - n, nc, c1) if nc >= 0
@@ -1887,7 +1916,7 @@ cdef bint use_pipelined_backward(const Planar *g, const BackwardArgs *a,
     if pipelined_backward_mode == 1:
         return True
     return (bn_pipelined_fused() and g.channels >= PIPE_MIN_CHANNELS * nthreads
-            and g.inner * <Py_ssize_t>sizeof(float) >= PIPE_BACKWARD_MIN_RUN_BYTES
+            and g.inner * <Py_ssize_t>sizeof(float) >= PIPE_MIN_RUN_BYTES
             and g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_MAX_SLICE)
 
 

@@ -22,10 +22,9 @@
 #define BN_LANES 16
 _Static_assert(BN_LANES == 16, "the lane loops use two 8-lane vectors");
 
-/* Lane sums in memory between calls, aligned to whole lines: the vector
- * loops store them with 64-byte stores and the next call on the next run
- * loads them back at once, which a store split across two lines cannot
- * forward (the load waits for it to reach the cache). */
+/* Lane sums kept in memory between calls (a block of whole runs is one
+ * call per run), aligned to whole lines, so that the vector loops' 64-byte
+ * stores of them and the next call's loads never split across two lines. */
 typedef double bn_lanes[BN_LANES] __attribute__((aligned(64)));
 
 /* Eight float64 values: the compiler maps operations on this GCC/Clang vector
@@ -140,14 +139,6 @@ static inline ptrdiff_t bn_line_head(const void *p, size_t itemsize, ptrdiff_t n
 #include <immintrin.h>
 #define BN_X86_DISPATCH 1
 
-/* The last r (< 16) values of a run added into lanes 0 to r - 1 in
- * registers, with the operations of the generic loops' scalar tails (the
- * square or product rounded before its add). Lane sums run on from one
- * short run to the next (a block of whole runs), so the next call loads
- * them straight back: had the tail added into memory, value by value,
- * those 64-byte loads would wait for its 8-byte stores to retire (a store
- * cannot forward to a wider load), which took 32 % of the statistics of
- * (512, 512, 7, 7) float32. */
 /* The r (< 16) values at x in lanes 0 to r - 1 (the others 0), read
  * without touching memory past them where `before` >= 16 - r values lie
  * before x: a masked load does not fetch its masked-off values, but it
@@ -168,6 +159,7 @@ BN_INLINE __m512 bn_load_tail_avx512(const float *x, ptrdiff_t r, ptrdiff_t befo
     return _mm512_maskz_permutexvar_ps(first, from, _mm512_loadu_ps(x + r - 16));
 }
 
+/* Those r values as float64, lanes 0-7 and 8-15. */
 BN_INLINE void bn_tail_lanes_avx512(const float *x, ptrdiff_t r, ptrdiff_t before,
                                     __m512d *lo, __m512d *hi)
     __attribute__((target("avx512f")));
@@ -179,6 +171,13 @@ BN_INLINE void bn_tail_lanes_avx512(const float *x, ptrdiff_t r, ptrdiff_t befor
     *hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
+/* The last r (< 16) values of a run added into lanes 0 to r - 1 in
+ * registers, with the operations of the generic loops' scalar tails (the
+ * square or product rounded before its add, so the same bits): the lanes
+ * then leave the loop in four whole-vector stores. Lane sums run on from
+ * one short run to the next (a block of whole runs), and the next call
+ * loads them straight back as whole vectors, which an earlier tail's
+ * 8-byte stores to them would have made wait. */
 BN_INLINE void bn_tail_shifted_sums_avx512(const float *x, ptrdiff_t r, ptrdiff_t before,
                                            __m512d origin, __m512d *a1, __m512d *b1,
                                            __m512d *a2, __m512d *b2)
@@ -704,7 +703,7 @@ __attribute__((target("avx512f"))) static void bn_stats_and_affine_f32_avx512(
     const __m512d o = _mm512_set1_pd(origin);
     const __m512 h = _mm512_set1_ps(mean_hi), l = _mm512_set1_ps(mean_lo);
     const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift);
-    /* Statistics: values [0, ns) sixteen at a time, then a masked tail.
+    /* Statistics: values [0, ns) sixteen at a time, then a tail in registers.
      * Normalisation: a scalar head [0, k0) up to a 64-byte boundary of yn
      * (streaming stores take whole aligned lines), whole vectors, a tail. */
     ptrdiff_t ns = xs == NULL ? 0 : n - n % 16;
@@ -761,8 +760,8 @@ __attribute__((target("avx512f"))) static void bn_stats_and_affine_f32_avx512(
 #undef BN_STATS16
 #undef BN_AFFINE16
     if (k < n) {
-        bn_store_part_avx512(yn + k, n - k, bn_affine16_avx512(bn_load_tail_avx512(xn + k, n - k, k),
-                                                               h, l, sc, sh, relu), stream);
+        __m512 v = bn_load_tail_avx512(xn + k, n - k, k);
+        bn_store_part_avx512(yn + k, n - k, bn_affine16_avx512(v, h, l, sc, sh, relu), stream);
     }
     if (xs != NULL) {
         if (ns < n)
@@ -1186,7 +1185,7 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512
     const __m512d m = _mm512_set1_pd(mean);
     const __m512 h = _mm512_set1_ps(mean_hi), l = _mm512_set1_ps(mean_lo);
     const __m512 kv = _mm512_set1_ps(k), c1v = _mm512_set1_ps(c1), c0v = _mm512_set1_ps(c0);
-    /* Sums: values [0, ns) sixteen at a time, then a masked tail. Input
+    /* Sums: values [0, ns) sixteen at a time, then a tail in registers. Input
      * gradient: a masked head [0, j0) up to a 64-byte boundary of dxn
      * (streaming stores take whole aligned lines), whole vectors, a masked
      * tail. */
