@@ -630,6 +630,15 @@ cdef inline Py_ssize_t block_end_at(const Planar *g, Py_ssize_t n, Py_ssize_t n1
     return nrows[0] if left[0] == 0 else 0
 
 
+cdef inline bint one_run_blocks(const Planar *g) noexcept nogil:
+    """Whether every block of a row chunk is (a piece of) one run: runs of
+    more than half a block, or chunks of one row. Row chunks then are walked
+    row by row across their channels, in memory order, as they were before
+    blocks of several runs: channel by channel measured 15 % slower on
+    (64, 256, 28, 28) and (64, 512, 14, 28) float32 moments, one thread."""
+    return g.runs_per_block == 1 or g.rows_per_chunk == 1
+
+
 cdef Moments planar_chunk_moments(const floating *x, const Planar *g, Py_ssize_t c,
                                   Py_ssize_t k) noexcept nogil:
     cdef Moments acc = empty_moments()
@@ -654,8 +663,18 @@ cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t ite
     the chunk table (channel c's chunk k at c * chunks_per_channel + k)."""
     cdef Py_ssize_t k = item // ngroups
     cdef Py_ssize_t nchunks = g.chunks_per_channel
-    cdef Py_ssize_t c, c0 = 0, c1 = 0
+    cdef Span s = chunk_span(g, k)
+    cdef Py_ssize_t n, c, c0 = 0, c1 = 0
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
+    if one_run_blocks(g):
+        # Row by row across the channels, in memory order.
+        for c in range(c0, c1):
+            table[c * nchunks + k] = empty_moments()
+        for n in range(s.n0, s.n1):
+            for c in range(c0, c1):
+                run_moments(x + run_start(g, n, c), g, s.p0, s.p1,
+                            channel_origin(x, c, g.inner), &table[c * nchunks + k])
+        return
     for c in range(c0, c1):
         table[c * nchunks + k] = planar_chunk_moments(x, g, c, k)
 
@@ -1639,8 +1658,19 @@ cdef void planar_rows_grad_sums(const floating *x, const floating *dy, const Pla
     the chunk table (as planar_rows_moments)."""
     cdef Py_ssize_t k = item // ngroups
     cdef Py_ssize_t nchunks = g.chunks_per_channel
-    cdef Py_ssize_t c, c0 = 0, c1 = 0
+    cdef Span s = chunk_span(g, k)
+    cdef Py_ssize_t n, c, start, c0 = 0, c1 = 0
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
+    if one_run_blocks(g):
+        for c in range(c0, c1):
+            table[c * nchunks + k] = zero_grad_sums()
+        for n in range(s.n0, s.n1):
+            for c in range(c0, c1):
+                start = run_start(g, n, c)
+                table[c * nchunks + k] = add_grad_sums(
+                    table[c * nchunks + k],
+                    runs_grad_sums(x + start, dy + start, 1, 0, g.inner, a.mean[c]))
+        return
     for c in range(c0, c1):
         table[c * nchunks + k] = planar_chunk_grad_sums(x, dy, g, c, k, a.mean[c])
 
