@@ -254,6 +254,10 @@ cdef enum:
     # 784 and 1568 bytes pipelined 0-40 % faster but for the forward of
     # 784 on one thread (15 % slower); 1024 bytes mixed.
     PIPE_MIN_RUN_BYTES = 512
+    # Per-channel tables of constants are filled by the team from this many
+    # channels, on the calling thread below: entering a parallel region
+    # costs about a microsecond, what some thousand channels' constants take.
+    TABLE_PARALLEL_CHANNELS = 4096
     # Its statistics pass prefetches at least this far ahead (in whole runs):
     # one run of 3 KB ahead was too close on (64, 256, 28, 28), three 10 %
     # faster; on runs of 12.5 KB the distance made no difference.
@@ -466,7 +470,7 @@ cdef void *affine_table(const floating *x, const AffineIn *a, Py_ssize_t channel
     cdef Py_ssize_t c
     if table == NULL:
         return NULL
-    if nthreads == 1:
+    if nthreads == 1 or channels < TABLE_PARALLEL_CHANNELS:
         for c in range(channels):
             affine_params(a, c, table + 4 * c, table + 4 * c + 1, table + 4 * c + 2,
                           table + 4 * c + 3)
@@ -1620,10 +1624,16 @@ cdef floating *grad_constants_table(const floating *x, const GradSums *totals, c
     cdef Py_ssize_t c
     if table == NULL:
         return NULL
-    for c in prange(g.channels, num_threads=nthreads, schedule="static"):
-        t = table + 5 * c
-        grad_constants(totals[c], a.count, a.mean[c], a.invstd[c], a.weight, c, a.training,
-                       t, t + 1, t + 2, t + 3, t + 4)
+    if nthreads == 1 or g.channels < TABLE_PARALLEL_CHANNELS:
+        for c in range(g.channels):
+            t = table + 5 * c
+            grad_constants(totals[c], a.count, a.mean[c], a.invstd[c], a.weight, c,
+                           a.training, t, t + 1, t + 2, t + 3, t + 4)
+    else:
+        for c in prange(g.channels, num_threads=nthreads, schedule="static"):
+            t = table + 5 * c
+            grad_constants(totals[c], a.count, a.mean[c], a.invstd[c], a.weight, c,
+                           a.training, t, t + 1, t + 2, t + 3, t + 4)
     return table
 
 
