@@ -254,6 +254,11 @@ cdef enum:
     # 784 and 1568 bytes pipelined 0-40 % faster but for the forward of
     # 784 on one thread (15 % slower); 1024 bytes mixed.
     PIPE_MIN_RUN_BYTES = 512
+    # float64 (the forward only; its statistics take a second pass per
+    # block) needs runs of 4 KiB: on two threads, of a streaming copy,
+    # pipelined against two passes, runs of 800 and 1568 bytes 0.21-0.22
+    # against 0.30-0.53, 3136 bytes even, 6272 bytes 0.67 against 0.59.
+    PIPE_MIN_RUN_BYTES_F64 = 4096
     # Per-channel tables of constants are filled by the team from this many
     # channels, on the calling thread below: entering a parallel region
     # costs about a microsecond, what some thousand channels' constants take.
@@ -2214,7 +2219,8 @@ cdef bint use_pipelined(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     nthreads = team_size(requested, channels, outer * channels * inner)
     # Measured on AVX-512 machines only; elsewhere the two passes.
     return (bn_pipelined_fused() and stream != 0
-            and inner * itemsize >= PIPE_MIN_RUN_BYTES
+            and inner * itemsize >= (PIPE_MIN_RUN_BYTES if itemsize == sizeof(float)
+                                     else PIPE_MIN_RUN_BYTES_F64)
             and (itemsize == sizeof(float) or nthreads >= 2)
             and channels >= PIPE_MIN_CHANNELS * nthreads
             and outer * inner * itemsize <= PIPE_MAX_SLICE)

@@ -75,6 +75,8 @@ LARGE_LAYOUTS = [
     ((4, 2, 128, 128), 1),  # two channels with long runs: row-block split
     ((40000, 3), 1),  # interleaved, tiny C
     ((257, 33, 17), 1),  # odd sizes everywhere
+    ((300, 4, 7, 7), 1),  # 7x7 maps: statistics blocks of 5 whole runs
+    ((4000, 2, 5, 8), 1),  # runs of 40: blocks of 51 runs and of 12 in a chunk
 ]
 
 #: For the thread tests only (no reference involved): about 1e6 values.
