@@ -508,8 +508,9 @@ cdef inline int team_size(int requested, Py_ssize_t nitems, Py_ssize_t nvalues) 
 # of pieces of one run (runs of CHUNK_VALUES or more); its triple is its
 # blocks merged in row, then piece order. Channel c's statistics are its
 # chunks merged in order. Work items are either one chunk of a group of
-# channels (row chunks) or one chunk of one channel, walked channel by
-# channel, and with the same arithmetic in the pipelined forward.
+# channels (row chunks: walked row by row across the channels, in memory
+# order, where every block is one run, else channel by channel) or one
+# chunk of one channel; the pipelined forward does the same arithmetic.
 
 cdef struct Planar:
     Py_ssize_t outer
