@@ -326,6 +326,14 @@ cdef inline double lanes_total(const double *lanes) noexcept nogil:
     return total
 
 
+cdef inline void clear_lanes(double *a, double *b) noexcept nogil:
+    """Zero two lane arrays: a new block's sums."""
+    cdef int k
+    for k in range(BN_LANES):
+        a[k] = 0.0
+        b[k] = 0.0
+
+
 cdef inline void lane_shifted_sums(const floating *x, Py_ssize_t n, double origin,
                                    double offset, double *s1, double *s2) noexcept nogil:
     if floating is float:
@@ -341,10 +349,7 @@ cdef Moments shifted_runs_moments(const floating *x, Py_ssize_t nruns, Py_ssize_
     cdef bn_lanes s1
     cdef bn_lanes s2
     cdef Py_ssize_t r
-    cdef int k
-    for k in range(BN_LANES):
-        s1[k] = 0.0
-        s2[k] = 0.0
+    clear_lanes(s1, s2)
     for r in range(nruns):
         lane_shifted_sums(x + r * stride, n, origin, offset, s1, s2)
     return moments_from_shifted_sums(<double>(nruns * n), offset, lanes_total(s1),
@@ -689,6 +694,12 @@ cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t ite
         table[c * nchunks + k] = planar_chunk_moments(x, g, c, k)
 
 
+cdef inline bint runs_share_lines(const Planar *g, Py_ssize_t itemsize) noexcept nogil:
+    """Whether runs are not whole 64-byte lines, so that each run's first
+    and last lines are shared with its neighbours'."""
+    return g.inner * itemsize % 64 != 0
+
+
 cdef inline bint can_pair(const AffineIn *a, Py_ssize_t itemsize) noexcept nogil:
     """Whether the normalisation may write two runs in step
     (run_affine_twin): AVX-512 here, and no relu gate."""
@@ -765,7 +776,7 @@ cdef inline Py_ssize_t twin_channels(const Planar *g, Py_ssize_t nchannels,
     twin_min_bytes / 4. Measured on one thread, float32 eval: runs of
     12.5 KB (64, 128, 56, 56) 7 % faster, 6.3 KB 6 % slower, 3.1 KB
     (64, 256, 28, 28) 8-28 % slower."""
-    if (not can_pair(a, itemsize) or g.inner * itemsize % 64
+    if (not can_pair(a, itemsize) or runs_share_lines(g, itemsize)
             or g.inner * itemsize < twin_min_bytes // 4):
         return 0
     return odd_at_most(nchannels // 2)
@@ -882,12 +893,6 @@ cdef void planar_moments(const floating *x, const Planar *g, Moments *table,
         finish_from_table(x, table, g.chunks_per_channel, g.inner, c, out)
 
 
-cdef inline bint runs_share_lines(const Planar *g, Py_ssize_t itemsize) noexcept nogil:
-    """Whether runs are not whole 64-byte lines, so that each run's first
-    and last lines are shared with its neighbours'."""
-    return g.inner * itemsize % 64 != 0
-
-
 cdef bint row_runs_enabled = True     # set_row_runs
 
 
@@ -897,7 +902,7 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef int ngroups = row_groups(g, nthreads)
     cdef AffineIn rows = a[0]
-    cdef bint row_runs
+    cdef bint shared = runs_share_lines(g, sizeof(floating)), row_runs
     if g.rows_per_chunk == 0:
         if nthreads == 1:
             for item in range(g.channels * nchunks):
@@ -918,10 +923,9 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     # one thread, with normal stores at 0.70 and as rows at 0.90-1.06.
     # (Runs cut into chunks share a line only every 256 KiB or more, and
     # keep streaming stores.)
-    row_runs = (a.stream and runs_share_lines(g, sizeof(floating))
-                and can_pair(a, sizeof(floating)) and rows.constants != NULL
-                and row_runs_enabled)
-    if runs_share_lines(g, sizeof(floating)) and not row_runs:
+    row_runs = (a.stream and shared and can_pair(a, sizeof(floating))
+                and rows.constants != NULL and row_runs_enabled)
+    if shared and not row_runs:
         rows.stream = False
     if nthreads == 1:
         for item in range(nchunks * ngroups):
@@ -988,7 +992,6 @@ cdef void pipelined_runs(const floating *x, floating *y, const Planar *g, Py_ssi
     cdef Py_ssize_t p, start, length
     cdef Py_ssize_t run_bytes = g.inner * <Py_ssize_t>sizeof(floating)
     cdef Py_ssize_t stride = g.channels * g.inner
-    cdef int k
     cdef floating hi = 0, lo = 0, scale = 0, shift = 0
     cdef const floating *xs = NULL
     cdef const floating *xn = NULL
@@ -1024,9 +1027,7 @@ cdef void pipelined_runs(const floating *x, floating *y, const Planar *g, Py_ssi
                 block = shifted_runs_moments(xs - (block_end - 1) * stride, block_end, stride,
                                              length, origin, block.mean)
             merge_moments(acc, block)
-            for k in range(BN_LANES):
-                s1[k] = 0.0
-                s2[k] = 0.0
+            clear_lanes(s1, s2)
 
 
 cdef inline bint short_split_runs(const Planar *g, Py_ssize_t itemsize) noexcept nogil:
@@ -1050,16 +1051,13 @@ cdef void pipelined_item(const floating *x, floating *y, const Planar *g, Py_ssi
     cdef bn_lanes s2
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef Py_ssize_t c, k, n, sc, nc, block_end, left, nrows = 0
-    cdef int lane
     cdef Span s
     cdef double origin = 0.0
     cdef Py_ssize_t ahead = runs_ahead(g, sizeof(floating))
     cdef AffineIn b = a[0]
     if short_split_runs(g, sizeof(floating)):
         b.stream = False
-    for lane in range(BN_LANES):
-        s1[lane] = 0.0
-        s2[lane] = 0.0
+    clear_lanes(s1, s2)
     for c in range(c0 - 1, c1):
         # Statistics of sc = c + 1 while normalising nc = c (-1: none).
         sc = c + 1 if c + 1 < c1 else -1
@@ -1582,10 +1580,7 @@ cdef inline GradSums runs_grad_sums(const floating *x, const floating *dy, Py_ss
     cdef bn_lanes lanes_dev
     cdef GradSums sums
     cdef Py_ssize_t r
-    cdef int k
-    for k in range(BN_LANES):
-        lanes_dy[k] = 0.0
-        lanes_dev[k] = 0.0
+    clear_lanes(lanes_dy, lanes_dev)
     for r in range(nruns):
         if floating is float:
             bn_lane_grad_sums_f32(x + r * stride, dy + r * stride, n, mean, lanes_dy, lanes_dev)
@@ -1839,7 +1834,7 @@ cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const 
     cdef const float *xs = NULL
     cdef const float *xn = NULL
     cdef Py_ssize_t start
-    cdef int lane, to_l1
+    cdef int to_l1
     cdef GradSums run
     if sc >= 0:
         xs = x + run_start(g, n, sc)
@@ -1861,9 +1856,7 @@ cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const 
         run.dy = lanes_total(lanes_dy)
         run.dy_dev = lanes_total(lanes_dev)
         acc[0] = add_grad_sums(acc[0], run)
-        for lane in range(BN_LANES):
-            lanes_dy[lane] = 0.0
-            lanes_dev[lane] = 0.0
+        clear_lanes(lanes_dy, lanes_dev)
 
 
 cdef void pipelined_backward_item(const float *x, const float *dy, float *dx, const Planar *g,
@@ -1880,15 +1873,12 @@ cdef void pipelined_backward_item(const float *x, const float *dy, float *dx, co
     cdef bn_lanes lanes_dev
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef Py_ssize_t c, chunk, n, sc, nc, block_end, left, nrows = 0
-    cdef int lane
     cdef Span s
     cdef double mean = 0.0
     cdef Py_ssize_t ahead = runs_ahead(g, sizeof(float))
     cdef int stream = a.stream and not short_split_runs(g, sizeof(float))
     k.hi = k.lo = k.k = k.c1 = k.c0 = 0     # set before the first dx is written
-    for lane in range(BN_LANES):
-        lanes_dy[lane] = 0.0
-        lanes_dev[lane] = 0.0
+    clear_lanes(lanes_dy, lanes_dev)
     for c in range(c0 - 1, c1):
         # Sums of sc = c + 1 while writing dx of nc = c (-1: none).
         sc = c + 1 if c + 1 < c1 else -1

@@ -32,11 +32,12 @@ def streaming():
     stream_min = _kernels.set_stream_min_bytes(0)
     serial_max = _kernels.set_serial_max_values(0)
     pipelined = _kernels.set_pipelined(0)
+    row_runs = _kernels.set_row_runs(True)
     yield
     _kernels.set_stream_min_bytes(stream_min)
     _kernels.set_serial_max_values(serial_max)
     _kernels.set_pipelined(*pipelined)
-    _kernels.set_row_runs(True)
+    _kernels.set_row_runs(row_runs)
 
 
 def _eval(problem, shape, threads, relu, offset, in_place, row_runs):
