@@ -59,6 +59,9 @@ cdef extern from "_openmp.h" nogil:
 cdef extern from "_leaf_loops.h" nogil:
     enum: BN_LANES
     ctypedef double bn_lanes[BN_LANES]
+    ctypedef struct bn_lane_pair:
+        bn_lanes a
+        bn_lanes b
     void bn_lane_shifted_sums_f32(const float *x, Py_ssize_t n, double origin,
                                   double offset, double *s1, double *s2)
     void bn_lane_shifted_sums_f64(const double *x, Py_ssize_t n, double origin,
@@ -133,6 +136,10 @@ cdef extern from "_leaf_loops.h" nogil:
                             const float *p, int relu, int stream)
     void bn_affine_runs_f64(const double *x, double *y, Py_ssize_t n, Py_ssize_t inner,
                             const double *p, int relu, int stream)
+    void bn_grad_runs_f32(const float *x, const float *dy, float *dx, Py_ssize_t n,
+                          Py_ssize_t inner, const float *p, int stream)
+    void bn_grad_runs_f64(const double *x, const double *dy, double *dx, Py_ssize_t n,
+                          Py_ssize_t inner, const double *p, int stream)
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
@@ -177,6 +184,11 @@ cdef enum:
     # values (128 bytes of float32) the per-run calls and merges would cost
     # more than the run. A judgement, not yet a measured crossover.
     PLANAR_MIN_INNER = 32
+    # Channels whose blocks of whole runs the backward sums of a row chunk
+    # walk at once, row by row in memory order, each channel's lane sums
+    # carried from run to run (lane_group_grad_sums): 64 channels' lanes are
+    # 16 KiB, half of L1.
+    LANE_GROUP = 64
     # Values per statistics block: 2048 float64 are 16 KiB, so the second
     # (corrected) pass of a float64 block reads from L1.
     BLOCK_LEN = 2048
@@ -254,6 +266,14 @@ cdef enum:
     # 784 and 1568 bytes pipelined 0-40 % faster but for the forward of
     # 784 on one thread (15 % slower); 1024 bytes mixed.
     PIPE_MIN_RUN_BYTES = 512
+    # The backward's runs that share lines, with streaming stores, need
+    # more: its two passes then write a row's runs as one stream
+    # (bn_grad_runs), which measured (N, 256, H, W) float32 of 51 MB, in
+    # streaming-copy times, two passes against pipelined: runs of 576 and
+    # 784 bytes 3.3 and 3.2 against 4.3 and 4.1 on one thread, 3.1 against
+    # 4.0 and 3.3 on two; 1568 bytes 3.0 against 3.3 on one, 3.1 against
+    # 2.6 on two.
+    PIPE_MIN_SHARED_RUN_BYTES = 1024
     # float64 (the forward only; its statistics take a second pass per
     # block) needs runs of 4 KiB: on two threads, of a streaming copy,
     # pipelined against two passes, runs of 800 and 1568 bytes 0.21-0.22
@@ -1662,6 +1682,50 @@ cdef GradSums planar_chunk_grad_sums(const floating *x, const floating *dy, cons
     return sums
 
 
+cdef bint lane_groups_enabled = True     # set_lane_groups
+
+
+cdef void lane_group_grad_sums(const floating *x, const floating *dy, const Planar *g,
+                               Span s, Py_ssize_t k, Py_ssize_t c0, Py_ssize_t c1,
+                               const double *mean, GradSums *table) noexcept nogil:
+    """Chunk k's sums of channels [c0, c1), at most LANE_GROUP of them: the
+    blocks of whole runs of all of them at once, row by row in memory order,
+    each channel's lane sums carried from run to run. Each channel sees the
+    sums of planar_chunk_grad_sums in its order, so its bits.
+
+    A channel at a time reads two runs per row of the chunk, a row's width
+    apart: 32 streams in chunks of 16 rows, more than the prefetchers
+    follow. The sums of (996, 256, 7, 7) float32 took 4.5-5.5 streaming-copy
+    times that way, 2.9-3.1 this way on one thread (3.2-3.5 against
+    1.9-2.1 on two); (512, 512, 7, 7), 16 streams, 2.6-3.0 against
+    2.4-2.9. (The statistics, one stream, 8-16 per chunk, measured 20-45 %
+    slower this way on (512, 512, 7, 7) and (256, 256, 14, 14), and stay a
+    channel at a time.)"""
+    cdef bn_lane_pair lanes[LANE_GROUP]
+    cdef Py_ssize_t n = s.n0, r, c, start, nrows, nchunks = g.chunks_per_channel
+    cdef GradSums block
+    for c in range(c0, c1):
+        table[c * nchunks + k] = zero_grad_sums()
+    while n < s.n1:
+        nrows = block_rows(g, n, s.n1)
+        for c in range(c1 - c0):
+            clear_lanes(lanes[c].a, lanes[c].b)
+        for r in range(n, n + nrows):
+            for c in range(c0, c1):
+                start = run_start(g, r, c)
+                if floating is float:
+                    bn_lane_grad_sums_f32(x + start, dy + start, g.inner, mean[c],
+                                          lanes[c - c0].a, lanes[c - c0].b)
+                else:
+                    bn_lane_grad_sums_f64(x + start, dy + start, g.inner, mean[c],
+                                          lanes[c - c0].a, lanes[c - c0].b)
+        for c in range(c0, c1):
+            block.dy = lanes_total(lanes[c - c0].a)
+            block.dy_dev = lanes_total(lanes[c - c0].b)
+            table[c * nchunks + k] = add_grad_sums(table[c * nchunks + k], block)
+        n = n + nrows
+
+
 cdef void planar_rows_grad_sums(const floating *x, const floating *dy, const Planar *g,
                                 Py_ssize_t item, int ngroups, const BackwardArgs *a,
                                 GradSums *table) noexcept nogil:
@@ -1681,6 +1745,12 @@ cdef void planar_rows_grad_sums(const floating *x, const floating *dy, const Pla
                 table[c * nchunks + k] = add_grad_sums(
                     table[c * nchunks + k],
                     runs_grad_sums(x + start, dy + start, 1, 0, g.inner, a.mean[c]))
+        return
+    if lane_groups_enabled:
+        c = c0
+        while c < c1:
+            lane_group_grad_sums(x, dy, g, s, k, c, min(c + LANE_GROUP, c1), a.mean, table)
+            c = c + LANE_GROUP
         return
     for c in range(c0, c1):
         table[c * nchunks + k] = planar_chunk_grad_sums(x, dy, g, c, k, a.mean[c])
@@ -1702,10 +1772,25 @@ cdef void planar_chunk_grad_input(const floating *x, const floating *dy, floatin
 cdef void planar_rows_grad_input(const floating *x, const floating *dy, floating *dx,
                                  const Planar *g, Py_ssize_t item, int ngroups,
                                  const GradSums *totals, const floating *constants,
-                                 const BackwardArgs *a) noexcept nogil:
+                                 const BackwardArgs *a, bint row_runs) noexcept nogil:
+    """The input gradient of a row chunk's group of channels: with row_runs,
+    each row's runs as one stream (bn_grad_runs; constants is the table),
+    else run by run."""
     cdef Span s = chunk_span(g, item // ngroups)
     cdef Py_ssize_t n, c, start, c0 = 0, c1 = 0
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
+    if row_runs:
+        for n in range(s.n0, s.n1):
+            start = run_start(g, n, c0)
+            if floating is float:
+                bn_grad_runs_f32(x + start, dy + start, dx + start, (c1 - c0) * g.inner,
+                                 g.inner, constants + 5 * c0, a.stream)
+            else:
+                bn_grad_runs_f64(x + start, dy + start, dx + start, (c1 - c0) * g.inner,
+                                 g.inner, constants + 5 * c0, a.stream)
+        if a.stream:
+            bn_stream_fence()
+        return
     for n in range(s.n0, s.n1):
         for c in range(c0, c1):
             start = run_start(g, n, c)
@@ -1743,6 +1828,16 @@ cdef inline void finish_grad_channel(const GradSums *table, const Planar *g, Py_
     store_param_grads(totals[c], c, a)
 
 
+cdef inline bint grad_rows_as_runs(const Planar *g, const BackwardArgs *a,
+                                   Py_ssize_t itemsize) noexcept nogil:
+    """Whether the two-pass backward writes each row's runs of a row chunk
+    as one stream (bn_grad_runs), given its table of constants: a training
+    backward with streaming stores, runs that share lines, AVX-512."""
+    return (a.stream and a.training and g.rows_per_chunk > 0
+            and runs_share_lines(g, itemsize) and bn_periodic_lanes(itemsize) != 0
+            and row_runs_enabled)
+
+
 cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
                          const Planar *g, const BackwardArgs *a, int requested) noexcept nogil:
     cdef Py_ssize_t nchunks = g.chunks_per_channel
@@ -1755,6 +1850,7 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
     cdef GradSums *totals
     cdef BackwardArgs rows = a[0]
     cdef floating *constants
+    cdef bint shared, row_runs
     if table == NULL:
         return -1
     totals = table + g.channels * nchunks
@@ -1775,15 +1871,19 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
     if a.sums_only:
         free(table)
         return 0
-    # Runs that share lines take normal stores, as in planar_normalize:
-    # streaming ones ran (996, 256, 7, 7) float32 at 19 streaming-copy
-    # times on one thread, (124, 256, 14, 28) at 7.9.
-    if runs_share_lines(g, sizeof(floating)):
-        rows.stream = False
+    # Runs that share lines take streaming stores only a row at a time, as
+    # one stream (bn_grad_runs), else normal stores, as in planar_normalize:
+    # streaming ones, run by run, ran (996, 256, 7, 7) float32 at 19
+    # streaming-copy times on one thread, (124, 256, 14, 28) at 7.9.
+    shared = runs_share_lines(g, sizeof(floating))
     if g.rows_per_chunk > 0:
         constants = grad_constants_table(x, totals, g, a, nthreads)
+        row_runs = constants != NULL and grad_rows_as_runs(g, a, sizeof(floating))
+        if shared and not row_runs:
+            rows.stream = False
         for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
-            planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, constants, &rows)
+            planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, constants, &rows,
+                                   row_runs)
         free(constants)
     else:
         for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
@@ -1952,7 +2052,9 @@ cdef bint use_pipelined_backward(const Planar *g, const BackwardArgs *a,
     if pipelined_backward_mode == 1:
         return True
     return (bn_pipelined_fused() and g.channels >= PIPE_MIN_CHANNELS * nthreads
-            and g.inner * <Py_ssize_t>sizeof(float) >= PIPE_MIN_RUN_BYTES
+            and g.inner * <Py_ssize_t>sizeof(float) >= (
+                PIPE_MIN_SHARED_RUN_BYTES if grad_rows_as_runs(g, a, sizeof(float))
+                else PIPE_MIN_RUN_BYTES)
             and g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_MAX_SLICE)
 
 
@@ -2347,11 +2449,24 @@ def set_twin_min_bytes(Py_ssize_t nbytes):
     return previous
 
 
+def set_lane_groups(bint enabled):
+    """Turn the backward sums of row chunks' blocks of several runs,
+    LANE_GROUP channels at a time (lane_group_grad_sums), on or off, for
+    tests and benchmarks; returns the previous setting. Off, they are taken
+    a channel at a time: the same bits."""
+    global lane_groups_enabled
+    previous = lane_groups_enabled
+    lane_groups_enabled = enabled
+    return previous
+
+
 def set_row_runs(bint enabled):
-    """Turn the row-at-a-time normalisation of runs that share lines
-    (bn_affine_runs) on or off, for tests and benchmarks; returns the
-    previous setting. Off, those runs are written one at a time with normal
-    stores: the same bits."""
+    """Turn the row-at-a-time writing of runs that share lines (the
+    normalisation's bn_affine_runs, the training backward's bn_grad_runs)
+    on or off, for tests and benchmarks; returns the previous setting. Off,
+    those runs are written one at a time with normal stores: the same
+    bits. (The backward's choice of its pipelined path follows the
+    setting: PIPE_MIN_SHARED_RUN_BYTES.)"""
     global row_runs_enabled
     previous = row_runs_enabled
     row_runs_enabled = enabled

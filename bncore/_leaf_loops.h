@@ -27,6 +27,13 @@ _Static_assert(BN_LANES == 16, "the lane loops use two 8-lane vectors");
  * stores of them and the next call's loads never split across two lines. */
 typedef double bn_lanes[BN_LANES] __attribute__((aligned(64)));
 
+/* One channel's two lane arrays, for walks that carry many channels' sums
+ * at once (an array of these keeps every array on its own lines). */
+typedef struct {
+    bn_lanes a;
+    bn_lanes b;
+} bn_lane_pair;
+
 /* Eight float64 values: the compiler maps operations on this GCC/Clang vector
  * type onto whatever the target clone has (one zmm, two ymm, four xmm). */
 typedef double bn_v8df __attribute__((vector_size(64)));
@@ -1056,68 +1063,117 @@ BN_DEFINE_AFFINE_TWIN(double, bn_affine_twin_f64_avx512, __m512d, 8, __mmask8, p
 #undef BN_DEFINE_AFFINE_TWIN
 
 /* One row's runs of consecutive channels, n values in all, each channel's
- * run `inner` (at least a vector) long, normalised as one stream of whole
+ * run `inner` (at least a vector) long, written as one stream of whole
  * lines (with streaming stores where asked), though the runs themselves
  * neither start nor end on lines: written one at a time, such runs could
  * only take normal stores (planar_normalize says why), which cap a pass
- * at about 0.75 of a streaming copy. p holds (hi, lo, scale, shift) per
- * channel from the first. A vector holds values of at most two channels
- * and gives each value its own channel's constants (blended where a run
- * ends inside it): the operations of bn_affine per value, so its bits. */
+ * at about 0.75 of a streaming copy. p holds NC constants per channel
+ * from the first. A vector holds values of at most two channels and gives
+ * each value its own channel's constants (blended where a run ends inside
+ * it); VALUE(LOAD, SFX, i) is the vector of outputs i.. from constants
+ * now0..now4 (the first NC of them), its inputs read with LOAD(SFX,
+ * pointer), as the periodic loops' (masked by `m`). The per-value operations are the one-run
+ * kernel's, so its bits. */
+#define BN_RUNS_LOAD(SFX, NC)                                                             \
+    do {                                                                                  \
+        cur0 = _mm512_set1_##SFX(p[0]), cur1 = _mm512_set1_##SFX(p[1]);                  \
+        cur2 = _mm512_set1_##SFX(p[2]), cur3 = _mm512_set1_##SFX(p[3]);                   \
+        if ((NC) > 4)                                                                     \
+            cur4 = _mm512_set1_##SFX(p[4]);                                               \
+    } while (0)
+#define BN_RUNS_LOOP(T, VEC, L, MASK, SFX, NC, OUT, VALUE)                                \
+    /* Named vectors, not arrays: GCC kept arrays of them on the stack. */                \
+    VEC cur0, cur1, cur2, cur3, cur4 = _mm512_setzero_##SFX();                            \
+    VEC now0, now1, now2, now3, now4;                                                     \
+    ptrdiff_t i = 0, k0 = 0, left = inner;    /* values of p's channel from i on */       \
+    BN_RUNS_LOAD(SFX, NC);                                                                \
+    if (stream && ((uintptr_t)(OUT) % sizeof(T)) == 0)                                    \
+        k0 = bn_line_head(OUT, sizeof(T), n);                                             \
+    else                                                                                  \
+        stream = 0;                                                                       \
+    while (i < n) {                                                                       \
+        /* This vector's len values: the head up to a line, whole lines, the tail. */     \
+        ptrdiff_t len = (i == 0 && k0 > 0) ? k0 : (n - i < (L) ? n - i : (L));            \
+        MASK m = (MASK)((1u << len) - 1);                                                 \
+        VEC v;                                                                            \
+        if (left == 0) {                                                                  \
+            p += (NC);                                                                    \
+            BN_RUNS_LOAD(SFX, NC);                                                        \
+            left = inner;                                                                 \
+        }                                                                                 \
+        now0 = cur0, now1 = cur1, now2 = cur2, now3 = cur3, now4 = cur4;                  \
+        if (left < len) {                                                                 \
+            /* Values [left, len) are the next channel's. */                              \
+            MASK next = (MASK)(m & ~((1u << left) - 1));                                  \
+            p += (NC);                                                                    \
+            BN_RUNS_LOAD(SFX, NC);                                                        \
+            now0 = _mm512_mask_blend_##SFX(next, now0, cur0);                             \
+            now1 = _mm512_mask_blend_##SFX(next, now1, cur1);                             \
+            now2 = _mm512_mask_blend_##SFX(next, now2, cur2);                             \
+            now3 = _mm512_mask_blend_##SFX(next, now3, cur3);                             \
+            if ((NC) > 4)                                                                 \
+                now4 = _mm512_mask_blend_##SFX(next, now4, cur4);                         \
+            left = inner - (len - left);                                                  \
+        } else {                                                                          \
+            left -= len;                                                                  \
+        }                                                                                 \
+        if (len == (L)) {                                                                 \
+            v = VALUE(BN_PERIODIC_FULL, SFX, i);                                          \
+            if (stream)                                                                   \
+                _mm512_stream_##SFX((OUT) + i, v);                                        \
+            else                                                                          \
+                _mm512_storeu_##SFX((OUT) + i, v);                                        \
+        } else {                                                                          \
+            v = VALUE(BN_PERIODIC_MASKED, SFX, i);                                        \
+            _mm512_mask_storeu_##SFX((OUT) + i, m, v);                                    \
+        }                                                                                 \
+        i += len;                                                                         \
+    }                                                                                     \
+    (void)now4;
+
+/* The normalisation: p holds (hi, lo, scale, shift) per channel. */
 #define BN_DEFINE_AFFINE_RUNS(T, NAME, VEC, L, MASK, SFX, AFF)                            \
 __attribute__((target("avx512f"))) static void NAME(                                      \
     const T *x, T *y, ptrdiff_t n, ptrdiff_t inner, const T *p, int relu, int stream)     \
 {                                                                                         \
-    VEC h = _mm512_set1_##SFX(p[0]), l = _mm512_set1_##SFX(p[1]);                         \
-    VEC a = _mm512_set1_##SFX(p[2]), b = _mm512_set1_##SFX(p[3]);                         \
-    ptrdiff_t i = 0, k0 = 0, left = inner;    /* values of p's channel from i on */       \
-    if (stream && ((uintptr_t)y % sizeof(T)) == 0)                                        \
-        k0 = bn_line_head(y, sizeof(T), n);                                               \
-    else                                                                                  \
-        stream = 0;                                                                       \
-    while (i < n) {                                                                       \
-        /* This vector's m values: the head up to a line, whole lines, the tail. */       \
-        ptrdiff_t m = (i == 0 && k0 > 0) ? k0 : (n - i < (L) ? n - i : (L));              \
-        MASK all = (MASK)((1u << m) - 1);                                                 \
-        VEC vh, vl, va, vb, v;                                                            \
-        if (left == 0) {                                                                  \
-            p += 4;                                                                       \
-            h = _mm512_set1_##SFX(p[0]), l = _mm512_set1_##SFX(p[1]);                     \
-            a = _mm512_set1_##SFX(p[2]), b = _mm512_set1_##SFX(p[3]);                     \
-            left = inner;                                                                 \
-        }                                                                                 \
-        vh = h, vl = l, va = a, vb = b;                                                   \
-        if (left < m) {                                                                   \
-            /* Values [left, m) are the next channel's. */                                \
-            MASK next = (MASK)(all & ~((1u << left) - 1));                                \
-            p += 4;                                                                       \
-            h = _mm512_set1_##SFX(p[0]), l = _mm512_set1_##SFX(p[1]);                     \
-            a = _mm512_set1_##SFX(p[2]), b = _mm512_set1_##SFX(p[3]);                     \
-            vh = _mm512_mask_blend_##SFX(next, vh, h);                                    \
-            vl = _mm512_mask_blend_##SFX(next, vl, l);                                    \
-            va = _mm512_mask_blend_##SFX(next, va, a);                                    \
-            vb = _mm512_mask_blend_##SFX(next, vb, b);                                    \
-            left = inner - (m - left);                                                    \
-        } else {                                                                          \
-            left -= m;                                                                    \
-        }                                                                                 \
-        if (m == (L)) {                                                                   \
-            v = AFF(_mm512_loadu_##SFX(x + i), vh, vl, va, vb, relu);                     \
-            if (stream)                                                                   \
-                _mm512_stream_##SFX(y + i, v);                                            \
-            else                                                                          \
-                _mm512_storeu_##SFX(y + i, v);                                            \
-        } else {                                                                          \
-            v = AFF(_mm512_maskz_loadu_##SFX(all, x + i), vh, vl, va, vb, relu);          \
-            _mm512_mask_storeu_##SFX(y + i, all, v);                                      \
-        }                                                                                 \
-        i += m;                                                                           \
-    }                                                                                     \
+    BN_RUNS_LOOP(T, VEC, L, MASK, SFX, 4, y, BN_RUNS_AFFINE_VALUE_##SFX)                  \
 }
+#define BN_RUNS_AFFINE_VALUE(LOAD, SFX, AFF, i)                                           \
+    AFF(LOAD(SFX, x + (i)), now0, now1, now2, now3, relu)
+#define BN_RUNS_AFFINE_VALUE_ps(LOAD, SFX, i)                                             \
+    BN_RUNS_AFFINE_VALUE(LOAD, SFX, bn_affine16_avx512, i)
+#define BN_RUNS_AFFINE_VALUE_pd(LOAD, SFX, i)                                             \
+    BN_RUNS_AFFINE_VALUE(LOAD, SFX, bn_affine8_avx512, i)
 BN_DEFINE_AFFINE_RUNS(float, bn_affine_runs_f32_avx512, __m512, 16, __mmask16, ps,
                       bn_affine16_avx512)
 BN_DEFINE_AFFINE_RUNS(double, bn_affine_runs_f64_avx512, __m512d, 8, __mmask8, pd,
                       bn_affine8_avx512)
+
+/* The training input gradient (bn_grad_input's operations): p holds (hi,
+ * lo, k, c1, c0) per channel. dx may be x or dy. */
+#define BN_DEFINE_GRAD_RUNS(T, NAME, VEC, L, MASK, SFX)                                   \
+__attribute__((target("avx512f"))) static void NAME(                                      \
+    const T *x, const T *dy, T *dx, ptrdiff_t n, ptrdiff_t inner, const T *p, int stream) \
+{                                                                                         \
+    BN_RUNS_LOOP(T, VEC, L, MASK, SFX, 5, dx, BN_RUNS_GRAD_VALUE_##SFX)                   \
+}
+#define BN_RUNS_GRAD_VALUE(LOAD, SFX, GRAD, i)                                            \
+    GRAD(LOAD(SFX, x + (i)), LOAD(SFX, dy + (i)), now0, now1, now2, now3, now4)
+#define BN_RUNS_GRAD_VALUE_ps(LOAD, SFX, i)                                               \
+    BN_RUNS_GRAD_VALUE(LOAD, SFX, bn_grad16_avx512, i)
+#define BN_RUNS_GRAD_VALUE_pd(LOAD, SFX, i)                                               \
+    BN_RUNS_GRAD_VALUE(LOAD, SFX, bn_grad8_avx512, i)
+BN_DEFINE_GRAD_RUNS(float, bn_grad_runs_f32_avx512, __m512, 16, __mmask16, ps)
+BN_DEFINE_GRAD_RUNS(double, bn_grad_runs_f64_avx512, __m512d, 8, __mmask8, pd)
+#undef BN_DEFINE_GRAD_RUNS
+#undef BN_RUNS_GRAD_VALUE
+#undef BN_RUNS_GRAD_VALUE_ps
+#undef BN_RUNS_GRAD_VALUE_pd
+#undef BN_RUNS_AFFINE_VALUE
+#undef BN_RUNS_AFFINE_VALUE_ps
+#undef BN_RUNS_AFFINE_VALUE_pd
+#undef BN_RUNS_LOOP
+#undef BN_RUNS_LOAD
 #undef BN_DEFINE_AFFINE_RUNS
 #undef BN_DEFINE_PERIODIC_AFFINE
 #undef BN_DEFINE_PERIODIC_GRAD
@@ -1153,11 +1209,15 @@ static inline int bn_periodic_lanes(int itemsize)
 #define bn_affine_twin_f64 bn_affine_twin_f64_avx512
 #define bn_affine_runs_f32 bn_affine_runs_f32_avx512
 #define bn_affine_runs_f64 bn_affine_runs_f64_avx512
+#define bn_grad_runs_f32 bn_grad_runs_f32_avx512
+#define bn_grad_runs_f64 bn_grad_runs_f64_avx512
 #else   /* never called there: bn_periodic_lanes is 0 */
 #define bn_affine_twin_f32(...) ((void)0)
 #define bn_affine_twin_f64(...) ((void)0)
 #define bn_affine_runs_f32(...) ((void)0)
 #define bn_affine_runs_f64(...) ((void)0)
+#define bn_grad_runs_f32(...) ((void)0)
+#define bn_grad_runs_f64(...) ((void)0)
 #define bn_periodic_affine_f32(...) ((void)0)
 #define bn_periodic_affine_f64(...) ((void)0)
 #define bn_periodic_grad_f32(...) ((void)0)

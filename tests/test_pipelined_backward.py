@@ -65,11 +65,11 @@ def test_pipelined_backward_gives_the_bits_of_the_two_pass_path(shape, offset,
                 assert _same_bits(got, want), (stream_min, threads, items, in_place)
 
 
-def test_pipelined_backward_matches_the_reference(restore_tuning):
-    shape = (9, 5, 1100)
-    x, dy, mean, invstd, weight = problem = _problem(*shape, seed=11)
-    _kernels.set_stream_min_bytes(0)
-    dx, grad_weight, grad_bias = _backward(problem, shape, 2, 1, 4)
+def assert_backward_matches_the_reference(got, problem, shape):
+    """got = [dx, grad_weight, grad_bias] of a float32 training backward of
+    problem = (x, dy, mean, invstd, weight) against the float64 reference."""
+    dx, grad_weight, grad_bias = got
+    x, dy, mean, invstd, weight = problem
     want = reference.batch_norm_backward(dy.reshape(shape), x.reshape(shape), mean, invstd,
                                          weight)
     # dx is float32 arithmetic on float32 data: compare against its scale.
@@ -77,6 +77,13 @@ def test_pipelined_backward_matches_the_reference(restore_tuning):
                                atol=1e-5 * np.abs(want[0]).max())
     np.testing.assert_allclose(grad_weight, want[1], rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(grad_bias, want[2], rtol=1e-9, atol=1e-9)
+
+
+def test_pipelined_backward_matches_the_reference(restore_tuning):
+    shape = (9, 5, 1100)
+    problem = _problem(*shape, seed=11)
+    _kernels.set_stream_min_bytes(0)
+    assert_backward_matches_the_reference(_backward(problem, shape, 2, 1, 4), problem, shape)
 
 
 def test_pipelined_backward_keeps_non_finite_values(restore_tuning):

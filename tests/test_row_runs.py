@@ -2,14 +2,18 @@
 maps) are normalised a row at a time when the output takes streaming
 stores: one stream over the runs of consecutive channels, whose vectors
 blend two channels' constants where a run ends inside them
-(bn_affine_runs). Its output must be bitwise that of the runs written one
-at a time (set_row_runs(False)).
+(bn_affine_runs, and bn_grad_runs for the training backward's input
+gradient). Its output must be bitwise that of the runs written one at a
+time (set_row_runs(False)). The backward's sums over blocks of several
+runs, taken many channels at a time (set_lane_groups), must be bitwise
+those taken a channel at a time.
 
-Eval and the two-pass training forward; float32 and float64; relu; arrays
-that start off a cache line; in place; 1-3 threads with the serial cutoff
-off, so that a few row chunks are split into channel groups and a row's
-runs are cut between threads; inner from 32 (two float32 vectors) up, and
-channel boundaries at every position within a vector."""
+Eval, the two-pass training forward and the two-pass backward; float32
+and float64; relu; arrays that start off a cache line; in place; 1-3
+threads with the serial cutoff off, so that a few row chunks are split into
+channel groups and a row's runs are cut between threads; inner from 32 (two
+float32 vectors) up, and channel boundaries at every position within a
+vector."""
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ from bncore import _kernels
 
 from test_periodic_normalize import _problem, _same_bits
 from test_pipelined import _offset_array
+from test_pipelined_backward import assert_backward_matches_the_reference
 
 # (outer, channels, inner), inner >= 32 (the planar layout), inner * itemsize
 # not a multiple of 64.
@@ -32,12 +37,16 @@ def streaming():
     stream_min = _kernels.set_stream_min_bytes(0)
     serial_max = _kernels.set_serial_max_values(0)
     pipelined = _kernels.set_pipelined(0)
+    pipelined_backward = _kernels.set_pipelined_backward(0)
     row_runs = _kernels.set_row_runs(True)
+    lane_groups = _kernels.set_lane_groups(True)
     yield
     _kernels.set_stream_min_bytes(stream_min)
     _kernels.set_serial_max_values(serial_max)
     _kernels.set_pipelined(*pipelined)
+    _kernels.set_pipelined_backward(*pipelined_backward)
     _kernels.set_row_runs(row_runs)
+    _kernels.set_lane_groups(lane_groups)
 
 
 def _eval(problem, shape, threads, relu, offset, in_place, row_runs):
@@ -87,3 +96,64 @@ def test_training_forward_with_row_runs_gives_the_same_bits(shape, dtype, stream
 def test_set_row_runs_returns_the_previous_setting(streaming):
     assert _kernels.set_row_runs(False) is True
     assert _kernels.set_row_runs(True) is False
+
+
+def _gradient_problem(shape, dtype, seed):
+    """x, dy, the batch statistics of x and a weight."""
+    x, _, _, weight, _ = _problem(shape, dtype, seed)
+    rng = np.random.default_rng(seed + 1)
+    dy = (rng.standard_normal(x.size) * rng.uniform(0.01, 5)).astype(dtype)
+    wide = x.astype(np.float64).reshape(shape)
+    mean = wide.mean(axis=(0, 2))
+    invstd = 1 / np.sqrt(wide.var(axis=(0, 2)) + 1e-5)
+    return x, dy, mean, invstd, weight
+
+
+def _backward(problem, shape, threads, offset, in_place, row_runs, lane_groups,
+              training=True):
+    """[dx, grad_weight, grad_bias]; in_place: None, "dy" or "x" (dx's buffer)."""
+    x, dy, mean, invstd, weight = problem
+    _kernels.set_row_runs(row_runs)
+    _kernels.set_lane_groups(lane_groups)
+    x, dy = _offset_array(x, offset), _offset_array(dy, offset)
+    dx = {"dy": dy, "x": x}.get(in_place)
+    if dx is None:
+        dx = _offset_array(np.zeros_like(x), offset)
+    grad_weight, grad_bias = np.zeros(shape[1]), np.zeros(shape[1])
+    _kernels.backward(x, dy, dx, *shape, mean, invstd, weight, training, grad_weight,
+                      grad_bias, threads)
+    return [dx.copy(), grad_weight, grad_bias]
+
+
+# Blocks of several runs in chunks of several rows (outer > 64), blocks cut
+# short by the chunk's end, and groups of more than LANE_GROUP (64) channels.
+BACKWARD_SHAPES = SHAPES + [(200, 130, 49), (1000, 5, 36), (70, 65, 100)]
+
+
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_with_row_runs_and_lane_groups_gives_the_same_bits(shape, dtype, streaming):
+    problem = _gradient_problem(shape, dtype, seed=3 * sum(shape))
+    want = _backward(problem, shape, 1, 0, None, False, False)
+    for offset in (0, 1, 5):
+        for threads in (1, 2, 3):
+            for in_place in (None, "dy", "x"):
+                got = _backward(problem, shape, threads, offset, in_place, True, True)
+                assert _same_bits(got, want), (offset, threads, in_place)
+    # Each alone, and the eval backward (dx = dy * k, never a row of runs).
+    assert _same_bits(_backward(problem, shape, 2, 1, None, True, False), want)
+    assert _same_bits(_backward(problem, shape, 2, 1, None, False, True), want)
+    want = _backward(problem, shape, 1, 0, None, False, False, training=False)
+    assert _same_bits(_backward(problem, shape, 2, 1, None, True, True, training=False), want)
+
+
+def test_backward_with_row_runs_matches_the_reference(streaming):
+    shape = (200, 130, 49)
+    problem = _gradient_problem(shape, np.float32, seed=5)
+    got = _backward(problem, shape, 2, 1, None, True, True)
+    assert_backward_matches_the_reference(got, problem, shape)
+
+
+def test_set_lane_groups_returns_the_previous_setting(streaming):
+    assert _kernels.set_lane_groups(False) is True
+    assert _kernels.set_lane_groups(True) is False
