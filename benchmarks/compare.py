@@ -165,8 +165,10 @@ Q_NCHW_L, Q_NCHW_M, Q_NHWC_M, Q_NC_L = (8, 32, 56, 56), (8, 64, 28, 28), (4, 28,
 SCALING = [((64, 3, 224, 224), (4, 3, 224, 224)), ((8, 8, 256, 256), (2, 8, 128, 128)),
            ((2_000_000, 8), (100_000, 8))]
 # Small feature maps (ResNet's last stages): runs of 196 and 784 bytes,
-# under the planar loops' per-run costs and not whole cache lines.
-SHORT_RUNS = [((512, 512, 7, 7), (16, 64, 7, 7)), ((256, 256, 14, 14), (8, 64, 14, 14))]
+# under the planar loops' per-run costs and not whole cache lines; and runs
+# of 256 bytes, whole lines but short.
+SHORT_RUNS = [((512, 512, 7, 7), (16, 64, 7, 7)), ((256, 256, 14, 14), (8, 64, 14, 14)),
+              ((512, 256, 8, 8), (16, 64, 8, 8))]
 LATENCY = [("eval", (1, 64)), ("eval", (8, 32, 14, 14)), ("train", (8, 32, 14, 14)),
            ("eval", (1, 64, 56, 56)), ("train", (1, 64, 56, 56))]
 

@@ -184,6 +184,15 @@ cdef enum:
     # values (128 bytes of float32) the per-run calls and merges would cost
     # more than the run. A judgement, not yet a measured crossover.
     PLANAR_MIN_INNER = 32
+    # Streamed runs shorter than this are written a row at a time, as one
+    # stream (rows_as_runs), even where they are whole lines: each call
+    # costs about as much as a few lines' stores. Eval, float32, 34-42 MB,
+    # one call per run against a row at a time, of a streaming copy, 1 / 2
+    # threads: runs of 512-640 bytes 0.39-0.46 / 0.43-0.59 against
+    # 0.98-1.10 / 0.96-1.01; 1024 bytes 0.57 / 0.51 against 1.05 / 0.87
+    # (float64 0.56 / 0.67 against 1.05 / 0.96); 2048 bytes 1.02 / 0.99
+    # against 0.72 / 0.97.
+    ROW_RUNS_MAX_BYTES = 2048
     # Channels whose blocks of whole runs the backward sums of a row chunk
     # walk at once, row by row in memory order, each channel's lane sums
     # carried from run to run (lane_group_grad_sums): 64 channels' lanes are
@@ -266,14 +275,15 @@ cdef enum:
     # 784 and 1568 bytes pipelined 0-40 % faster but for the forward of
     # 784 on one thread (15 % slower); 1024 bytes mixed.
     PIPE_MIN_RUN_BYTES = 512
-    # The backward's runs that share lines, with streaming stores, need
-    # more: its two passes then write a row's runs as one stream
-    # (bn_grad_runs), which measured (N, 256, H, W) float32 of 51 MB, in
-    # streaming-copy times, two passes against pipelined: runs of 576 and
-    # 784 bytes 3.3 and 3.2 against 4.3 and 4.1 on one thread, 3.1 against
-    # 4.0 and 3.3 on two; 1568 bytes 3.0 against 3.3 on one, 3.1 against
-    # 2.6 on two.
-    PIPE_MIN_SHARED_RUN_BYTES = 1024
+    # Runs that the two passes write a row at a time (rows_as_runs) need
+    # more, forward and backward: measured (N, 256, H, W) float32 of 34-51
+    # MB, two passes against pipelined, in streaming-copy times, forward and
+    # backward, one thread: runs of 512-1024 bytes 1.9-2.9 against 2.0-3.6
+    # and 3.2-3.9 against 3.8-5.1; 1536 and 1568 bytes 1.9-2.4 against
+    # 2.2-2.3 and 3.1-3.3 against 3.4-4.2; on two threads 1.6-2.3 against
+    # 1.6-2.5 and 2.8-3.4 against 3.1-4.9, and 1.9-2.0 against 1.9-2.2 and
+    # 3.2-3.3 against 2.7-3.1.
+    PIPE_MIN_ROW_RUN_BYTES = 2048
     # float64 (the forward only; its statistics take a second pass per
     # block) needs runs of 4 KiB: on two threads, of a streaming copy,
     # pipelined against two passes, runs of 800 and 1568 bytes 0.21-0.22
@@ -916,6 +926,17 @@ cdef void planar_moments(const floating *x, const Planar *g, Moments *table,
 cdef bint row_runs_enabled = True     # set_row_runs
 
 
+cdef inline bint rows_as_runs(const Planar *g, bint stream, Py_ssize_t itemsize) noexcept nogil:
+    """Whether the two-pass normalisation and input gradient write each row's
+    runs of a row chunk as one stream (bn_affine_runs, bn_grad_runs), given
+    the table of constants: streaming stores (with normal ones that loop
+    measured 1.4-3 times slower than one call per run), AVX-512, and runs
+    that share lines or are shorter than ROW_RUNS_MAX_BYTES."""
+    return (stream and g.rows_per_chunk > 0 and bn_periodic_lanes(itemsize) != 0
+            and (runs_share_lines(g, itemsize) or g.inner * itemsize < ROW_RUNS_MAX_BYTES)
+            and row_runs_enabled)
+
+
 cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
                            const AffineIn *a, int nthreads) noexcept nogil:
     cdef Py_ssize_t item
@@ -936,15 +957,16 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     # constants; a table of them, made once.
     rows.constants = affine_table(x, a, g.channels, nthreads)
     # Runs that share lines are written with streaming stores only a row at
-    # a time, as one stream (bn_affine_runs); else with normal stores: each
+    # a time, as one stream (bn_affine_runs, as short runs are:
+    # rows_as_runs); else with normal stores: each
     # run begins and ends with a masked store into a line its neighbour
     # shares, and with streaming stores between those, eval of (512, 512, 7,
     # 7) and (64, 512, 14, 28) float32 ran at 0.15 of a streaming copy on
     # one thread, with normal stores at 0.70 and as rows at 0.90-1.06.
     # (Runs cut into chunks share a line only every 256 KiB or more, and
     # keep streaming stores.)
-    row_runs = (a.stream and shared and can_pair(a, sizeof(floating))
-                and rows.constants != NULL and row_runs_enabled)
+    row_runs = (rows_as_runs(g, a.stream, sizeof(floating)) and can_pair(a, sizeof(floating))
+                and rows.constants != NULL)
     if shared and not row_runs:
         rows.stream = False
     if nthreads == 1:
@@ -1830,12 +1852,9 @@ cdef inline void finish_grad_channel(const GradSums *table, const Planar *g, Py_
 
 cdef inline bint grad_rows_as_runs(const Planar *g, const BackwardArgs *a,
                                    Py_ssize_t itemsize) noexcept nogil:
-    """Whether the two-pass backward writes each row's runs of a row chunk
-    as one stream (bn_grad_runs), given its table of constants: a training
-    backward with streaming stores, runs that share lines, AVX-512."""
-    return (a.stream and a.training and g.rows_per_chunk > 0
-            and runs_share_lines(g, itemsize) and bn_periodic_lanes(itemsize) != 0
-            and row_runs_enabled)
+    """rows_as_runs for the backward: a training one (eval's dx = dy * k
+    stays run by run)."""
+    return a.training and rows_as_runs(g, a.stream, itemsize)
 
 
 cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
@@ -2053,7 +2072,7 @@ cdef bint use_pipelined_backward(const Planar *g, const BackwardArgs *a,
         return True
     return (bn_pipelined_fused() and g.channels >= PIPE_MIN_CHANNELS * nthreads
             and g.inner * <Py_ssize_t>sizeof(float) >= (
-                PIPE_MIN_SHARED_RUN_BYTES if grad_rows_as_runs(g, a, sizeof(float))
+                PIPE_MIN_ROW_RUN_BYTES if grad_rows_as_runs(g, a, sizeof(float))
                 else PIPE_MIN_RUN_BYTES)
             and g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_MAX_SLICE)
 
@@ -2305,6 +2324,7 @@ cdef bint use_pipelined(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     of a streaming copy against 0.53), on two faster (0.67 against 0.58).
     """
     cdef int nthreads
+    cdef Planar g = planar_geometry(outer, channels, inner)
     if pipelined_mode == 0 or inner < PLANAR_MIN_INNER or inner >= CHUNK_VALUES:
         return False
     if pipelined_mode == 1:
@@ -2312,8 +2332,10 @@ cdef bint use_pipelined(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     nthreads = team_size(requested, channels, outer * channels * inner)
     # Measured on AVX-512 machines only; elsewhere the two passes.
     return (bn_pipelined_fused() and stream != 0
-            and inner * itemsize >= (PIPE_MIN_RUN_BYTES if itemsize == sizeof(float)
-                                     else PIPE_MIN_RUN_BYTES_F64)
+            and inner * itemsize >= (PIPE_MIN_RUN_BYTES_F64 if itemsize != sizeof(float)
+                                     else PIPE_MIN_ROW_RUN_BYTES
+                                     if rows_as_runs(&g, stream, itemsize)
+                                     else PIPE_MIN_RUN_BYTES)
             and (itemsize == sizeof(float) or nthreads >= 2)
             and channels >= PIPE_MIN_CHANNELS * nthreads
             and outer * inner * itemsize <= PIPE_MAX_SLICE)
@@ -2461,12 +2483,13 @@ def set_lane_groups(bint enabled):
 
 
 def set_row_runs(bint enabled):
-    """Turn the row-at-a-time writing of runs that share lines (the
-    normalisation's bn_affine_runs, the training backward's bn_grad_runs)
-    on or off, for tests and benchmarks; returns the previous setting. Off,
-    those runs are written one at a time with normal stores: the same
-    bits. (The backward's choice of its pipelined path follows the
-    setting: PIPE_MIN_SHARED_RUN_BYTES.)"""
+    """Turn the row-at-a-time writing of streamed runs that share lines or
+    are short (rows_as_runs: the normalisation's bn_affine_runs, the
+    training backward's bn_grad_runs) on or off, for tests and benchmarks;
+    returns the previous setting. Off, those runs are written one at a time
+    (with normal stores where they share lines): the same bits. (The
+    choice of the pipelined paths follows the setting:
+    PIPE_MIN_ROW_RUN_BYTES.)"""
     global row_runs_enabled
     previous = row_runs_enabled
     row_runs_enabled = enabled

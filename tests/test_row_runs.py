@@ -1,6 +1,6 @@
 """Planar runs that do not fill whole cache lines (7x7, 10x10, 14x14 feature
-maps) are normalised a row at a time when the output takes streaming
-stores: one stream over the runs of consecutive channels, whose vectors
+maps), or are short (under 2 KiB), are normalised a row at a time when the
+output takes streaming stores: one stream over the runs of consecutive channels, whose vectors
 blend two channels' constants where a run ends inside them
 (bn_affine_runs, and bn_grad_runs for the training backward's input
 gradient). Its output must be bitwise that of the runs written one at a
@@ -24,10 +24,11 @@ from test_periodic_normalize import _problem, _same_bits
 from test_pipelined import _offset_array
 from test_pipelined_backward import assert_backward_matches_the_reference
 
-# (outer, channels, inner), inner >= 32 (the planar layout), inner * itemsize
-# not a multiple of 64.
+# (outer, channels, inner), inner >= 32 (the planar layout): runs that are
+# not whole lines, then runs of whole lines under ROW_RUNS_MAX_BYTES (2 KiB;
+# 256 float64 values are not).
 SHAPES = [(130, 2, 33), (70, 7, 49), (9, 64, 196), (5, 17, 47), (3, 40, 100),
-          (300, 3, 40), (2, 5, 1001)]
+          (300, 3, 40), (2, 5, 1001), (70, 7, 32), (9, 20, 144), (5, 6, 256)]
 
 
 @pytest.fixture
