@@ -930,7 +930,7 @@ cdef inline bint rows_as_runs(const Planar *g, bint stream, Py_ssize_t itemsize)
     """Whether the two-pass normalisation and input gradient write each row's
     runs of a row chunk as one stream (bn_affine_runs, bn_grad_runs), given
     the table of constants: streaming stores (with normal ones that loop
-    measured 1.4-3 times slower than one call per run), AVX-512, and runs
+    measured 1.3-3.4 times slower than one call per run), AVX-512, and runs
     that share lines or are shorter than ROW_RUNS_MAX_BYTES."""
     return (stream and g.rows_per_chunk > 0 and bn_periodic_lanes(itemsize) != 0
             and (runs_share_lines(g, itemsize) or g.inner * itemsize < ROW_RUNS_MAX_BYTES)
@@ -957,12 +957,12 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     # constants; a table of them, made once.
     rows.constants = affine_table(x, a, g.channels, nthreads)
     # Runs that share lines are written with streaming stores only a row at
-    # a time, as one stream (bn_affine_runs, as short runs are:
-    # rows_as_runs); else with normal stores: each
-    # run begins and ends with a masked store into a line its neighbour
-    # shares, and with streaming stores between those, eval of (512, 512, 7,
-    # 7) and (64, 512, 14, 28) float32 ran at 0.15 of a streaming copy on
-    # one thread, with normal stores at 0.70 and as rows at 0.90-1.06.
+    # a time, as one stream (bn_affine_runs; short runs too: rows_as_runs),
+    # else with normal stores: each run begins and ends with a masked store
+    # into a line its neighbour shares, and with streaming stores between
+    # those, eval of (512, 512, 7, 7) and (64, 512, 14, 28) float32 ran at
+    # 0.15 of a streaming copy on one thread, with normal stores at 0.70 and
+    # as rows at 0.90-1.06.
     # (Runs cut into chunks share a line only every 256 KiB or more, and
     # keep streaming stores.)
     row_runs = (rows_as_runs(g, a.stream, sizeof(floating)) and can_pair(a, sizeof(floating))
@@ -1720,9 +1720,9 @@ cdef void lane_group_grad_sums(const floating *x, const floating *dy, const Plan
     follow. The sums of (996, 256, 7, 7) float32 took 4.5-5.5 streaming-copy
     times that way, 2.9-3.1 this way on one thread (3.2-3.5 against
     1.9-2.1 on two); (512, 512, 7, 7), 16 streams, 2.6-3.0 against
-    2.4-2.9. (The statistics, one stream, 8-16 per chunk, measured 20-45 %
-    slower this way on (512, 512, 7, 7) and (256, 256, 14, 14), and stay a
-    channel at a time.)"""
+    2.4-2.9. (The statistics read one tensor, so 8-16 streams in such
+    chunks; this way measured 20-45 % slower for them on (512, 512, 7, 7)
+    and (256, 256, 14, 14), so they stay a channel at a time.)"""
     cdef bn_lane_pair lanes[LANE_GROUP]
     cdef Py_ssize_t n = s.n0, r, c, start, nrows, nchunks = g.chunks_per_channel
     cdef GradSums block
@@ -1891,7 +1891,8 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
         free(table)
         return 0
     # Runs that share lines take streaming stores only a row at a time, as
-    # one stream (bn_grad_runs), else normal stores, as in planar_normalize:
+    # one stream (bn_grad_runs; short runs too: grad_rows_as_runs), else
+    # normal stores, as in planar_normalize:
     # streaming ones, run by run, ran (996, 256, 7, 7) float32 at 19
     # streaming-copy times on one thread, (124, 256, 14, 28) at 7.9.
     shared = runs_share_lines(g, sizeof(floating))
@@ -2324,18 +2325,22 @@ cdef bint use_pipelined(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     of a streaming copy against 0.53), on two faster (0.67 against 0.58).
     """
     cdef int nthreads
-    cdef Planar g = planar_geometry(outer, channels, inner)
+    cdef Py_ssize_t min_run_bytes
+    cdef Planar g
     if pipelined_mode == 0 or inner < PLANAR_MIN_INNER or inner >= CHUNK_VALUES:
         return False
     if pipelined_mode == 1:
         return True
     nthreads = team_size(requested, channels, outer * channels * inner)
+    g = planar_geometry(outer, channels, inner)
+    if itemsize != sizeof(float):
+        min_run_bytes = PIPE_MIN_RUN_BYTES_F64
+    elif rows_as_runs(&g, stream, itemsize):
+        min_run_bytes = PIPE_MIN_ROW_RUN_BYTES
+    else:
+        min_run_bytes = PIPE_MIN_RUN_BYTES
     # Measured on AVX-512 machines only; elsewhere the two passes.
-    return (bn_pipelined_fused() and stream != 0
-            and inner * itemsize >= (PIPE_MIN_RUN_BYTES_F64 if itemsize != sizeof(float)
-                                     else PIPE_MIN_ROW_RUN_BYTES
-                                     if rows_as_runs(&g, stream, itemsize)
-                                     else PIPE_MIN_RUN_BYTES)
+    return (bn_pipelined_fused() and stream != 0 and inner * itemsize >= min_run_bytes
             and (itemsize == sizeof(float) or nthreads >= 2)
             and channels >= PIPE_MIN_CHANNELS * nthreads
             and outer * inner * itemsize <= PIPE_MAX_SLICE)

@@ -1072,8 +1072,8 @@ BN_DEFINE_AFFINE_TWIN(double, bn_affine_twin_f64_avx512, __m512d, 8, __mmask8, p
  * each value its own channel's constants (blended where a run ends inside
  * it); VALUE(LOAD, SFX, i) is the vector of outputs i.. from constants
  * now0..now4 (the first NC of them), its inputs read with LOAD(SFX,
- * pointer), as the periodic loops' (masked by `m`). The per-value operations are the one-run
- * kernel's, so its bits. */
+ * pointer), as the periodic loops' (masked by `m`). The per-value
+ * operations are the one-run kernel's, so its bits. */
 #define BN_RUNS_LOAD(SFX, NC)                                                             \
     do {                                                                                  \
         cur0 = _mm512_set1_##SFX(p[0]), cur1 = _mm512_set1_##SFX(p[1]);                  \
@@ -1132,7 +1132,7 @@ BN_DEFINE_AFFINE_TWIN(double, bn_affine_twin_f64_avx512, __m512d, 8, __mmask8, p
     (void)now4;
 
 /* The normalisation: p holds (hi, lo, scale, shift) per channel. */
-#define BN_DEFINE_AFFINE_RUNS(T, NAME, VEC, L, MASK, SFX, AFF)                            \
+#define BN_DEFINE_AFFINE_RUNS(T, NAME, VEC, L, MASK, SFX)                                 \
 __attribute__((target("avx512f"))) static void NAME(                                      \
     const T *x, T *y, ptrdiff_t n, ptrdiff_t inner, const T *p, int relu, int stream)     \
 {                                                                                         \
@@ -1144,10 +1144,8 @@ __attribute__((target("avx512f"))) static void NAME(                            
     BN_RUNS_AFFINE_VALUE(LOAD, SFX, bn_affine16_avx512, i)
 #define BN_RUNS_AFFINE_VALUE_pd(LOAD, SFX, i)                                             \
     BN_RUNS_AFFINE_VALUE(LOAD, SFX, bn_affine8_avx512, i)
-BN_DEFINE_AFFINE_RUNS(float, bn_affine_runs_f32_avx512, __m512, 16, __mmask16, ps,
-                      bn_affine16_avx512)
-BN_DEFINE_AFFINE_RUNS(double, bn_affine_runs_f64_avx512, __m512d, 8, __mmask8, pd,
-                      bn_affine8_avx512)
+BN_DEFINE_AFFINE_RUNS(float, bn_affine_runs_f32_avx512, __m512, 16, __mmask16, ps)
+BN_DEFINE_AFFINE_RUNS(double, bn_affine_runs_f64_avx512, __m512d, 8, __mmask8, pd)
 
 /* The training input gradient (bn_grad_input's operations): p holds (hi,
  * lo, k, c1, c0) per channel. dx may be x or dy. */

@@ -1,9 +1,9 @@
 """Planar runs that do not fill whole cache lines (7x7, 10x10, 14x14 feature
 maps), or are short (under 2 KiB), are normalised a row at a time when the
-output takes streaming stores: one stream over the runs of consecutive channels, whose vectors
-blend two channels' constants where a run ends inside them
-(bn_affine_runs, and bn_grad_runs for the training backward's input
-gradient). Its output must be bitwise that of the runs written one at a
+output takes streaming stores: one stream over the runs of consecutive
+channels, whose vectors blend two channels' constants where a run ends
+inside them (bn_affine_runs, and bn_grad_runs for the training backward's
+input gradient). Its output must be bitwise that of the runs written one at a
 time (set_row_runs(False)). The backward's sums over blocks of several
 runs, taken many channels at a time (set_lane_groups), must be bitwise
 those taken a channel at a time.
