@@ -909,6 +909,13 @@ BN_INLINE __m512d bn_grad8_avx512(__m512d x, __m512d dy, __m512d hi, __m512d lo,
  * core, 5-8 % on two; this loop's eval, (N, 8), (N, 32) and (N, 128)
  * float32 and float64, 0.92-1.00 -> 1.03-1.14 of a streaming copy on one
  * thread, 0.94-1.06 -> 0.96-1.15 on two. */
+/* The vector kernels by intrinsics suffix (BN_AFFINE_##SFX, BN_GRAD_##SFX),
+ * for the loop macros below, each written once for both widths. */
+#define BN_AFFINE_ps bn_affine16_avx512
+#define BN_AFFINE_pd bn_affine8_avx512
+#define BN_GRAD_ps bn_grad16_avx512
+#define BN_GRAD_pd bn_grad8_avx512
+
 #define BN_PERIODIC_FULL(SFX, ptr) _mm512_loadu_##SFX(ptr)
 #define BN_PERIODIC_MASKED(SFX, ptr) _mm512_maskz_loadu_##SFX(m, ptr)
 #define BN_PERIODIC_LOOP(T, VEC, L, MASK, SFX, OUT, VALUE)                               \
@@ -969,15 +976,12 @@ __attribute__((target("avx512f"))) static void NAME(                            
     const ptrdiff_t stretch = period + (L);                                               \
     const T *ph = pattern, *pl = pattern + stretch;                                       \
     const T *ps = pattern + 2 * stretch, *pt = pattern + 3 * stretch;                     \
-    BN_PERIODIC_LOOP(T, VEC, L, MASK, SFX, y, BN_PERIODIC_AFFINE_VALUE_##SFX)             \
+    BN_PERIODIC_LOOP(T, VEC, L, MASK, SFX, y, BN_PERIODIC_AFFINE_VALUE)                   \
 }
-#define BN_PERIODIC_AFFINE_VALUE(LOAD, SFX, AFF, i, p)                                    \
-    AFF(LOAD(SFX, x + (i)), _mm512_loadu_##SFX(ph + (p)), _mm512_loadu_##SFX(pl + (p)),  \
-        _mm512_loadu_##SFX(ps + (p)), _mm512_loadu_##SFX(pt + (p)), relu)
-#define BN_PERIODIC_AFFINE_VALUE_ps(LOAD, SFX, i, p)                                      \
-    BN_PERIODIC_AFFINE_VALUE(LOAD, SFX, bn_affine16_avx512, i, p)
-#define BN_PERIODIC_AFFINE_VALUE_pd(LOAD, SFX, i, p)                                      \
-    BN_PERIODIC_AFFINE_VALUE(LOAD, SFX, bn_affine8_avx512, i, p)
+#define BN_PERIODIC_AFFINE_VALUE(LOAD, SFX, i, p)                                         \
+    BN_AFFINE_##SFX(LOAD(SFX, x + (i)), _mm512_loadu_##SFX(ph + (p)),                     \
+                    _mm512_loadu_##SFX(pl + (p)), _mm512_loadu_##SFX(ps + (p)),           \
+                    _mm512_loadu_##SFX(pt + (p)), relu)
 BN_DEFINE_PERIODIC_AFFINE(float, bn_periodic_affine_f32_avx512, __m512, 16, __mmask16, ps)
 BN_DEFINE_PERIODIC_AFFINE(double, bn_periodic_affine_f64_avx512, __m512d, 8, __mmask8, pd)
 
@@ -992,16 +996,12 @@ __attribute__((target("avx512f"))) static void NAME(                            
     const ptrdiff_t stretch = period + (L);                                               \
     const T *ph = pattern, *pl = pattern + stretch, *pk = pattern + 2 * stretch;          \
     const T *p1 = pattern + 3 * stretch, *p0 = pattern + 4 * stretch;                    \
-    BN_PERIODIC_LOOP(T, VEC, L, MASK, SFX, dx, BN_PERIODIC_GRAD_VALUE_##SFX)              \
+    BN_PERIODIC_LOOP(T, VEC, L, MASK, SFX, dx, BN_PERIODIC_GRAD_VALUE)                    \
 }
-#define BN_PERIODIC_GRAD_VALUE(LOAD, SFX, GRAD, i, p)                                     \
-    GRAD(LOAD(SFX, x + (i)), LOAD(SFX, dy + (i)), _mm512_loadu_##SFX(ph + (p)),           \
-         _mm512_loadu_##SFX(pl + (p)), _mm512_loadu_##SFX(pk + (p)),                      \
-         _mm512_loadu_##SFX(p1 + (p)), _mm512_loadu_##SFX(p0 + (p)))
-#define BN_PERIODIC_GRAD_VALUE_ps(LOAD, SFX, i, p)                                        \
-    BN_PERIODIC_GRAD_VALUE(LOAD, SFX, bn_grad16_avx512, i, p)
-#define BN_PERIODIC_GRAD_VALUE_pd(LOAD, SFX, i, p)                                        \
-    BN_PERIODIC_GRAD_VALUE(LOAD, SFX, bn_grad8_avx512, i, p)
+#define BN_PERIODIC_GRAD_VALUE(LOAD, SFX, i, p)                                           \
+    BN_GRAD_##SFX(LOAD(SFX, x + (i)), LOAD(SFX, dy + (i)), _mm512_loadu_##SFX(ph + (p)),  \
+                  _mm512_loadu_##SFX(pl + (p)), _mm512_loadu_##SFX(pk + (p)),             \
+                  _mm512_loadu_##SFX(p1 + (p)), _mm512_loadu_##SFX(p0 + (p)))
 BN_DEFINE_PERIODIC_GRAD(float, bn_periodic_grad_f32_avx512, __m512, 16, __mmask16, ps)
 BN_DEFINE_PERIODIC_GRAD(double, bn_periodic_grad_f64_avx512, __m512d, 8, __mmask8, pd)
 
@@ -1012,7 +1012,7 @@ BN_DEFINE_PERIODIC_GRAD(double, bn_periodic_grad_f64_avx512, __m512d, 8, __mmask
  * q (the second): the same channel's or two channels'. The caller keeps
  * apart * sizeof(T) a multiple of a line, so both runs' lines start at the
  * same index. bn_affine's operations, so its bits. */
-#define BN_DEFINE_AFFINE_TWIN(T, NAME, VEC, L, MASK, SFX, AFF)                            \
+#define BN_DEFINE_AFFINE_TWIN(T, NAME, VEC, L, MASK, SFX)                                 \
 __attribute__((target("avx512f"))) static void NAME(                                      \
     const T *x, T *y, ptrdiff_t apart, ptrdiff_t n, const T *p, const T *q, int relu,     \
     int stream)                                                                           \
@@ -1030,15 +1030,15 @@ __attribute__((target("avx512f"))) static void NAME(                            
     if (k0 > 0) {                                                                         \
         m = (MASK)((1u << k0) - 1);                                                       \
         _mm512_mask_storeu_##SFX(                                                         \
-            y, m, AFF(_mm512_maskz_loadu_##SFX(m, x), h, l, a, b, relu));                 \
+            y, m, BN_AFFINE_##SFX(_mm512_maskz_loadu_##SFX(m, x), h, l, a, b, relu));                 \
         _mm512_mask_storeu_##SFX(                                                         \
             y + apart, m,                                                                 \
-            AFF(_mm512_maskz_loadu_##SFX(m, x + apart), h2, l2, a2, b2, relu));           \
+            BN_AFFINE_##SFX(_mm512_maskz_loadu_##SFX(m, x + apart), h2, l2, a2, b2, relu));           \
         i = k0;                                                                           \
     }                                                                                     \
     for (; i + (L) <= n; i += (L)) {                                                      \
-        VEC v = AFF(_mm512_loadu_##SFX(x + i), h, l, a, b, relu);                         \
-        VEC w = AFF(_mm512_loadu_##SFX(x + apart + i), h2, l2, a2, b2, relu);             \
+        VEC v = BN_AFFINE_##SFX(_mm512_loadu_##SFX(x + i), h, l, a, b, relu);                         \
+        VEC w = BN_AFFINE_##SFX(_mm512_loadu_##SFX(x + apart + i), h2, l2, a2, b2, relu);             \
         if (stream) {                                                                     \
             _mm512_stream_##SFX(y + i, v);                                                \
             _mm512_stream_##SFX(y + apart + i, w);                                        \
@@ -1050,16 +1050,14 @@ __attribute__((target("avx512f"))) static void NAME(                            
     if (i < n) {                                                                          \
         m = (MASK)((1u << (n - i)) - 1);                                                  \
         _mm512_mask_storeu_##SFX(                                                         \
-            y + i, m, AFF(_mm512_maskz_loadu_##SFX(m, x + i), h, l, a, b, relu));         \
+            y + i, m, BN_AFFINE_##SFX(_mm512_maskz_loadu_##SFX(m, x + i), h, l, a, b, relu));         \
         _mm512_mask_storeu_##SFX(                                                         \
             y + apart + i, m,                                                             \
-            AFF(_mm512_maskz_loadu_##SFX(m, x + apart + i), h2, l2, a2, b2, relu));       \
+            BN_AFFINE_##SFX(_mm512_maskz_loadu_##SFX(m, x + apart + i), h2, l2, a2, b2, relu));       \
     }                                                                                     \
 }
-BN_DEFINE_AFFINE_TWIN(float, bn_affine_twin_f32_avx512, __m512, 16, __mmask16, ps,
-                      bn_affine16_avx512)
-BN_DEFINE_AFFINE_TWIN(double, bn_affine_twin_f64_avx512, __m512d, 8, __mmask8, pd,
-                      bn_affine8_avx512)
+BN_DEFINE_AFFINE_TWIN(float, bn_affine_twin_f32_avx512, __m512, 16, __mmask16, ps)
+BN_DEFINE_AFFINE_TWIN(double, bn_affine_twin_f64_avx512, __m512d, 8, __mmask8, pd)
 #undef BN_DEFINE_AFFINE_TWIN
 
 /* One row's runs of consecutive channels, n values in all, each channel's
@@ -1136,14 +1134,10 @@ BN_DEFINE_AFFINE_TWIN(double, bn_affine_twin_f64_avx512, __m512d, 8, __mmask8, p
 __attribute__((target("avx512f"))) static void NAME(                                      \
     const T *x, T *y, ptrdiff_t n, ptrdiff_t inner, const T *p, int relu, int stream)     \
 {                                                                                         \
-    BN_RUNS_LOOP(T, VEC, L, MASK, SFX, 4, y, BN_RUNS_AFFINE_VALUE_##SFX)                  \
+    BN_RUNS_LOOP(T, VEC, L, MASK, SFX, 4, y, BN_RUNS_AFFINE_VALUE)                        \
 }
-#define BN_RUNS_AFFINE_VALUE(LOAD, SFX, AFF, i)                                           \
-    AFF(LOAD(SFX, x + (i)), now0, now1, now2, now3, relu)
-#define BN_RUNS_AFFINE_VALUE_ps(LOAD, SFX, i)                                             \
-    BN_RUNS_AFFINE_VALUE(LOAD, SFX, bn_affine16_avx512, i)
-#define BN_RUNS_AFFINE_VALUE_pd(LOAD, SFX, i)                                             \
-    BN_RUNS_AFFINE_VALUE(LOAD, SFX, bn_affine8_avx512, i)
+#define BN_RUNS_AFFINE_VALUE(LOAD, SFX, i)                                                \
+    BN_AFFINE_##SFX(LOAD(SFX, x + (i)), now0, now1, now2, now3, relu)
 BN_DEFINE_AFFINE_RUNS(float, bn_affine_runs_f32_avx512, __m512, 16, __mmask16, ps)
 BN_DEFINE_AFFINE_RUNS(double, bn_affine_runs_f64_avx512, __m512d, 8, __mmask8, pd)
 
@@ -1153,34 +1147,26 @@ BN_DEFINE_AFFINE_RUNS(double, bn_affine_runs_f64_avx512, __m512d, 8, __mmask8, p
 __attribute__((target("avx512f"))) static void NAME(                                      \
     const T *x, const T *dy, T *dx, ptrdiff_t n, ptrdiff_t inner, const T *p, int stream) \
 {                                                                                         \
-    BN_RUNS_LOOP(T, VEC, L, MASK, SFX, 5, dx, BN_RUNS_GRAD_VALUE_##SFX)                   \
+    BN_RUNS_LOOP(T, VEC, L, MASK, SFX, 5, dx, BN_RUNS_GRAD_VALUE)                         \
 }
-#define BN_RUNS_GRAD_VALUE(LOAD, SFX, GRAD, i)                                            \
-    GRAD(LOAD(SFX, x + (i)), LOAD(SFX, dy + (i)), now0, now1, now2, now3, now4)
-#define BN_RUNS_GRAD_VALUE_ps(LOAD, SFX, i)                                               \
-    BN_RUNS_GRAD_VALUE(LOAD, SFX, bn_grad16_avx512, i)
-#define BN_RUNS_GRAD_VALUE_pd(LOAD, SFX, i)                                               \
-    BN_RUNS_GRAD_VALUE(LOAD, SFX, bn_grad8_avx512, i)
+#define BN_RUNS_GRAD_VALUE(LOAD, SFX, i)                                                  \
+    BN_GRAD_##SFX(LOAD(SFX, x + (i)), LOAD(SFX, dy + (i)), now0, now1, now2, now3, now4)
 BN_DEFINE_GRAD_RUNS(float, bn_grad_runs_f32_avx512, __m512, 16, __mmask16, ps)
 BN_DEFINE_GRAD_RUNS(double, bn_grad_runs_f64_avx512, __m512d, 8, __mmask8, pd)
 #undef BN_DEFINE_GRAD_RUNS
 #undef BN_RUNS_GRAD_VALUE
-#undef BN_RUNS_GRAD_VALUE_ps
-#undef BN_RUNS_GRAD_VALUE_pd
 #undef BN_RUNS_AFFINE_VALUE
-#undef BN_RUNS_AFFINE_VALUE_ps
-#undef BN_RUNS_AFFINE_VALUE_pd
 #undef BN_RUNS_LOOP
 #undef BN_RUNS_LOAD
 #undef BN_DEFINE_AFFINE_RUNS
 #undef BN_DEFINE_PERIODIC_AFFINE
 #undef BN_DEFINE_PERIODIC_GRAD
 #undef BN_PERIODIC_AFFINE_VALUE
-#undef BN_PERIODIC_AFFINE_VALUE_ps
-#undef BN_PERIODIC_AFFINE_VALUE_pd
 #undef BN_PERIODIC_GRAD_VALUE
-#undef BN_PERIODIC_GRAD_VALUE_ps
-#undef BN_PERIODIC_GRAD_VALUE_pd
+#undef BN_AFFINE_ps
+#undef BN_AFFINE_pd
+#undef BN_GRAD_ps
+#undef BN_GRAD_pd
 #undef BN_PERIODIC_LOOP
 #undef BN_PERIODIC_FULL
 #undef BN_PERIODIC_MASKED
