@@ -21,8 +21,12 @@ from bncore import _kernels
 from test_periodic_normalize import _problem, _same_bits
 from test_pipelined import _offset_array
 
-# (outer, channels, inner), inner >= 32 (the planar layout).
-SHAPES = [(130, 2, 32), (200, 3, 48), (450, 2, 40), (300, 3, 33), (200, 2, 1000)]
+# (outer, channels, inner), inner >= 32 (the planar layout). With streaming
+# stores, runs that share lines or are under 2 KiB are written a row at a
+# time instead (rows_as_runs, test_row_runs.py): (130, 2, 512), runs of
+# 2 KiB of float32 (4 KiB of float64), keeps the row pairs under them.
+SHAPES = [(130, 2, 32), (200, 3, 48), (450, 2, 40), (300, 3, 33), (200, 2, 1000),
+          (130, 2, 512)]
 
 
 @pytest.fixture
