@@ -475,10 +475,7 @@ cdef inline void affine_params(const AffineIn *a, Py_ssize_t c, floating *hi, fl
     of the input type, so the subtraction keeps the mean's low bits
     (bn_affine in _leaf_loops_impl.h).
     """
-    cdef double w = param_at(a.weight, c, 1.0)
-    cdef double b = param_at(a.bias, c, 0.0)
-    cdef double extra = 0.0 if a.residual == NULL else a.residual[c]
-    cdef double mean, invstd
+    cdef double w, b, extra, mean, invstd
     cdef const floating *known
     if a.constants != NULL:
         known = <const floating *>a.constants + 4 * c
@@ -487,6 +484,9 @@ cdef inline void affine_params(const AffineIn *a, Py_ssize_t c, floating *hi, fl
         scale[0] = known[2]
         shift[0] = known[3]
         return
+    w = param_at(a.weight, c, 1.0)
+    b = param_at(a.bias, c, 0.0)
+    extra = 0.0 if a.residual == NULL else a.residual[c]
     if a.mean != NULL:
         mean = a.mean[c]
         invstd = a.invstd[c]
@@ -662,17 +662,12 @@ cdef inline Py_ssize_t block_rows(const Planar *g, Py_ssize_t n, Py_ssize_t n1) 
     return min(g.runs_per_block, n1 - n)
 
 
-cdef inline Py_ssize_t block_end_at(const Planar *g, Py_ssize_t n, Py_ssize_t n1,
-                                    Py_ssize_t *left, Py_ssize_t *nrows) noexcept nogil:
-    """For a walk over a chunk's rows in order, up to row n1: the rows of the
-    block of whole runs that ends at row n, or 0 where the block goes on, as
-    block_rows cuts them. left and nrows are the walk's state; left is 0 at
-    the chunk's first row."""
-    if left[0] == 0:
-        nrows[0] = block_rows(g, n, n1)
-        left[0] = nrows[0]
-    left[0] = left[0] - 1
-    return nrows[0] if left[0] == 0 else 0
+cdef inline Py_ssize_t block_end_at(const Planar *g, Py_ssize_t n, Span s) noexcept nogil:
+    """The rows of the block of whole runs of chunk s that ends at row n, or
+    0 where the block goes on, as block_rows cuts them: blocks of
+    runs_per_block rows from the chunk's first row, the last one short."""
+    cdef Py_ssize_t done = (n - s.n0) % g.runs_per_block + 1
+    return done if done == g.runs_per_block or n + 1 == s.n1 else 0
 
 
 cdef inline bint one_run_blocks(const Planar *g) noexcept nogil:
@@ -928,10 +923,11 @@ cdef bint row_runs_enabled = True     # set_row_runs
 
 cdef inline bint rows_as_runs(const Planar *g, bint stream, Py_ssize_t itemsize) noexcept nogil:
     """Whether the two-pass normalisation and input gradient write each row's
-    runs of a row chunk as one stream (bn_affine_runs, bn_grad_runs), given
-    the table of constants: streaming stores (with normal ones that loop
-    measured 1.3-3.4 times slower than one call per run), AVX-512, and runs
-    that share lines or are shorter than ROW_RUNS_MAX_BYTES."""
+    runs of a row chunk as one stream (bn_affine_runs, bn_grad_runs; the
+    callers also need their table of constants): streaming stores (with
+    normal ones that loop measured 1.3-3.4 times slower than one call per
+    run), AVX-512, and runs that share lines or are shorter than
+    ROW_RUNS_MAX_BYTES."""
     return (stream and g.rows_per_chunk > 0 and bn_periodic_lanes(itemsize) != 0
             and (runs_share_lines(g, itemsize) or g.inner * itemsize < ROW_RUNS_MAX_BYTES)
             and row_runs_enabled)
@@ -1074,12 +1070,14 @@ cdef void pipelined_runs(const floating *x, floating *y, const Planar *g, Py_ssi
 
 cdef inline bint short_split_runs(const Planar *g, Py_ssize_t itemsize) noexcept nogil:
     """Whether the pipelined passes write with normal stores even where the
-    output is large: runs under 512 bytes that are not whole lines, where
-    most lines are shared by two runs written at different times. Measured
-    float32, one thread, in streaming-copy times: (512, 512, 7, 7) training
-    19 with streaming stores, 4.9 with normal ones, backward 19.6 and 8.4;
-    runs of 784 and 1568 bytes ran 15-30 % faster with streaming stores."""
-    return runs_share_lines(g, itemsize) and g.inner * itemsize < 512
+    output is large: runs under PIPE_MIN_RUN_BYTES that are not whole lines,
+    where most lines are shared by two runs written at different times
+    (by size, such runs are not pipelined at all: this is for the forced
+    modes). Measured float32, one thread, in streaming-copy times: (512,
+    512, 7, 7) training 19 with streaming stores, 4.9 with normal ones,
+    backward 19.6 and 8.4; runs of 784 and 1568 bytes ran 15-30 % faster
+    with streaming stores."""
+    return runs_share_lines(g, itemsize) and g.inner * itemsize < PIPE_MIN_RUN_BYTES
 
 
 cdef void pipelined_item(const floating *x, floating *y, const Planar *g, Py_ssize_t c0,
@@ -1092,7 +1090,7 @@ cdef void pipelined_item(const floating *x, floating *y, const Planar *g, Py_ssi
     cdef bn_lanes s1
     cdef bn_lanes s2
     cdef Py_ssize_t nchunks = g.chunks_per_channel
-    cdef Py_ssize_t c, k, n, sc, nc, block_end, left, nrows = 0
+    cdef Py_ssize_t c, k, n, sc, nc, block_end
     cdef Span s
     cdef double origin = 0.0
     cdef Py_ssize_t ahead = runs_ahead(g, sizeof(floating))
@@ -1110,10 +1108,9 @@ cdef void pipelined_item(const floating *x, floating *y, const Planar *g, Py_ssi
             s = chunk_span(g, k)
             if sc >= 0:
                 table[k] = empty_moments()
-            left = 0
             for n in range(s.n0, s.n1):
                 # Blocks of whole runs as planar_chunk_moments cuts them.
-                block_end = block_end_at(g, n, s.n1, &left, &nrows)
+                block_end = block_end_at(g, n, s)
                 # Rows are normalised last read first: those still in L2.
                 pipelined_runs(x, y, g, n, sc, origin, s1, s2, block_end, &table[k],
                                run_after(x, g, n, sc, c1, ahead) if sc >= 0 else NULL,
@@ -1234,8 +1231,8 @@ cdef void columns_moments(const floating *x, Py_ssize_t nrows, Py_ssize_t stride
     cdef Moments block
     cdef Py_ssize_t r, n, j
     cdef Py_ssize_t slab = max(<Py_ssize_t>1, SLAB_BYTES // (ncols * <Py_ssize_t>sizeof(floating)))
-    cdef Py_ssize_t block_rows = max(<Py_ssize_t>1,
-                                     ROW_BLOCK_BYTES // (ncols * <Py_ssize_t>sizeof(double)))
+    cdef Py_ssize_t rows_per_block = max(<Py_ssize_t>1,
+                                         ROW_BLOCK_BYTES // (ncols * <Py_ssize_t>sizeof(double)))
     cdef int npass
     if nrows == 0:
         return
@@ -1253,7 +1250,7 @@ cdef void columns_moments(const floating *x, Py_ssize_t nrows, Py_ssize_t stride
     else:
         r = 0
         while r < nrows:
-            n = min(block_rows, nrows - r)
+            n = min(rows_per_block, nrows - r)
             for npass in range(2):
                 for j in range(ncols):
                     s1[j] = 0.0
@@ -1918,9 +1915,10 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
 # channel c's dx is written, from cache, the gradient sums of channel c + 1
 # are read from memory in the same loop, run by run, each run asking for
 # the next one ahead of use; so the memory sees x and dy read once and dx
-# written, instead of x and dy read twice. Channel c + 1's run sums, chunk
-# sums and total are added exactly as planar_rows_grad_sums and
-# finish_grad_channel add them: the bits of the two-pass path.
+# written, instead of x and dy read twice. Channel c + 1's block sums (lanes
+# carried from run to run), chunk sums and total are added exactly as
+# planar_rows_grad_sums and finish_grad_channel add them: the bits of the
+# two-pass path.
 
 cdef struct GradConstantsF32:
     # dx = dy * k + (((x - hi) - lo) * c1 + c0) for one channel (grad_constants)
@@ -1992,7 +1990,7 @@ cdef void pipelined_backward_item(const float *x, const float *dy, float *dx, co
     cdef bn_lanes lanes_dy
     cdef bn_lanes lanes_dev
     cdef Py_ssize_t nchunks = g.chunks_per_channel
-    cdef Py_ssize_t c, chunk, n, sc, nc, block_end, left, nrows = 0
+    cdef Py_ssize_t c, chunk, n, sc, nc, block_end
     cdef Span s
     cdef double mean = 0.0
     cdef Py_ssize_t ahead = runs_ahead(g, sizeof(float))
@@ -2013,10 +2011,9 @@ cdef void pipelined_backward_item(const float *x, const float *dy, float *dx, co
             s = chunk_span(g, chunk)
             if sc >= 0:
                 chunks[chunk] = zero_grad_sums()
-            left = 0
             for n in range(s.n0, s.n1):
                 # Blocks of whole runs as planar_chunk_grad_sums cuts them.
-                block_end = block_end_at(g, n, s.n1, &left, &nrows)
+                block_end = block_end_at(g, n, s)
                 # Rows are written last read first: those still in L2.
                 pipelined_grad_runs(x, dy, dx, g, n, sc, mean, lanes_dy, lanes_dev, block_end,
                                     &chunks[chunk],
