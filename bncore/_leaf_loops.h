@@ -640,6 +640,31 @@ static inline void bn_rows_grad_sums_f32(
  * in the same order for each lane: the results are bitwise theirs. */
 #define BN_PIPE_SPAN 256
 
+/* The partial lines a pipelined kernel may leave unwritten (its `leave`
+ * argument, with streaming stores only): the first line of the run it
+ * writes, which it shares with the run before, and the last, shared with
+ * the run after. The caller writes each such line whole, once both runs'
+ * constants are known (bn_affine_seam, bn_grad_seam): written in two parts,
+ * a normal store beside the streaming ones, that line is read from memory
+ * first and stalls the stores behind it. */
+#define BN_LEAVE_HEAD 1
+#define BN_LEAVE_TAIL 2
+
+/* Values [*begin, *end) of a run of n values at out are written under
+ * `leave`: all but a partial first line (BN_LEAVE_HEAD) and a partial last
+ * one (BN_LEAVE_TAIL). */
+static inline void bn_written_span(const void *out, size_t itemsize, ptrdiff_t n, int leave,
+                                   ptrdiff_t *begin, ptrdiff_t *end)
+{
+    *begin = (leave & BN_LEAVE_HEAD) ? bn_line_head(out, itemsize, n) : 0;
+    *end = n;
+    if (leave & BN_LEAVE_TAIL) {
+        ptrdiff_t tail = (ptrdiff_t)(((uintptr_t)out + (size_t)n * itemsize)
+                                     & (BN_LINE_BYTES - 1)) / (ptrdiff_t)itemsize;
+        *end = n - tail > *begin ? n - tail : *begin;
+    }
+}
+
 /* Ask for the nbytes at run to be brought into L1 (prefetcht0) or, when
  * to_l1 is 0, into L2 (prefetcht1), all at once. The pipelined training
  * forward calls it on the run it will normalise next: fetched ahead as a
@@ -704,7 +729,7 @@ BN_INLINE void bn_store_part_avx512(float *y, ptrdiff_t count, __m512 v, int str
 __attribute__((target("avx512f"))) static void bn_stats_and_affine_f32_avx512(
     const float *BN_RESTRICT xs, ptrdiff_t n, double origin, double *BN_RESTRICT s1,
     double *BN_RESTRICT s2, const float *ahead, const float *xn, float *yn, float mean_hi,
-    float mean_lo, float scale, float shift, int relu, int stream)
+    float mean_lo, float scale, float shift, int relu, int stream, int leave)
 {
     __m512d a1 = _mm512_setzero_pd(), b1 = a1, a2 = a1, b2 = a1;
     const __m512d o = _mm512_set1_pd(origin);
@@ -729,7 +754,7 @@ __attribute__((target("avx512f"))) static void bn_stats_and_affine_f32_avx512(
     }
     /* The head and tail of the normalisation are masked vectors (the same
      * operations on each value). */
-    if (xn != NULL && k0 > 0) {
+    if (xn != NULL && k0 > 0 && !(leave & BN_LEAVE_HEAD)) {
         __mmask16 m = (__mmask16)((1u << k0) - 1);
         bn_store_part_avx512(yn, k0, bn_affine16_avx512(_mm512_maskz_loadu_ps(m, xn), h, l, sc,
                                                         sh, relu), stream);
@@ -766,7 +791,7 @@ __attribute__((target("avx512f"))) static void bn_stats_and_affine_f32_avx512(
         BN_AFFINE16;
 #undef BN_STATS16
 #undef BN_AFFINE16
-    if (k < n) {
+    if (k < n && !(leave & BN_LEAVE_TAIL)) {
         __m512 v = bn_load_tail_avx512(xn + k, n - k, k);
         bn_store_part_avx512(yn + k, n - k, bn_affine16_avx512(v, h, l, sc, sh, relu), stream);
     }
@@ -787,18 +812,23 @@ __attribute__((target("avx512f"))) static void bn_stats_and_affine_f32_avx512(
 #define BN_DEFINE_STATS_AND_AFFINE_PIECES(T, SFX)                                      \
 static inline void bn_stats_and_affine_pieces_##SFX(                                   \
     const T *xs, ptrdiff_t n, double origin, double *s1, double *s2, const T *ahead,   \
-    const T *xn, T *yn, T mean_hi, T mean_lo, T scale, T shift, int relu, int stream)  \
+    const T *xn, T *yn, T mean_hi, T mean_lo, T scale, T shift, int relu, int stream,  \
+    int leave)                                                                         \
 {                                                                                      \
+    ptrdiff_t begin = 0, end = n;                                                      \
+    if (xn != NULL && stream)                                                          \
+        bn_written_span(yn, sizeof(T), n, leave, &begin, &end);                        \
     for (ptrdiff_t j = 0; j < n; j += BN_PIPE_SPAN) {                                  \
         ptrdiff_t m = n - j < BN_PIPE_SPAN ? n - j : BN_PIPE_SPAN;                     \
+        ptrdiff_t lo = j > begin ? j : begin, hi = j + m < end ? j + m : end;          \
         if (ahead != NULL)                                                             \
             for (ptrdiff_t k = 0; k < m; k += BN_LINE_BYTES / (ptrdiff_t)sizeof(T))    \
                 __builtin_prefetch(ahead + j + k, 0, 2);                               \
         if (xs != NULL)                                                                \
             bn_lane_shifted_sums_##SFX(xs + j, m, origin, 0.0, s1, s2);                \
-        if (xn != NULL)                                                                \
-            bn_affine_##SFX(xn + j, yn + j, m, mean_hi, mean_lo, scale, shift, relu,   \
-                            stream);                                                   \
+        if (xn != NULL && lo < hi)                                                     \
+            bn_affine_##SFX(xn + lo, yn + lo, hi - lo, mean_hi, mean_lo, scale, shift,  \
+                            relu, stream);                                             \
     }                                                                                  \
 }
 BN_DEFINE_STATS_AND_AFFINE_PIECES(float, f32)
@@ -808,17 +838,17 @@ BN_DEFINE_STATS_AND_AFFINE_PIECES(double, f64)
 static inline void bn_stats_and_affine_f32(
     const float *xs, ptrdiff_t n, double origin, double *s1, double *s2, const float *ahead,
     const float *xn, float *yn, float mean_hi, float mean_lo, float scale, float shift,
-    int relu, int stream)
+    int relu, int stream, int leave)
 {
 #if BN_X86_DISPATCH
     if (__builtin_cpu_supports("avx512f")) {
         bn_stats_and_affine_f32_avx512(xs, n, origin, s1, s2, ahead, xn, yn, mean_hi,
-                                       mean_lo, scale, shift, relu, stream);
+                                       mean_lo, scale, shift, relu, stream, leave);
         return;
     }
 #endif
     bn_stats_and_affine_pieces_f32(xs, n, origin, s1, s2, ahead, xn, yn, mean_hi, mean_lo,
-                                   scale, shift, relu, stream);
+                                   scale, shift, relu, stream, leave);
 }
 
 /* float64 has no fused loop: its blocks take a second pass from cache
@@ -1154,6 +1184,43 @@ __attribute__((target("avx512f"))) static void NAME(                            
 BN_DEFINE_GRAD_RUNS(float, bn_grad_runs_f32_avx512, __m512, 16, __mmask16, ps)
 BN_DEFINE_GRAD_RUNS(double, bn_grad_runs_f64_avx512, __m512d, 8, __mmask8, pd)
 #undef BN_DEFINE_GRAD_RUNS
+
+/* The line two runs share (BN_LEAVE_HEAD, BN_LEAVE_TAIL), written whole
+ * with one streaming store: the aligned line at `out` holds the last
+ * `split` values of a run (constants `before`) and the first values of the
+ * run after it (constants `after`), NC constants each, in the order of the
+ * row-run loops' tables. Each value takes its own run's constants and the
+ * one-run kernel's operations, so its bits. */
+#define BN_SEAM_CONSTANT(SFX, MASK, j)                                                    \
+    _mm512_mask_blend_##SFX((MASK) ~((1u << split) - 1), _mm512_set1_##SFX(before[j]),    \
+                            _mm512_set1_##SFX(after[j]))
+#define BN_DEFINE_AFFINE_SEAM(T, NAME, MASK, SFX)                                         \
+__attribute__((target("avx512f"))) static void NAME(                                      \
+    const T *x, T *y, int split, const T *before, const T *after, int relu)               \
+{                                                                                         \
+    _mm512_stream_##SFX(y, BN_AFFINE_##SFX(_mm512_loadu_##SFX(x),                         \
+                                           BN_SEAM_CONSTANT(SFX, MASK, 0),                \
+                                           BN_SEAM_CONSTANT(SFX, MASK, 1),                \
+                                           BN_SEAM_CONSTANT(SFX, MASK, 2),                \
+                                           BN_SEAM_CONSTANT(SFX, MASK, 3), relu));        \
+}
+BN_DEFINE_AFFINE_SEAM(float, bn_affine_seam_f32_avx512, __mmask16, ps)
+BN_DEFINE_AFFINE_SEAM(double, bn_affine_seam_f64_avx512, __mmask8, pd)
+#undef BN_DEFINE_AFFINE_SEAM
+
+/* The training input gradient's (the pipelined backward is float32 only). */
+__attribute__((target("avx512f"))) static void bn_grad_seam_f32_avx512(
+    const float *x, const float *dy, float *dx, int split, const float *before,
+    const float *after)
+{
+    _mm512_stream_ps(dx, bn_grad16_avx512(_mm512_loadu_ps(x), _mm512_loadu_ps(dy),
+                                          BN_SEAM_CONSTANT(ps, __mmask16, 0),
+                                          BN_SEAM_CONSTANT(ps, __mmask16, 1),
+                                          BN_SEAM_CONSTANT(ps, __mmask16, 2),
+                                          BN_SEAM_CONSTANT(ps, __mmask16, 3),
+                                          BN_SEAM_CONSTANT(ps, __mmask16, 4)));
+}
+#undef BN_SEAM_CONSTANT
 #undef BN_RUNS_GRAD_VALUE
 #undef BN_RUNS_AFFINE_VALUE
 #undef BN_RUNS_LOOP
@@ -1195,7 +1262,13 @@ static inline int bn_periodic_lanes(int itemsize)
 #define bn_affine_runs_f64 bn_affine_runs_f64_avx512
 #define bn_grad_runs_f32 bn_grad_runs_f32_avx512
 #define bn_grad_runs_f64 bn_grad_runs_f64_avx512
+#define bn_affine_seam_f32 bn_affine_seam_f32_avx512
+#define bn_affine_seam_f64 bn_affine_seam_f64_avx512
+#define bn_grad_seam_f32 bn_grad_seam_f32_avx512
 #else   /* never called there: bn_periodic_lanes is 0 */
+#define bn_affine_seam_f32(...) ((void)0)
+#define bn_affine_seam_f64(...) ((void)0)
+#define bn_grad_seam_f32(...) ((void)0)
 #define bn_affine_twin_f32(...) ((void)0)
 #define bn_affine_twin_f64(...) ((void)0)
 #define bn_affine_runs_f32(...) ((void)0)
@@ -1223,7 +1296,7 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512
     const float *xs, const float *dys, ptrdiff_t n, double mean, double *BN_RESTRICT s_dy,
     double *BN_RESTRICT s_dy_dev, const float *ahead_x, const float *ahead_dy,
     const float *xn, const float *dyn, float *dxn, float mean_hi, float mean_lo, float k,
-    float c1, float c0, int stream)
+    float c1, float c0, int stream, int leave)
 {
     __m512d a1 = _mm512_setzero_pd(), b1 = a1, a2 = a1, b2 = a1;
     const __m512d m = _mm512_set1_pd(mean);
@@ -1249,7 +1322,7 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512
         a1 = _mm512_loadu_pd(s_dy), b1 = _mm512_loadu_pd(s_dy + 8);
         a2 = _mm512_loadu_pd(s_dy_dev), b2 = _mm512_loadu_pd(s_dy_dev + 8);
     }
-    if (xn != NULL && j0 > 0) {
+    if (xn != NULL && j0 > 0 && !(leave & BN_LEAVE_HEAD)) {
         __mmask16 head = (__mmask16)((1u << j0) - 1);
         bn_store_part_avx512(dxn, j0, bn_grad16_avx512(_mm512_maskz_loadu_ps(head, xn),
                                                        _mm512_maskz_loadu_ps(head, dyn),
@@ -1292,7 +1365,7 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512
         BN_GRAD16;
 #undef BN_SUMS16
 #undef BN_GRAD16
-    if (j < n) {
+    if (j < n && !(leave & BN_LEAVE_TAIL)) {
         bn_store_part_avx512(dxn + j, n - j,
                              bn_grad16_avx512(bn_load_tail_avx512(xn + j, n - j, j),
                                               bn_load_tail_avx512(dyn + j, n - j, j),
@@ -1313,19 +1386,24 @@ static inline void bn_grad_sums_and_input_f32(
     const float *xs, const float *dys, ptrdiff_t n, double mean, double *s_dy,
     double *s_dy_dev, const float *ahead_x, const float *ahead_dy, const float *xn,
     const float *dyn, float *dxn, float mean_hi, float mean_lo, float k, float c1, float c0,
-    int stream)
+    int stream, int leave)
 {
+    ptrdiff_t begin = 0, end = n;
 #if BN_X86_DISPATCH
     if (__builtin_cpu_supports("avx512f")) {
         bn_grad_sums_and_input_f32_avx512(xs, dys, n, mean, s_dy, s_dy_dev, ahead_x, ahead_dy,
-                                          xn, dyn, dxn, mean_hi, mean_lo, k, c1, c0, stream);
+                                          xn, dyn, dxn, mean_hi, mean_lo, k, c1, c0, stream,
+                                          leave);
         return;
     }
 #endif
     /* Elsewhere: the separate loops, piece by piece (pieces of a multiple of
      * BN_LANES values keep every value's lane). */
+    if (xn != NULL && stream)
+        bn_written_span(dxn, sizeof(float), n, leave, &begin, &end);
     for (ptrdiff_t j = 0; j < n; j += BN_PIPE_SPAN) {
         ptrdiff_t m = n - j < BN_PIPE_SPAN ? n - j : BN_PIPE_SPAN;
+        ptrdiff_t lo = j > begin ? j : begin, hi = j + m < end ? j + m : end;
         if (ahead_x != NULL)
             for (ptrdiff_t q = 0; q < m; q += BN_LINE_BYTES / (ptrdiff_t)sizeof(float)) {
                 __builtin_prefetch(ahead_x + j + q, 0, 2);
@@ -1333,8 +1411,9 @@ static inline void bn_grad_sums_and_input_f32(
             }
         if (xs != NULL)
             bn_lane_grad_sums_f32(xs + j, dys + j, m, mean, s_dy, s_dy_dev);
-        if (xn != NULL)
-            bn_grad_input_f32(xn + j, dyn + j, dxn + j, m, mean_hi, mean_lo, k, c1, c0, stream);
+        if (xn != NULL && lo < hi)
+            bn_grad_input_f32(xn + lo, dyn + lo, dxn + lo, hi - lo, mean_hi, mean_lo, k, c1, c0,
+                              stream);
     }
 }
 
