@@ -169,6 +169,9 @@ SCALING = [((64, 3, 224, 224), (4, 3, 224, 224)), ((8, 8, 256, 256), (2, 8, 128,
 # of 256 bytes, whole lines but short.
 SHORT_RUNS = [((512, 512, 7, 7), (16, 64, 7, 7)), ((256, 256, 14, 14), (8, 64, 14, 14)),
               ((512, 256, 8, 8), (16, 64, 8, 8))]
+# Feature maps of odd sizes (Inception-v3's 35 x 35 and 17 x 17 stages):
+# runs of 4900 and 1156 bytes that begin and end inside cache lines.
+ODD_RUNS = [((32, 192, 35, 35), (4, 32, 35, 35)), ((32, 768, 17, 17), (4, 64, 17, 17))]
 LATENCY = [("eval", (1, 64)), ("eval", (8, 32, 14, 14)), ("train", (8, 32, 14, 14)),
            ("eval", (1, 64, 56, 56)), ("train", (1, 64, 56, 56))]
 
@@ -184,6 +187,8 @@ WORKLOADS = (
        for kind in ("train", "eval") for shape, quick in SCALING]
     + [_wl(kind, shape, group="short", quick=quick)
        for kind in ("train", "eval", "backward") for shape, quick in SHORT_RUNS]
+    + [_wl(kind, shape, group="odd", quick=quick)
+       for kind in ("train", "eval", "backward") for shape, quick in ODD_RUNS]
     + [_wl(kind, NCHW_L, group="alloc", quick=Q_NCHW_L, alloc=True) for kind in ("train", "eval")]
     + [_wl(kind, shape, group="latency", latency=True) for kind, shape in LATENCY]
 )
@@ -194,6 +199,7 @@ GROUPS = {
     "backward": "Backward (training)",
     "scaling": "Few channels (thread scaling)",
     "short": "Short runs: small feature maps",
+    "odd": "Odd feature maps: runs that share cache lines",
     "alloc": "Allocating calls (no out=) against out=",
     "latency": "Small, latency-bound calls (time per call)",
 }
