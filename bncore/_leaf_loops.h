@@ -629,7 +629,9 @@ static inline void bn_rows_grad_sums_f32(
  * once, the statistics of xs (as bn_lane_shifted_sums_f32 with offset 0,
  * into s1 and s2) and xn normalised into yn (as bn_affine_f32), asking on
  * the way for the n values at `ahead` to be brought into L2 (prefetcht1).
- * xs, ahead or xn may be NULL for none.
+ * xs, ahead or xn may be NULL for none. With streaming stores, `leave`
+ * (BN_LEAVE_HEAD, BN_LEAVE_TAIL, below) names the partial end lines of yn
+ * left for the caller.
  *
  * It reads the statistics of one channel from memory while it normalises
  * the previous one from cache. Interleaved a line at a time, the streaming
@@ -1287,7 +1289,7 @@ static inline int bn_periodic_lanes(int itemsize)
  * (xn, dyn) into dxn (as bn_grad_input_f32), asking on the way for the n
  * values at ahead_x and ahead_dy to be brought into L2 (prefetcht1). xs
  * (with dys), ahead_x (with ahead_dy) or xn (with dyn and dxn) may be NULL
- * for none; dxn may be xn or dyn. It reads one channel's x and dy from
+ * for none; dxn may be xn or dyn; `leave` as the forward's. It reads one channel's x and dy from
  * memory for the sums while it writes the previous channel's dx from
  * cache. Both halves do exactly the operations of the separate loops, in
  * the same order for each lane: the results are bitwise theirs. */
