@@ -732,7 +732,7 @@ cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t ite
 cdef inline bint runs_share_lines(const Planar *g, Py_ssize_t itemsize) noexcept nogil:
     """Whether runs are not whole 64-byte lines, so that each run's first
     and last lines are shared with its neighbours'."""
-    return g.inner * itemsize % 64 != 0
+    return g.inner * itemsize % BN_LINE_BYTES != 0
 
 
 cdef inline bint can_pair(const AffineIn *a, Py_ssize_t itemsize) noexcept nogil:
@@ -752,7 +752,7 @@ cdef inline Py_ssize_t twin_rows(const Planar *g, Py_ssize_t nrows, Py_ssize_t i
     """How many rows apart run_affine_twin pairs the runs of nrows rows, or
     0 to take them one at a time: about half of them, odd, and only where
     both runs' lines start at the same index (rows of whole lines)."""
-    if not can_pair(a, itemsize) or g.channels * g.inner * itemsize % 64:
+    if not can_pair(a, itemsize) or g.channels * g.inner * itemsize % BN_LINE_BYTES:
         return 0
     return odd_at_most(nrows // 2)
 
@@ -766,7 +766,7 @@ cdef inline Py_ssize_t twin_halves(Py_ssize_t length, Py_ssize_t itemsize,
     run_affine."""
     if not can_pair(a, itemsize) or length * itemsize < twin_min_bytes:
         return 0
-    return odd_at_most(length * itemsize // (2 * 64)) * 64 // itemsize
+    return odd_at_most(length * itemsize // (2 * BN_LINE_BYTES)) * BN_LINE_BYTES // itemsize
 
 
 cdef inline void run_affine_twin(const floating *x, floating *y, Py_ssize_t start,
@@ -943,13 +943,28 @@ cdef inline bint rows_as_runs(const Planar *g, bint stream, Py_ssize_t itemsize)
             and row_runs_enabled)
 
 
+cdef inline int row_chunk_stream(const Planar *g, int stream, bint row_runs,
+                                 Py_ssize_t itemsize) noexcept nogil:
+    """Whether the two-pass normalisation and input gradient of row chunks
+    write with streaming stores: as asked, but for runs that share lines
+    and are written one at a time (not row_runs), which take normal ones.
+    Each such run begins and ends with a masked store into a line its
+    neighbour shares; with streaming stores between those, eval of (512,
+    512, 7, 7) and (64, 512, 14, 28) float32 ran at 0.15 of a streaming copy
+    on one thread, with normal stores at 0.70 and as rows at 0.90-1.06, and
+    the backward of (996, 256, 7, 7) at 19 streaming-copy times, of (124,
+    256, 14, 28) at 7.9. (Runs cut into chunks share a line only every 256
+    KiB or more, and keep streaming stores.)"""
+    return stream and not (runs_share_lines(g, itemsize) and not row_runs)
+
+
 cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
                            const AffineIn *a, int nthreads) noexcept nogil:
     cdef Py_ssize_t item
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef int ngroups = row_groups(g, nthreads)
     cdef AffineIn rows = a[0]
-    cdef bint shared = runs_share_lines(g, sizeof(floating)), row_runs
+    cdef bint row_runs
     if g.rows_per_chunk == 0:
         if nthreads == 1:
             for item in range(g.channels * nchunks):
@@ -962,19 +977,9 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     # Row chunks: runs of up to 64 Ki values, each asking for its channel's
     # constants; a table of them, made once.
     rows.constants = affine_table(x, a, g.channels, nthreads)
-    # Runs that share lines are written with streaming stores only a row at
-    # a time, as one stream (bn_affine_runs; short runs too: rows_as_runs),
-    # else with normal stores: each run begins and ends with a masked store
-    # into a line its neighbour shares, and with streaming stores between
-    # those, eval of (512, 512, 7, 7) and (64, 512, 14, 28) float32 ran at
-    # 0.15 of a streaming copy on one thread, with normal stores at 0.70 and
-    # as rows at 0.90-1.06.
-    # (Runs cut into chunks share a line only every 256 KiB or more, and
-    # keep streaming stores.)
     row_runs = (rows_as_runs(g, a.stream, sizeof(floating)) and can_pair(a, sizeof(floating))
                 and rows.constants != NULL)
-    if shared and not row_runs:
-        rows.stream = False
+    rows.stream = row_chunk_stream(g, a.stream, row_runs, sizeof(floating))
     if nthreads == 1:
         for item in range(nchunks * ngroups):
             planar_rows_affine(x, y, g, item, ngroups, &rows, row_runs)
@@ -1692,6 +1697,8 @@ cdef struct BackwardArgs:
     const double *given_dy  # or NULL; else the sums S_dy, S_dev to use, and
     const double *given_dev # the sum pass is skipped (nothing is stored)
     double count            # the number of values the sums run over
+    const void *constants   # or NULL; else grad_constants' results per channel,
+                            # (hi, lo, k, c1, c0) of the input type
 
 
 cdef inline GradSums runs_grad_sums(const floating *x, const floating *dy, Py_ssize_t nruns,
@@ -1723,14 +1730,14 @@ cdef inline GradSums zero_grad_sums() noexcept nogil:
 
 cdef inline void run_grad_input(const floating *x, const floating *dy, floating *dx,
                                 Py_ssize_t n, Py_ssize_t c, const GradSums *totals,
-                                const floating *constants,
                                 const BackwardArgs *a) noexcept nogil:
-    """dx of n values of channel c, with its constants from the table
+    """dx of n values of channel c, with its constants from a.constants
     (grad_constants_table) or, where there is none, computed here."""
     cdef floating hi = 0, lo = 0, k = 0, c1 = 0, c0 = 0
-    if constants != NULL:
-        constants = constants + 5 * c
-        hi, lo, k, c1, c0 = constants[0], constants[1], constants[2], constants[3], constants[4]
+    cdef const floating *known
+    if a.constants != NULL:
+        known = <const floating *>a.constants + 5 * c
+        hi, lo, k, c1, c0 = known[0], known[1], known[2], known[3], known[4]
     else:
         grad_constants(totals[c], a.count, a.mean[c], a.invstd[c], a.weight,
                        c, a.training, &hi, &lo, &k, &c1, &c0)
@@ -1867,37 +1874,38 @@ cdef void planar_chunk_grad_input(const floating *x, const floating *dy, floatin
     cdef Py_ssize_t length = pieces_end(g, s.p1) - first
     for n in range(s.n0, s.n1):
         start = run_start(g, n, c) + first
-        run_grad_input(x + start, dy + start, dx + start, length, c, totals, NULL, a)
+        run_grad_input(x + start, dy + start, dx + start, length, c, totals, a)
     if a.stream:
         bn_stream_fence()
 
 
 cdef void planar_rows_grad_input(const floating *x, const floating *dy, floating *dx,
                                  const Planar *g, Py_ssize_t item, int ngroups,
-                                 const GradSums *totals, const floating *constants,
-                                 const BackwardArgs *a, bint row_runs) noexcept nogil:
+                                 const GradSums *totals, const BackwardArgs *a,
+                                 bint row_runs) noexcept nogil:
     """The input gradient of a row chunk's group of channels: with row_runs,
-    each row's runs as one stream (bn_grad_runs; constants is the table),
+    each row's runs as one stream (bn_grad_runs; a.constants is the table),
     else run by run."""
     cdef Span s = chunk_span(g, item // ngroups)
     cdef Py_ssize_t n, c, start, c0 = 0, c1 = 0
+    cdef const floating *table = <const floating *>a.constants
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
     if row_runs:
         for n in range(s.n0, s.n1):
             start = run_start(g, n, c0)
             if floating is float:
                 bn_grad_runs_f32(x + start, dy + start, dx + start, (c1 - c0) * g.inner,
-                                 g.inner, constants + 5 * c0, a.stream)
+                                 g.inner, table + 5 * c0, a.stream)
             else:
                 bn_grad_runs_f64(x + start, dy + start, dx + start, (c1 - c0) * g.inner,
-                                 g.inner, constants + 5 * c0, a.stream)
+                                 g.inner, table + 5 * c0, a.stream)
         if a.stream:
             bn_stream_fence()
         return
     for n in range(s.n0, s.n1):
         for c in range(c0, c1):
             start = run_start(g, n, c)
-            run_grad_input(x + start, dy + start, dx + start, g.inner, c, totals, constants, a)
+            run_grad_input(x + start, dy + start, dx + start, g.inner, c, totals, a)
     if a.stream:
         bn_stream_fence()
 
@@ -1949,8 +1957,7 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
                                               * sizeof(GradSums))
     cdef GradSums *totals
     cdef BackwardArgs rows = a[0]
-    cdef floating *constants
-    cdef bint shared, row_runs
+    cdef bint row_runs
     if table == NULL:
         return -1
     totals = table + g.channels * nchunks
@@ -1971,21 +1978,13 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
     if a.sums_only:
         free(table)
         return 0
-    # Runs that share lines take streaming stores only a row at a time, as
-    # one stream (bn_grad_runs; short runs too: grad_rows_as_runs), else
-    # normal stores, as in planar_normalize:
-    # streaming ones, run by run, ran (996, 256, 7, 7) float32 at 19
-    # streaming-copy times on one thread, (124, 256, 14, 28) at 7.9.
-    shared = runs_share_lines(g, sizeof(floating))
     if g.rows_per_chunk > 0:
-        constants = grad_constants_table(x, totals, g, a, nthreads)
-        row_runs = constants != NULL and grad_rows_as_runs(g, a, sizeof(floating))
-        if shared and not row_runs:
-            rows.stream = False
+        rows.constants = grad_constants_table(x, totals, g, a, nthreads)
+        row_runs = rows.constants != NULL and grad_rows_as_runs(g, a, sizeof(floating))
+        rows.stream = row_chunk_stream(g, a.stream, row_runs, sizeof(floating))
         for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
-            planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, constants, &rows,
-                                   row_runs)
-        free(constants)
+            planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, &rows, row_runs)
+        free(<void *>rows.constants)
     else:
         for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
             planar_chunk_grad_input(x, dy, dx, g, item // nchunks, item % nchunks, totals, a)
@@ -2038,7 +2037,6 @@ cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const 
     totals are added into acc and the lanes cleared."""
     cdef const float *xs = NULL
     cdef const float *xn = NULL
-    cdef Py_ssize_t start
     cdef int to_l1
     cdef GradSums run
     if sc >= 0:
@@ -2399,8 +2397,8 @@ cdef int normalize_driver(const floating *x, floating *y, Py_ssize_t outer,
 cdef int pipelined_mode = -1    # -1: by size; 0: never; 1: whenever possible
 
 
-cdef bint use_pipelined(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
-                        Py_ssize_t itemsize, int stream, int requested) noexcept nogil:
+cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
+                        int nthreads) noexcept nogil:
     """Whether the pipelined training forward pays.
 
     It needs runs walked as runs, in row chunks (the long-run chunking is
@@ -2415,34 +2413,23 @@ cdef bint use_pipelined(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
     memory, it measured slower than the two passes ((64, 256, 784): 0.46
     of a streaming copy against 0.53), on two faster (0.67 against 0.58).
     """
-    cdef int nthreads
     cdef Py_ssize_t min_run_bytes
-    cdef Planar g
-    if pipelined_mode == 0 or inner < PLANAR_MIN_INNER or inner >= CHUNK_VALUES:
+    if (pipelined_mode == 0 or g.inner < PLANAR_MIN_INNER
+            or g.inner >= CHUNK_VALUES):
         return False
     if pipelined_mode == 1:
         return True
-    nthreads = team_size(requested, channels, outer * channels * inner)
-    g = planar_geometry(outer, channels, inner)
     if itemsize != sizeof(float):
         min_run_bytes = PIPE_MIN_RUN_BYTES_F64
-    elif rows_as_runs(&g, stream, itemsize):
+    elif rows_as_runs(g, stream, itemsize):
         min_run_bytes = PIPE_MIN_ROW_RUN_BYTES
     else:
         min_run_bytes = PIPE_MIN_RUN_BYTES
     # Measured on AVX-512 machines only; elsewhere the two passes.
-    return (bn_pipelined_fused() and stream != 0 and inner * itemsize >= min_run_bytes
+    return (bn_pipelined_fused() and stream != 0 and g.inner * itemsize >= min_run_bytes
             and (itemsize == sizeof(float) or nthreads >= 2)
-            and channels >= PIPE_MIN_CHANNELS * nthreads
-            and outer * inner * itemsize <= PIPE_MAX_SLICE)
-
-
-cdef void pipelined_driver(const floating *x, floating *y, Py_ssize_t outer,
-                           Py_ssize_t channels, Py_ssize_t inner, StatsOut *out,
-                           AffineIn *a, int requested) noexcept nogil:
-    cdef Planar p = planar_geometry(outer, channels, inner)
-    planar_train_pipelined(x, y, &p, out, a,
-                           team_size(requested, channels, outer * channels * inner))
+            and g.channels >= PIPE_MIN_CHANNELS * nthreads
+            and g.outer * g.inner * itemsize <= PIPE_MAX_SLICE)
 
 
 cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize_t channels,
@@ -2451,6 +2438,8 @@ cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize
     """Statistics into out, then y normalised with them (a.mean, a.invstd and
     a.residual are pointed at out's arrays here)."""
     cdef int status
+    cdef Planar g = planar_geometry(outer, channels, inner)
+    cdef int nthreads = team_size(requested, channels, outer * channels * inner)
     out.residual = <double *>malloc(channels * sizeof(double))
     if out.residual == NULL:
         return -1
@@ -2463,8 +2452,8 @@ cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize
     # through a line buffer in 16-byte pieces, measured slower than the two
     # passes: it left the memory idle while it computed each channel's
     # statistics from cache.)
-    if use_pipelined(outer, channels, inner, sizeof(floating), a.stream, requested):
-        pipelined_driver(x, y, outer, channels, inner, out, a, requested)
+    if use_pipelined(&g, sizeof(floating), a.stream, nthreads):
+        planar_train_pipelined(x, y, &g, out, a, nthreads)
         status = 0
     else:
         status = moments_driver(x, outer, channels, inner, out, requested)
@@ -2839,6 +2828,7 @@ cdef BackwardArgs backward_args(Py_ssize_t channels, mean, invstd, weight,
     args.given_dy = NULL
     args.given_dev = NULL
     args.count = 0.0
+    args.constants = NULL
     return args
 
 
