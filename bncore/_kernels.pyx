@@ -9,8 +9,9 @@ from Python is an exception instead of memory corruption.
 
 Two loop orders:
 
-* planar (inner >= PLANAR_MIN_INNER): each (n, c) pair is a contiguous run of
-  ``inner`` values, vectorised along the run;
+* planar (planar_order: inner >= 9 float32, 16 float64 values): each
+  (n, c) pair is a contiguous run of ``inner`` values, vectorised along
+  the run;
 * interleaved: rows of W = C * inner values, vectorised across the row;
   column j belongs to channel j // inner.
 
@@ -190,10 +191,16 @@ COMPILER = BN_COMPILER.decode("utf-8", "replace")
 
 cdef enum:
     # Runs at least this long are walked as runs (planar order); shorter ones
-    # are read as rows across channels, where the vector is the row: below 32
-    # values (128 bytes of float32) the per-run calls and merges would cost
-    # more than the run. A judgement, not yet a measured crossover.
-    PLANAR_MIN_INNER = 32
+    # are read as rows across channels, where the vector is the row (and
+    # a row of NCHW maps is C * inner values, read by tiles of whole
+    # channels far apart). Measured, planar against rows, in streaming-copy
+    # times, one thread: float32 (2048, 256, 4, 4) training 3.6 against
+    # 6.3, eval 1.0 against 2.9, backward 5.3 against 8.3; (1024, 512, 3,
+    # 3) training 6.9 against 8.7; but (1024, 512, 2, 4) training 7.5
+    # against 6.2. float64 (1024, 256, 4, 4) training 3.6 against 5.7, but
+    # (1024, 256, 3, 4) 8.5 against 6.0 (its per-block second pass).
+    PLANAR_MIN_INNER_F32 = 9
+    PLANAR_MIN_INNER_F64 = 16
     # Streamed runs shorter than this are written a row at a time, as one
     # stream (rows_as_runs), even where they are whole lines: each call
     # costs about as much as a few lines' stores. Eval, float32, 34-42 MB,
@@ -729,6 +736,14 @@ cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t ite
         table[c * nchunks + k] = planar_chunk_moments(x, g, c, k)
 
 
+cdef inline bint planar_order(Py_ssize_t inner, Py_ssize_t itemsize) noexcept nogil:
+    """Whether runs of inner values are walked as runs (PLANAR_MIN_INNER_F32,
+    PLANAR_MIN_INNER_F64), else as rows across channels."""
+    if itemsize == sizeof(float):
+        return inner >= PLANAR_MIN_INNER_F32
+    return inner >= PLANAR_MIN_INNER_F64
+
+
 cdef inline bint runs_share_lines(const Planar *g, Py_ssize_t itemsize) noexcept nogil:
     """Whether runs are not whole 64-byte lines, so that each run's first
     and last lines are shared with its neighbours'."""
@@ -936,9 +951,11 @@ cdef inline bint rows_as_runs(const Planar *g, bint stream, Py_ssize_t itemsize)
     runs of a row chunk as one stream (bn_affine_runs, bn_grad_runs; the
     callers also need their table of constants): streaming stores (with
     normal ones that loop measured 1.3-3.4 times slower than one call per
-    run), AVX-512, and runs that share lines or are shorter than
-    ROW_RUNS_MAX_BYTES."""
+    run), AVX-512, runs of at least a vector (the loop blends at most two
+    channels' constants per vector), and runs that share lines or are
+    shorter than ROW_RUNS_MAX_BYTES."""
     return (stream and g.rows_per_chunk > 0 and bn_periodic_lanes(itemsize) != 0
+            and g.inner >= bn_periodic_lanes(itemsize)
             and (runs_share_lines(g, itemsize) or g.inner * itemsize < ROW_RUNS_MAX_BYTES)
             and row_runs_enabled)
 
@@ -1255,7 +1272,7 @@ cdef Interleaved interleaved_geometry(Py_ssize_t outer, Py_ssize_t channels,
     g.chunk_rows = max((outer + MAX_ROW_CHUNKS - 1) // MAX_ROW_CHUNKS, min_rows)
     g.chunk_rows = ((g.chunk_rows + ROW_BLOCK - 1) // ROW_BLOCK) * ROW_BLOCK
     g.nchunks = (outer + g.chunk_rows - 1) // g.chunk_rows
-    # Tiles hold whole channels (inner < PLANAR_MIN_INNER <= COLUMN_TILE), so
+    # Tiles hold whole channels (inner < PLANAR_MIN_INNER_F64 <= COLUMN_TILE), so
     # an item can merge its columns into per-channel results: the tables
     # stay per channel, not per column.
     g.tile = (COLUMN_TILE // inner) * inner
@@ -2338,7 +2355,7 @@ cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
     cdef Planar p
     cdef Interleaved q
     cdef int nthreads
-    if inner >= PLANAR_MIN_INNER:
+    if planar_order(inner, sizeof(floating)):
         p = planar_geometry(outer, channels, inner)
         if floating is float:
             nthreads = team_size(requested, channels, outer * channels * inner)
@@ -2360,7 +2377,7 @@ cdef int moments_driver(const floating *x, Py_ssize_t outer, Py_ssize_t channels
     cdef Interleaved q
     cdef Moments *chunks
     cdef Py_ssize_t nvalues = outer * channels * inner
-    if inner >= PLANAR_MIN_INNER:
+    if planar_order(inner, sizeof(floating)):
         p = planar_geometry(outer, channels, inner)
         chunks = <Moments *>malloc(channels * p.chunks_per_channel * sizeof(Moments))
         if chunks == NULL:
@@ -2384,7 +2401,7 @@ cdef int normalize_driver(const floating *x, floating *y, Py_ssize_t outer,
     cdef Planar p
     cdef Interleaved q
     cdef Py_ssize_t nvalues = outer * channels * inner
-    if inner >= PLANAR_MIN_INNER:
+    if planar_order(inner, sizeof(floating)):
         p = planar_geometry(outer, channels, inner)
         planar_normalize(x, y, &p, a,
                          team_size(requested, channels * p.chunks_per_channel, nvalues))
@@ -2414,7 +2431,7 @@ cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
     of a streaming copy against 0.53), on two faster (0.67 against 0.58).
     """
     cdef Py_ssize_t min_run_bytes
-    if (pipelined_mode == 0 or g.inner < PLANAR_MIN_INNER
+    if (pipelined_mode == 0 or not planar_order(g.inner, itemsize)
             or g.inner >= CHUNK_VALUES):
         return False
     if pipelined_mode == 1:

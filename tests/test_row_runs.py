@@ -11,9 +11,9 @@ those taken a channel at a time.
 Eval, the two-pass training forward and the two-pass backward; float32
 and float64; relu; arrays that start off a cache line; in place; 1-3
 threads with the serial cutoff off, so that a few row chunks are split into
-channel groups and a row's runs are cut between threads; inner from 32 (two
-float32 vectors) up, and channel boundaries at every position within a
-vector."""
+channel groups and a row's runs are cut between threads; inner from 9 up
+(the shortest planar runs), and channel boundaries at every position
+within a vector."""
 
 import numpy as np
 import pytest
@@ -24,11 +24,13 @@ from test_periodic_normalize import _problem, _same_bits
 from test_pipelined import _offset_array
 from test_pipelined_backward import assert_backward_matches_the_reference
 
-# (outer, channels, inner), inner >= 32 (the planar layout): runs that are
-# not whole lines, then runs of whole lines under ROW_RUNS_MAX_BYTES (2 KiB;
-# 256 float64 values are not).
+# (outer, channels, inner) in the planar layout: runs that are not whole
+# lines, then runs of whole lines under ROW_RUNS_MAX_BYTES (2 KiB; 256
+# float64 values are not), then the shortest planar runs: 4x4 and 5x5
+# maps, and float32 runs under a vector (3x3, 3x4), written one at a time.
 SHAPES = [(130, 2, 33), (70, 7, 49), (9, 64, 196), (5, 17, 47), (3, 40, 100),
-          (300, 3, 40), (2, 5, 1001), (70, 7, 32), (9, 20, 144), (5, 6, 256)]
+          (300, 3, 40), (2, 5, 1001), (70, 7, 32), (9, 20, 144), (5, 6, 256),
+          (300, 5, 16), (130, 9, 25), (300, 5, 9), (200, 11, 12)]
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from bncore import _kernels
 from test_periodic_normalize import _problem, _same_bits
 from test_pipelined import _offset_array
 
-# (outer, channels, inner), inner >= 32 (the planar layout). With streaming
+# (outer, channels, inner), in the planar layout. With streaming
 # stores, runs that share lines or are under 2 KiB are written a row at a
 # time instead (rows_as_runs, test_row_runs.py): (130, 2, 512), runs of
 # 2 KiB of float32 (4 KiB of float64), keeps the row pairs under them.
