@@ -9,9 +9,9 @@ from Python is an exception instead of memory corruption.
 
 Two loop orders:
 
-* planar (planar_order: inner >= 9 float32, 16 float64 values): each
-  (n, c) pair is a contiguous run of ``inner`` values, vectorised along
-  the run;
+* planar (planar_order: inner >= 32, or down to 9 float32 and 16 float64
+  values in tensors too large for the cache): each (n, c) pair is a
+  contiguous run of ``inner`` values, vectorised along the run;
 * interleaved: rows of W = C * inner values, vectorised across the row;
   column j belongs to channel j // inner.
 
@@ -191,14 +191,22 @@ COMPILER = BN_COMPILER.decode("utf-8", "replace")
 
 cdef enum:
     # Runs at least this long are walked as runs (planar order); shorter ones
-    # are read as rows across channels, where the vector is the row (and
-    # a row of NCHW maps is C * inner values, read by tiles of whole
-    # channels far apart). Measured, planar against rows, in streaming-copy
-    # times, one thread: float32 (2048, 256, 4, 4) training 3.6 against
-    # 6.3, eval 1.0 against 2.9, backward 5.3 against 8.3; (1024, 512, 3,
-    # 3) training 6.9 against 8.7; but (1024, 512, 2, 4) training 7.5
-    # against 6.2. float64 (1024, 256, 4, 4) training 3.6 against 5.7, but
-    # (1024, 256, 3, 4) 8.5 against 6.0 (its per-block second pass).
+    # are read as rows across channels, where the vector is the row: below 32
+    # values (128 bytes of float32) the per-run calls and merges cost more
+    # than the run while the tensor is in cache. (A judgement, checked
+    # against the short runs below.)
+    PLANAR_MIN_INNER = 32
+    # ...but from memory, rows of NCHW maps (C * inner values, read by tiles
+    # of whole channels far apart) are slower still: tensors of at least
+    # stream_min_bytes take runs down to these lengths. Measured, planar
+    # against rows, in streaming-copy times, one thread: float32 (2048,
+    # 256, 4, 4) training 3.6 against 6.3, eval 1.0 against 2.9, backward
+    # 5.3 against 8.3; (1024, 512, 3, 3) training 6.9 against 8.7; but
+    # (1024, 512, 2, 4) training 7.5 against 6.2. float64 (1024, 256, 4,
+    # 4) training 3.6 against 5.7, but (1024, 256, 3, 4) 8.5 against 6.0
+    # (its per-block second pass). In cache, rows won: (256, 512, 4, 4)
+    # float32, 8 MB, training 2.4 ms against 2.9 as runs; (32, 64, 4, 4)
+    # 28 us against 97.
     PLANAR_MIN_INNER_F32 = 9
     PLANAR_MIN_INNER_F64 = 16
     # Streamed runs shorter than this are written a row at a time, as one
@@ -736,9 +744,15 @@ cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t ite
         table[c * nchunks + k] = planar_chunk_moments(x, g, c, k)
 
 
-cdef inline bint planar_order(Py_ssize_t inner, Py_ssize_t itemsize) noexcept nogil:
-    """Whether runs of inner values are walked as runs (PLANAR_MIN_INNER_F32,
-    PLANAR_MIN_INNER_F64), else as rows across channels."""
+cdef inline bint planar_order(Py_ssize_t nvalues, Py_ssize_t inner,
+                              Py_ssize_t itemsize) noexcept nogil:
+    """Whether a tensor of nvalues in runs of inner values is walked as runs
+    (PLANAR_MIN_INNER; from memory, PLANAR_MIN_INNER_F32 and _F64), else
+    as rows across channels."""
+    if inner >= PLANAR_MIN_INNER:
+        return True
+    if nvalues * itemsize < stream_min_bytes:
+        return False
     if itemsize == sizeof(float):
         return inner >= PLANAR_MIN_INNER_F32
     return inner >= PLANAR_MIN_INNER_F64
@@ -1272,7 +1286,7 @@ cdef Interleaved interleaved_geometry(Py_ssize_t outer, Py_ssize_t channels,
     g.chunk_rows = max((outer + MAX_ROW_CHUNKS - 1) // MAX_ROW_CHUNKS, min_rows)
     g.chunk_rows = ((g.chunk_rows + ROW_BLOCK - 1) // ROW_BLOCK) * ROW_BLOCK
     g.nchunks = (outer + g.chunk_rows - 1) // g.chunk_rows
-    # Tiles hold whole channels (inner < PLANAR_MIN_INNER_F64 <= COLUMN_TILE), so
+    # Tiles hold whole channels (inner < PLANAR_MIN_INNER <= COLUMN_TILE), so
     # an item can merge its columns into per-channel results: the tables
     # stay per channel, not per column.
     g.tile = (COLUMN_TILE // inner) * inner
@@ -2355,7 +2369,7 @@ cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
     cdef Planar p
     cdef Interleaved q
     cdef int nthreads
-    if planar_order(inner, sizeof(floating)):
+    if planar_order(outer * channels * inner, inner, sizeof(floating)):
         p = planar_geometry(outer, channels, inner)
         if floating is float:
             nthreads = team_size(requested, channels, outer * channels * inner)
@@ -2377,7 +2391,7 @@ cdef int moments_driver(const floating *x, Py_ssize_t outer, Py_ssize_t channels
     cdef Interleaved q
     cdef Moments *chunks
     cdef Py_ssize_t nvalues = outer * channels * inner
-    if planar_order(inner, sizeof(floating)):
+    if planar_order(outer * channels * inner, inner, sizeof(floating)):
         p = planar_geometry(outer, channels, inner)
         chunks = <Moments *>malloc(channels * p.chunks_per_channel * sizeof(Moments))
         if chunks == NULL:
@@ -2401,7 +2415,7 @@ cdef int normalize_driver(const floating *x, floating *y, Py_ssize_t outer,
     cdef Planar p
     cdef Interleaved q
     cdef Py_ssize_t nvalues = outer * channels * inner
-    if planar_order(inner, sizeof(floating)):
+    if planar_order(outer * channels * inner, inner, sizeof(floating)):
         p = planar_geometry(outer, channels, inner)
         planar_normalize(x, y, &p, a,
                          team_size(requested, channels * p.chunks_per_channel, nvalues))
@@ -2431,7 +2445,7 @@ cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
     of a streaming copy against 0.53), on two faster (0.67 against 0.58).
     """
     cdef Py_ssize_t min_run_bytes
-    if (pipelined_mode == 0 or not planar_order(g.inner, itemsize)
+    if (pipelined_mode == 0 or g.inner < PLANAR_MIN_INNER
             or g.inner >= CHUNK_VALUES):
         return False
     if pipelined_mode == 1:

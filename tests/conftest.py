@@ -77,8 +77,6 @@ LARGE_LAYOUTS = [
     ((257, 33, 17), 1),  # odd sizes everywhere
     ((300, 4, 7, 7), 1),  # 7x7 maps: statistics blocks of 5 whole runs
     ((4000, 2, 5, 8), 1),  # runs of 40: blocks of 51 runs and of 12 in a chunk
-    ((500, 16, 4, 4), 1),  # 4x4 maps: the shortest planar runs of float64
-    ((700, 8, 3, 3), 1),  # 3x3: planar float32 runs under a vector, float64 rows
 ]
 
 #: For the thread tests only (no reference involved): about 1e6 values.
@@ -87,7 +85,6 @@ HUGE_LAYOUTS = [
     ((16, 64, 32, 32), -1),  # channels-last, 64 channels
     ((2, 1, 512, 1024), 1),  # one channel of 1048576 values
     ((262144, 4), 1),  # interleaved, 4 channels
-    ((1024, 64, 4, 4), 1),  # planar runs of 16 values
 ]
 
 

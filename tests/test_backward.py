@@ -11,7 +11,7 @@ import pytest
 import bncore
 
 # (shape, feature axis): (N, C), (N, C, L), NCHW, NCDHW, channels-last, and a
-# run long enough for the planar loop order (inner >= 16).
+# run long enough (inner >= 32) for the planar loop order.
 LAYOUTS = [
     ((6, 3), 1),
     ((4, 3, 5), 1),

@@ -156,15 +156,11 @@ def test_layer_allocates_only_its_outputs(dtype):
         assert peak < 1.1 * x.nbytes, (training, peak)
 
 
-# (shape, axis, bytes per channel): rows across channels keep a chunk
-# triple and four constants per channel, besides the per-channel outputs;
-# planar runs (here of 16 values) add a table of constants for the row loop.
-@pytest.mark.parametrize("shape, axis, per_channel", [
-    ((2, 20000, 8), 1, 64), ((2, 20000, 16), -1, 64), ((3, 50000), 1, 64),
-    ((2, 20000, 16), 1, 96)])
-def test_scratch_tables_stay_per_channel_for_wide_inputs(shape, axis, per_channel):
+@pytest.mark.parametrize("shape, axis", [((2, 20000, 16), 1), ((2, 20000, 16), -1),
+                                         ((3, 50000), 1)])
+def test_scratch_tables_stay_per_channel_for_wide_inputs(shape, axis):
     """Few rows and many columns: the kernels' own tables (traced, they come
-    from PyMem_RawMalloc) stay per channel, below the input's size."""
+    from PyMem_RawMalloc) stay per channel, far below the input's size."""
     x = make_input(shape, np.float32, axis, kind="normal", seed=505)
     channels = shape[axis]
     out = np.empty_like(x)
@@ -179,5 +175,4 @@ def test_scratch_tables_stay_per_channel_for_wide_inputs(shape, axis, per_channe
         call()
         peak, _ = _peak(call)
         # per-channel arrays: a few dozen bytes a channel, whatever inner is
-        assert peak < per_channel * channels + 65536, (
-            f"peak {peak} bytes for {channels} channels")
+        assert peak < 64 * channels + 65536, f"peak {peak} bytes for {channels} channels"

@@ -18,7 +18,8 @@ within a vector."""
 import numpy as np
 import pytest
 
-from bncore import _kernels
+import bncore
+from bncore import _kernels, reference
 
 from test_periodic_normalize import _problem, _same_bits
 from test_pipelined import _offset_array
@@ -155,6 +156,45 @@ def test_backward_with_row_runs_matches_the_reference(streaming):
     problem = _gradient_problem(shape, np.float32, seed=5)
     got = _backward(problem, shape, 2, 1, None, True, True)
     assert_backward_matches_the_reference(got, problem, shape)
+
+
+# Runs of 9-31 values are walked as runs only in tensors of stream_min_bytes
+# and up (here every size): 4x4 and 5x5 maps, and float32 runs under a
+# vector (3x3, 3x4; float64 reads those as rows).
+SHORT_PLANAR_SHAPES = [(300, 5, 16), (130, 9, 25), (300, 5, 9), (200, 11, 12)]
+
+
+@pytest.mark.parametrize("shape", SHORT_PLANAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_short_runs_match_the_reference(shape, dtype, streaming):
+    """The training forward, eval and backward against the float64
+    reference, with the same bits on 1-3 threads."""
+    x, running_mean, running_var, weight, bias = _problem(shape, dtype, seed=7 * sum(shape))
+    x = x.reshape(shape)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == np.float32 else {"rtol": 1e-9, "atol": 1e-9}
+    runs = {}
+    for threads in (1, 2, 3):
+        y, mean, invstd = bncore.batch_norm(x, weight=weight, bias=bias, training=True,
+                                            return_stats=True, num_threads=threads)
+        evaluated = bncore.batch_norm(x, running_mean, running_var, weight, bias,
+                                      num_threads=threads)
+        dx, grad_weight, grad_bias = bncore.batch_norm_backward(
+            x, x, mean, invstd, weight, num_threads=threads)
+        runs[threads] = [y, mean, invstd, evaluated, dx, grad_weight, grad_bias]
+    assert _same_bits(runs[2], runs[1]) and _same_bits(runs[3], runs[1])
+    y, mean, invstd, evaluated, dx, grad_weight, grad_bias = runs[1]
+    want = reference.batch_norm(x, weight=weight, bias=bias, training=True)
+    np.testing.assert_allclose(y, want[0], **tol)
+    np.testing.assert_allclose(mean, want[1], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(invstd, want[2], rtol=1e-9)
+    want = reference.batch_norm(x, running_mean, running_var, weight, bias)
+    np.testing.assert_allclose(evaluated, want[0], **tol)
+    want = reference.batch_norm_backward(x, x, mean, invstd, weight)
+    np.testing.assert_allclose(dx, want[0], **tol)
+    # The parameter gradients are float64 sums rounded to the input's dtype.
+    rounding = {"rtol": 1e-6} if dtype == np.float32 else {"rtol": 1e-9, "atol": 1e-9}
+    np.testing.assert_allclose(grad_weight, want[1], **rounding)
+    np.testing.assert_allclose(grad_bias, want[2], **rounding)
 
 
 def test_set_lane_groups_returns_the_previous_setting(streaming):
