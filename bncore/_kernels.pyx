@@ -2391,7 +2391,7 @@ cdef int moments_driver(const floating *x, Py_ssize_t outer, Py_ssize_t channels
     cdef Interleaved q
     cdef Moments *chunks
     cdef Py_ssize_t nvalues = outer * channels * inner
-    if planar_order(outer * channels * inner, inner, sizeof(floating)):
+    if planar_order(nvalues, inner, sizeof(floating)):
         p = planar_geometry(outer, channels, inner)
         chunks = <Moments *>malloc(channels * p.chunks_per_channel * sizeof(Moments))
         if chunks == NULL:
@@ -2415,7 +2415,7 @@ cdef int normalize_driver(const floating *x, floating *y, Py_ssize_t outer,
     cdef Planar p
     cdef Interleaved q
     cdef Py_ssize_t nvalues = outer * channels * inner
-    if planar_order(outer * channels * inner, inner, sizeof(floating)):
+    if planar_order(nvalues, inner, sizeof(floating)):
         p = planar_geometry(outer, channels, inner)
         planar_normalize(x, y, &p, a,
                          team_size(requested, channels * p.chunks_per_channel, nvalues))
@@ -2613,8 +2613,9 @@ def set_row_runs(bint enabled):
 
 
 def set_stream_min_bytes(Py_ssize_t nbytes):
-    """Outputs of at least nbytes get streaming stores (for benchmarks and
-    tuning); returns the previous value."""
+    """Outputs of at least nbytes get streaming stores, and tensors of at
+    least nbytes walk runs of 9-31 values as runs (planar_order), for
+    tests, benchmarks and tuning; returns the previous value."""
     global stream_min_bytes
     previous = stream_min_bytes
     stream_min_bytes = nbytes

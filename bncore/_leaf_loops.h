@@ -1134,6 +1134,7 @@ BN_DEFINE_AFFINE_TWIN(double, bn_affine_twin_f64_avx512, __m512d, 8, __mmask8, p
         left += step ? inner : 0;                                                         \
     } while (0)
 #define BN_RUNS_LOOP(T, VEC, L, MASK, SFX, NC, OUT, VALUE)                                \
+    /* Named vectors, not arrays: GCC kept arrays of them on the stack. */                \
     VEC now0, now1, now2, now3, now4 = _mm512_setzero_##SFX();                            \
     const T *q = p;                           /* the constants of value i's channel */   \
     const T *last = p + (NC) * ((n - 1) / inner);                                         \
