@@ -751,7 +751,7 @@ cdef inline bint planar_order(Py_ssize_t nvalues, Py_ssize_t inner,
     as rows across channels."""
     if inner >= PLANAR_MIN_INNER:
         return True
-    if nvalues * itemsize < stream_min_bytes:
+    if not streamed_size(nvalues * itemsize):
         return False
     if itemsize == sizeof(float):
         return inner >= PLANAR_MIN_INNER_F32
@@ -2369,10 +2369,11 @@ cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
     cdef Planar p
     cdef Interleaved q
     cdef int nthreads
-    if planar_order(outer * channels * inner, inner, sizeof(floating)):
+    cdef Py_ssize_t nvalues = outer * channels * inner
+    if planar_order(nvalues, inner, sizeof(floating)):
         p = planar_geometry(outer, channels, inner)
         if floating is float:
-            nthreads = team_size(requested, channels, outer * channels * inner)
+            nthreads = team_size(requested, channels, nvalues)
             if use_pipelined_backward(&p, a, nthreads):
                 planar_backward_pipelined(x, dy, dx, &p, a, nthreads)
                 return 0
@@ -2622,9 +2623,15 @@ def set_stream_min_bytes(Py_ssize_t nbytes):
     return previous
 
 
+cdef inline bint streamed_size(Py_ssize_t nbytes) noexcept nogil:
+    """Whether outputs of nbytes take streaming stores (too large for the
+    cache: planar_order asks it too)."""
+    return nbytes >= stream_min_bytes
+
+
 cdef inline int streams(Py_ssize_t nvalues, int typenum) noexcept:
     cdef Py_ssize_t itemsize = 4 if typenum == cnp.NPY_FLOAT32 else 8
-    return nvalues * itemsize >= stream_min_bytes
+    return streamed_size(nvalues * itemsize)
 
 
 cdef int check_shape(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,

@@ -1037,6 +1037,18 @@ __attribute__((target("avx512f"))) static void NAME(                            
 BN_DEFINE_PERIODIC_GRAD(float, bn_periodic_grad_f32_avx512, __m512, 16, __mmask16, ps)
 BN_DEFINE_PERIODIC_GRAD(double, bn_periodic_grad_f64_avx512, __m512d, 8, __mmask8, pd)
 
+/* The values under mask m from `at` of both runs (the twin kernel's
+ * head and tail, below). */
+#define BN_TWIN_PART(SFX, at)                                                             \
+    do {                                                                                  \
+        _mm512_mask_storeu_##SFX(                                                         \
+            y + (at), m,                                                                  \
+            BN_AFFINE_##SFX(_mm512_maskz_loadu_##SFX(m, x + (at)), h, l, a, b, relu));    \
+        _mm512_mask_storeu_##SFX(                                                         \
+            y + apart + (at), m,                                                          \
+            BN_AFFINE_##SFX(_mm512_maskz_loadu_##SFX(m, x + apart + (at)), h2, l2, a2,    \
+                            b2, relu));                                                   \
+    } while (0)
 /* Two runs' affines at once, x[0, n) into y and x[apart, apart + n) into
  * y + apart, for the two streams' sake (as the periodic loops): masked
  * heads up to y's first line, whole lines of both in step, masked tails.
@@ -1061,16 +1073,12 @@ __attribute__((target("avx512f"))) static void NAME(                            
         stream = 0;                                                                       \
     if (k0 > 0) {                                                                         \
         m = (MASK)((1u << k0) - 1);                                                       \
-        _mm512_mask_storeu_##SFX(                                                         \
-            y, m, BN_AFFINE_##SFX(_mm512_maskz_loadu_##SFX(m, x), h, l, a, b, relu));                 \
-        _mm512_mask_storeu_##SFX(                                                         \
-            y + apart, m,                                                                 \
-            BN_AFFINE_##SFX(_mm512_maskz_loadu_##SFX(m, x + apart), h2, l2, a2, b2, relu));           \
+        BN_TWIN_PART(SFX, 0);                                                             \
         i = k0;                                                                           \
     }                                                                                     \
     for (; i + (L) <= n; i += (L)) {                                                      \
-        VEC v = BN_AFFINE_##SFX(_mm512_loadu_##SFX(x + i), h, l, a, b, relu);                         \
-        VEC w = BN_AFFINE_##SFX(_mm512_loadu_##SFX(x + apart + i), h2, l2, a2, b2, relu);             \
+        VEC v = BN_AFFINE_##SFX(_mm512_loadu_##SFX(x + i), h, l, a, b, relu);             \
+        VEC w = BN_AFFINE_##SFX(_mm512_loadu_##SFX(x + apart + i), h2, l2, a2, b2, relu); \
         if (stream) {                                                                     \
             _mm512_stream_##SFX(y + i, v);                                                \
             _mm512_stream_##SFX(y + apart + i, w);                                        \
@@ -1081,16 +1089,13 @@ __attribute__((target("avx512f"))) static void NAME(                            
     }                                                                                     \
     if (i < n) {                                                                          \
         m = (MASK)((1u << (n - i)) - 1);                                                  \
-        _mm512_mask_storeu_##SFX(                                                         \
-            y + i, m, BN_AFFINE_##SFX(_mm512_maskz_loadu_##SFX(m, x + i), h, l, a, b, relu));         \
-        _mm512_mask_storeu_##SFX(                                                         \
-            y + apart + i, m,                                                             \
-            BN_AFFINE_##SFX(_mm512_maskz_loadu_##SFX(m, x + apart + i), h2, l2, a2, b2, relu));       \
+        BN_TWIN_PART(SFX, i);                                                             \
     }                                                                                     \
 }
 BN_DEFINE_AFFINE_TWIN(float, bn_affine_twin_f32_avx512, __m512, 16, __mmask16, ps)
 BN_DEFINE_AFFINE_TWIN(double, bn_affine_twin_f64_avx512, __m512d, 8, __mmask8, pd)
 #undef BN_DEFINE_AFFINE_TWIN
+#undef BN_TWIN_PART
 
 /* One row's runs of consecutive channels, n values in all, each channel's
  * run `inner` (at least a vector) long, written as one stream of whole
@@ -1110,8 +1115,12 @@ BN_DEFINE_AFFINE_TWIN(double, bn_affine_twin_f64_avx512, __m512d, 8, __mmask8, p
  * too long to predict. Eval of (512, 512, 7, 7), (512, 256, 8, 8) and
  * (256, 256, 10, 10) float32 on one thread ran at 0.64-0.84 of a streaming
  * copy with those branches, at 0.84-1.00 without (interleaved A/B). */
-#define BN_RUNS_CONSTANT(SFX, NEXT, j)                                                    \
-    _mm512_mask_blend_##SFX(NEXT, _mm512_set1_##SFX(q[j]), _mm512_set1_##SFX(r[j]))
+/* Constant j of the table rows `from` and `to` (NC constants a channel),
+ * each lane taking `to`'s where mask NEXT is set: the row-run loops and the
+ * seams give the values of two channels in one vector their own constants. */
+#define BN_TWO_CONSTANTS(SFX, NEXT, from, to, j)                                          \
+    _mm512_mask_blend_##SFX(NEXT, _mm512_set1_##SFX((from)[j]), _mm512_set1_##SFX((to)[j]))
+#define BN_RUNS_CONSTANT(SFX, NEXT, j) BN_TWO_CONSTANTS(SFX, NEXT, q, r, j)
 #define BN_RUNS_BLEND(SFX, NC, NEXT)                                                      \
     do {                                                                                  \
         now0 = BN_RUNS_CONSTANT(SFX, NEXT, 0), now1 = BN_RUNS_CONSTANT(SFX, NEXT, 1);     \
@@ -1198,8 +1207,7 @@ BN_DEFINE_GRAD_RUNS(double, bn_grad_runs_f64_avx512, __m512d, 8, __mmask8, pd)
  * row-run loops' tables. Each value takes its own run's constants and the
  * one-run kernel's operations, so its bits. */
 #define BN_SEAM_CONSTANT(SFX, MASK, j)                                                    \
-    _mm512_mask_blend_##SFX((MASK) ~((1u << split) - 1), _mm512_set1_##SFX(before[j]),    \
-                            _mm512_set1_##SFX(after[j]))
+    BN_TWO_CONSTANTS(SFX, (MASK) ~((1u << split) - 1), before, after, j)
 #define BN_DEFINE_AFFINE_SEAM(T, NAME, MASK, SFX)                                         \
 __attribute__((target("avx512f"))) static void NAME(                                      \
     const T *x, T *y, int split, const T *before, const T *after, int relu)               \
@@ -1232,6 +1240,7 @@ __attribute__((target("avx512f"))) static void bn_grad_seam_f32_avx512(
 #undef BN_RUNS_LOOP
 #undef BN_RUNS_BLEND
 #undef BN_RUNS_CONSTANT
+#undef BN_TWO_CONSTANTS
 #undef BN_RUNS_STEP
 #undef BN_DEFINE_AFFINE_RUNS
 #undef BN_DEFINE_PERIODIC_AFFINE
@@ -1295,9 +1304,9 @@ static inline int bn_periodic_lanes(int itemsize)
  * (xn, dyn) into dxn (as bn_grad_input_f32), asking on the way for the n
  * values at ahead_x and ahead_dy to be brought into L2 (prefetcht1). xs
  * (with dys), ahead_x (with ahead_dy) or xn (with dyn and dxn) may be NULL
- * for none; dxn may be xn or dyn; `leave` as the forward's. It reads one channel's x and dy from
- * memory for the sums while it writes the previous channel's dx from
- * cache. Both halves do exactly the operations of the separate loops, in
+ * for none; dxn may be xn or dyn; `leave` as the forward's. It reads one
+ * channel's x and dy from memory for the sums while it writes the previous
+ * channel's dx from cache. Both halves do exactly the operations of the separate loops, in
  * the same order for each lane: the results are bitwise theirs. */
 #if BN_X86_DISPATCH
 __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512(
