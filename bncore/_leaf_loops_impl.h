@@ -61,8 +61,9 @@ BN_LEAF void BN_SFX(bn_rows_shifted_sums_generic)(
 
 /* An elementwise loop y[i] = EXPR(i) over a run, with normal stores or, when
  * `stream` is set, streaming stores: a scalar head up to 16-byte alignment,
- * then whole 64-byte lines computed into an aligned buffer (vectorised) and
- * streamed out 16 bytes at a time, then a scalar tail.
+ * then whole 64-byte lines computed into an aligned buffer (vectorised),
+ * BN_GROUP_LINES of them before any is streamed out 16 bytes at a time,
+ * then a scalar tail.
  *
  * BN_ELEMENTWISE_LINES is the general form: a line is computed as
  * LINE_EXPR(i) and then finished by the statement FINISH (which sees `line`
@@ -72,34 +73,42 @@ BN_LEAF void BN_SFX(bn_rows_shifted_sums_generic)(
  * goes into FINISH, written with vector operations. */
 #define BN_PER_LINE ((ptrdiff_t)(BN_LINE_BYTES / sizeof(BN_T)))
 #if BN_HAVE_STREAM
-#define BN_ELEMENTWISE_LINES(n, y, stream, EXPR, LINE_EXPR, FINISH)              \
-    do {                                                                          \
-        ptrdiff_t i = 0;                                                          \
-        if (stream) {                                                             \
-            for (; i < (n) && ((uintptr_t)((y) + i) & 15); i++)                   \
-                (y)[i] = EXPR;                                                    \
-            for (; i + BN_PER_LINE <= (n); i += BN_PER_LINE) {                    \
-                BN_T line[BN_PER_LINE] __attribute__((aligned(64)));              \
-                ptrdiff_t base = i;                                               \
-                for (int l = 0; l < BN_PER_LINE; l++) {                           \
-                    i = base + l;                                                 \
-                    line[l] = LINE_EXPR;                                          \
-                }                                                                 \
-                i = base;                                                         \
-                FINISH;                                                           \
-                for (int l = 0; l < BN_PER_LINE; l += (int)(16 / sizeof(BN_T)))   \
-                    BN_STREAM_XMM((y) + i + l, line + l);                         \
-            }                                                                     \
-        }                                                                         \
-        for (; i < (n); i++)                                                      \
-            (y)[i] = EXPR;                                                        \
+#define BN_ELEMENTWISE_LINES(n, y, stream, EXPR, LINE_EXPR, FINISH)                     \
+    do {                                                                                \
+        ptrdiff_t i = 0;                                                                \
+        if (stream) {                                                                   \
+            for (; i < (n) && ((uintptr_t)((y) + i) & 15); i++)                         \
+                (y)[i] = EXPR;                                                          \
+            while (i + BN_PER_LINE <= (n)) {                                            \
+                BN_T lines[BN_GROUP_LINES][BN_PER_LINE] __attribute__((aligned(64)));   \
+                ptrdiff_t first = i, count = ((n) - i) / BN_PER_LINE;                   \
+                if (count > BN_GROUP_LINES)                                             \
+                    count = BN_GROUP_LINES;                                             \
+                for (ptrdiff_t g = 0; g < count; g++) {                                 \
+                    BN_T *line = lines[g];                                              \
+                    ptrdiff_t base = first + g * BN_PER_LINE;                           \
+                    for (int l = 0; l < BN_PER_LINE; l++) {                             \
+                        i = base + l;                                                   \
+                        line[l] = LINE_EXPR;                                            \
+                    }                                                                   \
+                    i = base;                                                           \
+                    FINISH;                                                             \
+                }                                                                       \
+                for (ptrdiff_t g = 0; g < count; g++)                                   \
+                    for (int l = 0; l < BN_PER_LINE; l += (int)(16 / sizeof(BN_T)))     \
+                        BN_STREAM_XMM((y) + first + g * BN_PER_LINE + l, lines[g] + l); \
+                i = first + count * BN_PER_LINE;                                        \
+            }                                                                           \
+        }                                                                               \
+        for (; i < (n); i++)                                                            \
+            (y)[i] = EXPR;                                                              \
     } while (0)
 #else
-#define BN_ELEMENTWISE_LINES(n, y, stream, EXPR, LINE_EXPR, FINISH)              \
-    do {                                                                          \
-        (void)(stream);                                                           \
-        for (ptrdiff_t i = 0; i < (n); i++)                                       \
-            (y)[i] = EXPR;                                                        \
+#define BN_ELEMENTWISE_LINES(n, y, stream, EXPR, LINE_EXPR, FINISH)                     \
+    do {                                                                                \
+        (void)(stream);                                                                 \
+        for (ptrdiff_t i = 0; i < (n); i++)                                             \
+            (y)[i] = EXPR;                                                              \
     } while (0)
 #endif
 #define BN_ELEMENTWISE(n, y, stream, EXPR) \
