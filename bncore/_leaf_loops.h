@@ -92,9 +92,9 @@ BN_INLINE bn_v8df bn_load8_f32(const float *p)
  * store just issued (the addresses agree in their low 12 bits), and waits
  * for it, which chains every line's load to the previous line's
  * arithmetic. In groups of four the chain links a group, not a line, and
- * hides behind memory: eval of (8, 8, 256, 256) float32 at those offsets
- * from 1.2-1.8 times a streaming copy's time to 1.0 (benchmarks/
- * page_offsets.py measures it). */
+ * hides behind memory: eval of (8, 8, 256, 256) float32 on one thread at
+ * its worst offset from 1.48 times a streaming copy's time to 1.06 (median
+ * over offsets 1.01 -> 0.93; benchmarks/page_offsets.py). */
 #define BN_GROUP_LINES 4
 
 /* How many of the n values (itemsize bytes each) at p lie before p's first
