@@ -742,7 +742,7 @@ BN_INLINE void bn_store_part_avx512(float *y, ptrdiff_t count, __m512 v, int str
 }
 
 /* Vector v into p: streamed when the kernel's `stream` is set. */
-#define BN_STORE_VEC(SFX, p, v)                                                        \
+#define BN_STORE_VEC(SFX, p, v)                                                           \
     do {                                                                                  \
         if (stream)                                                                       \
             _mm512_stream_##SFX(p, v);                                                    \
