@@ -96,6 +96,8 @@ BN_INLINE bn_v8df bn_load8_f32(const float *p)
  * its worst offset from 1.48 times a streaming copy's time to 1.06 (median
  * over offsets 1.01 -> 0.93; benchmarks/page_offsets.py). */
 #define BN_GROUP_LINES 4
+/* The AVX-512 loops below unroll their groups by hand (v0..v3). */
+_Static_assert(BN_GROUP_LINES == 4, "the hand-unrolled groups hold four vectors");
 
 /* How many of the n values (itemsize bytes each) at p lie before p's first
  * line boundary: where whole-line streaming stores can begin. */
