@@ -163,6 +163,19 @@ def make_params(c, dtype=np.float64, seed=0):
     return weight, bias, running_mean, running_var
 
 
+PAGE = 4096
+
+
+def at_page_offset(values, offset):
+    """A copy of values whose data starts `offset` bytes (mod PAGE) past a
+    page boundary."""
+    buffer = np.empty(values.nbytes + 2 * PAGE, np.uint8)
+    start = (-buffer.ctypes.data) % PAGE + offset % PAGE
+    placed = buffer[start:start + values.nbytes].view(values.dtype).reshape(values.shape)
+    placed[...] = values
+    return placed
+
+
 def _channel_rows(x, axis):
     """x in float64 as a (C, n) array: one row of values per channel."""
     x = np.asarray(x, dtype=np.float64)

@@ -28,9 +28,8 @@ import pytest
 import bncore
 from bncore import _kernels, reference
 
-from conftest import assert_output_close, make_input, make_params
+from conftest import assert_output_close, at_page_offset, make_input, make_params
 
-PAGE = 4096
 OFFSETS = (16, 48, 80, 112, 176, -16, -64, 2048, 8, 88)
 # (shape, pipelined forward, pipelined backward): mode 1 forces, 0 forbids.
 CASES = {
@@ -53,16 +52,6 @@ def streaming_tuning():
     _kernels.set_stream_min_bytes(stream)
     _kernels.set_pipelined(*forward)
     _kernels.set_pipelined_backward(*backward)
-
-
-def at_page_offset(values, offset):
-    """A copy of values whose data starts `offset` bytes (mod PAGE) past a
-    page boundary."""
-    buffer = np.empty(values.nbytes + 2 * PAGE, np.uint8)
-    start = (-buffer.ctypes.data) % PAGE + offset % PAGE
-    placed = buffer[start:start + values.nbytes].view(values.dtype).reshape(values.shape)
-    placed[...] = values
-    return placed
 
 
 def _outputs(operation, x, dy, params, threads):
