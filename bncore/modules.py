@@ -531,6 +531,12 @@ class BatchNorm:
     # -- forward -----------------------------------------------------------
 
     def _check_input(self, x: NDArray[Any]) -> None:
+        # The common call passes at a glance: on a small call the full
+        # checks below cost more than the batch norm.
+        ndim, axis, ndims = x.ndim, self.axis, self.accepted_ndims
+        if (x.dtype is self.dtype and type(axis) is int and 2 <= ndim and -ndim <= axis < ndim
+                and (ndims is None or ndim in ndims) and x.shape[axis] == self.num_features):
+            return
         if x.dtype != self.dtype:
             raise TypeError(
                 f"input has dtype {x.dtype}, but {type(self).__name__} holds {self.dtype}; "
