@@ -1,8 +1,8 @@
-"""The column-group statistics of (N, C) and channels-last inputs load
-their rows in memory order before they sum them (bn_touch_each_rows and
-bn_touch_whole_slab in _leaf_loops.h). Whether they do depends on where
+"""The column-group statistics and gradient sums of (N, C) and
+channels-last inputs load their rows in memory order before they sum them
+(bn_touch_rows_avx512 in _leaf_loops.h). Whether they do depends on where
 the input lies: rows of at most 512 bytes are loaded ahead only when every
-row starts on a cache line. The results must not depend on it: for each
+row starts on a cache line (bn_touch_each_rows). The results must not depend on it: for each
 shape, the input (and the backward's grad_output) placed on a page
 boundary, on other cache-line starts and off them gives the bits of the
 input 16 bytes past a page (where NumPy puts large arrays), and matches the
