@@ -1123,13 +1123,14 @@ cdef inline void affine_head_seam(const floating *xn, floating *yn, Py_ssize_t n
 cdef void pipelined_runs(const floating *x, floating *y, const Planar *g, Py_ssize_t n,
                          Py_ssize_t sc, double origin, double *s1, double *s2,
                          Py_ssize_t block_end, Moments *acc, const floating *ahead,
-                         Py_ssize_t n_norm, Py_ssize_t nc, int ends, const floating *next_n,
-                         const AffineIn *a) noexcept nogil:
+                         Py_ssize_t n_norm, Py_ssize_t nc, bint seams, int ends,
+                         const floating *next_n, const AffineIn *a) noexcept nogil:
     """Channel sc's run in row n added into the lane sums s1, s2 (sc < 0:
     none), prefetching the run at ``ahead``, and channel nc's run in row
-    n_norm normalised (nc < 0: none), block by block, leaving its end lines
-    `ends` (seam_ends; the lines between its pieces are seams too); next_n
-    is the run to normalise next. A block that ends here (a piece of a long
+    n_norm normalised (nc < 0: none), block by block; with seams (the
+    caller's can_seam), leaving its end lines `ends` (seam_ends) and the
+    lines between its pieces to be written whole; next_n is the run to
+    normalise next. A block that ends here (a piece of a long
     run, or block_end > 0 rows of whole runs ending with row n) is merged
     into acc, and its lanes cleared for the next."""
     cdef Py_ssize_t p, start, length
@@ -1141,7 +1142,6 @@ cdef void pipelined_runs(const floating *x, floating *y, const Planar *g, Py_ssi
     cdef const floating *xn = NULL
     cdef const floating *pf = NULL
     cdef floating *yn = NULL
-    cdef bint seams = can_seam(a.stream, last_piece(g), sizeof(floating))
     cdef int leave = 0
     cdef Moments block
     if nc >= 0:
@@ -1233,7 +1233,7 @@ cdef void pipelined_item(const floating *x, floating *y, const Planar *g, Py_ssi
                 # Rows are normalised last read first: those still in L2.
                 pipelined_runs(x, y, g, n, sc, origin, s1, s2, block_end, &table[k],
                                run_after(x, g, n, sc, c1, ahead) if sc >= 0 else NULL,
-                               g.outer - 1 - n, nc,
+                               g.outer - 1 - n, nc, seams,
                                seam_ends(nc, c0, c1) if seams and nc >= 0 else 0,
                                run_before(x, g, g.outer - 1 - n, nc, c1) if nc >= 0 else NULL,
                                &b)

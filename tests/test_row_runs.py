@@ -25,13 +25,16 @@ from test_periodic_normalize import _problem, _same_bits
 from test_pipelined import _offset_array
 from test_pipelined_backward import assert_backward_matches_the_reference
 
+# Runs of 9-31 values are walked as runs only in tensors of stream_min_bytes
+# and up (here every size): 4x4 and 5x5 maps, and float32 runs under a
+# vector (3x3, 3x4; float64 reads those as rows), written one at a time.
+SHORT_PLANAR_SHAPES = [(300, 5, 16), (130, 9, 25), (300, 5, 9), (200, 11, 12)]
 # (outer, channels, inner) in the planar layout: runs that are not whole
 # lines, then runs of whole lines under ROW_RUNS_MAX_BYTES (2 KiB; 256
-# float64 values are not), then the shortest planar runs: 4x4 and 5x5
-# maps, and float32 runs under a vector (3x3, 3x4), written one at a time.
+# float64 values are not), then the shortest planar runs.
 SHAPES = [(130, 2, 33), (70, 7, 49), (9, 64, 196), (5, 17, 47), (3, 40, 100),
-          (300, 3, 40), (2, 5, 1001), (70, 7, 32), (9, 20, 144), (5, 6, 256),
-          (300, 5, 16), (130, 9, 25), (300, 5, 9), (200, 11, 12)]
+          (300, 3, 40), (2, 5, 1001), (70, 7, 32), (9, 20, 144),
+          (5, 6, 256)] + SHORT_PLANAR_SHAPES
 
 
 @pytest.fixture
@@ -156,12 +159,6 @@ def test_backward_with_row_runs_matches_the_reference(streaming):
     problem = _gradient_problem(shape, np.float32, seed=5)
     got = _backward(problem, shape, 2, 1, None, True, True)
     assert_backward_matches_the_reference(got, problem, shape)
-
-
-# Runs of 9-31 values are walked as runs only in tensors of stream_min_bytes
-# and up (here every size): 4x4 and 5x5 maps, and float32 runs under a
-# vector (3x3, 3x4; float64 reads those as rows).
-SHORT_PLANAR_SHAPES = [(300, 5, 16), (130, 9, 25), (300, 5, 9), (200, 11, 12)]
 
 
 @pytest.mark.parametrize("shape", SHORT_PLANAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
