@@ -1,7 +1,8 @@
 """The statistics of the interleaved layout (channels-last and (N, C)
 inputs) where narrow rows are read several at a time as one wide row: every
 row width around the packing's cases (1 to 63 values, whose packed width is
-or is not a multiple of 16; 64 and up, not packed), row counts that leave
+or is not a multiple of 16; 64 and up, not packed; wider than one
+512-column tile, which float32 sums as whole rows), row counts that leave
 rows over after the last whole pack and span several row chunks, float32
 and float64. Checked against float64 NumPy on data far from zero (where a
 careless sum cancels), and bit for bit across thread counts."""
@@ -12,9 +13,11 @@ import pytest
 from bncore import _kernels
 
 # (channels, inner): row widths 1, 3, 5, 8, 9, 15, 16, 33, 40 (two channels
-# of 20 inner values), 48, 63, 64, 100.
+# of 20 inner values), 48, 63, 64, 100; then wider than a tile: 900 (tiles
+# of 170 whole channels of 3), 1030 (its last 6 columns past the vectors)
+# and 2049.
 GEOMETRIES = [(1, 1), (3, 1), (5, 1), (8, 1), (3, 3), (15, 1), (16, 1), (33, 1), (2, 20),
-              (16, 3), (63, 1), (64, 1), (100, 1)]
+              (16, 3), (63, 1), (64, 1), (100, 1), (300, 3), (1030, 1), (2049, 1)]
 # Rows: fewer than one pack, a few packs and some over, several row chunks
 # (64 chunks of whole 32-row blocks at most) with a short last one.
 ROWS = [5, 77, 4133]
