@@ -248,9 +248,10 @@ cdef enum:
     # a slab once per group of columns, and the later passes should find it
     # in L2.
     SLAB_BYTES = 256 * 1024
-    # float32 rows wider than a tile are summed whole (wide_chunk_moments)
-    # up to this width, when there are at least this many row chunks a
-    # thread: fewer, and the tiles share the work out better.
+    # Rows wider than a tile are summed whole (sums_whole_rows: float32
+    # statistics, the backward's sums) up to this width, when there are at
+    # least this many row chunks a thread: fewer, and the tiles share the
+    # work out better.
     WHOLE_ROWS_MAX_WIDTH = 8 * COLUMN_TILE
     WHOLE_ROWS_CHUNKS_PER_THREAD = 4
     # The flat interleaved loops keep their pattern (4 constants per column
@@ -1479,15 +1480,21 @@ cdef inline void interleaved_chunk_moments(const floating *x, const Interleaved 
         interleaved_item_moments(x, g, item, table)
 
 
+cdef inline bint sums_whole_rows(const Interleaved *g, int nthreads) noexcept nogil:
+    """Whether the column sums of the statistics or the backward take whole
+    rows of a row chunk (wide_chunk_moments, wide_chunk_grad_sums) rather
+    than tiles: rows wider than a tile, enough chunks to share among the
+    threads, and sums (WHOLE_ROWS_MAX_WIDTH columns: 96 KiB) that stay in
+    L2 beside a slab of rows."""
+    return (g.ntiles > 1 and g.width <= WHOLE_ROWS_MAX_WIDTH
+            and g.nchunks >= WHOLE_ROWS_CHUNKS_PER_THREAD * nthreads)
+
+
 cdef void interleaved_moments(const floating *x, const Interleaved *g, Moments *table,
                               const StatsOut *out, int nthreads) noexcept nogil:
     cdef Py_ssize_t item, c
-    # float64 keeps its tiles: its blocks' two passes are per tile. Whole
-    # rows need enough chunks to share among the threads, and their sums
-    # (WHOLE_ROWS_MAX_WIDTH columns: 96 KiB) should stay in L2 beside a slab.
-    cdef bint whole_rows = (floating is float and g.ntiles > 1
-                            and g.width <= WHOLE_ROWS_MAX_WIDTH
-                            and g.nchunks >= WHOLE_ROWS_CHUNKS_PER_THREAD * nthreads)
+    # float64 keeps its tiles: its blocks' two passes are per tile.
+    cdef bint whole_rows = floating is float and sums_whole_rows(g, nthreads)
     cdef Py_ssize_t nitems = g.nchunks if whole_rows else g.nchunks * g.ntiles
     if nthreads == 1:
         for item in range(nitems):
@@ -2322,6 +2329,54 @@ cdef void interleaved_grad_sums_item(const floating *x, const floating *dy,
         j = j + g.inner
 
 
+cdef void wide_chunk_grad_sums(const floating *x, const floating *dy, const Interleaved *g,
+                               Py_ssize_t chunk, const double *mean,
+                               GradSums *table) noexcept nogil:
+    """The chunk table's entries of one row chunk of rows wider than a tile:
+    whole rows, their sums in a heap buffer, as wide_chunk_moments (the same
+    bits as the tiles). Out of memory, the chunk is taken by tiles."""
+    cdef Py_ssize_t r0 = chunk * g.chunk_rows
+    cdef double *column_mean = <double *>malloc(3 * g.width * sizeof(double))
+    cdef double *s_dy
+    cdef double *s_dev
+    cdef GradSums sums, part
+    cdef Py_ssize_t j, q, tile
+    if column_mean == NULL:
+        for tile in range(g.ntiles):
+            interleaved_grad_sums_item(x, dy, g, chunk * g.ntiles + tile, mean, table)
+        return
+    s_dy = column_mean + g.width
+    s_dev = s_dy + g.width
+    for j in range(g.width):
+        column_mean[j] = mean[j // g.inner]
+        s_dy[j] = 0.0
+        s_dev[j] = 0.0
+    rows_grad_sums(x + r0 * g.width, dy + r0 * g.width, min(g.chunk_rows, g.rows - r0),
+                   g.width, g.width, column_mean, s_dy, s_dev)
+    j = 0
+    while j < g.width:
+        sums = zero_grad_sums()
+        for q in range(j, j + g.inner):
+            part.dy = s_dy[q]
+            part.dy_dev = s_dev[q]
+            sums = add_grad_sums(sums, part)
+        table[(j // g.inner) * g.nchunks + chunk] = sums
+        j = j + g.inner
+    free(column_mean)
+
+
+cdef inline void interleaved_chunk_grad_sums(const floating *x, const floating *dy,
+                                             const Interleaved *g, Py_ssize_t item,
+                                             bint whole_rows, const double *mean,
+                                             GradSums *table) noexcept nogil:
+    """Item of interleaved_backward's sums: a row chunk (whole_rows) or a
+    tile of one."""
+    if whole_rows:
+        wide_chunk_grad_sums(x, dy, g, item, mean, table)
+    else:
+        interleaved_grad_sums_item(x, dy, g, item, mean, table)
+
+
 cdef void interleaved_grad_input_item(const floating *x, const floating *dy, floating *dx,
                                       const Interleaved *g, Py_ssize_t item,
                                       const floating *constants, bint training,
@@ -2395,6 +2450,7 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
     cdef floating *constants = <floating *>malloc(
         5 * g.channels * sizeof(floating) + periodic_bytes(period, lanes, 5, sizeof(floating)))
     cdef floating *pattern = constants + 5 * g.channels
+    cdef bint whole_rows = sums_whole_rows(g, nthreads)
     if table == NULL or constants == NULL:
         free(table)
         free(constants)
@@ -2402,8 +2458,9 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
     if period:
         pattern = pattern + bn_line_head(pattern, sizeof(floating), 64)
     if a.given_dy == NULL:
-        for item in prange(nitems, num_threads=nthreads, schedule="static"):
-            interleaved_grad_sums_item(x, dy, g, item, a.mean, table)
+        for item in prange(g.nchunks if whole_rows else nitems, num_threads=nthreads,
+                           schedule="static"):
+            interleaved_chunk_grad_sums(x, dy, g, item, whole_rows, a.mean, table)
     for c in prange(g.channels, num_threads=nthreads, schedule="static"):
         interleaved_grad_channel(g, c, table, constants, a)
     if a.sums_only:

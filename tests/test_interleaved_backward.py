@@ -22,9 +22,11 @@ from test_pipelined import _offset_array
 # 1, 3, 8, 16, 40 and 48 (packed into a multiple of 16 columns), 17, 33 and
 # 63 (packed, not a multiple of 16), 64 (one group, not packed), 65, 80,
 # 100, 128, 130 and 200 (groups of 64, 32 and 16 and a scalar rest, rows
-# taken 8 at a time), and 600 (two column tiles).
+# taken 8 at a time), and 600, 900 (channels of 3) and 1030 (wider than a
+# column tile: whole rows where there are enough row chunks, else tiles).
 GEOMETRIES = [(1, 1), (3, 1), (8, 1), (2, 20), (16, 1), (17, 1), (33, 1), (16, 3), (63, 1),
-              (64, 1), (65, 1), (80, 1), (100, 1), (128, 1), (130, 1), (200, 1), (600, 1)]
+              (64, 1), (65, 1), (80, 1), (100, 1), (128, 1), (130, 1), (200, 1), (600, 1),
+              (300, 3), (1030, 1)]
 ROWS = [5, 77, 4133]
 
 
