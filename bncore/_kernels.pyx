@@ -1439,7 +1439,8 @@ cdef void wide_chunk_moments(const floating *x, const Interleaved *g, Py_ssize_t
     memory for the sums, the chunk is taken by tiles."""
     cdef Py_ssize_t r0 = chunk * g.chunk_rows
     cdef Py_ssize_t nrows = min(g.chunk_rows, g.rows - r0)
-    cdef Py_ssize_t slab = max(<Py_ssize_t>1, SLAB_BYTES // (g.width * <Py_ssize_t>sizeof(floating)))
+    cdef Py_ssize_t slab = max(<Py_ssize_t>1,
+                               SLAB_BYTES // (g.width * <Py_ssize_t>sizeof(floating)))
     cdef double *origin = <double *>malloc(3 * g.width * sizeof(double))
     cdef double *s1
     cdef double *s2
@@ -2433,10 +2434,10 @@ cdef void interleaved_grad_channel(const Interleaved *g, Py_ssize_t c, const Gra
 cdef int interleaved_backward(const floating *x, const floating *dy, floating *dx,
                               const Interleaved *g, const BackwardArgs *a,
                               int requested) noexcept nogil:
-    """The sums per (row chunk, column tile) item, then per channel; then dx
-    by the flat periodic loop, one contiguous part per thread (as
-    interleaved_normalize), or item by item. Returns -1 when the tables
-    cannot be allocated."""
+    """The sums per (row chunk, column tile) item (or per row chunk,
+    sums_whole_rows), then per channel; then dx by the flat periodic loop,
+    one contiguous part per thread (as interleaved_normalize), or item by
+    item. Returns -1 when the tables cannot be allocated."""
     cdef Py_ssize_t nitems = g.nchunks * g.ntiles
     cdef int nthreads = team_size(requested, nitems, g.rows * g.width)
     cdef Py_ssize_t lanes = bn_periodic_lanes(sizeof(floating))
