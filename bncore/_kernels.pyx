@@ -2290,6 +2290,24 @@ cdef inline void rows_grad_sums(const floating *x, const floating *dy, Py_ssize_
         r = r + n
 
 
+cdef void column_grad_sums_to_table(const Interleaved *g, Py_ssize_t chunk, Py_ssize_t j0,
+                                   Py_ssize_t ncols, Py_ssize_t pack, const double *s_dy,
+                                   const double *s_dev, GradSums *table) noexcept nogil:
+    """Columns [j0, j0 + ncols) of a row chunk (pack of them side by side,
+    stats_pack) added up per channel, in column order, into the chunk table."""
+    cdef Py_ssize_t j = 0, p, q
+    cdef GradSums sums, part
+    while j < ncols:
+        sums = zero_grad_sums()
+        for p in range(pack):
+            for q in range(g.inner):
+                part.dy = s_dy[p * ncols + j + q]
+                part.dy_dev = s_dev[p * ncols + j + q]
+                sums = add_grad_sums(sums, part)
+        table[((j0 + j) // g.inner) * g.nchunks + chunk] = sums
+        j = j + g.inner
+
+
 cdef void interleaved_grad_sums_item(const floating *x, const floating *dy,
                                      const Interleaved *g, Py_ssize_t item,
                                      const double *mean, GradSums *table) noexcept nogil:
@@ -2303,8 +2321,7 @@ cdef void interleaved_grad_sums_item(const floating *x, const floating *dy,
     cdef double s_dev[COLUMN_TILE]
     cdef Py_ssize_t r0 = 0, nrows = 0, j0 = 0, ncols = 0
     cdef Py_ssize_t chunk = item // g.ntiles
-    cdef Py_ssize_t j, p, q, pack, packed, start
-    cdef GradSums sums, part
+    cdef Py_ssize_t j, pack, packed, start
     item_span(g, item, &r0, &nrows, &j0, &ncols)
     pack = stats_pack(g, ncols)
     for j in range(ncols * pack):
@@ -2318,16 +2335,7 @@ cdef void interleaved_grad_sums_item(const floating *x, const floating *dy,
     start = start + packed * g.width
     rows_grad_sums(x + start, dy + start, nrows - packed, g.width, ncols, column_mean,
                    s_dy, s_dev)
-    j = 0
-    while j < ncols:
-        sums = zero_grad_sums()
-        for p in range(pack):
-            for q in range(g.inner):
-                part.dy = s_dy[p * ncols + j + q]
-                part.dy_dev = s_dev[p * ncols + j + q]
-                sums = add_grad_sums(sums, part)
-        table[((j0 + j) // g.inner) * g.nchunks + chunk] = sums
-        j = j + g.inner
+    column_grad_sums_to_table(g, chunk, j0, ncols, pack, s_dy, s_dev, table)
 
 
 cdef void wide_chunk_grad_sums(const floating *x, const floating *dy, const Interleaved *g,
@@ -2340,8 +2348,7 @@ cdef void wide_chunk_grad_sums(const floating *x, const floating *dy, const Inte
     cdef double *column_mean = <double *>malloc(3 * g.width * sizeof(double))
     cdef double *s_dy
     cdef double *s_dev
-    cdef GradSums sums, part
-    cdef Py_ssize_t j, q, tile
+    cdef Py_ssize_t j, tile
     if column_mean == NULL:
         for tile in range(g.ntiles):
             interleaved_grad_sums_item(x, dy, g, chunk * g.ntiles + tile, mean, table)
@@ -2354,15 +2361,7 @@ cdef void wide_chunk_grad_sums(const floating *x, const floating *dy, const Inte
         s_dev[j] = 0.0
     rows_grad_sums(x + r0 * g.width, dy + r0 * g.width, min(g.chunk_rows, g.rows - r0),
                    g.width, g.width, column_mean, s_dy, s_dev)
-    j = 0
-    while j < g.width:
-        sums = zero_grad_sums()
-        for q in range(j, j + g.inner):
-            part.dy = s_dy[q]
-            part.dy_dev = s_dev[q]
-            sums = add_grad_sums(sums, part)
-        table[(j // g.inner) * g.nchunks + chunk] = sums
-        j = j + g.inner
+    column_grad_sums_to_table(g, chunk, 0, g.width, 1, s_dy, s_dev, table)
     free(column_mean)
 
 
