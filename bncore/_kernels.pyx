@@ -139,6 +139,19 @@ cdef extern from "_leaf_loops.h" nogil:
     void bn_periodic_grad_f64(const double *x, const double *dy, double *dx, Py_ssize_t n,
                               const double *pattern, Py_ssize_t period, Py_ssize_t phase,
                               int stream)
+    void bn_row_groups_affine_f32(const float *x, float *y, Py_ssize_t nrows,
+                                  Py_ssize_t stride, Py_ssize_t ncols, const float *constants,
+                                  Py_ssize_t apart, int relu, int stream)
+    void bn_row_groups_affine_f64(const double *x, double *y, Py_ssize_t nrows,
+                                  Py_ssize_t stride, Py_ssize_t ncols,
+                                  const double *constants, Py_ssize_t apart, int relu,
+                                  int stream)
+    void bn_row_groups_grad_f32(const float *x, const float *dy, float *dx, Py_ssize_t nrows,
+                                Py_ssize_t stride, Py_ssize_t ncols, const float *constants,
+                                Py_ssize_t apart, int stream)
+    void bn_row_groups_grad_f64(const double *x, const double *dy, double *dx,
+                                Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t ncols,
+                                const double *constants, Py_ssize_t apart, int stream)
     void bn_affine_twin_f32(const float *x, float *y, Py_ssize_t apart, Py_ssize_t n,
                             const float *p, const float *q, int relu, int stream)
     void bn_affine_twin_f64(const double *x, double *y, Py_ssize_t apart, Py_ssize_t n,
@@ -255,12 +268,19 @@ cdef enum:
     WHOLE_ROWS_MAX_WIDTH = 8 * COLUMN_TILE
     WHOLE_ROWS_CHUNKS_PER_THREAD = 4
     # The flat interleaved loops keep their pattern (4 constants per column
-    # of a period for the normalisation, 5 for the input gradient) in L1 or
-    # near it: 4 x 2048 float32 are 32 KiB. (A period is the width's least
-    # common multiple with a vector, up to 16 times the width, or else the
-    # width's least multiple that holds a vector.) Wider rows are walked row
-    # by row.
-    PERIODIC_MAX_VALUES = 2048
+    # of a period for the normalisation, 5 for the input gradient) in L1:
+    # a period of at most 64 vectors is 4 KiB a constant. (A period is the
+    # width's least common multiple with a vector, up to 16 times the width,
+    # or else the width's least multiple that holds a vector.) Wider rows
+    # are walked in row groups: (N, 1536) float32 eval on one thread, 1.55
+    # streaming-copy times with a period of 96 vectors, 1.11 in row groups;
+    # float64 (N, 768), 1.57 and 1.19; at 64 vectors the two are even.
+    PERIODIC_MAX_VECTORS = 64
+    # Row groups (bn_row_groups_*) read the constants of every column (5 x
+    # 16384 float32 are 320 KiB) from L2; wider rows are walked by tiles, and
+    # so are fewer rows than a row chunk (the table of constants would be
+    # more than a sixth of the input).
+    ROW_GROUPS_MAX_WIDTH = 16384
     # At most this many row chunks per column, so the chunk results kept for
     # the ordered merge stay O(C) in size.
     MAX_ROW_CHUNKS = 64
@@ -1585,6 +1605,7 @@ cdef void channel_params(const AffineIn *a, Py_ssize_t channels, Py_ssize_t c,
 
 
 cdef bint periodic_enabled = True      # set_periodic_loops
+cdef bint row_groups_enabled = True    # set_row_groups
 
 
 cdef inline Py_ssize_t periodic_period(const Interleaved *g, Py_ssize_t lanes) noexcept nogil:
@@ -1598,10 +1619,10 @@ cdef inline Py_ssize_t periodic_period(const Interleaved *g, Py_ssize_t lanes) n
     if lanes == 0 or not periodic_enabled:
         return 0
     period = least_common_multiple(g.width, lanes)
-    if period <= PERIODIC_MAX_VALUES:
+    if period <= PERIODIC_MAX_VECTORS * lanes:
         return period
     period = ((lanes + g.width - 1) // g.width) * g.width
-    return period if period <= PERIODIC_MAX_VALUES else 0
+    return period if period <= PERIODIC_MAX_VECTORS * lanes else 0
 
 
 cdef inline Py_ssize_t periodic_bytes(Py_ssize_t period, Py_ssize_t lanes, Py_ssize_t nconst,
@@ -1676,6 +1697,61 @@ cdef void periodic_grad_part(const floating *x, const floating *dy, floating *dx
         bn_stream_fence()
 
 
+cdef inline Py_ssize_t row_groups_period(const Interleaved *g, Py_ssize_t lanes,
+                                         Py_ssize_t period, int nthreads) noexcept nogil:
+    """The width, where rows too wide for a periodic loop (period 0) are
+    walked in row groups with the constants of every column (AVX-512 only),
+    a row chunk an item, else 0."""
+    if (lanes == 0 or period != 0 or not row_groups_enabled
+            or g.width > ROW_GROUPS_MAX_WIDTH or g.rows < ROW_BLOCK
+            or g.nchunks < nthreads):
+        return 0
+    return g.width
+
+
+cdef inline void chunk_rows_span(const Interleaved *g, Py_ssize_t chunk, Py_ssize_t *start,
+                                 Py_ssize_t *nrows) noexcept nogil:
+    """Where row chunk `chunk` starts (in values) and how many rows it has."""
+    cdef Py_ssize_t r0 = chunk * g.chunk_rows
+    nrows[0] = min(g.chunk_rows, g.rows - r0)
+    start[0] = r0 * g.width
+
+
+cdef void row_groups_affine_chunk(const floating *x, floating *y, const Interleaved *g,
+                                  Py_ssize_t chunk, const floating *columns,
+                                  Py_ssize_t lanes, int relu, int stream) noexcept nogil:
+    """Row chunk `chunk` of the affine loop in row groups; columns: the
+    constants of every column, width + lanes apart (periodic_pattern)."""
+    cdef Py_ssize_t start = 0, nrows = 0
+    chunk_rows_span(g, chunk, &start, &nrows)
+    if floating is float:
+        bn_row_groups_affine_f32(x + start, y + start, nrows, g.width, g.width, columns,
+                                 g.width + lanes, relu, stream)
+    else:
+        bn_row_groups_affine_f64(x + start, y + start, nrows, g.width, g.width, columns,
+                                 g.width + lanes, relu, stream)
+    if stream:
+        bn_stream_fence()
+
+
+cdef void row_groups_grad_chunk(const floating *x, const floating *dy, floating *dx,
+                                const Interleaved *g, Py_ssize_t chunk,
+                                const floating *columns, Py_ssize_t lanes,
+                                int stream) noexcept nogil:
+    """Row chunk `chunk` of the training input gradient in row groups (as
+    row_groups_affine_chunk)."""
+    cdef Py_ssize_t start = 0, nrows = 0
+    chunk_rows_span(g, chunk, &start, &nrows)
+    if floating is float:
+        bn_row_groups_grad_f32(x + start, dy + start, dx + start, nrows, g.width, g.width,
+                               columns, g.width + lanes, stream)
+    else:
+        bn_row_groups_grad_f64(x + start, dy + start, dx + start, nrows, g.width, g.width,
+                               columns, g.width + lanes, stream)
+    if stream:
+        bn_stream_fence()
+
+
 # The periodic patterns' constants, as indices into the per-channel tables:
 # the affine's (hi, lo, scale, shift); the training input gradient's (hi, lo,
 # k, c1, c0); the eval input gradient's, dx = ((dy - 0) - 0) * k + 0 with c1
@@ -1691,22 +1767,26 @@ EVAL_GRAD_ORDER[:] = [3, 3, 2, 4]
 cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved *g,
                                const AffineIn *a, int nthreads) noexcept nogil:
     """Per-channel constants (4 C values), then the flat periodic loop, one
-    contiguous part per thread, or every (row chunk, column tile) item.
-    Returns -1 when the constants cannot be allocated."""
+    contiguous part per thread, or row groups by row chunk, or every (row
+    chunk, column tile) item. Returns -1 when the constants cannot be
+    allocated."""
     cdef Py_ssize_t lanes = bn_periodic_lanes(sizeof(floating))
-    # Not for the relu gate, whose row loop reads dy too.
+    # Neither for the relu gate, whose row loop reads dy too.
     cdef Py_ssize_t period = periodic_period(g, lanes) if a.gate == NULL else 0
+    cdef Py_ssize_t groups = (row_groups_period(g, lanes, period, nthreads)
+                              if a.gate == NULL else 0)
     cdef Py_ssize_t n = g.rows * g.width
     cdef Py_ssize_t head = bn_line_head(y, sizeof(floating), n)
     # The pattern after the per-channel constants, on a 64-byte boundary.
     cdef floating *params = <floating *>malloc(
-        4 * g.channels * sizeof(floating) + periodic_bytes(period, lanes, 4, sizeof(floating)))
+        4 * g.channels * sizeof(floating)
+        + periodic_bytes(period or groups, lanes, 4, sizeof(floating)))
     cdef floating *pattern = params + 4 * g.channels
     cdef Py_ssize_t c, item
     cdef int k
     if params == NULL:
         return -1
-    if period:
+    if period or groups:
         pattern = pattern + bn_line_head(pattern, sizeof(floating), 64)
     if nthreads == 1:
         for c in range(g.channels):
@@ -1723,6 +1803,10 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
             for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
                 periodic_affine_part(x, y, n, head, k, nthreads, pattern, period, lanes,
                                      a.relu, a.stream)
+    elif groups:
+        periodic_pattern(params, g, groups, lanes, 0, AFFINE_ORDER, 4, pattern)
+        for item in prange(g.nchunks, num_threads=nthreads, schedule="static"):
+            row_groups_affine_chunk(x, y, g, item, pattern, lanes, a.relu, a.stream)
     elif nthreads == 1:
         for item in range(g.nchunks * g.ntiles):
             interleaved_normalize_item(x, y, g, item, params, a)
@@ -2435,12 +2519,14 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
                               int requested) noexcept nogil:
     """The sums per (row chunk, column tile) item (or per row chunk,
     sums_whole_rows), then per channel; then dx by the flat periodic loop,
-    one contiguous part per thread (as interleaved_normalize), or item by
-    item. Returns -1 when the tables cannot be allocated."""
+    one contiguous part per thread (as interleaved_normalize), or in row
+    groups by row chunk, or item by item. Returns -1 when the tables cannot be allocated."""
     cdef Py_ssize_t nitems = g.nchunks * g.ntiles
     cdef int nthreads = team_size(requested, nitems, g.rows * g.width)
     cdef Py_ssize_t lanes = bn_periodic_lanes(sizeof(floating))
     cdef Py_ssize_t period = 0 if a.sums_only else periodic_period(g, lanes)
+    cdef Py_ssize_t groups = 0 if a.sums_only else row_groups_period(g, lanes, period,
+                                                                       nthreads)
     cdef Py_ssize_t n = g.rows * g.width
     cdef Py_ssize_t head = bn_line_head(dx, sizeof(floating), n)
     cdef Py_ssize_t item, c
@@ -2448,14 +2534,15 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
     cdef GradSums *table = <GradSums *>malloc(g.nchunks * g.channels * sizeof(GradSums))
     # The pattern after the per-channel constants, on a 64-byte boundary.
     cdef floating *constants = <floating *>malloc(
-        5 * g.channels * sizeof(floating) + periodic_bytes(period, lanes, 5, sizeof(floating)))
+        5 * g.channels * sizeof(floating)
+        + periodic_bytes(period or groups, lanes, 5, sizeof(floating)))
     cdef floating *pattern = constants + 5 * g.channels
     cdef bint whole_rows = sums_whole_rows(g, nthreads)
     if table == NULL or constants == NULL:
         free(table)
         free(constants)
         return -1
-    if period:
+    if period or groups:
         pattern = pattern + bn_line_head(pattern, sizeof(floating), 64)
     if a.given_dy == NULL:
         for item in prange(g.nchunks if whole_rows else nitems, num_threads=nthreads,
@@ -2477,6 +2564,16 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
             else:
                 periodic_affine_part(dy, dx, n, head, k, nthreads, pattern, period, lanes,
                                      0, a.stream)
+    elif groups:
+        if a.training:
+            periodic_pattern(constants, g, groups, lanes, 0, GRAD_ORDER, 5, pattern)
+        else:
+            periodic_pattern(constants, g, groups, lanes, 0, EVAL_GRAD_ORDER, 4, pattern)
+        for item in prange(g.nchunks, num_threads=nthreads, schedule="static"):
+            if a.training:
+                row_groups_grad_chunk(x, dy, dx, g, item, pattern, lanes, a.stream)
+            else:
+                row_groups_affine_chunk(dy, dx, g, item, pattern, lanes, 0, a.stream)
     else:
         for item in prange(nitems, num_threads=nthreads, schedule="static"):
             interleaved_grad_input_item(x, dy, dx, g, item, constants, a.training, a.stream)
@@ -2696,6 +2793,16 @@ def set_periodic_loops(bint enabled):
     global periodic_enabled
     previous = periodic_enabled
     periodic_enabled = enabled
+    return previous
+
+
+def set_row_groups(bint enabled):
+    """Whether rows too wide for the flat periodic loops may be walked in
+    row groups (bn_row_groups_*; for tests and A/B timing: the tiles' row
+    loops give the same bits). Returns the previous setting."""
+    global row_groups_enabled
+    previous = row_groups_enabled
+    row_groups_enabled = enabled
     return previous
 
 

@@ -1098,6 +1098,162 @@ __attribute__((target("avx512f"))) static void NAME(                            
 BN_DEFINE_PERIODIC_GRAD(float, bn_periodic_grad_f32_avx512, __m512, 16, __mmask16, ps)
 BN_DEFINE_PERIODIC_GRAD(double, bn_periodic_grad_f64_avx512, __m512d, 8, __mmask8, pd)
 
+/* Rows too wide for a periodic pattern in L1 (more than 2048 float32
+ * values) walked one at a time take four constants per value from L2 for
+ * one value of x from memory, and ran at 1.5-2.7 times a streaming copy's
+ * time (a periodic pattern of the whole width: 1.5; column tiles, which
+ * read every row in 2 KiB pieces: 2.4-2.7). Walking up to
+ * BN_ROW_GROUP_ROWS rows side by side, column vector by column vector,
+ * loads each vector of constants once for all of them, so the constants
+ * cost an eighth as much, and each row is still read and written front to
+ * back (a C harness, (N, 4096) float32 on one thread: 1.0-1.2). The rows of
+ * a group share their line phase (every `phases` rows of the chunk), so a
+ * column vector lies on whole output lines in all of them. Each group
+ * loads its vectors of every row before it stores any (as BN_GROUP_LINES).
+ * Same operations per value as bn_rows_affine and bn_rows_grad_input, so
+ * the same bits. */
+#define BN_ROW_GROUP_ROWS 8
+
+/* Rows of a chunk until the line phase of a row (its start modulo a line)
+ * comes round again: 1 when rows are whole lines long. */
+static inline ptrdiff_t bn_line_phases(ptrdiff_t stride, size_t itemsize)
+{
+    ptrdiff_t bytes = (ptrdiff_t)((size_t)stride * itemsize) % BN_LINE_BYTES, phases = 1;
+    while ((bytes * phases) % BN_LINE_BYTES)
+        phases++;
+    return phases;
+}
+
+/* One group: `count` rows `step` values apart from OUT, columns [0, ncols):
+ * a masked head up to OUT's first line, whole vectors, a masked tail.
+ * CONSTANTS(LOAD, SFX, c) loads the vectors of constants of columns c..;
+ * VALUE(LOAD, SFX, at) is the output vector at OUT + at. */
+#define BN_ROW_GROUP_PART(SFX, c, CONSTANTS, VALUE, OUT)                                 \
+    do {                                                                                  \
+        CONSTANTS(BN_PERIODIC_MASKED, SFX, c)                                             \
+        for (int g = 0; g < count; g++)                                                   \
+            _mm512_mask_storeu_##SFX((OUT) + g * step + (c), m,                           \
+                                     VALUE(BN_PERIODIC_MASKED, SFX, g * step + (c)));     \
+    } while (0)
+#define BN_ROW_GROUP_LOOP(T, VEC, L, MASK, SFX, OUT, CONSTANTS, VALUE)                   \
+    ptrdiff_t c = 0, k0 = 0;                                                              \
+    if (stream && ((uintptr_t)(OUT) % sizeof(T)) == 0)                                    \
+        k0 = bn_line_head(OUT, sizeof(T), ncols);                                         \
+    else                                                                                  \
+        stream = 0;                                                                       \
+    if (k0 > 0) {                                                                         \
+        MASK m = (MASK)((1u << k0) - 1);                                                  \
+        BN_ROW_GROUP_PART(SFX, 0, CONSTANTS, VALUE, OUT);                                 \
+        c = k0;                                                                           \
+    }                                                                                     \
+    for (; c + (L) <= ncols; c += (L)) {                                                  \
+        VEC v[BN_ROW_GROUP_ROWS] = {0};                                                   \
+        CONSTANTS(BN_PERIODIC_FULL, SFX, c)                                               \
+        _Pragma("GCC unroll 8") for (int g = 0; g < BN_ROW_GROUP_ROWS; g++)               \
+            if (g < count)                                                                \
+                v[g] = VALUE(BN_PERIODIC_FULL, SFX, g * step + c);                        \
+        _Pragma("GCC unroll 8") for (int g = 0; g < BN_ROW_GROUP_ROWS; g++)               \
+            if (g < count)                                                                \
+                BN_STORE_VEC(SFX, (OUT) + g * step + c, v[g]);                            \
+    }                                                                                     \
+    if (c < ncols) {                                                                      \
+        MASK m = (MASK)((1u << (ncols - c)) - 1);                                         \
+        BN_ROW_GROUP_PART(SFX, c, CONSTANTS, VALUE, OUT);                                 \
+    }
+
+/* Group k of a chunk's nrows rows: every `phases`-th row from *first, at
+ * most BN_ROW_GROUP_ROWS of them; returns how many (0: none). */
+static inline int bn_row_group(ptrdiff_t k, ptrdiff_t nrows, ptrdiff_t phases, ptrdiff_t *first)
+{
+    ptrdiff_t rest;
+    *first = (k / phases) * phases * BN_ROW_GROUP_ROWS + k % phases;
+    if (*first >= nrows)
+        return 0;
+    rest = (nrows - *first + phases - 1) / phases;
+    return rest < BN_ROW_GROUP_ROWS ? (int)rest : BN_ROW_GROUP_ROWS;
+}
+
+/* CALL for each group of the nrows rows `stride` apart, with `first`, `count`
+ * and `step` (the values between its rows) set. */
+#define BN_EACH_ROW_GROUP(T, CALL)                                                        \
+    do {                                                                                  \
+        ptrdiff_t phases = bn_line_phases(stride, sizeof(T)), step = phases * stride;     \
+        ptrdiff_t per = phases * BN_ROW_GROUP_ROWS, first = 0;                            \
+        for (ptrdiff_t k = 0; k < (nrows + per - 1) / per * phases; k++) {                \
+            int count = bn_row_group(k, nrows, phases, &first);                           \
+            if (count > 0)                                                                \
+                CALL;                                                                     \
+        }                                                                                 \
+    } while (0)
+
+/* y = affine(x) (then relu) over nrows rows of ncols values, `stride`
+ * apart; the hi, lo, scale and shift of column j at constants[j],
+ * [apart + j], [2 apart + j] and [3 apart + j]. */
+#define BN_ROW_GROUP_AFFINE_CONSTANTS(LOAD, SFX, c)                                       \
+    VEC_T h = LOAD(SFX, ch + (c)), l = LOAD(SFX, cl + (c));                               \
+    VEC_T a = LOAD(SFX, ca + (c)), b = LOAD(SFX, cb + (c));
+#define BN_ROW_GROUP_AFFINE_VALUE(LOAD, SFX, at)                                          \
+    BN_AFFINE_##SFX(LOAD(SFX, x + (at)), h, l, a, b, relu)
+#define BN_DEFINE_ROW_GROUPS_AFFINE(T, NAME, VEC, L, MASK, SFX)                           \
+__attribute__((target("avx512f"))) static void NAME##_group(                             \
+    const T *x, T *y, int count, ptrdiff_t step, ptrdiff_t ncols, const T *ch,            \
+    const T *cl, const T *ca, const T *cb, int relu, int stream)                          \
+{                                                                                         \
+    typedef VEC VEC_T;                                                                    \
+    BN_ROW_GROUP_LOOP(T, VEC, L, MASK, SFX, y, BN_ROW_GROUP_AFFINE_CONSTANTS,             \
+                      BN_ROW_GROUP_AFFINE_VALUE)                                          \
+}                                                                                         \
+__attribute__((target("avx512f"))) static void NAME(                                     \
+    const T *x, T *y, ptrdiff_t nrows, ptrdiff_t stride, ptrdiff_t ncols,                 \
+    const T *constants, ptrdiff_t apart, int relu, int stream)                            \
+{                                                                                         \
+    BN_EACH_ROW_GROUP(T, NAME##_group(x + first * stride, y + first * stride, count,      \
+                                      step, ncols, constants, constants + apart,          \
+                                      constants + 2 * apart, constants + 3 * apart,       \
+                                      relu, stream));                                     \
+}
+BN_DEFINE_ROW_GROUPS_AFFINE(float, bn_row_groups_affine_f32_avx512, __m512, 16, __mmask16, ps)
+BN_DEFINE_ROW_GROUPS_AFFINE(double, bn_row_groups_affine_f64_avx512, __m512d, 8, __mmask8, pd)
+
+/* The training input gradient (bn_rows_grad_input's operations) over the
+ * rows: hi, lo, k, c1 and c0 of column j at constants[t apart + j]. dx may
+ * be x or dy. */
+#define BN_ROW_GROUP_GRAD_CONSTANTS(LOAD, SFX, c)                                         \
+    VEC_T h = LOAD(SFX, ch + (c)), l = LOAD(SFX, cl + (c)), k = LOAD(SFX, ck + (c));      \
+    VEC_T k1 = LOAD(SFX, c1 + (c)), k0 = LOAD(SFX, c0 + (c));
+#define BN_ROW_GROUP_GRAD_VALUE(LOAD, SFX, at)                                            \
+    BN_GRAD_##SFX(LOAD(SFX, x + (at)), LOAD(SFX, dy + (at)), h, l, k, k1, k0)
+#define BN_DEFINE_ROW_GROUPS_GRAD(T, NAME, VEC, L, MASK, SFX)                             \
+__attribute__((target("avx512f"))) static void NAME##_group(                             \
+    const T *x, const T *dy, T *dx, int count, ptrdiff_t step, ptrdiff_t ncols,           \
+    const T *ch, const T *cl, const T *ck, const T *c1, const T *c0, int stream)          \
+{                                                                                         \
+    typedef VEC VEC_T;                                                                    \
+    BN_ROW_GROUP_LOOP(T, VEC, L, MASK, SFX, dx, BN_ROW_GROUP_GRAD_CONSTANTS,              \
+                      BN_ROW_GROUP_GRAD_VALUE)                                            \
+}                                                                                         \
+__attribute__((target("avx512f"))) static void NAME(                                     \
+    const T *x, const T *dy, T *dx, ptrdiff_t nrows, ptrdiff_t stride, ptrdiff_t ncols,   \
+    const T *constants, ptrdiff_t apart, int stream)                                      \
+{                                                                                         \
+    BN_EACH_ROW_GROUP(T, NAME##_group(x + first * stride, dy + first * stride,            \
+                                      dx + first * stride, count, step, ncols, constants, \
+                                      constants + apart, constants + 2 * apart,           \
+                                      constants + 3 * apart, constants + 4 * apart,       \
+                                      stream));                                           \
+}
+BN_DEFINE_ROW_GROUPS_GRAD(float, bn_row_groups_grad_f32_avx512, __m512, 16, __mmask16, ps)
+BN_DEFINE_ROW_GROUPS_GRAD(double, bn_row_groups_grad_f64_avx512, __m512d, 8, __mmask8, pd)
+#undef BN_ROW_GROUP_PART
+#undef BN_ROW_GROUP_LOOP
+#undef BN_EACH_ROW_GROUP
+#undef BN_ROW_GROUP_AFFINE_CONSTANTS
+#undef BN_ROW_GROUP_AFFINE_VALUE
+#undef BN_DEFINE_ROW_GROUPS_AFFINE
+#undef BN_ROW_GROUP_GRAD_CONSTANTS
+#undef BN_ROW_GROUP_GRAD_VALUE
+#undef BN_DEFINE_ROW_GROUPS_GRAD
+
 /* The values under mask m from `at` of both runs (the twin kernel's
  * head and tail, below). */
 #define BN_TWIN_PART(SFX, at)                                                             \
@@ -1364,6 +1520,10 @@ static inline int bn_periodic_lanes(int itemsize)
 #define bn_periodic_affine_f64 bn_periodic_affine_f64_avx512
 #define bn_periodic_grad_f32 bn_periodic_grad_f32_avx512
 #define bn_periodic_grad_f64 bn_periodic_grad_f64_avx512
+#define bn_row_groups_affine_f32 bn_row_groups_affine_f32_avx512
+#define bn_row_groups_affine_f64 bn_row_groups_affine_f64_avx512
+#define bn_row_groups_grad_f32 bn_row_groups_grad_f32_avx512
+#define bn_row_groups_grad_f64 bn_row_groups_grad_f64_avx512
 #define bn_affine_twin_f32 bn_affine_twin_f32_avx512
 #define bn_affine_twin_f64 bn_affine_twin_f64_avx512
 #define bn_affine_runs_f32 bn_affine_runs_f32_avx512
@@ -1387,6 +1547,10 @@ static inline int bn_periodic_lanes(int itemsize)
 #define bn_periodic_affine_f64(...) ((void)0)
 #define bn_periodic_grad_f32(...) ((void)0)
 #define bn_periodic_grad_f64(...) ((void)0)
+#define bn_row_groups_affine_f32(...) ((void)0)
+#define bn_row_groups_affine_f64(...) ((void)0)
+#define bn_row_groups_grad_f32(...) ((void)0)
+#define bn_row_groups_grad_f64(...) ((void)0)
 #endif
 
 /* The pipelined training backward's inner loop, the forward's twin: two runs

@@ -26,11 +26,12 @@ def restore_tuning():
 
 # (outer, channels, inner) with inner < 32 (the interleaved layout): rows
 # narrower than a vector (widths 1, 3, 8, 15), one vector wide, not a
-# multiple of one (17, 35, 100), wide (1000); the pattern's limit of 2048
-# values; 2047, whose period (its least common multiple with a vector) is
-# past the limit, so the width itself is the period and the pattern's
-# loads are not aligned; 2049, walked by rows; the last three above the
-# serial cutoff (64 Ki values), so that threads split the span.
+# multiple of one (17, 35, 100); 1000, whose float32 period (its least
+# common multiple with a vector, 2000) is past the pattern's limit of 64
+# vectors, so the width itself is the period and the pattern's loads are
+# not aligned, and past the limit in float64; 2047 to 2049, past it in
+# both (too few rows for row groups: walked by tiles); the last three
+# above the serial cutoff (64 Ki values), so that threads split the span.
 SHAPES = [(300, 1, 1), (101, 3, 1), (77, 8, 1), (40, 5, 3), (33, 16, 1), (29, 17, 1),
           (23, 7, 5), (11, 100, 1), (6, 1000, 1), (3, 2048, 1), (3, 2047, 1), (3, 2049, 1),
           (3000, 37, 1), (700, 128, 1), (130, 64, 9)]
@@ -72,13 +73,14 @@ def _same_bits(a, b):
     return all(p.tobytes() == q.tobytes() for p, q in zip(a, b))
 
 
-def assert_periodic_gives_row_loop_bits(run, context=()):
-    """run(threads, offset, in_place) -> arrays: the periodic loop's, on 1-3
-    threads, 0, 1 and 4 elements off a cache line, in place or not, must be
-    bitwise the row loop's on one thread."""
-    _kernels.set_periodic_loops(False)
+def assert_periodic_gives_row_loop_bits(run, context=(), switch=_kernels.set_periodic_loops):
+    """run(threads, offset, in_place) -> arrays: the periodic loop's (or
+    another loop that `switch` turns on), on 1-3 threads, 0, 1 and 4
+    elements off a cache line, in place or not, must be bitwise the row
+    loop's on one thread."""
+    switch(False)
     want = run(1, 0, False)
-    _kernels.set_periodic_loops(True)
+    switch(True)
     for threads in (1, 2, 3):
         for offset in (0, 1, 4):
             for in_place in (False, True):
