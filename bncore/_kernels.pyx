@@ -278,8 +278,9 @@ cdef enum:
     PERIODIC_MAX_VECTORS = 64
     # Row groups (bn_row_groups_*) read the constants of every column (5 x
     # 16384 float32 are 320 KiB) from L2; wider rows are walked by tiles, and
-    # so are fewer rows than a row chunk (the table of constants would be
-    # more than a sixth of the input).
+    # so are fewer rows than ROW_BLOCK (the table of constants would be more
+    # than a sixth of the input) and fewer row chunks than threads (the
+    # tiles share the work out).
     ROW_GROUPS_MAX_WIDTH = 16384
     # At most this many row chunks per column, so the chunk results kept for
     # the ordered merge stay O(C) in size.
@@ -2520,7 +2521,8 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
     """The sums per (row chunk, column tile) item (or per row chunk,
     sums_whole_rows), then per channel; then dx by the flat periodic loop,
     one contiguous part per thread (as interleaved_normalize), or in row
-    groups by row chunk, or item by item. Returns -1 when the tables cannot be allocated."""
+    groups by row chunk, or item by item. Returns -1 when the tables cannot
+    be allocated."""
     cdef Py_ssize_t nitems = g.nchunks * g.ntiles
     cdef int nthreads = team_size(requested, nitems, g.rows * g.width)
     cdef Py_ssize_t lanes = bn_periodic_lanes(sizeof(floating))

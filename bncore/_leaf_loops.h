@@ -1098,20 +1098,20 @@ __attribute__((target("avx512f"))) static void NAME(                            
 BN_DEFINE_PERIODIC_GRAD(float, bn_periodic_grad_f32_avx512, __m512, 16, __mmask16, ps)
 BN_DEFINE_PERIODIC_GRAD(double, bn_periodic_grad_f64_avx512, __m512d, 8, __mmask8, pd)
 
-/* Rows too wide for a periodic pattern in L1 (more than 2048 float32
- * values) walked one at a time take four constants per value from L2 for
- * one value of x from memory, and ran at 1.5-2.7 times a streaming copy's
- * time (a periodic pattern of the whole width: 1.5; column tiles, which
- * read every row in 2 KiB pieces: 2.4-2.7). Walking up to
- * BN_ROW_GROUP_ROWS rows side by side, column vector by column vector,
- * loads each vector of constants once for all of them, so the constants
- * cost an eighth as much, and each row is still read and written front to
- * back (a C harness, (N, 4096) float32 on one thread: 1.0-1.2). The rows of
- * a group share their line phase (every `phases` rows of the chunk), so a
- * column vector lies on whole output lines in all of them. Each group
- * loads its vectors of every row before it stores any (as BN_GROUP_LINES).
- * Same operations per value as bn_rows_affine and bn_rows_grad_input, so
- * the same bits. */
+/* Rows too wide for a periodic pattern in L1 (over 64 vectors: 1024
+ * float32 or 512 float64 values), walked one at a time, take four
+ * constants per value from L2 for one value of x from memory: float32
+ * eval ran at 1.5 times a streaming copy's time with a periodic pattern of
+ * 1536-2048 values, and at 2.0-2.7 by column tiles (every row read in
+ * 2 KiB pieces) past 2048. Walking up to BN_ROW_GROUP_ROWS rows side by
+ * side, column vector by column vector, loads each vector of constants
+ * once for all of them, so the constants cost an eighth as much, and each
+ * row is still read and written front to back: (N, 1536) to (N, 8192)
+ * float32 eval at 0.95-1.25 of a copy's time on one thread. The rows of a
+ * group share their line phase (every `phases`-th row of the chunk), so a
+ * column vector lies on whole output lines in all of them; each vector of
+ * all the rows is loaded before any is stored. Same operations per value
+ * as bn_rows_affine and bn_rows_grad_input, so the same bits. */
 #define BN_ROW_GROUP_ROWS 8
 
 /* Rows of a chunk until the line phase of a row (its start modulo a line)
