@@ -1321,12 +1321,18 @@ cdef Interleaved interleaved_geometry(Py_ssize_t outer, Py_ssize_t channels,
     return g
 
 
+cdef inline void chunk_row_span(const Interleaved *g, Py_ssize_t chunk, Py_ssize_t *r0,
+                                Py_ssize_t *nrows) noexcept nogil:
+    """Rows [r0, r0 + nrows) of row chunk `chunk`."""
+    r0[0] = chunk * g.chunk_rows
+    nrows[0] = min(g.chunk_rows, g.rows - r0[0])
+
+
 cdef inline void item_span(const Interleaved *g, Py_ssize_t item, Py_ssize_t *r0,
                            Py_ssize_t *nrows, Py_ssize_t *j0,
                            Py_ssize_t *ncols) noexcept nogil:
     """Rows [r0, r0 + nrows) and columns [j0, j0 + ncols) of an item."""
-    r0[0] = (item // g.ntiles) * g.chunk_rows
-    nrows[0] = min(g.chunk_rows, g.rows - r0[0])
+    chunk_row_span(g, item // g.ntiles, r0, nrows)
     j0[0] = (item % g.ntiles) * g.tile
     ncols[0] = min(g.tile, g.width - j0[0])
 
@@ -1458,8 +1464,7 @@ cdef void wide_chunk_moments(const floating *x, const Interleaved *g, Py_ssize_t
     thread, against 1.0-1.3 for (N, 512). Each column still takes its rows
     in order, in the same operations, so the bits are the tiles'. Out of
     memory for the sums, the chunk is taken by tiles."""
-    cdef Py_ssize_t r0 = chunk * g.chunk_rows
-    cdef Py_ssize_t nrows = min(g.chunk_rows, g.rows - r0)
+    cdef Py_ssize_t r0 = 0, nrows = 0
     cdef Py_ssize_t slab = max(<Py_ssize_t>1,
                                SLAB_BYTES // (g.width * <Py_ssize_t>sizeof(floating)))
     cdef double *origin = <double *>malloc(3 * g.width * sizeof(double))
@@ -1471,6 +1476,7 @@ cdef void wide_chunk_moments(const floating *x, const Interleaved *g, Py_ssize_t
         for tile in range(g.ntiles):
             interleaved_item_moments(x, g, chunk * g.ntiles + tile, table)
         return
+    chunk_row_span(g, chunk, &r0, &nrows)
     s1 = origin + g.width
     s2 = s1 + g.width
     for j in range(g.width):
@@ -1710,21 +1716,14 @@ cdef inline Py_ssize_t row_groups_period(const Interleaved *g, Py_ssize_t lanes,
     return g.width
 
 
-cdef inline void chunk_rows_span(const Interleaved *g, Py_ssize_t chunk, Py_ssize_t *start,
-                                 Py_ssize_t *nrows) noexcept nogil:
-    """Where row chunk `chunk` starts (in values) and how many rows it has."""
-    cdef Py_ssize_t r0 = chunk * g.chunk_rows
-    nrows[0] = min(g.chunk_rows, g.rows - r0)
-    start[0] = r0 * g.width
-
-
 cdef void row_groups_affine_chunk(const floating *x, floating *y, const Interleaved *g,
                                   Py_ssize_t chunk, const floating *columns,
                                   Py_ssize_t lanes, int relu, int stream) noexcept nogil:
     """Row chunk `chunk` of the affine loop in row groups; columns: the
     constants of every column, width + lanes apart (periodic_pattern)."""
-    cdef Py_ssize_t start = 0, nrows = 0
-    chunk_rows_span(g, chunk, &start, &nrows)
+    cdef Py_ssize_t r0 = 0, nrows = 0, start
+    chunk_row_span(g, chunk, &r0, &nrows)
+    start = r0 * g.width
     if floating is float:
         bn_row_groups_affine_f32(x + start, y + start, nrows, g.width, g.width, columns,
                                  g.width + lanes, relu, stream)
@@ -1741,8 +1740,9 @@ cdef void row_groups_grad_chunk(const floating *x, const floating *dy, floating 
                                 int stream) noexcept nogil:
     """Row chunk `chunk` of the training input gradient in row groups (as
     row_groups_affine_chunk)."""
-    cdef Py_ssize_t start = 0, nrows = 0
-    chunk_rows_span(g, chunk, &start, &nrows)
+    cdef Py_ssize_t r0 = 0, nrows = 0, start
+    chunk_row_span(g, chunk, &r0, &nrows)
+    start = r0 * g.width
     if floating is float:
         bn_row_groups_grad_f32(x + start, dy + start, dx + start, nrows, g.width, g.width,
                                columns, g.width + lanes, stream)
@@ -1776,18 +1776,22 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
     cdef Py_ssize_t period = periodic_period(g, lanes) if a.gate == NULL else 0
     cdef Py_ssize_t groups = (row_groups_period(g, lanes, period, nthreads)
                               if a.gate == NULL else 0)
+    cdef Py_ssize_t pattern_period = period or groups
     cdef Py_ssize_t n = g.rows * g.width
     cdef Py_ssize_t head = bn_line_head(y, sizeof(floating), n)
+    # The pattern's column 0: for the periodic loop y's first value on a
+    # line, for the row groups each row's first.
+    cdef Py_ssize_t pattern_head = head if period else 0
     # The pattern after the per-channel constants, on a 64-byte boundary.
     cdef floating *params = <floating *>malloc(
         4 * g.channels * sizeof(floating)
-        + periodic_bytes(period or groups, lanes, 4, sizeof(floating)))
+        + periodic_bytes(pattern_period, lanes, 4, sizeof(floating)))
     cdef floating *pattern = params + 4 * g.channels
     cdef Py_ssize_t c, item
     cdef int k
     if params == NULL:
         return -1
-    if period or groups:
+    if pattern_period:
         pattern = pattern + bn_line_head(pattern, sizeof(floating), 64)
     if nthreads == 1:
         for c in range(g.channels):
@@ -1795,8 +1799,10 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
     else:
         for c in prange(g.channels, num_threads=nthreads, schedule="static"):
             channel_params(a, g.channels, c, params)
+    if pattern_period:
+        periodic_pattern(params, g, pattern_period, lanes, pattern_head, AFFINE_ORDER, 4,
+                         pattern)
     if period:
-        periodic_pattern(params, g, period, lanes, head, AFFINE_ORDER, 4, pattern)
         if nthreads == 1:
             periodic_affine_part(x, y, n, head, 0, 1, pattern, period, lanes, a.relu,
                                  a.stream)
@@ -1805,7 +1811,6 @@ cdef int interleaved_normalize(const floating *x, floating *y, const Interleaved
                 periodic_affine_part(x, y, n, head, k, nthreads, pattern, period, lanes,
                                      a.relu, a.stream)
     elif groups:
-        periodic_pattern(params, g, groups, lanes, 0, AFFINE_ORDER, 4, pattern)
         for item in prange(g.nchunks, num_threads=nthreads, schedule="static"):
             row_groups_affine_chunk(x, y, g, item, pattern, lanes, a.relu, a.stream)
     elif nthreads == 1:
@@ -2429,7 +2434,7 @@ cdef void wide_chunk_grad_sums(const floating *x, const floating *dy, const Inte
     """The chunk table's entries of one row chunk of rows wider than a tile:
     whole rows, their sums in a heap buffer, as wide_chunk_moments (the same
     bits as the tiles). Out of memory, the chunk is taken by tiles."""
-    cdef Py_ssize_t r0 = chunk * g.chunk_rows
+    cdef Py_ssize_t r0 = 0, nrows = 0
     cdef double *column_mean = <double *>malloc(3 * g.width * sizeof(double))
     cdef double *s_dy
     cdef double *s_dev
@@ -2444,8 +2449,9 @@ cdef void wide_chunk_grad_sums(const floating *x, const floating *dy, const Inte
         column_mean[j] = mean[j // g.inner]
         s_dy[j] = 0.0
         s_dev[j] = 0.0
-    rows_grad_sums(x + r0 * g.width, dy + r0 * g.width, min(g.chunk_rows, g.rows - r0),
-                   g.width, g.width, column_mean, s_dy, s_dev)
+    chunk_row_span(g, chunk, &r0, &nrows)
+    rows_grad_sums(x + r0 * g.width, dy + r0 * g.width, nrows, g.width, g.width, column_mean,
+                   s_dy, s_dev)
     column_grad_sums_to_table(g, chunk, 0, g.width, 1, s_dy, s_dev, table)
     free(column_mean)
 
@@ -2529,22 +2535,24 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
     cdef Py_ssize_t period = 0 if a.sums_only else periodic_period(g, lanes)
     cdef Py_ssize_t groups = 0 if a.sums_only else row_groups_period(g, lanes, period,
                                                                        nthreads)
+    cdef Py_ssize_t pattern_period = period or groups
     cdef Py_ssize_t n = g.rows * g.width
     cdef Py_ssize_t head = bn_line_head(dx, sizeof(floating), n)
+    cdef Py_ssize_t pattern_head = head if period else 0    # as in interleaved_normalize
     cdef Py_ssize_t item, c
     cdef int k
     cdef GradSums *table = <GradSums *>malloc(g.nchunks * g.channels * sizeof(GradSums))
     # The pattern after the per-channel constants, on a 64-byte boundary.
     cdef floating *constants = <floating *>malloc(
         5 * g.channels * sizeof(floating)
-        + periodic_bytes(period or groups, lanes, 5, sizeof(floating)))
+        + periodic_bytes(pattern_period, lanes, 5, sizeof(floating)))
     cdef floating *pattern = constants + 5 * g.channels
     cdef bint whole_rows = sums_whole_rows(g, nthreads)
     if table == NULL or constants == NULL:
         free(table)
         free(constants)
         return -1
-    if period or groups:
+    if pattern_period:
         pattern = pattern + bn_line_head(pattern, sizeof(floating), 64)
     if a.given_dy == NULL:
         for item in prange(g.nchunks if whole_rows else nitems, num_threads=nthreads,
@@ -2552,13 +2560,15 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
             interleaved_chunk_grad_sums(x, dy, g, item, whole_rows, a.mean, table)
     for c in prange(g.channels, num_threads=nthreads, schedule="static"):
         interleaved_grad_channel(g, c, table, constants, a)
+    if pattern_period and a.training:
+        periodic_pattern(constants, g, pattern_period, lanes, pattern_head, GRAD_ORDER, 5,
+                         pattern)
+    elif pattern_period:
+        periodic_pattern(constants, g, pattern_period, lanes, pattern_head, EVAL_GRAD_ORDER, 4,
+                         pattern)
     if a.sums_only:
         pass
     elif period:
-        if a.training:
-            periodic_pattern(constants, g, period, lanes, head, GRAD_ORDER, 5, pattern)
-        else:
-            periodic_pattern(constants, g, period, lanes, head, EVAL_GRAD_ORDER, 4, pattern)
         for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
             if a.training:
                 periodic_grad_part(x, dy, dx, n, head, k, nthreads, pattern, period, lanes,
@@ -2567,10 +2577,6 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
                 periodic_affine_part(dy, dx, n, head, k, nthreads, pattern, period, lanes,
                                      0, a.stream)
     elif groups:
-        if a.training:
-            periodic_pattern(constants, g, groups, lanes, 0, GRAD_ORDER, 5, pattern)
-        else:
-            periodic_pattern(constants, g, groups, lanes, 0, EVAL_GRAD_ORDER, 4, pattern)
         for item in prange(g.nchunks, num_threads=nthreads, schedule="static"):
             if a.training:
                 row_groups_grad_chunk(x, dy, dx, g, item, pattern, lanes, a.stream)

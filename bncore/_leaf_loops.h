@@ -108,6 +108,19 @@ static inline ptrdiff_t bn_line_head(const void *p, size_t itemsize, ptrdiff_t n
     return head < n ? head : n;
 }
 
+/* Where a loop that streams whole lines of `out` (n values) begins them:
+ * the values before out's first line boundary, which it writes masked.
+ * Clears *stream when out is not aligned to its values (none of its lines
+ * would be whole), and then returns 0. */
+static inline ptrdiff_t bn_stream_head(const void *out, size_t itemsize, ptrdiff_t n,
+                                       int *stream)
+{
+    if (*stream && (uintptr_t)out % itemsize == 0)
+        return bn_line_head(out, itemsize, n);
+    *stream = 0;
+    return 0;
+}
+
 #if defined(__GNUC__) || defined(__clang__)
 #define BN_RESTRICT __restrict__
 #else
@@ -1021,11 +1034,7 @@ BN_INLINE __m512d bn_grad8_avx512(__m512d x, __m512d dy, __m512d hi, __m512d lo,
 #define BN_PERIODIC_FULL(SFX, ptr) _mm512_loadu_##SFX(ptr)
 #define BN_PERIODIC_MASKED(SFX, ptr) _mm512_maskz_loadu_##SFX(m, ptr)
 #define BN_PERIODIC_LOOP(T, VEC, L, MASK, SFX, OUT, VALUE)                               \
-    ptrdiff_t i = 0, p = phase, k0 = 0;                                                   \
-    if (stream && ((uintptr_t)(OUT) % sizeof(T)) == 0)                                    \
-        k0 = bn_line_head(OUT, sizeof(T), n);                                             \
-    else                                                                                  \
-        stream = 0;                                                                       \
+    ptrdiff_t i = 0, p = phase, k0 = bn_stream_head(OUT, sizeof(T), n, &stream);          \
     if (k0 > 0) {                                                                         \
         MASK m = (MASK)((1u << k0) - 1);                                                  \
         _mm512_mask_storeu_##SFX(OUT, m, VALUE(BN_PERIODIC_MASKED, SFX, 0, p));           \
@@ -1136,11 +1145,7 @@ static inline ptrdiff_t bn_line_phases(ptrdiff_t stride, size_t itemsize)
                                      VALUE(BN_PERIODIC_MASKED, SFX, g * step + (c)));     \
     } while (0)
 #define BN_ROW_GROUP_LOOP(T, VEC, L, MASK, SFX, OUT, CONSTANTS, VALUE)                   \
-    ptrdiff_t c = 0, k0 = 0;                                                              \
-    if (stream && ((uintptr_t)(OUT) % sizeof(T)) == 0)                                    \
-        k0 = bn_line_head(OUT, sizeof(T), ncols);                                         \
-    else                                                                                  \
-        stream = 0;                                                                       \
+    ptrdiff_t c = 0, k0 = bn_stream_head(OUT, sizeof(T), ncols, &stream);                 \
     if (k0 > 0) {                                                                         \
         MASK m = (MASK)((1u << k0) - 1);                                                  \
         BN_ROW_GROUP_PART(SFX, 0, CONSTANTS, VALUE, OUT);                                 \
@@ -1161,29 +1166,19 @@ static inline ptrdiff_t bn_line_phases(ptrdiff_t stride, size_t itemsize)
         BN_ROW_GROUP_PART(SFX, c, CONSTANTS, VALUE, OUT);                                 \
     }
 
-/* Group k of a chunk's nrows rows: every `phases`-th row from *first, at
- * most BN_ROW_GROUP_ROWS of them; returns how many (0: none). */
-static inline int bn_row_group(ptrdiff_t k, ptrdiff_t nrows, ptrdiff_t phases, ptrdiff_t *first)
-{
-    ptrdiff_t rest;
-    *first = (k / phases) * phases * BN_ROW_GROUP_ROWS + k % phases;
-    if (*first >= nrows)
-        return 0;
-    rest = (nrows - *first + phases - 1) / phases;
-    return rest < BN_ROW_GROUP_ROWS ? (int)rest : BN_ROW_GROUP_ROWS;
-}
-
-/* CALL for each group of the nrows rows `stride` apart, with `first`, `count`
- * and `step` (the values between its rows) set. */
+/* CALL for each group of the nrows rows `stride` apart: `count` rows
+ * (at most BN_ROW_GROUP_ROWS), every `phases`-th from row `first`, `step`
+ * values apart. */
 #define BN_EACH_ROW_GROUP(T, CALL)                                                        \
     do {                                                                                  \
         ptrdiff_t phases = bn_line_phases(stride, sizeof(T)), step = phases * stride;     \
-        ptrdiff_t per = phases * BN_ROW_GROUP_ROWS, first = 0;                            \
-        for (ptrdiff_t k = 0; k < (nrows + per - 1) / per * phases; k++) {                \
-            int count = bn_row_group(k, nrows, phases, &first);                           \
-            if (count > 0)                                                                \
+        for (ptrdiff_t base = 0; base < nrows; base += phases * BN_ROW_GROUP_ROWS)        \
+            for (ptrdiff_t first = base; first < base + phases && first < nrows;          \
+                 first++) {                                                               \
+                ptrdiff_t rest = (nrows - first + phases - 1) / phases;                   \
+                int count = rest < BN_ROW_GROUP_ROWS ? (int)rest : BN_ROW_GROUP_ROWS;     \
                 CALL;                                                                     \
-        }                                                                                 \
+            }                                                                             \
     } while (0)
 
 /* y = affine(x) (then relu) over nrows rows of ncols values, `stride`
@@ -1288,12 +1283,8 @@ __attribute__((target("avx512f"))) static void NAME(                            
     const VEC a = _mm512_set1_##SFX(p[2]), b = _mm512_set1_##SFX(p[3]);                   \
     const VEC h2 = _mm512_set1_##SFX(q[0]), l2 = _mm512_set1_##SFX(q[1]);                 \
     const VEC a2 = _mm512_set1_##SFX(q[2]), b2 = _mm512_set1_##SFX(q[3]);                 \
-    ptrdiff_t i = 0, k0 = 0;                                                              \
+    ptrdiff_t i = 0, k0 = bn_stream_head(y, sizeof(T), n, &stream);                       \
     MASK m;                                                                               \
-    if (stream && ((uintptr_t)y % sizeof(T)) == 0)                                        \
-        k0 = bn_line_head(y, sizeof(T), n);                                               \
-    else                                                                                  \
-        stream = 0;                                                                       \
     if (k0 > 0) {                                                                         \
         m = (MASK)((1u << k0) - 1);                                                       \
         BN_TWIN_PART(SFX, 0);                                                             \
@@ -1382,12 +1373,9 @@ BN_DEFINE_AFFINE_TWIN(double, bn_affine_twin_f64_avx512, __m512d, 8, __mmask8, p
     VEC now0, now1, now2, now3, now4 = _mm512_setzero_##SFX();                            \
     const T *q = p;                           /* the constants of value i's channel */   \
     const T *last = p + (NC) * ((n - 1) / inner);                                         \
-    ptrdiff_t i = 0, left = inner;            /* values of q's channel from i on */       \
+    ptrdiff_t left = inner;                   /* values of q's channel from i on */       \
+    ptrdiff_t i = bn_stream_head(OUT, sizeof(T), n, &stream);  /* the head, to a line */  \
     MASK m;                                                                               \
-    if (stream && ((uintptr_t)(OUT) % sizeof(T)) == 0)                                    \
-        i = bn_line_head(OUT, sizeof(T), n);  /* the head, up to a line */               \
-    else                                                                                  \
-        stream = 0;                                                                       \
     if (i > 0) {                                                                          \
         m = (MASK)((1u << i) - 1);                                                        \
         BN_RUNS_STEP(T, MASK, SFX, NC, i, m);                                             \
