@@ -70,19 +70,24 @@ def _fsum(values: _F64) -> float:
     return math.fsum(values.tolist())
 
 
-def _channel_moments(xc: _F64) -> tuple[int, _F64, _F64]:
-    """Per row of the ``(C, n)`` array: ``(n, mean, M2)``; NaN when n == 0."""
+def _channel_moments(xc: _F64) -> tuple[int, _F64, _F64, _F64]:
+    """Per row of the ``(C, n)`` array: ``(n, mean, M2, residual)``; NaN
+    when n == 0. ``mean + residual`` is the mean to about twice float64's
+    precision: ``residual`` is the mean of ``x - mean``, what rounding the
+    mean to float64 left out."""
     c, n = xc.shape
     mean = np.full(c, np.nan)
     m2 = np.full(c, np.nan)
+    residual = np.full(c, np.nan)
     if n == 0:
-        return n, mean, m2
+        return n, mean, m2, residual
     for k in range(c):
         row = xc[k]
         if np.all(row == row[0]):
             # All values equal: exact answer, no arithmetic.
             mean[k] = row[0]
             m2[k] = 0.0
+            residual[k] = 0.0
             continue
         mu = _fsum(row) / n
         d = row - mu
@@ -90,7 +95,8 @@ def _channel_moments(xc: _F64) -> tuple[int, _F64, _F64]:
         # of mu added to sum(d*d); it is tiny but removing it costs nothing.
         m2[k] = max(_fsum(d * d) - _fsum(d) ** 2 / n, 0.0)
         mean[k] = mu
-    return n, mean, m2
+        residual[k] = _fsum(d) / n
+    return n, mean, m2, residual
 
 
 def moments(x: ArrayLike, *, axis: int = 1, ddof: int = 0) -> tuple[_F64, _F64]:
@@ -101,7 +107,7 @@ def moments(x: ArrayLike, *, axis: int = 1, ddof: int = 0) -> tuple[_F64, _F64]:
     ``n == 0``; ``var`` is NaN where ``n - ddof <= 0``.
     """
     xc, _ = _channels(x, axis)
-    n, mean, m2 = _channel_moments(xc)
+    n, mean, m2, _ = _channel_moments(xc)
     if n - ddof > 0:
         var = m2 / (n - ddof)
     else:
@@ -168,7 +174,7 @@ def batch_norm(
                 "Expected more than 1 value per channel when training, "
                 f"got input size {x.shape}"
             )
-        n, mean, m2 = _channel_moments(xc)
+        n, mean, m2, residual = _channel_moments(xc)
         var = m2 / n if n > 0 else m2  # biased; m2 is already NaN when n == 0
         if rm is not None and rv is not None and n > 0:
             keep, take = (1.0 - momentum, momentum) if decay is None else (decay, 1.0 - decay)
@@ -180,13 +186,17 @@ def batch_norm(
             raise ValueError("running_mean and running_var are required in eval mode")
         mean = rm.copy()
         var = rv.copy()
+        residual = np.zeros(c)
 
     invstd = 1.0 / np.sqrt(var + eps)
     w = np.ones(c) if weight is None else np.asarray(weight, dtype=np.float64).reshape(c)
     b = np.zeros(c) if bias is None else np.asarray(bias, dtype=np.float64).reshape(c)
 
     col = (slice(None), None)
-    yc = (xc - mean[col]) * invstd[col] * w[col] + b[col]
+    # Centred with the residual too: where a channel's spread is tiny
+    # against its mean (7031.526 and 7031.521), the float64 mean's rounding
+    # alone would move y by 2e-10 of its size, and asymmetrically.
+    yc = ((xc - mean[col]) - residual[col]) * invstd[col] * w[col] + b[col]
     if activation == "relu":
         yc = np.where(yc < 0, 0.0, yc)  # NaN stays NaN
     moved_shape = np.moveaxis(x, ax, 0).shape

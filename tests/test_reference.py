@@ -76,6 +76,25 @@ def test_large_offset_exact():
     np.testing.assert_array_equal(var, [5.0 / 3.0])
 
 
+def test_training_output_centred_beyond_the_rounded_mean():
+    """Two values whose spread is tiny against their mean (hypothesis found
+    this pair): their exact deviations are +-(a - b) / 2, exact in float64,
+    so y must be symmetric, and bncore (which centres with a two-part mean)
+    must agree to float64's tolerance. Centred on the rounded mean alone,
+    the oracle was off by 2e-10 of y and failed bncore's correct answer."""
+    import bncore
+
+    a, b = 7031.526015909107, 7031.521234949244
+    x = np.array([[a, b]])
+    half = (a - b) / 2                 # exact: Sterbenz, then a power of 2
+    expected = np.array([[half, -half]]) / np.sqrt(half * half + 1e-5)
+    res = reference.batch_norm(x, training=True, axis=0)
+    np.testing.assert_array_equal(res.y[0, 0], -res.y[0, 1])
+    np.testing.assert_allclose(res.y, expected, rtol=4e-16)
+    np.testing.assert_allclose(bncore.batch_norm(x, training=True, axis=0), res.y,
+                               rtol=1e-12, atol=1e-10)
+
+
 def test_degenerate_counts():
     mean, var = reference.moments(np.zeros((0, 3)))
     assert np.isnan(mean).all() and np.isnan(var).all()
