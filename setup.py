@@ -14,6 +14,9 @@ Environment switches:
                            CPUs like the build machine's; off by default)
   BNCORE_NO_DISPATCH=1     no AVX2 / AVX-512 clones of the inner loops, only
                            the baseline instruction set
+  BNCORE_NO_AVX512=1       AVX2 and the baseline only: the library as a CPU
+                           without AVX-512 runs it (to test and measure those
+                           paths on one that has it)
 """
 
 import os
@@ -116,7 +119,8 @@ def build_extensions():
         sources=["bncore/_kernels.pyx"],
         include_dirs=[np.get_include(), "bncore"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
-        + ([("BN_NO_DISPATCH", "1")] if _flag_enabled("BNCORE_NO_DISPATCH") else []),
+        + ([("BN_NO_DISPATCH", "1")] if _flag_enabled("BNCORE_NO_DISPATCH") else [])
+        + ([("BN_NO_AVX512", "1")] if _flag_enabled("BNCORE_NO_AVX512") else []),
         extra_compile_args=optimise + openmp_compile,
         extra_link_args=openmp_link,
     )

@@ -42,6 +42,7 @@ class BuildInfo(TypedDict):
     platform: str
     machine: str
     compiler: str
+    vector_isa: str
     openmp: bool
     openmp_version: int
     openmp_runtimes: list[str]
@@ -64,6 +65,7 @@ def build_info() -> BuildInfo:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "compiler": _kernels.COMPILER,
+        "vector_isa": _kernels.VECTOR_ISA,
         "openmp": _kernels.OPENMP_ENABLED,
         "openmp_version": _kernels.OPENMP_VERSION,
         "openmp_runtimes": loaded_openmp_runtimes(),
@@ -75,7 +77,7 @@ def build_info() -> BuildInfo:
 
 
 def show_config(file: TextIO | None = None) -> None:
-    """Print version, compiler, OpenMP status and runtime, threads, NumPy and Cython."""
+    """Print version, compiler, vector loops, OpenMP status and runtime, threads, NumPy and Cython."""
     info = build_info()
     openmp = (
         f"on (OpenMP {info['openmp_version']})" if info["openmp"]
@@ -86,6 +88,7 @@ def show_config(file: TextIO | None = None) -> None:
         f"bncore {info['version']}",
         f"  python          {info['python']} on {info['platform']}",
         f"  compiler        {info['compiler']}",
+        f"  vector loops    {info['vector_isa']}",
         f"  openmp          {openmp}",
         f"  openmp runtime  {runtimes}",
         f"  threads         {info['threads']} (of {info['cpu_count']} CPUs)",

@@ -13,6 +13,8 @@ import numpy.typing as npt
 OPENMP_ENABLED: bool
 OPENMP_VERSION: int
 COMPILER: str
+VECTOR_ISA_CAP: str
+VECTOR_ISA: str
 
 _Floats = npt.NDArray[np.floating]
 _F64 = npt.NDArray[np.float64]

@@ -60,6 +60,8 @@ cdef extern from "_openmp.h" nogil:
 
 cdef extern from "_leaf_loops.h" nogil:
     enum: BN_LANES
+    const char *BN_VECTOR_ISA_CAP
+    const char *bn_vector_isa()
     ctypedef double bn_lanes[BN_LANES]
     ctypedef struct bn_lane_pair:
         bn_lanes a
@@ -201,6 +203,11 @@ ctypedef fused floating:
 OPENMP_ENABLED = bool(BN_OPENMP_ENABLED)
 OPENMP_VERSION = BN_OPENMP_VERSION
 COMPILER = BN_COMPILER.decode("utf-8", "replace")
+# "AVX-512", "AVX2" or "baseline": the widest vector loops in this build
+# (BNCORE_NO_AVX512 and BNCORE_NO_DISPATCH cap them; setup.py), and those
+# chosen on this CPU.
+VECTOR_ISA_CAP = BN_VECTOR_ISA_CAP.decode("ascii")
+VECTOR_ISA = bn_vector_isa().decode("ascii")
 
 cdef enum:
     # Runs at least this long are walked as runs (planar order); shorter ones

@@ -132,10 +132,16 @@ static inline ptrdiff_t bn_stream_head(const void *out, size_t itemsize, ptrdiff
  * one the CPU has (an ifunc), so one portable binary gets wide vectors
  * without -march=native. The lane order above makes all three give the same
  * bits, and -ffp-contract=off keeps FMA out. Other compilers and platforms
- * get the baseline. BNCORE_NO_DISPATCH=1 at build time turns it off. */
+ * get the baseline. BNCORE_NO_DISPATCH=1 at build time turns it off, and
+ * BNCORE_NO_AVX512=1 (BN_NO_AVX512) builds the library as an AVX2 machine
+ * runs it: no AVX-512 clone and no hand-written AVX-512 loop is chosen, so
+ * that those paths are tested and measured on a machine that has AVX-512. */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
-    && defined(__linux__) && !defined(BN_NO_DISPATCH)
+    && defined(__linux__) && !defined(BN_NO_DISPATCH) && !defined(BN_NO_AVX512)
 #define BN_LEAF __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) static
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) \
+    && defined(__linux__) && !defined(BN_NO_DISPATCH)
+#define BN_LEAF __attribute__((target_clones("arch=x86-64-v3", "default"))) static
 #else
 #define BN_LEAF static inline
 #endif
@@ -173,6 +179,22 @@ static inline ptrdiff_t bn_stream_head(const void *out, size_t itemsize, ptrdiff
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(BN_NO_DISPATCH)
 #include <immintrin.h>
 #define BN_X86_DISPATCH 1
+
+/* The CPU features the hand-written loops are chosen by, per call (a
+ * cached flag after the first). */
+static inline int bn_cpu_avx512(void)
+{
+#ifdef BN_NO_AVX512
+    return 0;
+#else
+    return __builtin_cpu_supports("avx512f");
+#endif
+}
+
+static inline int bn_cpu_avx2(void)
+{
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
 
 /* The r (< 16) values at x in lanes 0 to r - 1 (the others 0), read
  * without touching memory past them where `before` >= 16 - r values lie
@@ -357,64 +379,97 @@ __attribute__((target("avx2,fma"))) static void bn_lane_grad_sums_f32_avx2(
     }
 }
 
-/* Interleaved rows: columns in groups of 64 (then 32, 16), whose sums stay
- * in registers while the rows stream past front to back (same per-column
- * order as the generic loop). One template for both element types: LOAD8
- * reads 8 values as float64, MULADD(a, b, c) is a * b + c: fused for
+/* Interleaved rows: columns in groups whose sums stay in registers while
+ * the rows stream past front to back (same per-column order as the generic
+ * loop). One template for both element types and both instruction sets:
+ * groups of 8, 4 and 2 vectors, so 64, 32 and 16 float32 columns with
+ * AVX-512, 32, 16 and 8 with AVX2 (whose 16 registers then spill: groups
+ * of 4 vectors ran (400000, 128) float32 moments 20 % slower, and the
+ * generic loop's backward sums were faster). BNV_<isa>_* are the vector
+ * operations on float64 of each; LOAD_F32/LOAD_F64 read a vector's worth of
+ * values as float64, MULADD_<dtype>(a, b, c) is a * b + c: fused for
  * float32 (as its other reductions, above), rounded twice for float64, so
- * that float64 keeps the generic loop's bits on every machine. With an
- * offset (float64's second pass), d = (x - origin) - offset as the generic
- * loop; without, d = x - origin. */
-#define BN_LOAD8_F32(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
-#define BN_LOAD8_F64(p) _mm512_loadu_pd(p)
-#define BN_MULADD_F32(a, b, c) _mm512_fmadd_pd(a, b, c)
-#define BN_MULADD_F64(a, b, c) _mm512_add_pd(_mm512_mul_pd(a, b), c)
-#define BN_ROWS_SUMS_LOOP(SHIFTED, MULADD)                                                   \
+ * that float64 keeps the generic loop's bits on every machine. Either set
+ * gives each column the same operations in the same order, so the same
+ * bits. With an offset (float64's second pass), d = (x - origin) - offset
+ * as the generic loop; without, d = x - origin. */
+#define BNV_avx512_TARGET "avx512f"
+#define BNV_avx512_VEC __m512d
+#define BNV_avx512_WIDTH 8
+#define BNV_avx512_LOADU(p) _mm512_loadu_pd(p)
+#define BNV_avx512_STOREU(p, v) _mm512_storeu_pd(p, v)
+#define BNV_avx512_ADD(a, b) _mm512_add_pd(a, b)
+#define BNV_avx512_SUB(a, b) _mm512_sub_pd(a, b)
+#define BNV_avx512_LOAD_F32(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+#define BNV_avx512_LOAD_F64(p) _mm512_loadu_pd(p)
+#define BNV_avx512_MULADD_F32(a, b, c) _mm512_fmadd_pd(a, b, c)
+#define BNV_avx512_MULADD_F64(a, b, c) _mm512_add_pd(_mm512_mul_pd(a, b), c)
+#define BNV_avx512_TOUCH_MIN_ROW_BYTES 512
+#define BNV_avx2_TARGET "avx2,fma"
+#define BNV_avx2_VEC __m256d
+#define BNV_avx2_WIDTH 4
+#define BNV_avx2_LOADU(p) _mm256_loadu_pd(p)
+#define BNV_avx2_STOREU(p, v) _mm256_storeu_pd(p, v)
+#define BNV_avx2_ADD(a, b) _mm256_add_pd(a, b)
+#define BNV_avx2_SUB(a, b) _mm256_sub_pd(a, b)
+#define BNV_avx2_LOAD_F32(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+#define BNV_avx2_LOAD_F64(p) _mm256_loadu_pd(p)
+#define BNV_avx2_MULADD_F32(a, b, c) _mm256_fmadd_pd(a, b, c)
+#define BNV_avx2_MULADD_F64(a, b, c) _mm256_add_pd(_mm256_mul_pd(a, b), c)
+#define BNV_avx2_TOUCH_MIN_ROW_BYTES 256
+
+#define BN_ROWS_SUMS_LOOP(ISA, SHIFTED, MULADD)                                            \
     for (ptrdiff_t r = 0; r < nrows; r++) {                                            \
         const T *p = x + r * stride + j;                                               \
         for (int t = 0; t < NV; t++) {                                                 \
-            __m512d d = SHIFTED;                                                       \
-            a[t] = _mm512_add_pd(a[t], d);                                             \
+            BNV_##ISA##_VEC d = SHIFTED;                                               \
+            a[t] = BNV_##ISA##_ADD(a[t], d);                                           \
             b[t] = MULADD(d, d, b[t]);                                                 \
         }                                                                              \
     }
-#define BN_DEFINE_ROWS_SUMS_AVX512(TYPE, SFX, LOAD8, MULADD, GROUP)                     \
-__attribute__((target("avx512f"))) static ptrdiff_t bn_rows_sums_##SFX##_avx512_##GROUP( \
+/* bn_rows_sums_<dtype>_<isa>_<NV>: the columns of whole groups of NV
+ * vectors; returns how many. */
+#define BN_DEFINE_ROWS_SUMS(ISA, TYPE, SFX, DT, NVECS)                                  \
+__attribute__((target(BNV_##ISA##_TARGET))) static ptrdiff_t                            \
+bn_rows_sums_##SFX##_##ISA##_##NVECS(                                                  \
     const TYPE *BN_RESTRICT x, ptrdiff_t nrows, ptrdiff_t stride, ptrdiff_t ncols,    \
     const double *BN_RESTRICT origin, const double *BN_RESTRICT offset,                \
     double *BN_RESTRICT s1, double *BN_RESTRICT s2)                                    \
 {                                                                                      \
     typedef TYPE T;                                                                    \
-    enum { NV = 2 * (GROUP) };                                                         \
+    enum { NV = NVECS, W = BNV_##ISA##_WIDTH };                                        \
     ptrdiff_t j = 0;                                                                   \
-    for (; j + 8 * NV <= ncols; j += 8 * NV) {                                         \
-        __m512d o[NV], a[NV], b[NV];                                                   \
+    for (; j + W * NV <= ncols; j += W * NV) {                                         \
+        BNV_##ISA##_VEC o[NV], a[NV], b[NV];                                           \
         for (int t = 0; t < NV; t++) {                                                 \
-            o[t] = _mm512_loadu_pd(origin + j + 8 * t);                                \
-            a[t] = _mm512_loadu_pd(s1 + j + 8 * t);                                    \
-            b[t] = _mm512_loadu_pd(s2 + j + 8 * t);                                    \
+            o[t] = BNV_##ISA##_LOADU(origin + j + W * t);                              \
+            a[t] = BNV_##ISA##_LOADU(s1 + j + W * t);                                  \
+            b[t] = BNV_##ISA##_LOADU(s2 + j + W * t);                                  \
         }                                                                              \
         if (offset == NULL) {                                                          \
-            BN_ROWS_SUMS_LOOP(_mm512_sub_pd(LOAD8(p + 8 * t), o[t]), MULADD)           \
+            BN_ROWS_SUMS_LOOP(ISA, BNV_##ISA##_SUB(BNV_##ISA##_LOAD_##DT(p + W * t), o[t]), \
+                              BNV_##ISA##_MULADD_##DT)                                 \
         } else {                                                                       \
-            BN_ROWS_SUMS_LOOP(_mm512_sub_pd(_mm512_sub_pd(LOAD8(p + 8 * t), o[t]),     \
-                                            _mm512_loadu_pd(offset + j + 8 * t)),      \
-                              MULADD)                                                  \
+            BN_ROWS_SUMS_LOOP(ISA, BNV_##ISA##_SUB(                                    \
+                                  BNV_##ISA##_SUB(BNV_##ISA##_LOAD_##DT(p + W * t), o[t]), \
+                                  BNV_##ISA##_LOADU(offset + j + W * t)),              \
+                              BNV_##ISA##_MULADD_##DT)                                 \
         }                                                                              \
         for (int t = 0; t < NV; t++) {                                                 \
-            _mm512_storeu_pd(s1 + j + 8 * t, a[t]);                                    \
-            _mm512_storeu_pd(s2 + j + 8 * t, b[t]);                                    \
+            BNV_##ISA##_STOREU(s1 + j + W * t, a[t]);                                  \
+            BNV_##ISA##_STOREU(s2 + j + W * t, b[t]);                                  \
         }                                                                              \
     }                                                                                  \
     return j;                                                                          \
 }
 
-/* Rows wider than 64 columns are taken 8 rows at a time (4 KB for 128
- * float32 columns, in L1): each 64-column group's sums load into registers,
- * run down the 8 rows and go back. Measured on (N, W) float32, one core:
- * W = 128 from 7 GB/s (all the rows of a slab per group, or whole rows with
- * the sums in memory) to 20, W = 1024 from 10 to 16. (4, 16, 32 and 64 rows
- * and software prefetch measured no better.) */
+/* Rows wider than the widest column group (64 float32 columns with
+ * AVX-512, 32 with AVX2) are taken 8 rows at a time (4 KB for 128 float32 columns, in
+ * L1): each group's sums load into registers, run down the 8 rows and go
+ * back. Measured with AVX-512 on (N, W) float32, one core: W = 128 from 7
+ * GB/s (all the rows of a slab per group, or whole rows with the sums in
+ * memory) to 20, W = 1024 from 10 to 16. (4, 16, 32 and 64 rows and
+ * software prefetch measured no better.) */
 #define BN_WIDE_ROWS 8
 
 /* Rows wider than one column group, read from memory by the column groups
@@ -423,7 +478,9 @@ __attribute__((target("avx512f"))) static ptrdiff_t bn_rows_sums_##SFX##_avx512_
  * time (1 to all) and with software prefetch at any distance. (The cause is
  * not known: this VM has no hardware counters to tell.) So the rows are
  * first loaded in memory order, a vector per line:
- * - rows wider than 512 bytes: the whole slab (its callers keep it to
+ * - rows wider than 512 bytes with AVX-512, 256 with AVX2 (more than two
+ *   groups of float32 either way; BNV_<isa>_TOUCH_MIN_ROW_BYTES): the
+ *   whole slab (its callers keep it to
  *   256 KiB, in L2), then summed from L2 (float64 (N, 128) at 17 GB/s).
  *   Loaded BN_WIDE_ROWS rows at a time instead, (N, 256) and (N, 512)
  *   float32 ran 20 % slower.
@@ -433,12 +490,16 @@ __attribute__((target("avx512f"))) static ptrdiff_t bn_rows_sums_##SFX##_avx512_
  *   streaming-copy times with the rows on line starts (NumPy arrays 64-byte
  *   aligned, or PyTorch's) against 0.74-1.07 off them; loaded ahead,
  *   0.8-1.2. Off line starts, loading ahead measured slower (0.85-1.38),
- *   so those rows are summed as they come. */
-#define BN_TOUCH_MIN_ROW_BYTES 512
+ *   so those rows are summed as they come.
+ * Measured with AVX-512. With AVX2, the slab rule from 256 bytes took
+ * (400000, 128) float32 moments from 1.65 streaming-copy times to 1.30 on
+ * one thread (1.33 from 128 bytes, but (N, 32) and (N, 64) then 1.4
+ * against 0.8). */
 static inline int bn_touch_each_rows(const void *x, ptrdiff_t stride_bytes, ptrdiff_t ncols,
-                                     ptrdiff_t row_bytes)
+                                     ptrdiff_t row_bytes, ptrdiff_t group_cols,
+                                     ptrdiff_t touch_min_row_bytes)
 {
-    return ncols > 64 && row_bytes <= BN_TOUCH_MIN_ROW_BYTES
+    return ncols > group_cols && row_bytes <= touch_min_row_bytes
            && (((uintptr_t)x | (uintptr_t)stride_bytes) & (BN_LINE_BYTES - 1)) == 0;
 }
 __attribute__((target("avx512f"))) static void bn_touch_rows_avx512(
@@ -455,155 +516,153 @@ __attribute__((target("avx512f"))) static void bn_touch_rows_avx512(
     sink = _mm512_reduce_or_epi64(seen);    /* keeps the loads */
     (void)sink;
 }
+/* The same with two 32-byte loads a line. */
+__attribute__((target("avx2"))) static void bn_touch_rows_avx2(
+    const void *x, ptrdiff_t nrows, ptrdiff_t stride_bytes, ptrdiff_t row_bytes)
+{
+    __m256i seen = _mm256_setzero_si256();
+    volatile long long sink;
+    for (ptrdiff_t r = 0; r < nrows; r++) {
+        const char *p = (const char *)x + r * stride_bytes;
+        for (ptrdiff_t k = 0; k + 32 <= row_bytes; k += 32)
+            seen = _mm256_or_si256(seen, _mm256_loadu_si256((const __m256i *)(p + k)));
+        seen = _mm256_or_si256(seen, _mm256_loadu_si256((const __m256i *)(p + row_bytes - 32)));
+    }
+    sink = _mm256_extract_epi64(seen, 0) | _mm256_extract_epi64(seen, 1)
+           | _mm256_extract_epi64(seen, 2) | _mm256_extract_epi64(seen, 3);
+    (void)sink;
+}
 
-/* The column groups over rows BN_WIDE_ROWS at a time, the rest of the
- * columns by the generic loop. */
-#define BN_DEFINE_ROWS_SHIFTED_SUMS_AVX512(TYPE, SFX, LOAD8, MULADD)                   \
-BN_DEFINE_ROWS_SUMS_AVX512(TYPE, SFX, LOAD8, MULADD, 4)                                \
-BN_DEFINE_ROWS_SUMS_AVX512(TYPE, SFX, LOAD8, MULADD, 2)                                \
-BN_DEFINE_ROWS_SUMS_AVX512(TYPE, SFX, LOAD8, MULADD, 1)                                \
-__attribute__((target("avx512f"))) static void bn_rows_shifted_sums_##SFX##_avx512(    \
+/* The column groups of NV1, NV2 and NV3 vectors over rows BN_WIDE_ROWS at
+ * a time, the rest of the columns by the generic loop. */
+#define BN_DEFINE_ROWS_SHIFTED_SUMS(ISA, TYPE, SFX, DT, NV1, NV2, NV3)                  \
+BN_DEFINE_ROWS_SUMS(ISA, TYPE, SFX, DT, NV1)                                           \
+BN_DEFINE_ROWS_SUMS(ISA, TYPE, SFX, DT, NV2)                                           \
+BN_DEFINE_ROWS_SUMS(ISA, TYPE, SFX, DT, NV3)                                           \
+__attribute__((target(BNV_##ISA##_TARGET))) static void bn_rows_shifted_sums_##SFX##_##ISA( \
     const TYPE *BN_RESTRICT x, ptrdiff_t nrows, ptrdiff_t stride, ptrdiff_t ncols,    \
     const double *BN_RESTRICT origin, const double *BN_RESTRICT offset,                \
     double *BN_RESTRICT s1, double *BN_RESTRICT s2)                                    \
 {                                                                                      \
-    ptrdiff_t step = ncols > 64 ? BN_WIDE_ROWS : nrows, j = 0;                         \
+    ptrdiff_t group_cols = (NV1) * BNV_##ISA##_WIDTH;                                  \
+    ptrdiff_t step = ncols > group_cols ? BN_WIDE_ROWS : nrows, j = 0;                 \
     ptrdiff_t row_bytes = ncols * (ptrdiff_t)sizeof(TYPE);                             \
     ptrdiff_t stride_bytes = stride * (ptrdiff_t)sizeof(TYPE);                         \
     int from_memory = offset == NULL;  /* with an offset, the second pass: in cache */ \
-    int touch_slabs = from_memory && bn_touch_each_rows(x, stride_bytes, ncols, row_bytes); \
-    if (from_memory && row_bytes > BN_TOUCH_MIN_ROW_BYTES)                             \
-        bn_touch_rows_avx512(x, nrows, stride_bytes, row_bytes);                       \
+    ptrdiff_t touch_min = BNV_##ISA##_TOUCH_MIN_ROW_BYTES;                             \
+    int touch_slabs = from_memory && bn_touch_each_rows(x, stride_bytes, ncols, row_bytes, \
+                                                        group_cols, touch_min);        \
+    if (from_memory && row_bytes > touch_min)                                          \
+        bn_touch_rows_##ISA(x, nrows, stride_bytes, row_bytes);                        \
     for (ptrdiff_t r = 0; r < nrows; r += step) {                                      \
         const TYPE *p = x + r * stride;                                                \
         ptrdiff_t n = nrows - r < step ? nrows - r : step;                             \
         if (touch_slabs)                                                               \
-            bn_touch_rows_avx512(p, n, stride_bytes, row_bytes);                       \
-        j = bn_rows_sums_##SFX##_avx512_4(p, n, stride, ncols, origin, offset, s1, s2); \
-        j += bn_rows_sums_##SFX##_avx512_2(p + j, n, stride, ncols - j, origin + j,    \
-                                           offset ? offset + j : NULL, s1 + j, s2 + j); \
-        j += bn_rows_sums_##SFX##_avx512_1(p + j, n, stride, ncols - j, origin + j,    \
-                                           offset ? offset + j : NULL, s1 + j, s2 + j); \
+            bn_touch_rows_##ISA(p, n, stride_bytes, row_bytes);                        \
+        j = bn_rows_sums_##SFX##_##ISA##_##NV1(p, n, stride, ncols, origin, offset, s1, s2); \
+        j += bn_rows_sums_##SFX##_##ISA##_##NV2(p + j, n, stride, ncols - j, origin + j, \
+                                                offset ? offset + j : NULL, s1 + j, s2 + j); \
+        j += bn_rows_sums_##SFX##_##ISA##_##NV3(p + j, n, stride, ncols - j, origin + j, \
+                                                offset ? offset + j : NULL, s1 + j, s2 + j); \
     }                                                                                  \
     if (j < ncols)                                                                     \
         bn_rows_shifted_sums_generic_##SFX(x + j, nrows, stride, ncols - j, origin + j, \
                                            offset ? offset + j : NULL, s1 + j, s2 + j); \
 }
-BN_DEFINE_ROWS_SHIFTED_SUMS_AVX512(float, f32, BN_LOAD8_F32, BN_MULADD_F32)
-BN_DEFINE_ROWS_SHIFTED_SUMS_AVX512(double, f64, BN_LOAD8_F64, BN_MULADD_F64)
-#undef BN_DEFINE_ROWS_SHIFTED_SUMS_AVX512
-#undef BN_DEFINE_ROWS_SUMS_AVX512
+BN_DEFINE_ROWS_SHIFTED_SUMS(avx512, float, f32, F32, 8, 4, 2)
+BN_DEFINE_ROWS_SHIFTED_SUMS(avx512, double, f64, F64, 8, 4, 2)
+BN_DEFINE_ROWS_SHIFTED_SUMS(avx2, float, f32, F32, 8, 4, 2)
+/* (float64 statistics keep the generic loop with AVX2: (400000, 128)
+ * training took 1.03-1.21 times as long in these groups.) */
+#undef BN_DEFINE_ROWS_SHIFTED_SUMS
+#undef BN_DEFINE_ROWS_SUMS
 #undef BN_ROWS_SUMS_LOOP
 
-__attribute__((target("avx2,fma"))) static void bn_rows_shifted_sums_f32_avx2(
-    const float *BN_RESTRICT x, ptrdiff_t nrows, ptrdiff_t stride, ptrdiff_t ncols,
-    const double *BN_RESTRICT origin, double *BN_RESTRICT s1, double *BN_RESTRICT s2)
-{
-    ptrdiff_t j = 0;
-    for (; j + 8 <= ncols; j += 8) {
-        const __m256d o0 = _mm256_loadu_pd(origin + j), o1 = _mm256_loadu_pd(origin + j + 4);
-        __m256d a0 = _mm256_loadu_pd(s1 + j), a1 = _mm256_loadu_pd(s1 + j + 4);
-        __m256d b0 = _mm256_loadu_pd(s2 + j), b1 = _mm256_loadu_pd(s2 + j + 4);
-        for (ptrdiff_t r = 0; r < nrows; r++) {
-            const float *p = x + r * stride + j;
-            __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(p)), o0);
-            __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(p + 4)), o1);
-            a0 = _mm256_add_pd(a0, d0);
-            b0 = _mm256_fmadd_pd(d0, d0, b0);
-            a1 = _mm256_add_pd(a1, d1);
-            b1 = _mm256_fmadd_pd(d1, d1, b1);
-        }
-        _mm256_storeu_pd(s1 + j, a0);
-        _mm256_storeu_pd(s1 + j + 4, a1);
-        _mm256_storeu_pd(s2 + j, b0);
-        _mm256_storeu_pd(s2 + j + 4, b1);
-    }
-    if (j < ncols)
-        bn_rows_shifted_sums_generic_f32(x + j, nrows, stride, ncols - j, origin + j, NULL,
-                                         s1 + j, s2 + j);
-}
-
 /* The gradient sums' version of the blocked loops above: s_dy[j] += dy and
- * s_dy_dev[j] += dy * (x - mean[j]) (MULADD) down the rows, column groups
- * of 64 (then 32, 16) whose sums stay in registers, rows wider than 64 taken
- * BN_WIDE_ROWS at a time. Each column's sums take its rows in order, so the
- * group width does not change the bits. (N, 128) float32 sums ran at 3.8
- * times a streaming copy's time on one thread when each 16 columns walked
- * all the rows of a slab in turn, 1.6 with these groups. */
-#define BN_DEFINE_ROWS_GRAD_SUMS_GROUP_AVX512(TYPE, SFX, LOAD8, MULADD, GROUP)              \
-__attribute__((target("avx512f"))) static ptrdiff_t bn_rows_grad_sums_##SFX##_avx512_##GROUP( \
+ * s_dy_dev[j] += dy * (x - mean[j]) (MULADD) down the rows, in the same
+ * column groups, rows wider than the widest taken BN_WIDE_ROWS at a time.
+ * Each column's sums take its rows in order, so the group width does not
+ * change the bits. (N, 128) float32 sums ran at 3.8 times a streaming
+ * copy's time on one thread when each 16 columns walked all the rows of a
+ * slab in turn, 1.6 with the AVX-512 groups. */
+#define BN_DEFINE_ROWS_GRAD_SUMS_GROUP(ISA, TYPE, SFX, DT, NVECS)                       \
+__attribute__((target(BNV_##ISA##_TARGET))) static ptrdiff_t                            \
+bn_rows_grad_sums_##SFX##_##ISA##_##NVECS(                                             \
     const TYPE *BN_RESTRICT x, const TYPE *BN_RESTRICT dy, ptrdiff_t nrows,            \
     ptrdiff_t stride, ptrdiff_t ncols, const double *BN_RESTRICT mean,                 \
     double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)                            \
 {                                                                                      \
-    enum { NV = 2 * (GROUP) };                                                         \
+    enum { NV = NVECS, W = BNV_##ISA##_WIDTH };                                        \
     ptrdiff_t j = 0;                                                                   \
-    for (; j + 8 * NV <= ncols; j += 8 * NV) {                                         \
-        __m512d m[NV], a[NV], b[NV];                                                   \
+    for (; j + W * NV <= ncols; j += W * NV) {                                         \
+        BNV_##ISA##_VEC m[NV], a[NV], b[NV];                                           \
         for (int t = 0; t < NV; t++) {                                                 \
-            m[t] = _mm512_loadu_pd(mean + j + 8 * t);                                  \
-            a[t] = _mm512_loadu_pd(s_dy + j + 8 * t);                                  \
-            b[t] = _mm512_loadu_pd(s_dy_dev + j + 8 * t);                              \
+            m[t] = BNV_##ISA##_LOADU(mean + j + W * t);                                \
+            a[t] = BNV_##ISA##_LOADU(s_dy + j + W * t);                                \
+            b[t] = BNV_##ISA##_LOADU(s_dy_dev + j + W * t);                            \
         }                                                                              \
         for (ptrdiff_t r = 0; r < nrows; r++) {                                        \
             const TYPE *p = x + r * stride + j, *q = dy + r * stride + j;              \
             for (int t = 0; t < NV; t++) {                                             \
-                __m512d g = LOAD8(q + 8 * t);                                          \
-                __m512d d = _mm512_sub_pd(LOAD8(p + 8 * t), m[t]);                     \
-                a[t] = _mm512_add_pd(a[t], g);                                         \
-                b[t] = MULADD(g, d, b[t]);                                             \
+                BNV_##ISA##_VEC g = BNV_##ISA##_LOAD_##DT(q + W * t);                  \
+                BNV_##ISA##_VEC d = BNV_##ISA##_SUB(BNV_##ISA##_LOAD_##DT(p + W * t), m[t]); \
+                a[t] = BNV_##ISA##_ADD(a[t], g);                                       \
+                b[t] = BNV_##ISA##_MULADD_##DT(g, d, b[t]);                            \
             }                                                                          \
         }                                                                              \
         for (int t = 0; t < NV; t++) {                                                 \
-            _mm512_storeu_pd(s_dy + j + 8 * t, a[t]);                                  \
-            _mm512_storeu_pd(s_dy_dev + j + 8 * t, b[t]);                              \
+            BNV_##ISA##_STOREU(s_dy + j + W * t, a[t]);                                \
+            BNV_##ISA##_STOREU(s_dy_dev + j + W * t, b[t]);                            \
         }                                                                              \
     }                                                                                  \
     return j;                                                                          \
 }
-#define BN_DEFINE_ROWS_GRAD_SUMS_AVX512(TYPE, SFX, LOAD8, MULADD)                      \
-BN_DEFINE_ROWS_GRAD_SUMS_GROUP_AVX512(TYPE, SFX, LOAD8, MULADD, 4)                     \
-BN_DEFINE_ROWS_GRAD_SUMS_GROUP_AVX512(TYPE, SFX, LOAD8, MULADD, 2)                     \
-BN_DEFINE_ROWS_GRAD_SUMS_GROUP_AVX512(TYPE, SFX, LOAD8, MULADD, 1)                     \
-__attribute__((target("avx512f"))) static void bn_rows_grad_sums_##SFX##_avx512(       \
+#define BN_DEFINE_ROWS_GRAD_SUMS(ISA, TYPE, SFX, DT, NV1, NV2, NV3)                     \
+BN_DEFINE_ROWS_GRAD_SUMS_GROUP(ISA, TYPE, SFX, DT, NV1)                                \
+BN_DEFINE_ROWS_GRAD_SUMS_GROUP(ISA, TYPE, SFX, DT, NV2)                                \
+BN_DEFINE_ROWS_GRAD_SUMS_GROUP(ISA, TYPE, SFX, DT, NV3)                                \
+__attribute__((target(BNV_##ISA##_TARGET))) static void bn_rows_grad_sums_##SFX##_##ISA( \
     const TYPE *BN_RESTRICT x, const TYPE *BN_RESTRICT dy, ptrdiff_t nrows,            \
     ptrdiff_t stride, ptrdiff_t ncols, const double *BN_RESTRICT mean,                 \
     double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)                            \
 {                                                                                      \
-    ptrdiff_t step = ncols > 64 ? BN_WIDE_ROWS : nrows, j = 0;                         \
+    ptrdiff_t group_cols = (NV1) * BNV_##ISA##_WIDTH;                                  \
+    ptrdiff_t step = ncols > group_cols ? BN_WIDE_ROWS : nrows, j = 0;                 \
     ptrdiff_t row_bytes = ncols * (ptrdiff_t)sizeof(TYPE);                             \
     ptrdiff_t stride_bytes = stride * (ptrdiff_t)sizeof(TYPE);                         \
-    int touch_x_slabs = bn_touch_each_rows(x, stride_bytes, ncols, row_bytes);         \
-    int touch_dy_slabs = bn_touch_each_rows(dy, stride_bytes, ncols, row_bytes);       \
-    if (row_bytes > BN_TOUCH_MIN_ROW_BYTES) {                                          \
-        bn_touch_rows_avx512(x, nrows, stride_bytes, row_bytes);                       \
-        bn_touch_rows_avx512(dy, nrows, stride_bytes, row_bytes);                      \
+    ptrdiff_t touch_min = BNV_##ISA##_TOUCH_MIN_ROW_BYTES;                             \
+    int touch_x_slabs = bn_touch_each_rows(x, stride_bytes, ncols, row_bytes, group_cols, \
+                                           touch_min);                                 \
+    int touch_dy_slabs = bn_touch_each_rows(dy, stride_bytes, ncols, row_bytes, group_cols, \
+                                            touch_min);                                \
+    if (row_bytes > touch_min) {                                                       \
+        bn_touch_rows_##ISA(x, nrows, stride_bytes, row_bytes);                        \
+        bn_touch_rows_##ISA(dy, nrows, stride_bytes, row_bytes);                       \
     }                                                                                  \
     for (ptrdiff_t r = 0; r < nrows; r += step) {                                      \
         const TYPE *p = x + r * stride, *q = dy + r * stride;                          \
         ptrdiff_t n = nrows - r < step ? nrows - r : step;                             \
         if (touch_x_slabs)                                                             \
-            bn_touch_rows_avx512(p, n, stride_bytes, row_bytes);                       \
+            bn_touch_rows_##ISA(p, n, stride_bytes, row_bytes);                        \
         if (touch_dy_slabs)                                                            \
-            bn_touch_rows_avx512(q, n, stride_bytes, row_bytes);                       \
-        j = bn_rows_grad_sums_##SFX##_avx512_4(p, q, n, stride, ncols, mean, s_dy, s_dy_dev); \
-        j += bn_rows_grad_sums_##SFX##_avx512_2(p + j, q + j, n, stride, ncols - j,    \
-                                                mean + j, s_dy + j, s_dy_dev + j);     \
-        j += bn_rows_grad_sums_##SFX##_avx512_1(p + j, q + j, n, stride, ncols - j,    \
-                                                mean + j, s_dy + j, s_dy_dev + j);     \
+            bn_touch_rows_##ISA(q, n, stride_bytes, row_bytes);                        \
+        j = bn_rows_grad_sums_##SFX##_##ISA##_##NV1(p, q, n, stride, ncols, mean, s_dy, \
+                                                    s_dy_dev);                         \
+        j += bn_rows_grad_sums_##SFX##_##ISA##_##NV2(p + j, q + j, n, stride, ncols - j, \
+                                                     mean + j, s_dy + j, s_dy_dev + j); \
+        j += bn_rows_grad_sums_##SFX##_##ISA##_##NV3(p + j, q + j, n, stride, ncols - j, \
+                                                     mean + j, s_dy + j, s_dy_dev + j); \
     }                                                                                  \
     if (j < ncols)                                                                     \
         bn_rows_grad_sums_generic_##SFX(x + j, dy + j, nrows, stride, ncols - j,       \
                                         mean + j, s_dy + j, s_dy_dev + j);             \
 }
-BN_DEFINE_ROWS_GRAD_SUMS_AVX512(float, f32, BN_LOAD8_F32, BN_MULADD_F32)
-BN_DEFINE_ROWS_GRAD_SUMS_AVX512(double, f64, BN_LOAD8_F64, BN_MULADD_F64)
-#undef BN_DEFINE_ROWS_GRAD_SUMS_AVX512
-#undef BN_DEFINE_ROWS_GRAD_SUMS_GROUP_AVX512
-#undef BN_LOAD8_F32
-#undef BN_LOAD8_F64
-#undef BN_MULADD_F32
-#undef BN_MULADD_F64
+BN_DEFINE_ROWS_GRAD_SUMS(avx512, float, f32, F32, 8, 4, 2)
+BN_DEFINE_ROWS_GRAD_SUMS(avx512, double, f64, F64, 8, 4, 2)
+BN_DEFINE_ROWS_GRAD_SUMS(avx2, float, f32, F32, 8, 4, 2)
+BN_DEFINE_ROWS_GRAD_SUMS(avx2, double, f64, F64, 8, 4, 2)
+#undef BN_DEFINE_ROWS_GRAD_SUMS
+#undef BN_DEFINE_ROWS_GRAD_SUMS_GROUP
 #else
 #define BN_X86_DISPATCH 0
 #endif
@@ -619,11 +678,11 @@ static inline void bn_lane_shifted_sums_f32(
         bn_lane_shifted_sums_generic_f32(x, n, origin, offset, s1, s2);
         return;
     }
-    if (__builtin_cpu_supports("avx512f")) {
+    if (bn_cpu_avx512()) {
         bn_lane_shifted_sums_f32_avx512(x, n, origin, offset, s1, s2);
         return;
     }
-    if (__builtin_cpu_supports("avx2")) {
+    if (bn_cpu_avx2()) {
         bn_lane_shifted_sums_f32_avx2(x, n, origin, offset, s1, s2);
         return;
     }
@@ -635,11 +694,11 @@ static inline void bn_lane_grad_sums_f32(
     const float *x, const float *dy, ptrdiff_t n, double mean, double *s_dy, double *s_dy_dev)
 {
 #if BN_X86_DISPATCH
-    if (__builtin_cpu_supports("avx512f")) {
+    if (bn_cpu_avx512()) {
         bn_lane_grad_sums_f32_avx512(x, dy, n, mean, s_dy, s_dy_dev);
         return;
     }
-    if (__builtin_cpu_supports("avx2")) {
+    if (bn_cpu_avx2()) {
         bn_lane_grad_sums_f32_avx2(x, dy, n, mean, s_dy, s_dy_dev);
         return;
     }
@@ -652,12 +711,12 @@ static inline void bn_rows_shifted_sums_f32(
     const double *origin, const double *offset, double *s1, double *s2)
 {
 #if BN_X86_DISPATCH
-    if (offset == NULL && __builtin_cpu_supports("avx512f")) {
+    if (offset == NULL && bn_cpu_avx512()) {
         bn_rows_shifted_sums_f32_avx512(x, nrows, stride, ncols, origin, NULL, s1, s2);
         return;
     }
-    if (offset == NULL && __builtin_cpu_supports("avx2")) {
-        bn_rows_shifted_sums_f32_avx2(x, nrows, stride, ncols, origin, s1, s2);
+    if (offset == NULL && bn_cpu_avx2()) {
+        bn_rows_shifted_sums_f32_avx2(x, nrows, stride, ncols, origin, NULL, s1, s2);
         return;
     }
 #endif
@@ -669,8 +728,12 @@ static inline void bn_rows_grad_sums_f32(
     const double *mean, double *s_dy, double *s_dy_dev)
 {
 #if BN_X86_DISPATCH
-    if (__builtin_cpu_supports("avx512f")) {
+    if (bn_cpu_avx512()) {
         bn_rows_grad_sums_f32_avx512(x, dy, nrows, stride, ncols, mean, s_dy, s_dy_dev);
+        return;
+    }
+    if (bn_cpu_avx2()) {
+        bn_rows_grad_sums_f32_avx2(x, dy, nrows, stride, ncols, mean, s_dy, s_dy_dev);
         return;
     }
 #endif
@@ -926,7 +989,7 @@ static inline void bn_stats_and_affine_f32(
     int relu, int stream, int leave)
 {
 #if BN_X86_DISPATCH
-    if (__builtin_cpu_supports("avx512f")) {
+    if (bn_cpu_avx512()) {
         bn_stats_and_affine_f32_avx512(xs, n, origin, s1, s2, ahead, xn, yn, mean_hi,
                                        mean_lo, scale, shift, relu, stream, leave);
         return;
@@ -947,7 +1010,7 @@ static inline void bn_stats_and_affine_f32(
 static inline int bn_pipelined_fused(void)
 {
 #if BN_X86_DISPATCH
-    return __builtin_cpu_supports("avx512f");
+    return bn_cpu_avx512();
 #else
     return 0;
 #endif
@@ -1496,7 +1559,7 @@ __attribute__((target("avx512f"))) static void bn_grad_seam_f32_avx512(
 static inline int bn_periodic_lanes(int itemsize)
 {
 #if BN_X86_DISPATCH
-    if (__builtin_cpu_supports("avx512f"))
+    if (bn_cpu_avx512())
         return 64 / itemsize;
 #endif
     (void)itemsize;
@@ -1650,7 +1713,7 @@ static inline void bn_grad_sums_and_input_f32(
 {
     ptrdiff_t begin = 0, end = n;
 #if BN_X86_DISPATCH
-    if (__builtin_cpu_supports("avx512f")) {
+    if (bn_cpu_avx512()) {
         bn_grad_sums_and_input_f32_avx512(xs, dys, n, mean, s_dy, s_dy_dev, ahead_x, ahead_dy,
                                           xn, dyn, dxn, mean_hi, mean_lo, k, c1, c0, stream,
                                           leave);
@@ -1687,7 +1750,7 @@ static inline void bn_rows_shifted_sums_f64(
     const double *origin, const double *offset, double *s1, double *s2)
 {
 #if BN_X86_DISPATCH
-    if (__builtin_cpu_supports("avx512f")) {
+    if (bn_cpu_avx512()) {
         bn_rows_shifted_sums_f64_avx512(x, nrows, stride, ncols, origin, offset, s1, s2);
         return;
     }
@@ -1700,8 +1763,12 @@ static inline void bn_rows_grad_sums_f64(
     const double *mean, double *s_dy, double *s_dy_dev)
 {
 #if BN_X86_DISPATCH
-    if (__builtin_cpu_supports("avx512f")) {
+    if (bn_cpu_avx512()) {
         bn_rows_grad_sums_f64_avx512(x, dy, nrows, stride, ncols, mean, s_dy, s_dy_dev);
+        return;
+    }
+    if (bn_cpu_avx2()) {
+        bn_rows_grad_sums_f64_avx2(x, dy, nrows, stride, ncols, mean, s_dy, s_dy_dev);
         return;
     }
 #endif
@@ -1770,6 +1837,28 @@ static inline int bn_f32_to_f16(const float *src, uint16_t *dst, ptrdiff_t n)
 #endif
     (void)src, (void)dst, (void)n;
     return 0;
+}
+
+/* The widest vector loops this build has, and the widest of them it
+ * chooses on this CPU (the compiler's clones of the generic loops follow the
+ * same features): for the build report and for tests of the fallbacks. */
+#if BN_X86_DISPATCH && !defined(BN_NO_AVX512)
+#define BN_VECTOR_ISA_CAP "AVX-512"
+#elif BN_X86_DISPATCH
+#define BN_VECTOR_ISA_CAP "AVX2"
+#else
+#define BN_VECTOR_ISA_CAP "baseline"
+#endif
+
+static inline const char *bn_vector_isa(void)
+{
+#if BN_X86_DISPATCH
+    if (bn_cpu_avx512())
+        return "AVX-512";
+    if (bn_cpu_avx2())
+        return "AVX2";
+#endif
+    return "baseline";
 }
 
 /* Make streaming stores visible to other threads before they read the

@@ -51,7 +51,7 @@ def test_show_config_reports_versions():
     text = buf.getvalue().lower()
     assert bncore.__version__ in text
     assert np.__version__ in text
-    for word in ("openmp", "numpy", "cython", "thread", "compiler"):
+    for word in ("openmp", "numpy", "cython", "thread", "compiler", "vector loops"):
         assert word in text, word
 
 
@@ -63,3 +63,46 @@ def test_python_m_bncore_runs():
     assert res.returncode == 0, res.stdout + res.stderr
     assert "bncore" in res.stdout.lower()
     assert bncore.__version__ in res.stdout
+
+
+ISA_ORDER = ("baseline", "AVX2", "AVX-512")
+
+
+def _cpuinfo_isa():
+    """The widest of bncore's vector loops this CPU can run, from the
+    kernel's view of it (/proc/cpuinfo), not from the compiler's."""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+        else:
+            return None
+    if "avx512f" in flags:
+        return "AVX-512"
+    if {"avx2", "fma"} <= flags:
+        return "AVX2"
+    return "baseline"
+
+
+def test_vector_isa_is_the_widest_the_build_and_cpu_share():
+    """The loops chosen at run time are the CPU's widest, capped by the
+    build (BNCORE_NO_AVX512, BNCORE_NO_DISPATCH): a dispatch that silently
+    fell back to narrower loops would halve the speed."""
+    from bncore import _kernels
+
+    info = _config.build_info()
+    assert info["vector_isa"] == _kernels.VECTOR_ISA
+    assert _kernels.VECTOR_ISA in ISA_ORDER and _kernels.VECTOR_ISA_CAP in ISA_ORDER
+    if not (_linux_gcc() and os.path.exists("/proc/cpuinfo")
+            and sysconfig.get_platform().endswith("x86_64")):
+        pytest.skip("run-time dispatch is built with gcc on Linux x86-64 only")
+    cpu = _cpuinfo_isa()
+    if cpu is None:
+        pytest.skip("/proc/cpuinfo lists no flags")
+    expected = min(cpu, _kernels.VECTOR_ISA_CAP, key=ISA_ORDER.index)
+    assert _kernels.VECTOR_ISA == expected
+    if os.environ.get("BNCORE_NO_DISPATCH") == "1":
+        assert _kernels.VECTOR_ISA_CAP == "baseline"
+    elif os.environ.get("BNCORE_NO_AVX512") == "1":
+        assert _kernels.VECTOR_ISA_CAP == "AVX2"
