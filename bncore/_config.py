@@ -77,7 +77,8 @@ def build_info() -> BuildInfo:
 
 
 def show_config(file: TextIO | None = None) -> None:
-    """Print version, compiler, vector loops, OpenMP status and runtime, threads, NumPy and Cython."""
+    """Print version, compiler, vector loops, OpenMP status and runtime,
+    threads, NumPy and Cython."""
     info = build_info()
     openmp = (
         f"on (OpenMP {info['openmp_version']})" if info["openmp"]

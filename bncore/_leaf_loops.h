@@ -180,8 +180,8 @@ static inline ptrdiff_t bn_stream_head(const void *out, size_t itemsize, ptrdiff
 #include <immintrin.h>
 #define BN_X86_DISPATCH 1
 
-/* The CPU features the hand-written loops are chosen by, per call (a
- * cached flag after the first). */
+/* The CPU features the hand-written loops are chosen by, per call (a test
+ * of the flags libgcc reads once at start-up). */
 static inline int bn_cpu_avx512(void)
 {
 #ifdef BN_NO_AVX512
@@ -383,9 +383,11 @@ __attribute__((target("avx2,fma"))) static void bn_lane_grad_sums_f32_avx2(
  * the rows stream past front to back (same per-column order as the generic
  * loop). One template for both element types and both instruction sets:
  * groups of 8, 4 and 2 vectors, so 64, 32 and 16 float32 columns with
- * AVX-512, 32, 16 and 8 with AVX2 (whose 16 registers then spill: groups
- * of 4 vectors ran (400000, 128) float32 moments 20 % slower, and the
- * generic loop's backward sums were faster). BNV_<isa>_* are the vector
+ * AVX-512, 32, 16 and 8 with AVX2, whose 16 registers then spill: AVX2
+ * groups of 4, 2 and 1 vectors left (400000, 128) float32 training at 3.1
+ * streaming-copy times on one thread and made the backward slower than the
+ * generic loop (6.8 against 5.3); 8, 4 and 2 took them to 2.6-2.7 and
+ * 3.8-4.1. BNV_<isa>_* are the vector
  * operations on float64 of each; LOAD_F32/LOAD_F64 read a vector's worth of
  * values as float64, MULADD_<dtype>(a, b, c) is a * b + c: fused for
  * float32 (as its other reductions, above), rounded twice for float64, so
@@ -464,9 +466,9 @@ bn_rows_sums_##SFX##_##ISA##_##NVECS(                                           
 }
 
 /* Rows wider than the widest column group (64 float32 columns with
- * AVX-512, 32 with AVX2) are taken 8 rows at a time (4 KB for 128 float32 columns, in
- * L1): each group's sums load into registers, run down the 8 rows and go
- * back. Measured with AVX-512 on (N, W) float32, one core: W = 128 from 7
+ * AVX-512, 32 with AVX2) are taken 8 rows at a time (4 KB for 128 float32
+ * columns, in L1): each group's sums load into registers, run down the 8
+ * rows and go back. Measured with AVX-512 on (N, W) float32, one core: W = 128 from 7
  * GB/s (all the rows of a slab per group, or whole rows with the sums in
  * memory) to 20, W = 1024 from 10 to 16. (4, 16, 32 and 64 rows and
  * software prefetch measured no better.) */
