@@ -66,10 +66,29 @@ cdef extern from "_leaf_loops.h" nogil:
     ctypedef struct bn_lane_pair:
         bn_lanes a
         bn_lanes b
+    double bn_lanes_total(const double *lanes)
     void bn_lane_shifted_sums_f32(const float *x, Py_ssize_t n, double origin,
                                   double offset, double *s1, double *s2)
     void bn_lane_shifted_sums_f64(const double *x, Py_ssize_t n, double origin,
                                   double offset, double *s1, double *s2)
+    void bn_block_shifted_sums_f32(const float *x, Py_ssize_t nruns, Py_ssize_t stride,
+                                   Py_ssize_t n, double origin, double offset, double *t1,
+                                   double *t2)
+    void bn_block_shifted_sums_f64(const double *x, Py_ssize_t nruns, Py_ssize_t stride,
+                                   Py_ssize_t n, double origin, double offset, double *t1,
+                                   double *t2)
+    void bn_block_grad_sums_f32(const float *x, const float *dy, Py_ssize_t nruns,
+                                Py_ssize_t stride, Py_ssize_t n, double mean, double *t_dy,
+                                double *t_dev)
+    void bn_block_grad_sums_f64(const double *x, const double *dy, Py_ssize_t nruns,
+                                Py_ssize_t stride, Py_ssize_t n, double mean, double *t_dy,
+                                double *t_dev)
+    void bn_group_grad_sums_f32(const float *x, const float *dy, Py_ssize_t nrows,
+                                Py_ssize_t stride, Py_ssize_t nchan, Py_ssize_t n,
+                                const double *mean, bn_lane_pair *pairs)
+    void bn_group_grad_sums_f64(const double *x, const double *dy, Py_ssize_t nrows,
+                                Py_ssize_t stride, Py_ssize_t nchan, Py_ssize_t n,
+                                const double *mean, bn_lane_pair *pairs)
     void bn_rows_shifted_sums_f32(const float *x, Py_ssize_t nrows, Py_ssize_t stride,
                                   Py_ssize_t ncols, const double *origin,
                                   const double *offset, double *s1, double *s2)
@@ -408,11 +427,7 @@ cdef inline Moments moments_from_shifted_sums(double count, double offset,
 
 
 cdef inline double lanes_total(const double *lanes) noexcept nogil:
-    cdef double total = 0.0
-    cdef int k
-    for k in range(BN_LANES):
-        total = total + lanes[k]
-    return total
+    return bn_lanes_total(lanes)
 
 
 cdef inline void clear_lanes(double *a, double *b) noexcept nogil:
@@ -435,14 +450,12 @@ cdef Moments shifted_runs_moments(const floating *x, Py_ssize_t nruns, Py_ssize_
                                   Py_ssize_t n, double origin, double offset) noexcept nogil:
     """The triple of nruns runs of n contiguous values, stride apart, from
     one pass of lane sums of (x - origin) - offset over the runs in order."""
-    cdef bn_lanes s1
-    cdef bn_lanes s2
-    cdef Py_ssize_t r
-    clear_lanes(s1, s2)
-    for r in range(nruns):
-        lane_shifted_sums(x + r * stride, n, origin, offset, s1, s2)
-    return moments_from_shifted_sums(<double>(nruns * n), offset, lanes_total(s1),
-                                     lanes_total(s2))
+    cdef double s1 = 0.0, s2 = 0.0
+    if floating is float:
+        bn_block_shifted_sums_f32(x, nruns, stride, n, origin, offset, &s1, &s2)
+    else:
+        bn_block_shifted_sums_f64(x, nruns, stride, n, origin, offset, &s1, &s2)
+    return moments_from_shifted_sums(<double>(nruns * n), offset, s1, s2)
 
 
 cdef Moments block_moments(const floating *x, Py_ssize_t nruns, Py_ssize_t stride,
@@ -1907,18 +1920,11 @@ cdef inline GradSums runs_grad_sums(const floating *x, const floating *dy, Py_ss
                                     double mean) noexcept nogil:
     """The two sums over nruns runs of n contiguous values, stride apart (a
     block): lanes carried from run to run, then totals in order."""
-    cdef bn_lanes lanes_dy
-    cdef bn_lanes lanes_dev
     cdef GradSums sums
-    cdef Py_ssize_t r
-    clear_lanes(lanes_dy, lanes_dev)
-    for r in range(nruns):
-        if floating is float:
-            bn_lane_grad_sums_f32(x + r * stride, dy + r * stride, n, mean, lanes_dy, lanes_dev)
-        else:
-            bn_lane_grad_sums_f64(x + r * stride, dy + r * stride, n, mean, lanes_dy, lanes_dev)
-    sums.dy = lanes_total(lanes_dy)
-    sums.dy_dev = lanes_total(lanes_dev)
+    if floating is float:
+        bn_block_grad_sums_f32(x, dy, nruns, stride, n, mean, &sums.dy, &sums.dy_dev)
+    else:
+        bn_block_grad_sums_f64(x, dy, nruns, stride, n, mean, &sums.dy, &sums.dy_dev)
     return sums
 
 
@@ -2001,8 +2007,9 @@ cdef void lane_group_grad_sums(const floating *x, const floating *dy, const Plan
                                const double *mean, GradSums *table) noexcept nogil:
     """Chunk k's sums of channels [c0, c1), at most LANE_GROUP of them: the
     blocks of whole runs of all of them at once, row by row in memory order,
-    each channel's lane sums carried from run to run. Each channel sees the
-    sums of planar_chunk_grad_sums in its order, so its bits.
+    each channel's lane sums carried from run to run (one call of
+    bn_group_grad_sums per block). Each channel sees the sums of
+    planar_chunk_grad_sums in its order, so its bits.
 
     A channel at a time reads two runs per row of the chunk, a row's width
     apart: 32 streams in chunks of 16 rows, more than the prefetchers
@@ -2011,9 +2018,12 @@ cdef void lane_group_grad_sums(const floating *x, const floating *dy, const Plan
     1.9-2.1 on two); (512, 512, 7, 7), 16 streams, 2.6-3.0 against
     2.4-2.9. (The statistics read one tensor, so 8-16 streams in such
     chunks; this way measured 20-45 % slower for them on (512, 512, 7, 7)
-    and (256, 256, 14, 14), so they stay a channel at a time.)"""
+    and (256, 256, 14, 14), so they stay a channel at a time.) With a
+    channel's lanes kept in registers through its block (bn_block_grad_sums),
+    a channel at a time still took 3.8-4.0 against 2.7-2.8 this way on (996,
+    256, 7, 7), one thread."""
     cdef bn_lane_pair lanes[LANE_GROUP]
-    cdef Py_ssize_t n = s.n0, r, c, start, nrows, nchunks = g.chunks_per_channel
+    cdef Py_ssize_t n = s.n0, c, start, nrows, nchunks = g.chunks_per_channel
     cdef GradSums block
     for c in range(c0, c1):
         table[c * nchunks + k] = zero_grad_sums()
@@ -2021,15 +2031,13 @@ cdef void lane_group_grad_sums(const floating *x, const floating *dy, const Plan
         nrows = block_rows(g, n, s.n1)
         for c in range(c1 - c0):
             clear_lanes(lanes[c].a, lanes[c].b)
-        for r in range(n, n + nrows):
-            for c in range(c0, c1):
-                start = run_start(g, r, c)
-                if floating is float:
-                    bn_lane_grad_sums_f32(x + start, dy + start, g.inner, mean[c],
-                                          lanes[c - c0].a, lanes[c - c0].b)
-                else:
-                    bn_lane_grad_sums_f64(x + start, dy + start, g.inner, mean[c],
-                                          lanes[c - c0].a, lanes[c - c0].b)
+        start = run_start(g, n, c0)
+        if floating is float:
+            bn_group_grad_sums_f32(x + start, dy + start, nrows, g.channels * g.inner,
+                                   c1 - c0, g.inner, mean + c0, lanes)
+        else:
+            bn_group_grad_sums_f64(x + start, dy + start, nrows, g.channels * g.inner,
+                                   c1 - c0, g.inner, mean + c0, lanes)
         for c in range(c0, c1):
             block.dy = lanes_total(lanes[c - c0].a)
             block.dy_dev = lanes_total(lanes[c - c0].b)

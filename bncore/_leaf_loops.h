@@ -34,6 +34,16 @@ typedef struct {
     bn_lanes b;
 } bn_lane_pair;
 
+/* A lane array's total: the lanes added in order from 0.0, the one order
+ * every reduction of lanes uses. */
+static inline double bn_lanes_total(const double *lanes)
+{
+    double total = 0.0;
+    for (int k = 0; k < BN_LANES; k++)
+        total += lanes[k];
+    return total;
+}
+
 /* Eight float64 values: the compiler maps operations on this GCC/Clang vector
  * type onto whatever the target clone has (one zmm, two ymm, four xmm). */
 typedef double bn_v8df __attribute__((vector_size(64)));
@@ -272,29 +282,63 @@ BN_INLINE void bn_tail_grad_sums_avx512(const float *x, const float *dy, ptrdiff
     *b2 = _mm512_mask_add_pd(*b2, in_b, *b2, _mm512_mul_pd(h, _mm512_sub_pd(e, mean)));
 }
 
-__attribute__((target("avx512f"))) static void bn_lane_shifted_sums_f32_avx512(
-    const float *BN_RESTRICT x, ptrdiff_t n, double origin, double offset,
-    double *BN_RESTRICT s1, double *BN_RESTRICT s2)
+/* Two lane arrays (16 float64 each) to and from registers: lanes 0-7 of
+ * s1 in a1, 8-15 in b1; of s2 in a2 and b2. */
+BN_INLINE void bn_lanes_load_avx512(const double *s1, const double *s2, __m512d *a1,
+                                    __m512d *b1, __m512d *a2, __m512d *b2)
+    __attribute__((target("avx512f")));
+BN_INLINE void bn_lanes_load_avx512(const double *s1, const double *s2, __m512d *a1,
+                                    __m512d *b1, __m512d *a2, __m512d *b2)
 {
-    __m512d a1 = _mm512_loadu_pd(s1), b1 = _mm512_loadu_pd(s1 + 8);
-    __m512d a2 = _mm512_loadu_pd(s2), b2 = _mm512_loadu_pd(s2 + 8);
-    const __m512d o = _mm512_set1_pd(origin);
-    ptrdiff_t i = 0;
-    (void)offset;  /* 0: see bn_lane_shifted_sums_f32 */
-    for (; i + 16 <= n; i += 16) {
-        __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i)), o);
-        __m512d e = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8)), o);
-        a1 = _mm512_add_pd(a1, d);
-        a2 = _mm512_fmadd_pd(d, d, a2);
-        b1 = _mm512_add_pd(b1, e);
-        b2 = _mm512_fmadd_pd(e, e, b2);
-    }
-    if (i < n)
-        bn_tail_shifted_sums_avx512(x + i, n - i, i, o, &a1, &b1, &a2, &b2);
+    *a1 = _mm512_loadu_pd(s1);
+    *b1 = _mm512_loadu_pd(s1 + 8);
+    *a2 = _mm512_loadu_pd(s2);
+    *b2 = _mm512_loadu_pd(s2 + 8);
+}
+
+BN_INLINE void bn_lanes_store_avx512(double *s1, double *s2, __m512d a1, __m512d b1,
+                                     __m512d a2, __m512d b2)
+    __attribute__((target("avx512f")));
+BN_INLINE void bn_lanes_store_avx512(double *s1, double *s2, __m512d a1, __m512d b1,
+                                     __m512d a2, __m512d b2)
+{
     _mm512_storeu_pd(s1, a1);
     _mm512_storeu_pd(s1 + 8, b1);
     _mm512_storeu_pd(s2, a2);
     _mm512_storeu_pd(s2 + 8, b2);
+}
+
+/* One run's shifted sums (offset 0) added into lanes held in registers. */
+BN_INLINE void bn_run_shifted_sums_avx512(const float *BN_RESTRICT x, ptrdiff_t n,
+                                          __m512d o, __m512d *a1, __m512d *b1, __m512d *a2,
+                                          __m512d *b2)
+    __attribute__((target("avx512f")));
+BN_INLINE void bn_run_shifted_sums_avx512(const float *BN_RESTRICT x, ptrdiff_t n,
+                                          __m512d o, __m512d *a1, __m512d *b1, __m512d *a2,
+                                          __m512d *b2)
+{
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i)), o);
+        __m512d e = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8)), o);
+        *a1 = _mm512_add_pd(*a1, d);
+        *a2 = _mm512_fmadd_pd(d, d, *a2);
+        *b1 = _mm512_add_pd(*b1, e);
+        *b2 = _mm512_fmadd_pd(e, e, *b2);
+    }
+    if (i < n)
+        bn_tail_shifted_sums_avx512(x + i, n - i, i, o, a1, b1, a2, b2);
+}
+
+__attribute__((target("avx512f"))) static void bn_lane_shifted_sums_f32_avx512(
+    const float *BN_RESTRICT x, ptrdiff_t n, double origin, double offset,
+    double *BN_RESTRICT s1, double *BN_RESTRICT s2)
+{
+    __m512d a1, b1, a2, b2;
+    (void)offset;  /* 0: see bn_lane_shifted_sums_f32 */
+    bn_lanes_load_avx512(s1, s2, &a1, &b1, &a2, &b2);
+    bn_run_shifted_sums_avx512(x, n, _mm512_set1_pd(origin), &a1, &b1, &a2, &b2);
+    bn_lanes_store_avx512(s1, s2, a1, b1, a2, b2);
 }
 
 __attribute__((target("avx2,fma"))) static void bn_lane_shifted_sums_f32_avx2(
@@ -326,28 +370,120 @@ __attribute__((target("avx2,fma"))) static void bn_lane_shifted_sums_f32_avx2(
     }
 }
 
-__attribute__((target("avx512f"))) static void bn_lane_grad_sums_f32_avx512(
-    const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t n, double mean,
-    double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)
+/* One run's gradient sums added into lanes held in registers. */
+BN_INLINE void bn_run_grad_sums_avx512(const float *BN_RESTRICT x,
+                                       const float *BN_RESTRICT dy, ptrdiff_t n, __m512d m,
+                                       __m512d *a1, __m512d *b1, __m512d *a2, __m512d *b2)
+    __attribute__((target("avx512f")));
+BN_INLINE void bn_run_grad_sums_avx512(const float *BN_RESTRICT x,
+                                       const float *BN_RESTRICT dy, ptrdiff_t n, __m512d m,
+                                       __m512d *a1, __m512d *b1, __m512d *a2, __m512d *b2)
 {
-    __m512d a1 = _mm512_loadu_pd(s_dy), b1 = _mm512_loadu_pd(s_dy + 8);
-    __m512d a2 = _mm512_loadu_pd(s_dy_dev), b2 = _mm512_loadu_pd(s_dy_dev + 8);
-    const __m512d m = _mm512_set1_pd(mean);
     ptrdiff_t i = 0;
     for (; i + 16 <= n; i += 16) {
         __m512d g = _mm512_cvtps_pd(_mm256_loadu_ps(dy + i));
         __m512d h = _mm512_cvtps_pd(_mm256_loadu_ps(dy + i + 8));
-        a1 = _mm512_add_pd(a1, g);
-        a2 = _mm512_fmadd_pd(g, _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i)), m), a2);
-        b1 = _mm512_add_pd(b1, h);
-        b2 = _mm512_fmadd_pd(h, _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8)), m), b2);
+        *a1 = _mm512_add_pd(*a1, g);
+        *a2 = _mm512_fmadd_pd(g, _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i)), m),
+                              *a2);
+        *b1 = _mm512_add_pd(*b1, h);
+        *b2 = _mm512_fmadd_pd(h, _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8)), m),
+                              *b2);
     }
     if (i < n)
-        bn_tail_grad_sums_avx512(x + i, dy + i, n - i, i, m, &a1, &b1, &a2, &b2);
-    _mm512_storeu_pd(s_dy, a1);
-    _mm512_storeu_pd(s_dy + 8, b1);
-    _mm512_storeu_pd(s_dy_dev, a2);
-    _mm512_storeu_pd(s_dy_dev + 8, b2);
+        bn_tail_grad_sums_avx512(x + i, dy + i, n - i, i, m, a1, b1, a2, b2);
+}
+
+__attribute__((target("avx512f"))) static void bn_lane_grad_sums_f32_avx512(
+    const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t n, double mean,
+    double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)
+{
+    __m512d a1, b1, a2, b2;
+    bn_lanes_load_avx512(s_dy, s_dy_dev, &a1, &b1, &a2, &b2);
+    bn_run_grad_sums_avx512(x, dy, n, _mm512_set1_pd(mean), &a1, &b1, &a2, &b2);
+    bn_lanes_store_avx512(s_dy, s_dy_dev, a1, b1, a2, b2);
+}
+
+/* Runs up to this many bytes have the group walk below ask for the same
+ * runs of the next row (or the next group's first row) as it reads them.
+ * Such runs are too short for the prefetchers to learn: a group's row is a
+ * few KiB, a row apart from the next. Measured on one thread, backward of
+ * float32 (1024, 512, 4, 4) and (2048, 256, 4, 4), 12 % faster; (512,
+ * 512, 7, 7) and (996, 256, 7, 7) even; but runs of 784 bytes, (256, 256,
+ * 14, 14), 14-27 % slower with it. */
+#define BN_GROUP_PREFETCH_MAX_BYTES 256
+
+/* The gradient sums of a group of channels' blocks at once: nchan runs of
+ * n values side by side in each of nrows rows, `stride` apart, row by row
+ * in memory order, each channel's lanes (pairs[c]) carried from run to run
+ * in memory. The operations of a call of bn_lane_grad_sums_f32_avx512 per
+ * run, so its bits. */
+__attribute__((target("avx512f"))) static void bn_group_grad_sums_f32_avx512(
+    const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t nrows,
+    ptrdiff_t stride, ptrdiff_t nchan, ptrdiff_t n, const double *mean,
+    bn_lane_pair *pairs)
+{
+    const ptrdiff_t run_bytes = n * (ptrdiff_t)sizeof(float);
+    const ptrdiff_t ask_bytes = run_bytes <= BN_GROUP_PREFETCH_MAX_BYTES ? run_bytes : 0;
+    for (ptrdiff_t r = 0; r < nrows; r++)
+        for (ptrdiff_t c = 0; c < nchan; c++) {
+            __m512d a1, b1, a2, b2;
+            bn_lanes_load_avx512(pairs[c].a, pairs[c].b, &a1, &b1, &a2, &b2);
+            ptrdiff_t at = r * stride + c * n;
+            /* In bytes, as integers: the last group's next row lies past the
+             * arrays, which a prefetch may name but a pointer may not. */
+            uintptr_t next = (uintptr_t)((r + 1 < nrows ? at + stride : (c + nchan) * n)
+                                         * (ptrdiff_t)sizeof(float));
+            for (ptrdiff_t b = 0; b < ask_bytes; b += BN_LINE_BYTES) {
+                _mm_prefetch((const char *)((uintptr_t)x + next + b), _MM_HINT_T0);
+                _mm_prefetch((const char *)((uintptr_t)dy + next + b), _MM_HINT_T0);
+            }
+            bn_run_grad_sums_avx512(x + at, dy + at, n, _mm512_set1_pd(mean[c]), &a1, &b1,
+                                    &a2, &b2);
+            bn_lanes_store_avx512(pairs[c].a, pairs[c].b, a1, b1, a2, b2);
+        }
+}
+
+/* The lanes of a block, a1 and b1 (lanes 0-7, 8-15) into *t1 and a2, b2
+ * into *t2, each added in lane order from 0.0 (as every block's lanes
+ * are). */
+BN_INLINE void bn_lanes_totals_avx512(__m512d a1, __m512d b1, __m512d a2, __m512d b2,
+                                      double *t1, double *t2)
+    __attribute__((target("avx512f")));
+BN_INLINE void bn_lanes_totals_avx512(__m512d a1, __m512d b1, __m512d a2, __m512d b2,
+                                      double *t1, double *t2)
+{
+    bn_lanes s1, s2;
+    bn_lanes_store_avx512(s1, s2, a1, b1, a2, b2);
+    *t1 = bn_lanes_total(s1);
+    *t2 = bn_lanes_total(s2);
+}
+
+/* A block of whole runs in one call, its lanes in registers from the first
+ * run to the last: called a run at a time, the lanes went to memory and
+ * back between runs, and the block's reductions and call overhead were
+ * about a third of the statistics of (512, 512, 7, 7) float32. The same
+ * operations in the same order, so the same bits. */
+__attribute__((target("avx512f"))) static void bn_block_shifted_sums_f32_avx512(
+    const float *BN_RESTRICT x, ptrdiff_t nruns, ptrdiff_t stride, ptrdiff_t n,
+    double origin, double *t1, double *t2)
+{
+    __m512d a1 = _mm512_setzero_pd(), b1 = a1, a2 = a1, b2 = a1;
+    const __m512d o = _mm512_set1_pd(origin);
+    for (ptrdiff_t r = 0; r < nruns; r++)
+        bn_run_shifted_sums_avx512(x + r * stride, n, o, &a1, &b1, &a2, &b2);
+    bn_lanes_totals_avx512(a1, b1, a2, b2, t1, t2);
+}
+
+__attribute__((target("avx512f"))) static void bn_block_grad_sums_f32_avx512(
+    const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t nruns,
+    ptrdiff_t stride, ptrdiff_t n, double mean, double *t_dy, double *t_dev)
+{
+    __m512d a1 = _mm512_setzero_pd(), b1 = a1, a2 = a1, b2 = a1;
+    const __m512d m = _mm512_set1_pd(mean);
+    for (ptrdiff_t r = 0; r < nruns; r++)
+        bn_run_grad_sums_avx512(x + r * stride, dy + r * stride, n, m, &a1, &b1, &a2, &b2);
+    bn_lanes_totals_avx512(a1, b1, a2, b2, t_dy, t_dev);
 }
 
 __attribute__((target("avx2,fma"))) static void bn_lane_grad_sums_f32_avx2(
@@ -746,6 +882,75 @@ static inline void bn_rows_grad_sums_f32(
 #define bn_lane_shifted_sums_f64 bn_lane_shifted_sums_generic_f64
 #define bn_lane_grad_sums_f64 bn_lane_grad_sums_generic_f64
 
+/* The totals of a block of whole runs (nruns runs of n values, stride
+ * apart), its lanes carried from run to run as a call per run carries them:
+ * with AVX-512 in registers (bn_block_*_f32_avx512), else in memory. And
+ * the lanes of a group of channels' blocks (bn_group_grad_sums_f32_avx512
+ * says how). */
+#define BN_DEFINE_BLOCK_SUMS(TYPE, SFX)                                                    \
+static inline void bn_block_shifted_sums_##SFX(const TYPE *x, ptrdiff_t nruns,            \
+                                               ptrdiff_t stride, ptrdiff_t n,             \
+                                               double origin, double offset, double *t1,  \
+                                               double *t2)                                \
+{                                                                                          \
+    BN_BLOCK_SHIFTED_SUMS_FAST_##SFX                                                       \
+    bn_lanes s1 = {0}, s2 = {0};                                                          \
+    for (ptrdiff_t r = 0; r < nruns; r++)                                                 \
+        bn_lane_shifted_sums_##SFX(x + r * stride, n, origin, offset, s1, s2);            \
+    *t1 = bn_lanes_total(s1);                                                              \
+    *t2 = bn_lanes_total(s2);                                                              \
+}                                                                                          \
+static inline void bn_block_grad_sums_##SFX(const TYPE *x, const TYPE *dy,               \
+                                            ptrdiff_t nruns, ptrdiff_t stride,            \
+                                            ptrdiff_t n, double mean, double *t_dy,       \
+                                            double *t_dev)                                 \
+{                                                                                          \
+    BN_BLOCK_GRAD_SUMS_FAST_##SFX                                                          \
+    bn_lanes s_dy = {0}, s_dev = {0};                                                     \
+    for (ptrdiff_t r = 0; r < nruns; r++)                                                 \
+        bn_lane_grad_sums_##SFX(x + r * stride, dy + r * stride, n, mean, s_dy, s_dev);   \
+    *t_dy = bn_lanes_total(s_dy);                                                          \
+    *t_dev = bn_lanes_total(s_dev);                                                        \
+}                                                                                          \
+static inline void bn_group_grad_sums_##SFX(const TYPE *x, const TYPE *dy,               \
+                                            ptrdiff_t nrows, ptrdiff_t stride,            \
+                                            ptrdiff_t nchan, ptrdiff_t n,                 \
+                                            const double *mean, bn_lane_pair *pairs)      \
+{                                                                                          \
+    BN_GROUP_GRAD_SUMS_FAST_##SFX                                                          \
+    for (ptrdiff_t r = 0; r < nrows; r++)                                                 \
+        for (ptrdiff_t c = 0; c < nchan; c++)                                             \
+            bn_lane_grad_sums_##SFX(x + r * stride + c * n, dy + r * stride + c * n, n,   \
+                                    mean[c], pairs[c].a, pairs[c].b);                      \
+}
+#if BN_X86_DISPATCH
+#define BN_BLOCK_SHIFTED_SUMS_FAST_f32                                                    \
+    if (offset == 0.0 && bn_cpu_avx512()) {                                               \
+        bn_block_shifted_sums_f32_avx512(x, nruns, stride, n, origin, t1, t2);            \
+        return;                                                                            \
+    }
+#define BN_BLOCK_GRAD_SUMS_FAST_f32                                                       \
+    if (bn_cpu_avx512()) {                                                                \
+        bn_block_grad_sums_f32_avx512(x, dy, nruns, stride, n, mean, t_dy, t_dev);       \
+        return;                                                                            \
+    }
+#define BN_GROUP_GRAD_SUMS_FAST_f32                                                       \
+    if (bn_cpu_avx512()) {                                                                \
+        bn_group_grad_sums_f32_avx512(x, dy, nrows, stride, nchan, n, mean, pairs);      \
+        return;                                                                            \
+    }
+#else
+#define BN_BLOCK_SHIFTED_SUMS_FAST_f32
+#define BN_BLOCK_GRAD_SUMS_FAST_f32
+#define BN_GROUP_GRAD_SUMS_FAST_f32
+#endif
+#define BN_BLOCK_SHIFTED_SUMS_FAST_f64
+#define BN_BLOCK_GRAD_SUMS_FAST_f64
+#define BN_GROUP_GRAD_SUMS_FAST_f64
+BN_DEFINE_BLOCK_SUMS(float, f32)
+BN_DEFINE_BLOCK_SUMS(double, f64)
+#undef BN_DEFINE_BLOCK_SUMS
+
 /* The pipelined training forward's inner loop: two runs of n values at
  * once, the statistics of xs (as bn_lane_shifted_sums_f32 with offset 0,
  * into s1 and s2) and xn normalised into yn (as bn_affine_f32), asking on
@@ -881,8 +1086,7 @@ __attribute__((target("avx512f"))) static void bn_stats_and_affine_f32_avx512(
         _mm_prefetch((const char *)(ahead + n - 1), _MM_HINT_T1);
     }
     if (xs != NULL) {
-        a1 = _mm512_loadu_pd(s1), b1 = _mm512_loadu_pd(s1 + 8);
-        a2 = _mm512_loadu_pd(s2), b2 = _mm512_loadu_pd(s2 + 8);
+        bn_lanes_load_avx512(s1, s2, &a1, &b1, &a2, &b2);
     }
     /* The head and tail of the normalisation are masked vectors (the same
      * operations on each value). */
@@ -948,10 +1152,7 @@ __attribute__((target("avx512f"))) static void bn_stats_and_affine_f32_avx512(
     if (xs != NULL) {
         if (ns < n)
             bn_tail_shifted_sums_avx512(xs + ns, n - ns, ns, o, &a1, &b1, &a2, &b2);
-        _mm512_storeu_pd(s1, a1);
-        _mm512_storeu_pd(s1 + 8, b1);
-        _mm512_storeu_pd(s2, a2);
-        _mm512_storeu_pd(s2 + 8, b2);
+        bn_lanes_store_avx512(s1, s2, a1, b1, a2, b2);
     }
 }
 #endif
@@ -1644,8 +1845,7 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512
         _mm_prefetch((const char *)(ahead_dy + n - 1), _MM_HINT_T1);
     }
     if (xs != NULL) {
-        a1 = _mm512_loadu_pd(s_dy), b1 = _mm512_loadu_pd(s_dy + 8);
-        a2 = _mm512_loadu_pd(s_dy_dev), b2 = _mm512_loadu_pd(s_dy_dev + 8);
+        bn_lanes_load_avx512(s_dy, s_dy_dev, &a1, &b1, &a2, &b2);
     }
     if (xn != NULL && j0 > 0 && !(leave & BN_LEAVE_HEAD)) {
         __mmask16 head = (__mmask16)((1u << j0) - 1);
@@ -1699,10 +1899,7 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512
     if (xs != NULL) {
         if (ns < n)
             bn_tail_grad_sums_avx512(xs + ns, dys + ns, n - ns, ns, m, &a1, &b1, &a2, &b2);
-        _mm512_storeu_pd(s_dy, a1);
-        _mm512_storeu_pd(s_dy + 8, b1);
-        _mm512_storeu_pd(s_dy_dev, a2);
-        _mm512_storeu_pd(s_dy_dev + 8, b2);
+        bn_lanes_store_avx512(s_dy, s_dy_dev, a1, b1, a2, b2);
     }
 }
 #endif
