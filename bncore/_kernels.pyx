@@ -67,10 +67,6 @@ cdef extern from "_leaf_loops.h" nogil:
         bn_lanes a
         bn_lanes b
     double bn_lanes_total(const double *lanes)
-    void bn_lane_shifted_sums_f32(const float *x, Py_ssize_t n, double origin,
-                                  double offset, double *s1, double *s2)
-    void bn_lane_shifted_sums_f64(const double *x, Py_ssize_t n, double origin,
-                                  double offset, double *s1, double *s2)
     void bn_block_shifted_sums_f32(const float *x, Py_ssize_t nruns, Py_ssize_t stride,
                                    Py_ssize_t n, double origin, double offset, double *t1,
                                    double *t2)
@@ -190,10 +186,6 @@ cdef extern from "_leaf_loops.h" nogil:
     void bn_stream_fence()
     int bn_f16_to_f32(const unsigned short *src, float *dst, Py_ssize_t n)
     int bn_f32_to_f16(const float *src, unsigned short *dst, Py_ssize_t n)
-    void bn_lane_grad_sums_f32(const float *x, const float *dy, Py_ssize_t n, double mean,
-                               double *s_dy, double *s_dy_dev)
-    void bn_lane_grad_sums_f64(const double *x, const double *dy, Py_ssize_t n, double mean,
-                               double *s_dy, double *s_dy_dev)
     void bn_rows_grad_sums_f32(const float *x, const float *dy, Py_ssize_t nrows,
                                Py_ssize_t stride, Py_ssize_t ncols, const double *mean,
                                double *s_dy, double *s_dy_dev)
@@ -426,24 +418,12 @@ cdef inline Moments moments_from_shifted_sums(double count, double offset,
     return m
 
 
-cdef inline double lanes_total(const double *lanes) noexcept nogil:
-    return bn_lanes_total(lanes)
-
-
 cdef inline void clear_lanes(double *a, double *b) noexcept nogil:
     """Zero two lane arrays: a new block's sums."""
     cdef int k
     for k in range(BN_LANES):
         a[k] = 0.0
         b[k] = 0.0
-
-
-cdef inline void lane_shifted_sums(const floating *x, Py_ssize_t n, double origin,
-                                   double offset, double *s1, double *s2) noexcept nogil:
-    if floating is float:
-        bn_lane_shifted_sums_f32(x, n, origin, offset, s1, s2)
-    else:
-        bn_lane_shifted_sums_f64(x, n, origin, offset, s1, s2)
 
 
 cdef Moments shifted_runs_moments(const floating *x, Py_ssize_t nruns, Py_ssize_t stride,
@@ -1224,7 +1204,7 @@ cdef void pipelined_runs(const floating *x, floating *y, const Planar *g, Py_ssi
             # block_moments' passes: the first one above, float64's second
             # one here, from L1.
             block = moments_from_shifted_sums(<double>(block_end * length), 0.0,
-                                              lanes_total(s1), lanes_total(s2))
+                                              bn_lanes_total(s1), bn_lanes_total(s2))
             if floating is double:
                 block = shifted_runs_moments(xs - (block_end - 1) * stride, block_end, stride,
                                              length, origin, block.mean)
@@ -2039,8 +2019,8 @@ cdef void lane_group_grad_sums(const floating *x, const floating *dy, const Plan
             bn_group_grad_sums_f64(x + start, dy + start, nrows, g.channels * g.inner,
                                    c1 - c0, g.inner, mean + c0, lanes)
         for c in range(c0, c1):
-            block.dy = lanes_total(lanes[c - c0].a)
-            block.dy_dev = lanes_total(lanes[c - c0].b)
+            block.dy = bn_lanes_total(lanes[c - c0].a)
+            block.dy_dev = bn_lanes_total(lanes[c - c0].b)
             table[c * nchunks + k] = add_grad_sums(table[c * nchunks + k], block)
         n = n + nrows
 
@@ -2268,8 +2248,8 @@ cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const 
                                stream, ends)
     if sc >= 0 and block_end > 0:
         # As runs_grad_sums: the lanes' totals, added to the chunk's in row order.
-        run.dy = lanes_total(lanes_dy)
-        run.dy_dev = lanes_total(lanes_dev)
+        run.dy = bn_lanes_total(lanes_dy)
+        run.dy_dev = bn_lanes_total(lanes_dev)
         acc[0] = add_grad_sums(acc[0], run)
         clear_lanes(lanes_dy, lanes_dev)
 
