@@ -20,8 +20,8 @@ outputs (use_pipelined): each thread walks a range of channels,
 normalising one from cache while it reads the next one's statistics from
 memory, so the input is read once instead of twice. It computes the same
 blocks, merged in the same order, as the two passes: the same bits. The
-float32 training backward has its twin (use_pipelined_backward): dx of one
-channel written from cache while the next one's gradient sums are read.
+training backward has its twin (use_pipelined_backward): dx of one channel
+written from cache while the next one's gradient sums are read.
 
 Statistics are the triple (count, mean, M2) per channel, with the mean kept
 as an offset from the channel's origin, its first value: every block of the
@@ -134,6 +134,12 @@ cdef extern from "_leaf_loops.h" nogil:
                                     const float *xn, const float *dyn, float *dxn,
                                     float mean_hi, float mean_lo, float k, float c1, float c0,
                                     int stream, int leave)
+    void bn_grad_sums_and_input_f64(const double *xs, const double *dys, Py_ssize_t n,
+                                    double mean, double *s_dy, double *s_dy_dev,
+                                    const double *ahead_x, const double *ahead_dy,
+                                    const double *xn, const double *dyn, double *dxn,
+                                    double mean_hi, double mean_lo, double k, double c1,
+                                    double c0, int stream, int leave)
     int BN_LINE_BYTES
     int BN_LEAVE_HEAD
     int BN_LEAVE_TAIL
@@ -143,6 +149,8 @@ cdef extern from "_leaf_loops.h" nogil:
                             const double *after, int relu)
     void bn_grad_seam_f32(const float *x, const float *dy, float *dx, int split,
                           const float *before, const float *after)
+    void bn_grad_seam_f64(const double *x, const double *dy, double *dx, int split,
+                          const double *before, const double *after)
     Py_ssize_t bn_line_head(const void *p, size_t itemsize, Py_ssize_t n)
     int bn_periodic_lanes(int itemsize)
     void bn_periodic_affine_f32(const float *x, float *y, Py_ssize_t n, const float *pattern,
@@ -359,6 +367,15 @@ cdef enum:
     # pipelined against two passes, runs of 800 and 1568 bytes 0.21-0.22
     # against 0.30-0.53, 3136 bytes even, 6272 bytes 0.67 against 0.59.
     PIPE_MIN_RUN_BYTES_F64 = 4096
+    # The float64 backward (its own fused loop, seams and all) pays from
+    # shorter runs: pipelined against two passes, of its bound, (N, C, H,
+    # W) of 6-103 MB, 1 / 2 threads: runs of 2312 bytes 0.43-0.44 against
+    # 0.45-0.53 / 0.60-0.62 against 0.48-0.50, 3136 0.50-0.53 against
+    # 0.41-0.48 / 0.65-0.67 against 0.48-0.50, 6272-25088 0.55-0.64 against
+    # 0.49-0.52 / 0.60-0.74 against 0.47-0.55; but 1568 bytes 0.37 against
+    # 0.46 / 0.56 against 0.50. So from 2 KiB on two threads, 3 KiB on one.
+    PIPE_MIN_GRAD_RUN_BYTES_F64 = 2048
+    PIPE_MIN_GRAD_RUN_BYTES_F64_ONE_THREAD = 3072
     # Per-channel tables of constants are filled by the team from this many
     # channels, on the calling thread below: entering a parallel region
     # costs about a microsecond, what some thousand channels' constants take.
@@ -1089,20 +1106,25 @@ cdef inline Py_ssize_t runs_ahead(const Planar *g, Py_ssize_t itemsize) noexcept
     return max(<Py_ssize_t>1, (PIPE_AHEAD_BYTES + run_bytes - 1) // run_bytes)
 
 
-cdef inline bint can_seam(int stream, Py_ssize_t shortest, Py_ssize_t itemsize) noexcept nogil:
+cdef inline bint can_seam(int stream, Py_ssize_t shortest, Py_ssize_t itemsize,
+                          bint fused) noexcept nogil:
     """Whether the pipelined passes write each line that two runs share
     whole, once (seams: BN_LEAVE_HEAD in _leaf_loops.h says why): with
     streaming stores, where the AVX-512 seam kernels run, and where the
     pieces they write at once, `shortest` values at least, span a line
     each, so that no line holds more than two of them.
 
-    float32 only, whose fused loops they serve. float64's piecewise loops
-    gained nothing from them on runs of 29 x 29 and 35 x 35 values, and
-    lost a third on two threads on (32, 256, 28, 28) (lines of whole runs
-    but for NumPy's 16-byte offset, whose parts take streaming stores).
-    The float64 seam kernel and the piecewise loops' `leave` stay, for the
-    fused type and the kernels' contract; they passed the tests enabled."""
-    return (stream and itemsize == 4 and shortest * itemsize >= BN_LINE_BYTES
+    Only for the fused loops (`fused`: float32's forward, and the backward
+    of both types), which they serve: float64 backward, one / two threads,
+    of its bound, runs of 29 x 29 and 35 x 35 values 0.59-0.60 against
+    0.55-0.57 / 0.73-0.75 against 0.68-0.69 with seams, (32, 256, 28, 28)
+    even. The float64 forward's piecewise loops gained nothing from them on
+    runs of 29 x 29 and 35 x 35 values, and lost a third on two threads on
+    (32, 256, 28, 28) (lines of whole runs but for NumPy's 16-byte offset,
+    whose parts take streaming stores). Its seam kernel and the piecewise
+    loops' `leave` stay, for the fused type and the kernels' contract; they
+    passed the tests enabled."""
+    return (stream and fused and shortest * itemsize >= BN_LINE_BYTES
             and bn_periodic_lanes(itemsize) != 0)
 
 
@@ -1242,7 +1264,7 @@ cdef void pipelined_item(const floating *x, floating *y, const Planar *g, Py_ssi
     cdef bint seams
     if short_split_runs(g, sizeof(floating)):
         b.stream = False
-    seams = can_seam(b.stream, last_piece(g), sizeof(floating))
+    seams = can_seam(b.stream, last_piece(g), sizeof(floating), floating is float)
     clear_lanes(s1, s2)
     for c in range(c0 - 1, c1):
         # Statistics of sc = c + 1 while normalising nc = c (-1: none).
@@ -2182,7 +2204,7 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
 
 
 # --------------------------------------------------------------------------
-# The pipelined training backward (planar float32, row chunks), the
+# The pipelined training backward (planar, row chunks), the
 # forward's twin: a work item is a range of consecutive channels. While
 # channel c's dx is written, from cache, the gradient sums of channel c + 1
 # are read from memory in the same loop, run by run, each run asking for
@@ -2192,30 +2214,37 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
 # planar_rows_grad_sums and finish_grad_channel add them: the bits of the
 # two-pass path.
 
-cdef inline const float *beside(const float *run, const float *x,
-                                const float *other) noexcept nogil:
+cdef inline const floating *beside(const floating *run, const floating *x,
+                                   const floating *other) noexcept nogil:
     """The run of `other` at the position of x's `run` (NULL for NULL)."""
     if run == NULL:
         return NULL
     return other + (run - x)
 
 
-cdef inline void grad_head_seam(const float *xn, const float *dyn, float *dxn, Py_ssize_t n,
-                                const float *before, const float *now) noexcept nogil:
+cdef inline void grad_head_seam(const floating *xn, const floating *dyn, floating *dxn,
+                                Py_ssize_t n, const floating *before,
+                                const floating *now) noexcept nogil:
     """As affine_head_seam, for the input gradient: `before` and `now` hold
     (hi, lo, k, c1, c0)."""
-    cdef Py_ssize_t line = BN_LINE_BYTES // sizeof(float)
-    cdef Py_ssize_t head = bn_line_head(dxn, sizeof(float), n)
-    if head > 0:
+    cdef Py_ssize_t line = BN_LINE_BYTES // sizeof(floating)
+    cdef Py_ssize_t head = bn_line_head(dxn, sizeof(floating), n)
+    if head == 0:
+        return
+    if floating is float:
         bn_grad_seam_f32(xn + head - line, dyn + head - line, dxn + head - line,
+                         <int>(line - head), before, now)
+    else:
+        bn_grad_seam_f64(xn + head - line, dyn + head - line, dxn + head - line,
                          <int>(line - head), before, now)
 
 
-cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const Planar *g,
-                              Py_ssize_t n, Py_ssize_t sc, double mean, double *lanes_dy,
-                              double *lanes_dev, Py_ssize_t block_end, GradSums *acc,
-                              const float *ahead, Py_ssize_t n_dx, Py_ssize_t nc, int ends,
-                              const float *next_dx, const float *k, const float *k_before,
+cdef void pipelined_grad_runs(const floating *x, const floating *dy, floating *dx,
+                              const Planar *g, Py_ssize_t n, Py_ssize_t sc, double mean,
+                              double *lanes_dy, double *lanes_dev, Py_ssize_t block_end,
+                              GradSums *acc, const floating *ahead, Py_ssize_t n_dx,
+                              Py_ssize_t nc, int ends, const floating *next_dx,
+                              const floating *k, const floating *k_before,
                               int stream) noexcept nogil:
     """The sums of channel sc's run in row n added into the lanes (sc < 0:
     none), prefetching x's run at ``ahead`` and dy's beside it, and dx of
@@ -2224,8 +2253,9 @@ cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const 
     nc - 1's constants for the first one's seam); next_dx is x's run whose
     dx is written next. Where a block ends at row n (block_end > 0), its
     totals are added into acc and the lanes cleared."""
-    cdef const float *xs = NULL
-    cdef const float *xn = NULL
+    cdef const floating *xs = NULL
+    cdef const floating *xn = NULL
+    cdef Py_ssize_t run_bytes = g.inner * <Py_ssize_t>sizeof(floating)
     cdef int to_l1
     cdef GradSums run
     if sc >= 0:
@@ -2233,19 +2263,25 @@ cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const 
     if nc >= 0:
         xn = x + run_start(g, n_dx, nc)
         if ends & BN_LEAVE_HEAD:
-            grad_head_seam(xn, beside(xn, x, dy), <float *>beside(xn, x, dx), g.inner,
+            grad_head_seam(xn, beside(xn, x, dy), <floating *>beside(xn, x, dx), g.inner,
                            k_before, k)
         if next_dx != NULL:
             # As the forward: into L1 when a channel's x and dy fit in L2
             # beside the next one's, else into L2 (here the choice measured
             # within the machine's noise either way).
-            to_l1 = 2 * g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_L2_SLICE
-            bn_prefetch_run(next_dx, g.inner * <Py_ssize_t>sizeof(float), to_l1)
-            bn_prefetch_run(beside(next_dx, x, dy), g.inner * <Py_ssize_t>sizeof(float), to_l1)
-    bn_grad_sums_and_input_f32(xs, beside(xs, x, dy), g.inner, mean, lanes_dy, lanes_dev,
-                               ahead, beside(ahead, x, dy), xn, beside(xn, x, dy),
-                               <float *>beside(xn, x, dx), k[0], k[1], k[2], k[3], k[4],
-                               stream, ends)
+            to_l1 = 2 * g.outer * run_bytes <= PIPE_L2_SLICE
+            bn_prefetch_run(next_dx, run_bytes, to_l1)
+            bn_prefetch_run(beside(next_dx, x, dy), run_bytes, to_l1)
+    if floating is float:
+        bn_grad_sums_and_input_f32(xs, beside(xs, x, dy), g.inner, mean, lanes_dy, lanes_dev,
+                                   ahead, beside(ahead, x, dy), xn, beside(xn, x, dy),
+                                   <float *>beside(xn, x, dx), k[0], k[1], k[2], k[3], k[4],
+                                   stream, ends)
+    else:
+        bn_grad_sums_and_input_f64(xs, beside(xs, x, dy), g.inner, mean, lanes_dy, lanes_dev,
+                                   ahead, beside(ahead, x, dy), xn, beside(xn, x, dy),
+                                   <double *>beside(xn, x, dx), k[0], k[1], k[2], k[3], k[4],
+                                   stream, ends)
     if sc >= 0 and block_end > 0:
         # As runs_grad_sums: the lanes' totals, added to the chunk's in row order.
         run.dy = bn_lanes_total(lanes_dy)
@@ -2254,8 +2290,8 @@ cdef void pipelined_grad_runs(const float *x, const float *dy, float *dx, const 
         clear_lanes(lanes_dy, lanes_dev)
 
 
-cdef void pipelined_backward_item(const float *x, const float *dy, float *dx, const Planar *g,
-                                  Py_ssize_t c0, Py_ssize_t c1,
+cdef void pipelined_backward_item(const floating *x, const floating *dy, floating *dx,
+                                  const Planar *g, Py_ssize_t c0, Py_ssize_t c1,
                                   const BackwardArgs *a) noexcept nogil:
     """Channels [c0, c1): sums of c0 alone, then each channel's dx written
     while the next one's sums are read, then the last one's dx alone. One
@@ -2263,17 +2299,17 @@ cdef void pipelined_backward_item(const float *x, const float *dy, float *dx, co
     MAX_ROW_CHUNKS), so the call allocates nothing."""
     cdef GradSums chunks[MAX_ROW_CHUNKS]
     cdef GradSums total = zero_grad_sums()      # of the channel whose dx is written
-    cdef float k[5]             # (hi, lo, k, c1, c0) of the channel whose dx is written
-    cdef float k_before[5]      # ... of the channel before it
+    cdef floating k[5]          # (hi, lo, k, c1, c0) of the channel whose dx is written
+    cdef floating k_before[5]   # ... of the channel before it
     cdef bn_lanes lanes_dy
     cdef bn_lanes lanes_dev
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef Py_ssize_t c, chunk, n, sc, nc, block_end
     cdef Span s
     cdef double mean = 0.0
-    cdef Py_ssize_t ahead = runs_ahead(g, sizeof(float))
-    cdef int stream = a.stream and not short_split_runs(g, sizeof(float))
-    cdef bint seams = can_seam(stream, g.inner, sizeof(float))
+    cdef Py_ssize_t ahead = runs_ahead(g, sizeof(floating))
+    cdef int stream = a.stream and not short_split_runs(g, sizeof(floating))
+    cdef bint seams = can_seam(stream, g.inner, sizeof(floating), True)
     memset(k, 0, sizeof(k))     # set before the first dx is written
     clear_lanes(lanes_dy, lanes_dev)
     for c in range(c0 - 1, c1):
@@ -2313,7 +2349,7 @@ cdef void pipelined_backward_item(const float *x, const float *dy, float *dx, co
 cdef Py_ssize_t pipelined_backward_items = 0    # 0: one per thread (set_pipelined_backward)
 
 
-cdef void planar_backward_pipelined(const float *x, const float *dy, float *dx,
+cdef void planar_backward_pipelined(const floating *x, const floating *dy, floating *dx,
                                     const Planar *g, const BackwardArgs *a,
                                     int nthreads) noexcept nogil:
     cdef Py_ssize_t item
@@ -2328,9 +2364,19 @@ cdef void planar_backward_pipelined(const float *x, const float *dy, float *dx,
 cdef int pipelined_backward_mode = -1   # -1: by size; 0: never; 1: whenever possible
 
 
-cdef bint use_pipelined_backward(const Planar *g, const BackwardArgs *a,
+cdef inline Py_ssize_t pipe_min_run_bytes(Py_ssize_t itemsize, Py_ssize_t float64_bytes,
+                                          bint row_runs) noexcept nogil:
+    """The shortest runs a pipelined pass takes by size: float64's own
+    minimum, float32's for runs that the two passes write a row at a time
+    (row_runs) or one at a time."""
+    if itemsize != sizeof(float):
+        return float64_bytes
+    return PIPE_MIN_ROW_RUN_BYTES if row_runs else PIPE_MIN_RUN_BYTES
+
+
+cdef bint use_pipelined_backward(const Planar *g, const BackwardArgs *a, Py_ssize_t itemsize,
                                  int nthreads) noexcept nogil:
-    """Whether the pipelined backward (float32 only) pays.
+    """Whether the pipelined backward pays.
 
     It needs a training backward that computes its sums and writes dx (not
     eval, where dx = dy * k needs no sums, nor either half of a split
@@ -2342,7 +2388,8 @@ cdef bint use_pipelined_backward(const Planar *g, const BackwardArgs *a,
     it pays with normal stores too, which the default gives outputs under
     STREAM_MIN_BYTES, there from cache: 0-35 % on 6 MB tensors. (Normal
     stores forced on a 51 MB one: 8 % slower on one thread, 16 % faster on
-    two.)
+    two.) float64 needs longer runs (PIPE_MIN_GRAD_RUN_BYTES_F64), longer
+    still on one thread.
     """
     if (pipelined_backward_mode == 0 or not a.training or a.sums_only
             or a.given_dy != NULL or g.rows_per_chunk == 0):
@@ -2350,10 +2397,10 @@ cdef bint use_pipelined_backward(const Planar *g, const BackwardArgs *a,
     if pipelined_backward_mode == 1:
         return True
     return (bn_pipelined_fused() and g.channels >= PIPE_MIN_CHANNELS * nthreads
-            and g.inner * <Py_ssize_t>sizeof(float) >= (
-                PIPE_MIN_ROW_RUN_BYTES if grad_rows_as_runs(g, a, sizeof(float))
-                else PIPE_MIN_RUN_BYTES)
-            and g.outer * g.inner * <Py_ssize_t>sizeof(float) <= PIPE_MAX_SLICE)
+            and g.inner * itemsize >= pipe_min_run_bytes(
+                itemsize, PIPE_MIN_GRAD_RUN_BYTES_F64 if nthreads >= 2
+                else PIPE_MIN_GRAD_RUN_BYTES_F64_ONE_THREAD, grad_rows_as_runs(g, a, itemsize))
+            and g.outer * g.inner * itemsize <= PIPE_MAX_SLICE)
 
 
 cdef inline void rows_grad_sums(const floating *x, const floating *dy, Py_ssize_t nrows,
@@ -2594,11 +2641,10 @@ cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
     cdef Py_ssize_t nvalues = outer * channels * inner
     if planar_order(nvalues, inner, sizeof(floating)):
         p = planar_geometry(outer, channels, inner)
-        if floating is float:
-            nthreads = team_size(requested, channels, nvalues)
-            if use_pipelined_backward(&p, a, nthreads):
-                planar_backward_pipelined(x, dy, dx, &p, a, nthreads)
-                return 0
+        nthreads = team_size(requested, channels, nvalues)
+        if use_pipelined_backward(&p, a, sizeof(floating), nthreads):
+            planar_backward_pipelined(x, dy, dx, &p, a, nthreads)
+            return 0
         return planar_backward(x, dy, dx, &p, a, requested)
     q = interleaved_geometry(outer, channels, inner)
     return interleaved_backward(x, dy, dx, &q, a, requested)
@@ -2667,20 +2713,15 @@ cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
     memory, it measured slower than the two passes ((64, 256, 784): 0.46
     of a streaming copy against 0.53), on two faster (0.67 against 0.58).
     """
-    cdef Py_ssize_t min_run_bytes
     if (pipelined_mode == 0 or g.inner < PLANAR_MIN_INNER
             or g.inner >= CHUNK_VALUES):
         return False
     if pipelined_mode == 1:
         return True
-    if itemsize != sizeof(float):
-        min_run_bytes = PIPE_MIN_RUN_BYTES_F64
-    elif rows_as_runs(g, stream, itemsize):
-        min_run_bytes = PIPE_MIN_ROW_RUN_BYTES
-    else:
-        min_run_bytes = PIPE_MIN_RUN_BYTES
     # Measured on AVX-512 machines only; elsewhere the two passes.
-    return (bn_pipelined_fused() and stream != 0 and g.inner * itemsize >= min_run_bytes
+    return (bn_pipelined_fused() and stream != 0
+            and g.inner * itemsize >= pipe_min_run_bytes(itemsize, PIPE_MIN_RUN_BYTES_F64,
+                                                         rows_as_runs(g, stream, itemsize))
             and (itemsize == sizeof(float) or nthreads >= 2)
             and g.channels >= PIPE_MIN_CHANNELS * nthreads
             and g.outer * g.inner * itemsize <= PIPE_MAX_SLICE)

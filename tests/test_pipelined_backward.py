@@ -1,9 +1,9 @@
-"""The pipelined training backward (planar float32: each channel's dx written
+"""The pipelined training backward (planar order: each channel's dx written
 from cache while the next one's gradient sums are read) against the two-pass
-path, bit for bit: dx and both sums, for any thread count and number of
-channel ranges, with or without streaming stores, dx in place of dy or x,
-on arrays that do not start on a cache line; and against the float64
-reference."""
+path, bit for bit, float32 and float64: dx and both sums, for any thread
+count and number of channel ranges, with or without streaming stores, dx in
+place of dy or x, on arrays that do not start on a cache line; and against
+the float64 reference."""
 
 import numpy as np
 import pytest
@@ -17,19 +17,19 @@ from test_pipelined import SHAPES, _offset_array, tuning_restorer
 restore_tuning = tuning_restorer(_kernels.set_pipelined_backward)
 
 
-def _problem(outer, channels, inner, seed):
+def _problem(outer, channels, inner, seed, dtype=np.float32):
     """x with a different location and spread per channel, dy, and the
     batch statistics of x (as the forward returns them)."""
     rng = np.random.default_rng(seed)
     loc = rng.uniform(-50, 50, (1, channels, 1))
     scale = rng.uniform(0.1, 10, (1, channels, 1))
-    x = (rng.standard_normal((outer, channels, inner)) * scale + loc).astype(np.float32)
+    x = (rng.standard_normal((outer, channels, inner)) * scale + loc).astype(dtype)
     dy = (rng.standard_normal((outer, channels, inner)) * rng.uniform(0.01, 5, (1, channels, 1))
-          + rng.uniform(-1, 1, (1, channels, 1))).astype(np.float32)
+          + rng.uniform(-1, 1, (1, channels, 1))).astype(dtype)
     wide = x.astype(np.float64)
     mean = wide.mean(axis=(0, 2))
     invstd = 1 / np.sqrt(wide.var(axis=(0, 2)) + 1e-5)
-    weight = rng.uniform(-3, 3, channels).astype(np.float32)
+    weight = rng.uniform(-3, 3, channels).astype(dtype)
     return x.ravel(), dy.ravel(), mean, invstd, weight
 
 
@@ -40,7 +40,7 @@ def _backward(problem, shape, threads, mode, offset, in_place=None, items=0):
     x, dy = _offset_array(x, offset), _offset_array(dy, offset)
     dx = {"dy": dy, "x": x}.get(in_place)
     if dx is None:
-        dx = _offset_array(np.zeros(x.size, np.float32), offset)
+        dx = _offset_array(np.zeros(x.size, x.dtype), offset)
     grad_weight, grad_bias = np.zeros(shape[1]), np.zeros(shape[1])
     _kernels.backward(x, dy, dx, *shape, mean, invstd, weight, True, grad_weight, grad_bias,
                       threads)
@@ -51,11 +51,12 @@ def _same_bits(a, b):
     return all(p.tobytes() == q.tobytes() for p, q in zip(a, b))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("offset", [0, 1, 4])
-def test_pipelined_backward_gives_the_bits_of_the_two_pass_path(shape, offset,
+def test_pipelined_backward_gives_the_bits_of_the_two_pass_path(shape, offset, dtype,
                                                                  restore_tuning):
-    problem = _problem(*shape, seed=sum(shape) + offset)
+    problem = _problem(*shape, seed=sum(shape) + offset, dtype=dtype)
     for stream_min in (0, 1 << 62):
         _kernels.set_stream_min_bytes(stream_min)
         want = _backward(problem, shape, 1, 0, offset)
@@ -66,29 +67,32 @@ def test_pipelined_backward_gives_the_bits_of_the_two_pass_path(shape, offset,
 
 
 def assert_backward_matches_the_reference(got, problem, shape):
-    """got = [dx, grad_weight, grad_bias] of a float32 training backward of
-    problem = (x, dy, mean, invstd, weight) against the float64 reference."""
+    """got = [dx, grad_weight, grad_bias] of a training backward of problem =
+    (x, dy, mean, invstd, weight) against the float64 reference."""
     dx, grad_weight, grad_bias = got
     x, dy, mean, invstd, weight = problem
     want = reference.batch_norm_backward(dy.reshape(shape), x.reshape(shape), mean, invstd,
                                          weight)
-    # dx is float32 arithmetic on float32 data: compare against its scale.
-    np.testing.assert_allclose(dx.reshape(shape), want[0], rtol=1e-4,
-                               atol=1e-5 * np.abs(want[0]).max())
+    # dx is arithmetic in x's type: compare against its scale.
+    rtol = 1e-4 if dx.dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(dx.reshape(shape), want[0], rtol=rtol,
+                               atol=rtol / 10 * np.abs(want[0]).max())
     np.testing.assert_allclose(grad_weight, want[1], rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(grad_bias, want[2], rtol=1e-9, atol=1e-9)
 
 
-def test_pipelined_backward_matches_the_reference(restore_tuning):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pipelined_backward_matches_the_reference(dtype, restore_tuning):
     shape = (9, 5, 1100)
-    problem = _problem(*shape, seed=11)
+    problem = _problem(*shape, seed=11, dtype=dtype)
     _kernels.set_stream_min_bytes(0)
     assert_backward_matches_the_reference(_backward(problem, shape, 2, 1, 4), problem, shape)
 
 
-def test_pipelined_backward_keeps_non_finite_values(restore_tuning):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pipelined_backward_keeps_non_finite_values(dtype, restore_tuning):
     shape = (6, 4, 500)
-    x, dy, mean, invstd, weight = _problem(*shape, seed=3)
+    x, dy, mean, invstd, weight = _problem(*shape, seed=3, dtype=dtype)
     inner = shape[2]
     dy[7] = np.inf                      # channel 0: infinite S_dy, NaN dx
     x[inner + 5] = np.nan               # channel 1: NaN S_dev, NaN dx
