@@ -1030,29 +1030,33 @@ BN_INLINE __m512 bn_affine16_avx512(__m512 v, __m512 hi, __m512 lo, __m512 scale
     return v;
 }
 
-/* The first `count` (< 16) values of v into y, which is within a line:
+/* The first `count` (< a vector) values of v into y, which is within a line:
  * with `stream`, whole 16-byte pieces with streaming stores and only what
  * is not 16-byte aligned with normal ones, as BN_ELEMENTWISE does. A
  * normal store to a line the streaming stores leave untouched would read
  * it from memory first, and stall the stores behind it while it does:
  * with NumPy's usual 16-byte offset, two such lines per run (of 50) cost
  * the pipelined forward a third of its speed. */
-BN_INLINE void bn_store_part_avx512(float *y, ptrdiff_t count, __m512 v, int stream)
-    __attribute__((target("avx512f")));
-BN_INLINE void bn_store_part_avx512(float *y, ptrdiff_t count, __m512 v, int stream)
-{
-    float part[16] __attribute__((aligned(64)));
-    ptrdiff_t j = 0;
-    _mm512_store_ps(part, v);
-    if (stream) {
-        for (; j < count && ((uintptr_t)(y + j) & 15); j++)
-            y[j] = part[j];
-        for (; j + 4 <= count; j += 4)
-            _mm_stream_ps(y + j, _mm_loadu_ps(part + j));
-    }
-    for (; j < count; j++)
-        y[j] = part[j];
+#define BN_DEFINE_STORE_PART(T, NAME, VEC, SFX)                                           \
+BN_INLINE void NAME(T *y, ptrdiff_t count, VEC v, int stream)                             \
+    __attribute__((target("avx512f")));                                                   \
+BN_INLINE void NAME(T *y, ptrdiff_t count, VEC v, int stream)                             \
+{                                                                                         \
+    T part[64 / sizeof(T)] __attribute__((aligned(64)));                                  \
+    ptrdiff_t j = 0;                                                                      \
+    _mm512_store_##SFX(part, v);                                                          \
+    if (stream) {                                                                         \
+        for (; j < count && ((uintptr_t)(y + j) & 15); j++)                               \
+            y[j] = part[j];                                                               \
+        for (; j + (ptrdiff_t)(16 / sizeof(T)) <= count; j += 16 / sizeof(T))             \
+            _mm_stream_##SFX(y + j, _mm_loadu_##SFX(part + j));                           \
+    }                                                                                     \
+    for (; j < count; j++)                                                                \
+        y[j] = part[j];                                                                   \
 }
+BN_DEFINE_STORE_PART(float, bn_store_part_avx512, __m512, ps)
+BN_DEFINE_STORE_PART(double, bn_store_part8_avx512, __m512d, pd)
+#undef BN_DEFINE_STORE_PART
 
 /* Vector v into p: streamed when the kernel's `stream` is set. */
 #define BN_STORE_VEC(SFX, p, v)                                                           \
@@ -1911,25 +1915,8 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512
 
 /* float64's: the same, eight values a vector, so sixteen (the lanes) in
  * two. The generic loops it matches round each product before its add (no
- * FMA), and so does it. Partial lines as bn_store_part_avx512's. */
+ * FMA), and so does it. */
 #if BN_X86_DISPATCH
-BN_INLINE void bn_store_part8_avx512(double *y, ptrdiff_t count, __m512d v, int stream)
-    __attribute__((target("avx512f")));
-BN_INLINE void bn_store_part8_avx512(double *y, ptrdiff_t count, __m512d v, int stream)
-{
-    double part[8] __attribute__((aligned(64)));
-    ptrdiff_t j = 0;
-    _mm512_store_pd(part, v);
-    if (stream) {
-        for (; j < count && ((uintptr_t)(y + j) & 15); j++)
-            y[j] = part[j];
-        for (; j + 2 <= count; j += 2)
-            _mm_stream_pd(y + j, _mm_loadu_pd(part + j));
-    }
-    for (; j < count; j++)
-        y[j] = part[j];
-}
-
 __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f64_avx512(
     const double *xs, const double *dys, ptrdiff_t n, double mean, double *BN_RESTRICT s_dy,
     double *BN_RESTRICT s_dy_dev, const double *ahead_x, const double *ahead_dy,
