@@ -1161,6 +1161,34 @@ __attribute__((target("avx512f"))) static void bn_stats_and_affine_f32_avx512(
 }
 #endif
 
+/* Where the elementwise loops (BN_ELEMENTWISE) begin to stream a call's n
+ * values at out: after a scalar head up to 16-byte alignment, from which
+ * they stream groups of 64 bytes. 0 when out is not aligned to its values
+ * (they then stream nothing). */
+static inline ptrdiff_t bn_elementwise_head(const void *out, size_t itemsize, ptrdiff_t n)
+{
+    if ((uintptr_t)out % itemsize != 0)
+        return 0;
+    ptrdiff_t head = (ptrdiff_t)(((16 - ((uintptr_t)out & 15)) & 15) / itemsize);
+    return head < n ? head : n;
+}
+
+/* The output values [*lo, *hi) that go with the input piece [j, j + m) of
+ * a run of n values in the piecewise loops below, whose output is written
+ * in [begin, end) by elementwise loops that begin streaming at `head`.
+ * Pieces after the first start head values later, on the grid of the
+ * first call's streamed groups, so that only the run's ends take scalar
+ * stores. A piece cut off that grid ends in scalar stores to a line whose
+ * other values are streamed: float64 training on 28x28 maps, two threads,
+ * pieces cut on cache lines instead measured 1.3-1.4x slower. */
+static inline void bn_output_piece(ptrdiff_t j, ptrdiff_t m, ptrdiff_t n, ptrdiff_t begin,
+                                   ptrdiff_t end, ptrdiff_t head, ptrdiff_t *lo,
+                                   ptrdiff_t *hi)
+{
+    *lo = j == 0 ? begin : (j + head > begin ? j + head : begin);
+    *hi = j + m == n ? end : (j + m + head < end ? j + m + head : end);
+}
+
 /* The same work as the separate loops, piece by piece (pieces of a multiple
  * of BN_LANES values keep every value's lane): the statistics of a piece of
  * xs, then the normalisation of a piece of xn. */
@@ -1170,12 +1198,14 @@ static inline void bn_stats_and_affine_pieces_##SFX(                            
     const T *xn, T *yn, T mean_hi, T mean_lo, T scale, T shift, int relu, int stream,  \
     int leave)                                                                         \
 {                                                                                      \
-    ptrdiff_t begin = 0, end = n;                                                      \
-    if (xn != NULL && stream)                                                          \
+    ptrdiff_t begin = 0, end = n, head = 0;                                            \
+    if (xn != NULL && stream) {                                                        \
         bn_written_span(yn, sizeof(T), n, leave, &begin, &end);                        \
+        head = begin + bn_elementwise_head(yn + begin, sizeof(T), end - begin);        \
+    }                                                                                  \
     for (ptrdiff_t j = 0; j < n; j += BN_PIPE_SPAN) {                                  \
-        ptrdiff_t m = n - j < BN_PIPE_SPAN ? n - j : BN_PIPE_SPAN;                     \
-        ptrdiff_t lo = j > begin ? j : begin, hi = j + m < end ? j + m : end;          \
+        ptrdiff_t m = n - j < BN_PIPE_SPAN ? n - j : BN_PIPE_SPAN, lo, hi;             \
+        bn_output_piece(j, m, n, begin, end, head, &lo, &hi);                          \
         if (ahead != NULL)                                                             \
             for (ptrdiff_t k = 0; k < m; k += BN_LINE_BYTES / (ptrdiff_t)sizeof(T))    \
                 __builtin_prefetch(ahead + j + k, 0, 2);                               \
@@ -2025,17 +2055,14 @@ static inline void bn_grad_sums_and_input_pieces_##SFX(                         
     const T *ahead_x, const T *ahead_dy, const T *xn, const T *dyn, T *dxn, T mean_hi,   \
     T mean_lo, T k, T c1, T c0, int stream, int leave)                                   \
 {                                                                                       \
-    ptrdiff_t begin = 0, end = n, shift = 0;                                            \
+    ptrdiff_t begin = 0, end = n, head = 0;                                             \
     if (xn != NULL && stream) {                                                         \
         bn_written_span(dxn, sizeof(T), n, leave, &begin, &end);                        \
-        shift = bn_line_head(dxn, sizeof(T), n);                                        \
+        head = begin + bn_elementwise_head(dxn + begin, sizeof(T), end - begin);        \
     }                                                                                   \
     for (ptrdiff_t j = 0; j < n; j += BN_PIPE_SPAN) {                                   \
-        ptrdiff_t m = n - j < BN_PIPE_SPAN ? n - j : BN_PIPE_SPAN;                      \
-        /* dx's pieces start on its lines (shift later): a line split between   \
-         * two calls would take a normal store beside streaming ones. */        \
-        ptrdiff_t lo = j == 0 ? begin : (j + shift > begin ? j + shift : begin);        \
-        ptrdiff_t hi = j + m == n ? end : (j + m + shift < end ? j + m + shift : end);  \
+        ptrdiff_t m = n - j < BN_PIPE_SPAN ? n - j : BN_PIPE_SPAN, lo, hi;              \
+        bn_output_piece(j, m, n, begin, end, head, &lo, &hi);                           \
         if (ahead_x != NULL)                                                            \
             for (ptrdiff_t q = 0; q < m; q += BN_LINE_BYTES / (ptrdiff_t)sizeof(T)) {   \
                 __builtin_prefetch(ahead_x + j + q, 0, 2);                              \
