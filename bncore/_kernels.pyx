@@ -1107,24 +1107,25 @@ cdef inline Py_ssize_t runs_ahead(const Planar *g, Py_ssize_t itemsize) noexcept
 
 
 cdef inline bint can_seam(int stream, Py_ssize_t shortest, Py_ssize_t itemsize,
-                          bint fused) noexcept nogil:
+                          bint wanted) noexcept nogil:
     """Whether the pipelined passes write each line that two runs share
     whole, once (seams: BN_LEAVE_HEAD in _leaf_loops.h says why): with
     streaming stores, where the AVX-512 seam kernels run, and where the
     pieces they write at once, `shortest` values at least, span a line
     each, so that no line holds more than two of them.
 
-    Only for the fused loops (`fused`: float32's forward, and the backward
-    of both types), which they serve: float64 backward, one / two threads,
-    of its bound, runs of 29 x 29 and 35 x 35 values 0.59-0.60 against
-    0.55-0.57 / 0.73-0.75 against 0.68-0.69 with seams, (32, 256, 28, 28)
-    even. The float64 forward's piecewise loops gained nothing from them on
-    runs of 29 x 29 and 35 x 35 values, and lost a third on two threads on
-    (32, 256, 28, 28) (lines of whole runs but for NumPy's 16-byte offset,
-    whose parts take streaming stores). Its seam kernel and the piecewise
-    loops' `leave` stay, for the fused type and the kernels' contract; they
-    passed the tests enabled."""
-    return (stream and fused and shortest * itemsize >= BN_LINE_BYTES
+    `wanted`: seams serve the fused loops (float32's forward, the backward
+    of both types) everywhere, and the float64 forward's piecewise loops
+    on runs that are not whole lines. Those loops' elementwise stores
+    stream from the first 16-byte boundary in groups of 64 bytes, which
+    carry on from run to run where runs are whole lines: every value
+    streams without seams. Measured, with seams against without (of the
+    time, two threads, interleaved, medians of 21-31):
+    float64 forward, runs of 29 x 29 values 0.82-0.92, 35 x 35 0.93-0.95,
+    28 x 28 (whole lines) 1.00-1.08; float64 backward, runs of 29 x 29 and
+    35 x 35, one / two threads, of its bound, 0.59-0.60 against 0.55-0.57
+    / 0.73-0.75 against 0.68-0.69, (32, 256, 28, 28) even."""
+    return (stream and wanted and shortest * itemsize >= BN_LINE_BYTES
             and bn_periodic_lanes(itemsize) != 0)
 
 
@@ -1264,7 +1265,10 @@ cdef void pipelined_item(const floating *x, floating *y, const Planar *g, Py_ssi
     cdef bint seams
     if short_split_runs(g, sizeof(floating)):
         b.stream = False
-    seams = can_seam(b.stream, last_piece(g), sizeof(floating), floating is float)
+    # float64's piecewise loops stream every value of runs of whole lines
+    # without seams (see can_seam).
+    seams = can_seam(b.stream, last_piece(g), sizeof(floating),
+                     floating is float or runs_share_lines(g, sizeof(floating)))
     clear_lanes(s1, s2)
     for c in range(c0 - 1, c1):
         # Statistics of sc = c + 1 while normalising nc = c (-1: none).
