@@ -362,11 +362,15 @@ cdef enum:
     # 1.6-2.5 and 2.8-3.4 against 3.1-4.9, and 1.9-2.0 against 1.9-2.2 and
     # 3.2-3.3 against 2.7-3.1.
     PIPE_MIN_ROW_RUN_BYTES = 2048
-    # float64 (the forward only; its statistics take a second pass per
-    # block) needs runs of 4 KiB: on two threads, of a streaming copy,
-    # pipelined against two passes, runs of 800 and 1568 bytes 0.21-0.22
-    # against 0.30-0.53, 3136 bytes even, 6272 bytes 0.67 against 0.59.
-    PIPE_MIN_RUN_BYTES_F64 = 4096
+    # float64's forward (its own fused loop, then a second pass per block
+    # from L1 for the statistics) needs runs of 3 KiB, and two threads: of a
+    # streaming copy, (N, C, H, W) of 51-103 MB, medians of 31 in shuffled
+    # order, two runs (/work/notes/tri20.py), pipelined against two passes:
+    # on two threads, runs of 2312 bytes 0.50-0.54 against 0.49-0.54, 3136
+    # 0.43-0.67 against 0.43-0.53, 6272-25088 0.51-0.72 against 0.51-0.58;
+    # on one, where the block's second pass competes with the memory,
+    # 3136-9800 bytes 0.41-0.49 against 0.42-0.52.
+    PIPE_MIN_RUN_BYTES_F64 = 3072
     # The float64 backward (its own fused loop, seams and all) pays from
     # shorter runs: pipelined against two passes, of its bound, (N, C, H,
     # W) of 6-103 MB, 1 / 2 threads: runs of 2312 bytes 0.43-0.44 against
@@ -1106,26 +1110,20 @@ cdef inline Py_ssize_t runs_ahead(const Planar *g, Py_ssize_t itemsize) noexcept
     return max(<Py_ssize_t>1, (PIPE_AHEAD_BYTES + run_bytes - 1) // run_bytes)
 
 
-cdef inline bint can_seam(int stream, Py_ssize_t shortest, Py_ssize_t itemsize,
-                          bint wanted) noexcept nogil:
+cdef inline bint can_seam(int stream, Py_ssize_t shortest,
+                          Py_ssize_t itemsize) noexcept nogil:
     """Whether the pipelined passes write each line that two runs share
     whole, once (seams: BN_LEAVE_HEAD in _leaf_loops.h says why): with
     streaming stores, where the AVX-512 seam kernels run, and where the
     pieces they write at once, `shortest` values at least, span a line
     each, so that no line holds more than two of them.
 
-    `wanted`: seams serve the fused loops (float32's forward, the backward
-    of both types) everywhere, and the float64 forward's piecewise loops
-    on runs that are not whole lines. Those loops' elementwise stores
-    stream from the first 16-byte boundary in groups of 64 bytes, which
-    carry on from run to run where runs are whole lines: every value
-    streams without seams. Measured, with seams against without (of the
-    time, two threads, interleaved, medians of 21-31):
-    float64 forward, runs of 29 x 29 values 0.82-0.92, 35 x 35 0.93-0.95,
-    28 x 28 (whole lines) 1.00-1.08; float64 backward, runs of 29 x 29 and
-    35 x 35, one / two threads, of its bound, 0.59-0.60 against 0.55-0.57
-    / 0.73-0.75 against 0.68-0.69, (32, 256, 28, 28) even."""
-    return (stream and wanted and shortest * itemsize >= BN_LINE_BYTES
+    Measured, float64, with seams against without (two threads, of a copy
+    or of the bound, interleaved): backward, runs of 29 x 29 and 35 x 35,
+    one / two threads, 0.59-0.60 against 0.55-0.57 / 0.73-0.75 against
+    0.68-0.69, (32, 256, 28, 28) even; forward, runs of 28 x 28, 35 x 35
+    and 56 x 56 values, even (1.00-1.02 of the time)."""
+    return (stream and shortest * itemsize >= BN_LINE_BYTES
             and bn_periodic_lanes(itemsize) != 0)
 
 
@@ -1265,10 +1263,7 @@ cdef void pipelined_item(const floating *x, floating *y, const Planar *g, Py_ssi
     cdef bint seams
     if short_split_runs(g, sizeof(floating)):
         b.stream = False
-    # float64's piecewise loops stream every value of runs of whole lines
-    # without seams (see can_seam).
-    seams = can_seam(b.stream, last_piece(g), sizeof(floating),
-                     floating is float or runs_share_lines(g, sizeof(floating)))
+    seams = can_seam(b.stream, last_piece(g), sizeof(floating))
     clear_lanes(s1, s2)
     for c in range(c0 - 1, c1):
         # Statistics of sc = c + 1 while normalising nc = c (-1: none).
@@ -2313,7 +2308,7 @@ cdef void pipelined_backward_item(const floating *x, const floating *dy, floatin
     cdef double mean = 0.0
     cdef Py_ssize_t ahead = runs_ahead(g, sizeof(floating))
     cdef int stream = a.stream and not short_split_runs(g, sizeof(floating))
-    cdef bint seams = can_seam(stream, g.inner, sizeof(floating), True)
+    cdef bint seams = can_seam(stream, g.inner, sizeof(floating))
     memset(k, 0, sizeof(k))     # set before the first dx is written
     clear_lanes(lanes_dy, lanes_dev)
     for c in range(c0 - 1, c1):
@@ -2711,11 +2706,7 @@ cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
     two channels in cache (PIPE_MAX_SLICE), and reads its first channel's
     statistics and normalises its last channel alone: with fewer than
     PIPE_MIN_CHANNELS per thread those unpipelined ends weigh too much.
-
-    float64 has no fused loop (its statistics take a second pass from L1
-    per block): on one core, where that arithmetic competes with the
-    memory, it measured slower than the two passes ((64, 256, 784): 0.46
-    of a streaming copy against 0.53), on two faster (0.67 against 0.58).
+    float64 pays on two threads only (PIPE_MIN_RUN_BYTES_F64).
     """
     if (pipelined_mode == 0 or g.inner < PLANAR_MIN_INNER
             or g.inner >= CHUNK_VALUES):
