@@ -1896,7 +1896,6 @@ BN_DEFINE_GRAD_SEAM(double, bn_grad_seam_f64_avx512, __mmask8, pd)
 #undef BN_RUNS_GRAD_VALUE
 #undef BN_RUNS_AFFINE_VALUE
 #undef BN_RUNS_LOOP
-#undef BN_STORE_VEC
 #undef BN_RUNS_BLEND
 #undef BN_RUNS_CONSTANT
 #undef BN_TWO_CONSTANTS
@@ -2034,10 +2033,7 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512
     do {                                                                              \
         __m512 v = bn_grad16_avx512(_mm512_loadu_ps(xn + j), _mm512_loadu_ps(dyn + j),  \
                                     h, l, kv, c1v, c0v);                              \
-        if (stream)                                                                   \
-            _mm512_stream_ps(dxn + j, v);                                             \
-        else                                                                          \
-            _mm512_storeu_ps(dxn + j, v);                                             \
+        BN_STORE_VEC(ps, dxn + j, v);                                                 \
         j += 16;                                                                      \
     } while (0)
     while (i < ns && j + 16 <= n) {
@@ -2121,10 +2117,7 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f64_avx512
     do {                                                                              \
         __m512d v = bn_grad8_avx512(_mm512_loadu_pd(xn + j), _mm512_loadu_pd(dyn + j),  \
                                     h, l, kv, c1v, c0v);                              \
-        if (stream)                                                                   \
-            _mm512_stream_pd(dxn + j, v);                                             \
-        else                                                                          \
-            _mm512_storeu_pd(dxn + j, v);                                             \
+        BN_STORE_VEC(pd, dxn + j, v);                                                 \
         j += 8;                                                                       \
     } while (0)
     while (i < ns && j + 16 <= n) {
@@ -2162,6 +2155,7 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f64_avx512
         bn_lanes_store_avx512(s_dy, s_dy_dev, a1, b1, a2, b2);
     }
 }
+#undef BN_STORE_VEC
 #endif
 
 /* The same work as the separate loops, piece by piece (pieces of a multiple
