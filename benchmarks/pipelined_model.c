@@ -9,11 +9,12 @@
  * the operations of bn_stats_and_affine_f32_avx512), channel c's runs are
  * normalised from cache with streaming stores, last row first; each run
  * asks for the statistics run `ahead` runs on (prefetcht1, a line per
- * sixteen values) and for the next run to normalise (prefetcht0). What it
+ * sixteen values) and for the next run to normalise (prefetcht0; bncore
+ * asks for it into L2 instead for channels over 512 KiB). What it
  * leaves out: blocks, their totals and merges, the per-channel constants,
  * seams, and masked heads and tails. So x and y must be 64-byte aligned
- * and R a multiple of 16. Its statistics are not returned: the lanes only
- * keep the compiler from dropping the loop. */
+ * and R a multiple of 16. It returns the lanes' sum only so that the
+ * compiler keeps the statistics loop. */
 #include <immintrin.h>
 #include <stddef.h>
 
