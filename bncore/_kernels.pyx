@@ -365,7 +365,8 @@ cdef enum:
     # float64's forward (its own fused loop, then a second pass per block
     # from L1 for the statistics) needs runs of 3 KiB, and two threads: of a
     # streaming copy, (N, C, H, W) of 51-103 MB, medians of 31 in shuffled
-    # order, two runs (/work/notes/tri20.py), pipelined against two passes:
+    # order, two runs, pipelined against two passes (rerun in interleaved
+    # order: benchmarks/results/pipelined_forward.py --dtype float64):
     # on two threads, runs of 2312 bytes 0.50-0.54 against 0.49-0.54, 3136
     # 0.43-0.67 against 0.43-0.53, 6272-25088 0.51-0.72 against 0.51-0.58;
     # on one, where the block's second pass competes with the memory,

@@ -1,4 +1,4 @@
-"""The pipelined float32 training backward against the two-pass one, side by side.
+"""The pipelined training backward against the two-pass one, side by side.
 
 Interleaved repetitions of the streaming copy (the yardstick), the two-pass
 path and the pipelined path (forced with the private hook
@@ -8,7 +8,7 @@ copy's time over the path's (the median's and, as a check against a noisy
 machine, the best sample's). Every run first checks that both paths give
 the same bits.
 
-    python benchmarks/results/pipelined_backward.py --threads 1 2 --reps 21
+    python benchmarks/results/pipelined_backward.py --threads 1 2 --reps 21 [--dtype float64]
 """
 
 
@@ -27,15 +27,15 @@ def main() -> None:
         outer, channels, inner = map(int, shape.split(","))
         size = outer * channels * inner
         rng = np.random.default_rng(0)
-        x = offset_array(size, args.offset)
-        x[:] = rng.standard_normal(size, dtype=np.float32) * 2 + 3
-        dy = offset_array(size, args.offset)
-        dy[:] = rng.standard_normal(size, dtype=np.float32)
-        dx = offset_array(size, args.offset)
+        x = offset_array(size, args.offset, args.dtype)
+        x[:] = rng.standard_normal(size, dtype=args.dtype) * 2 + 3
+        dy = offset_array(size, args.offset, args.dtype)
+        dy[:] = rng.standard_normal(size, dtype=args.dtype)
+        dx = offset_array(size, args.offset, args.dtype)
         wide = x.reshape(outer, channels, inner)
         mean = wide.mean(axis=(0, 2), dtype=np.float64)
         invstd = 1 / np.sqrt(wide.var(axis=(0, 2), dtype=np.float64) + 1e-5)
-        weight = np.linspace(0.5, 2, channels, dtype=np.float32)
+        weight = np.linspace(0.5, 2, channels, dtype=args.dtype)
         for threads in args.threads:
             sums = [np.zeros(channels) for _ in range(2)]
 

@@ -1,4 +1,4 @@
-"""The pipelined float32 training forward against the two-pass one, side by side.
+"""The pipelined training forward against the two-pass one, side by side.
 
 Interleaved repetitions of the streaming copy (the yardstick), the two-pass
 path and the pipelined path (forced with the private hook
@@ -7,7 +7,7 @@ median times and fractions of the copy's bandwidth (the median's and, as a
 check against a noisy machine, the best sample's). Every run first checks
 that both paths give the same bits.
 
-    python benchmarks/results/pipelined_forward.py --threads 1 2 --reps 21
+    python benchmarks/results/pipelined_forward.py --threads 1 2 --reps 21 [--dtype float64]
 """
 
 import argparse
@@ -40,10 +40,12 @@ def wait_idle(limit: float) -> None:
         pass
 
 
-def offset_array(size: int, offset: int) -> np.ndarray:
-    """float32 data `offset` values past a 64-byte boundary."""
-    buf = np.empty(size + 32, np.float32)
-    start = (-buf.ctypes.data % 64) // 4 + offset
+def offset_array(size: int, offset: int,
+                 dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
+    """Data of `dtype` (float32 or float64) `offset` values past a 64-byte
+    boundary."""
+    buf = np.empty(size + 32, dtype)
+    start = (-buf.ctypes.data % 64) // buf.itemsize + offset
     return buf[start:start + size]
 
 
@@ -57,6 +59,8 @@ def arguments(description: str) -> argparse.Namespace:
                         help="values past a cache line (NumPy's large arrays: 4)")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each round, wait up to SECONDS for idle CPUs")
+    parser.add_argument("--dtype", type=np.dtype, default=np.dtype(np.float32),
+                        choices=[np.dtype(np.float32), np.dtype(np.float64)])
     return parser.parse_args()
 
 
@@ -106,11 +110,11 @@ def main() -> None:
     for shape in args.shapes:
         outer, channels, inner = map(int, shape.split(","))
         size = outer * channels * inner
-        x = offset_array(size, args.offset)
-        x[:] = np.random.default_rng(0).standard_normal(size, dtype=np.float32) * 2 + 3
-        y = offset_array(size, args.offset)
-        weight = np.linspace(0.5, 2, channels, dtype=np.float32)
-        bias = np.linspace(-1, 1, channels, dtype=np.float32)
+        x = offset_array(size, args.offset, args.dtype)
+        x[:] = np.random.default_rng(0).standard_normal(size, dtype=args.dtype) * 2 + 3
+        y = offset_array(size, args.offset, args.dtype)
+        weight = np.linspace(0.5, 2, channels, dtype=args.dtype)
+        bias = np.linspace(-1, 1, channels, dtype=args.dtype)
         for threads in args.threads:
             stats = [np.zeros(channels) for _ in range(3)]
 
