@@ -11,7 +11,7 @@ import pytest
 import bncore
 from bncore import _kernels, reference
 
-from test_pipelined import SHAPES, _offset_array, tuning_restorer
+from test_pipelined import SHAPES, _at_page_offset, _offset_array, tuning_restorer
 
 
 restore_tuning = tuning_restorer(_kernels.set_pipelined_backward)
@@ -64,6 +64,30 @@ def test_pipelined_backward_gives_the_bits_of_the_two_pass_path(shape, offset, d
             for in_place in (None, "dy", "x"):
                 got = _backward(problem, shape, threads, 1, offset, in_place, items)
                 assert _same_bits(got, want), (stream_min, threads, items, in_place)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("inner", [1024, 784])
+@pytest.mark.parametrize("gaps", [(48, 2048), (2048, 48), (200, 64), (448, 448)])
+def test_pipelined_backward_with_dx_just_past_x_or_dy_mod_4_kib(gaps, inner, dtype,
+                                                                 restore_tuning):
+    """dx a little past x or dy modulo 4 KiB (gaps: dx's offset past x's,
+    past dy's) makes the fused loop read the sums' streams ahead of its
+    stores (bn_alias_lead); the bits stay the two-pass path's."""
+    shape = (6, 9, inner)
+    x, dy, mean, invstd, weight = _problem(*shape, seed=sum(gaps) + inner, dtype=dtype)
+    x = _at_page_offset(x, 16)
+    dy = _at_page_offset(dy, 16 + gaps[0] - gaps[1])
+    for stream_min in (0, 1 << 62):
+        _kernels.set_stream_min_bytes(stream_min)
+        results = []
+        for mode, threads in ((0, 1), (1, 1), (1, 2)):
+            _kernels.set_pipelined_backward(mode)
+            dx = _at_page_offset(np.zeros(x.size, x.dtype), 16 + gaps[0])
+            sums = [np.zeros(shape[1]), np.zeros(shape[1])]
+            _kernels.backward(x, dy, dx, *shape, mean, invstd, weight, True, *sums, threads)
+            results.append([dx] + sums)
+        assert _same_bits(results[1], results[0]) and _same_bits(results[2], results[0])
 
 
 def assert_backward_matches_the_reference(got, problem, shape):
