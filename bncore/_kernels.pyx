@@ -9,8 +9,9 @@ from Python is an exception instead of memory corruption.
 
 Two loop orders:
 
-* planar (planar_order: inner >= 32, or down to 9 float32 and 16 float64
-  values in tensors too large for the cache): each (n, c) pair is a
+* planar (planar_order: inner >= 32, runs longer than a few times the
+  rows, or down to 9 float32 and 16 float64 values in tensors too large
+  for the cache): each (n, c) pair is a
   contiguous run of ``inner`` values, vectorised along the run;
 * interleaved: rows of W = C * inner values, vectorised across the row;
   column j belongs to channel j // inner.
@@ -248,6 +249,20 @@ cdef enum:
     # 28 us against 97.
     PLANAR_MIN_INNER_F32 = 9
     PLANAR_MIN_INNER_F64 = 16
+    # ...and so are short runs in few rows: rows across channels take a
+    # triple per column and merge each channel's columns, a cost per value
+    # that few rows do not spread. Runs when outer * FEW_ROWS_F32 < inner
+    # (float64: FEW_ROWS_F64, for its per-block second pass). Measured,
+    # rows against runs, training / eval / backward, one thread, float32:
+    # (2, 128, 4, 4) 32 / 11 / 37 us against 10 / 4.4 / 25; (2, 4096, 4,
+    # 4) 1037 / 298 / 666 against 295 / 64 / 204; (3, 256, 3, 4) 51 / 16 /
+    # 47 against 33 / 8.5 / 36; (2, 256, 2, 3) 24 / 8.1 / 24 against 18 /
+    # 4.8 / 22; but (8, 256, 4, 4) training 76 against 84 and (2, 512, 2,
+    # 2) 39 / 14 / 43 against 52 / 14 / 56. float64: (2, 128, 4, 4) 42 /
+    # 12 / 39 against 29 / 4.9 / 28, but (4, 256, 4, 4) training 90
+    # against 107. (PyTorch took 13 us for the first, float32, training.)
+    FEW_ROWS_F32 = 2
+    FEW_ROWS_F64 = 4
     # Streamed runs shorter than this are written a row at a time, as one
     # stream (rows_as_runs), even where they are whole lines: each call
     # costs about as much as a few lines' stores. Eval, float32, 34-42 MB,
@@ -656,8 +671,13 @@ cdef Planar planar_geometry(Py_ssize_t outer, Py_ssize_t channels,
         g.chunks_per_channel = outer * g.chunks_per_run
     else:
         # As many row chunks as MAX_ROW_CHUNKS allows: the chunk table stays
-        # O(C) and there are rows enough to share among threads.
+        # O(C) and there are rows enough to share among threads; but short
+        # runs in few rows (planar_order's FEW_ROWS_*) take one chunk, as
+        # rows across channels do: a triple per row would make the table a
+        # third of such an input.
         g.rows_per_chunk = (outer + MAX_ROW_CHUNKS - 1) // MAX_ROW_CHUNKS
+        if inner < PLANAR_MIN_INNER and outer * FEW_ROWS_F32 < inner:
+            g.rows_per_chunk = outer
         g.pieces_per_chunk = 0
         g.chunks_per_run = 0
         g.chunks_per_channel = (outer + g.rows_per_chunk - 1) // g.rows_per_chunk
@@ -793,12 +813,15 @@ cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t ite
         table[c * nchunks + k] = planar_chunk_moments(x, g, c, k)
 
 
-cdef inline bint planar_order(Py_ssize_t nvalues, Py_ssize_t inner,
+cdef inline bint planar_order(Py_ssize_t outer, Py_ssize_t nvalues, Py_ssize_t inner,
                               Py_ssize_t itemsize) noexcept nogil:
-    """Whether a tensor of nvalues in runs of inner values is walked as runs
-    (PLANAR_MIN_INNER; from memory, PLANAR_MIN_INNER_F32 and _F64), else
-    as rows across channels."""
+    """Whether a tensor of nvalues in `outer` rows of runs of inner values is
+    walked as runs (PLANAR_MIN_INNER; in few rows, FEW_ROWS_F32 and _F64;
+    from memory, PLANAR_MIN_INNER_F32 and _F64), else as rows across
+    channels."""
     if inner >= PLANAR_MIN_INNER:
+        return True
+    if outer * (FEW_ROWS_F32 if itemsize == sizeof(float) else FEW_ROWS_F64) < inner:
         return True
     if not streamed_size(nvalues * itemsize):
         return False
@@ -2164,14 +2187,18 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
     cdef int nthreads = team_size(requested, g.channels * nchunks, nvalues)
     cdef int ngroups = row_groups(g, nthreads)
     cdef Py_ssize_t item, c
-    cdef GradSums *table = <GradSums *>malloc((g.channels * nchunks + g.channels)
+    # One chunk a channel (few or short rows): the chunk sums become the
+    # totals in place (finish_grad_channel reads a channel's chunk before it
+    # writes its total), a table of C entries instead of 2C.
+    cdef Py_ssize_t ntotals = 0 if nchunks == 1 else g.channels
+    cdef GradSums *table = <GradSums *>malloc((g.channels * nchunks + ntotals)
                                               * sizeof(GradSums))
     cdef GradSums *totals
     cdef BackwardArgs rows = a[0]
     cdef bint row_runs
     if table == NULL:
         return -1
-    totals = table + g.channels * nchunks
+    totals = table + g.channels * nchunks if ntotals > 0 else table
     if a.given_dy != NULL:
         for c in range(g.channels):
             totals[c] = given_sums(a, c)
@@ -2639,7 +2666,7 @@ cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
     cdef Interleaved q
     cdef int nthreads
     cdef Py_ssize_t nvalues = outer * channels * inner
-    if planar_order(nvalues, inner, sizeof(floating)):
+    if planar_order(outer, nvalues, inner, sizeof(floating)):
         p = planar_geometry(outer, channels, inner)
         nthreads = team_size(requested, channels, nvalues)
         if use_pipelined_backward(&p, a, sizeof(floating), nthreads):
@@ -2660,7 +2687,7 @@ cdef int moments_driver(const floating *x, Py_ssize_t outer, Py_ssize_t channels
     cdef Interleaved q
     cdef Moments *chunks
     cdef Py_ssize_t nvalues = outer * channels * inner
-    if planar_order(nvalues, inner, sizeof(floating)):
+    if planar_order(outer, nvalues, inner, sizeof(floating)):
         p = planar_geometry(outer, channels, inner)
         chunks = <Moments *>malloc(channels * p.chunks_per_channel * sizeof(Moments))
         if chunks == NULL:
@@ -2684,7 +2711,7 @@ cdef int normalize_driver(const floating *x, floating *y, Py_ssize_t outer,
     cdef Planar p
     cdef Interleaved q
     cdef Py_ssize_t nvalues = outer * channels * inner
-    if planar_order(nvalues, inner, sizeof(floating)):
+    if planar_order(outer, nvalues, inner, sizeof(floating)):
         p = planar_geometry(outer, channels, inner)
         planar_normalize(x, y, &p, a,
                          team_size(requested, channels * p.chunks_per_channel, nvalues))

@@ -1,0 +1,84 @@
+"""Short runs in few rows: NCHW inputs with small maps and a small batch,
+which planar_order walks as runs (FEW_ROWS_F32, FEW_ROWS_F64: fewer than a
+half, float64 a quarter, as many rows as values per run) where rows across
+channels would merge a triple per column. On both sides of that rule:
+training and eval forward, and backward, against the float64 reference on
+adversarial channels (offset, constant, ...), and the same bits on 1, 2
+and 3 threads."""
+
+import numpy as np
+import pytest
+
+import bncore
+from bncore import reference
+
+from conftest import (assert_output_close, assert_stats_close, channel_condition,
+                      channel_spread, make_input, make_params)
+
+# (N, C, H, W, dtype): taken as runs (N * 2 < H * W float32, N * 4 < H * W
+# float64), then at and past the rule's edge, where rows across channels
+# stay.
+SHAPES = [
+    (1, 256, 4, 4, np.float32), (2, 128, 4, 4, np.float32), (7, 40, 4, 4, np.float32),
+    (3, 96, 3, 4, np.float32), (2, 64, 3, 3, np.float32), (1, 300, 1, 3, np.float32),
+    (8, 64, 4, 4, np.float32), (2, 512, 2, 2, np.float32), (9, 30, 4, 4, np.float32),
+    (2, 128, 4, 4, np.float64), (3, 50, 5, 3, np.float64), (4, 64, 4, 4, np.float64),
+    (1, 200, 2, 2, np.float64),
+]
+
+
+def _shape_id(case):
+    *shape, dtype = case
+    return "x".join(map(str, shape)) + "-" + np.dtype(dtype).name
+
+
+def _forward_and_backward(x, dy, params, threads):
+    weight, bias, running_mean, running_var = params
+    y, mean, invstd = bncore.batch_norm(x, running_mean.copy(), running_var.copy(), weight,
+                                        bias, training=True, return_stats=True,
+                                        num_threads=threads)
+    y_eval = bncore.batch_norm(x, running_mean, running_var, weight, bias,
+                               num_threads=threads)
+    grads = bncore.batch_norm_backward(dy, x, mean, invstd, weight, bias,
+                                       num_threads=threads)
+    return [y, mean, invstd, y_eval, *grads]
+
+
+@pytest.mark.parametrize("case", SHAPES, ids=_shape_id)
+def test_few_rows_of_short_runs_match_the_reference(case):
+    """Statistics on adversarial channels (within the conditioning bounds of
+    the accuracy contract); outputs and gradients on unit-scale data, where
+    the output tolerance holds."""
+    *shape, dtype = case
+    weight, bias, running_mean, running_var = params = make_params(shape[1], dtype)
+    hard = make_input(shape, dtype, seed=sum(shape))
+    _, mean, invstd = bncore.batch_norm(hard, training=True, return_stats=True,
+                                        num_threads=2)
+    want = reference.batch_norm(hard, training=True)
+    assert_stats_close(mean, want.mean, dtype, scale=channel_spread(hard, 1), what="mean")
+    assert_stats_close(invstd, want.invstd, dtype, cond=channel_condition(hard, 1),
+                       what="invstd")
+
+    x = make_input(shape, dtype, kind="normal", seed=sum(shape))
+    dy = make_input(shape, dtype, kind="normal", seed=1)
+    y, mean, invstd, y_eval, *grads = _forward_and_backward(x, dy, params, 2)
+    want = reference.batch_norm(x, running_mean, running_var, weight, bias, training=True)
+    assert_output_close(y, want.y, dtype)
+    want_eval = reference.batch_norm(x, running_mean, running_var, weight, bias)
+    assert_output_close(y_eval, want_eval.y, dtype)
+    want_grads = reference.batch_norm_backward(dy, x, mean, invstd, weight, bias)
+    for got, expected in zip(grads, want_grads):
+        assert_output_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("case", SHAPES, ids=_shape_id)
+def test_few_rows_of_short_runs_give_the_same_bits_on_any_thread_count(case):
+    *shape, dtype = case
+    x = make_input(shape, dtype, seed=sum(shape))
+    dy = make_input(shape, dtype, kind="normal", seed=1)
+    params = make_params(shape[1], dtype)
+    want = _forward_and_backward(x, dy, params, 1)
+    for threads in (2, 3):
+        got = _forward_and_backward(x, dy, params, threads)
+        assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes()
+                   for a, b in zip(got, want)), threads
