@@ -672,9 +672,9 @@ cdef Planar planar_geometry(Py_ssize_t outer, Py_ssize_t channels,
     else:
         # As many row chunks as MAX_ROW_CHUNKS allows: the chunk table stays
         # O(C) and there are rows enough to share among threads; but short
-        # runs in few rows (planar_order's FEW_ROWS_*) take one chunk, as
-        # rows across channels do: a triple per row would make the table a
-        # third of such an input.
+        # runs in few rows (planar_order's float32 rule, FEW_ROWS_F32, for
+        # either type) take one chunk, as rows across channels do: a triple
+        # per row would make the table a third of such an input.
         g.rows_per_chunk = (outer + MAX_ROW_CHUNKS - 1) // MAX_ROW_CHUNKS
         if inner < PLANAR_MIN_INNER and outer * FEW_ROWS_F32 < inner:
             g.rows_per_chunk = outer
