@@ -656,6 +656,13 @@ cdef struct Span:
     Py_ssize_t p1
 
 
+cdef inline bint few_rows(Py_ssize_t outer, Py_ssize_t inner, Py_ssize_t factor) noexcept nogil:
+    """Whether `outer` rows of runs of inner values are few rows of short
+    runs (FEW_ROWS_F32, FEW_ROWS_F64 as `factor`): walked as runs
+    (planar_order), in one row chunk (planar_geometry)."""
+    return inner < PLANAR_MIN_INNER and outer * factor < inner
+
+
 cdef Planar planar_geometry(Py_ssize_t outer, Py_ssize_t channels,
                             Py_ssize_t inner) noexcept nogil:
     cdef Planar g
@@ -676,7 +683,7 @@ cdef Planar planar_geometry(Py_ssize_t outer, Py_ssize_t channels,
         # either type) take one chunk, as rows across channels do: a triple
         # per row would make the table a third of such an input.
         g.rows_per_chunk = (outer + MAX_ROW_CHUNKS - 1) // MAX_ROW_CHUNKS
-        if inner < PLANAR_MIN_INNER and outer * FEW_ROWS_F32 < inner:
+        if few_rows(outer, inner, FEW_ROWS_F32):
             g.rows_per_chunk = outer
         g.pieces_per_chunk = 0
         g.chunks_per_run = 0
@@ -821,7 +828,7 @@ cdef inline bint planar_order(Py_ssize_t outer, Py_ssize_t nvalues, Py_ssize_t i
     channels."""
     if inner >= PLANAR_MIN_INNER:
         return True
-    if outer * (FEW_ROWS_F32 if itemsize == sizeof(float) else FEW_ROWS_F64) < inner:
+    if few_rows(outer, inner, FEW_ROWS_F32 if itemsize == sizeof(float) else FEW_ROWS_F64):
         return True
     if not streamed_size(nvalues * itemsize):
         return False

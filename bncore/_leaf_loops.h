@@ -1014,6 +1014,15 @@ static inline ptrdiff_t bn_alias_lead(const void *store, const void *load, ptrdi
     return gap > 0 && gap < BN_ALIAS_WINDOW ? gap / step + 1 : 0;
 }
 
+/* The lead for a loop that reads two streams in step (the backward's x and
+ * dy): the longer of the two, so that the stores stay behind both. */
+static inline ptrdiff_t bn_alias_lead_of_two(const void *store, const void *load_a,
+                                             const void *load_b, ptrdiff_t step)
+{
+    ptrdiff_t a = bn_alias_lead(store, load_a, step), b = bn_alias_lead(store, load_b, step);
+    return a > b ? a : b;
+}
+
 /* Ask for the nbytes at run to be brought into L1 (prefetcht0) or, when
  * to_l1 is 0, into L2 (prefetcht1), all at once. The pipelined training
  * forward calls it on the run it will normalise next: fetched ahead as a
@@ -2058,11 +2067,10 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512
         BN_STORE_VEC(ps, dxn + j, v);                                                 \
         j += 16;                                                                      \
     } while (0)
-    if (xs != NULL && xn != NULL) {
-        ptrdiff_t lead_x = bn_alias_lead(dxn + j, xs, 64), lead = bn_alias_lead(dxn + j, dys, 64);
-        for (lead = lead > lead_x ? lead : lead_x; lead > 0 && i < ns; lead--)
+    if (xs != NULL && xn != NULL)
+        for (ptrdiff_t lead = bn_alias_lead_of_two(dxn + j, xs, dys, 64); lead > 0 && i < ns;
+             lead--)
             BN_SUMS16;
-    }
     while (i < ns && j + 16 <= n) {
         BN_SUMS16;
         BN_GRAD16;
@@ -2147,11 +2155,10 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f64_avx512
         BN_STORE_VEC(pd, dxn + j, v);                                                 \
         j += 8;                                                                       \
     } while (0)
-    if (xs != NULL && xn != NULL) {
-        ptrdiff_t lead_x = bn_alias_lead(dxn + j, xs, 128), lead = bn_alias_lead(dxn + j, dys, 128);
-        for (lead = lead > lead_x ? lead : lead_x; lead > 0 && i < ns; lead--)
+    if (xs != NULL && xn != NULL)
+        for (ptrdiff_t lead = bn_alias_lead_of_two(dxn + j, xs, dys, 128); lead > 0 && i < ns;
+             lead--)
             BN_SUMS16;
-    }
     while (i < ns && j + 16 <= n) {
         BN_SUMS16;
         BN_GRAD8;

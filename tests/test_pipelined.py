@@ -9,6 +9,8 @@ import pytest
 
 from bncore import _kernels
 
+from conftest import at_page_offset
+
 
 def tuning_restorer(set_mode):
     """A fixture that gives back, after the test, the mode of the hook
@@ -33,16 +35,6 @@ def _offset_array(values, offset):
     buf = np.empty(values.size + 32, values.dtype)
     start = (-buf.ctypes.data % 64) // values.itemsize + offset
     out = buf[start:start + values.size]
-    out[:] = values.ravel()
-    return out
-
-
-def _at_page_offset(values, offset):
-    """A copy of values whose data starts `offset` bytes past a 4 KiB page
-    start."""
-    buf = np.empty(values.nbytes + 2 * 4096, np.uint8)
-    start = -buf.ctypes.data % 4096 + offset % 4096
-    out = buf[start:start + values.nbytes].view(values.dtype)
     out[:] = values.ravel()
     return out
 
@@ -116,13 +108,13 @@ def test_pipelined_path_with_the_output_just_past_the_input_mod_4_kib(gap, inner
     values keep the one gap for every run, runs of 784 change it from row
     to row. The bits stay the two-pass path's."""
     shape = (6, 9, inner)
-    x = _at_page_offset(_input(*shape, 0, seed=gap + inner, dtype=dtype), 16)
+    x = at_page_offset(_input(*shape, 0, seed=gap + inner, dtype=dtype), 16)
     for stream_min in (0, 1 << 62):
         _kernels.set_stream_min_bytes(stream_min)
         results = []
         for mode, threads in ((0, 1), (1, 1), (1, 2)):
             _kernels.set_pipelined(mode)
-            y = _at_page_offset(np.zeros(x.size, x.dtype), 16 + gap)
+            y = at_page_offset(np.zeros(x.size, x.dtype), 16 + gap)
             stats = [np.zeros(shape[1]) for _ in range(3)]
             _kernels.train_forward(x, y, *shape, None, None, 1e-5, *stats, threads)
             results.append([y] + stats)

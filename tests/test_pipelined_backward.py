@@ -11,7 +11,8 @@ import pytest
 import bncore
 from bncore import _kernels, reference
 
-from test_pipelined import SHAPES, _at_page_offset, _offset_array, tuning_restorer
+from conftest import at_page_offset
+from test_pipelined import SHAPES, _offset_array, tuning_restorer
 
 
 restore_tuning = tuning_restorer(_kernels.set_pipelined_backward)
@@ -76,14 +77,14 @@ def test_pipelined_backward_with_dx_just_past_x_or_dy_mod_4_kib(gaps, inner, dty
     stores (bn_alias_lead); the bits stay the two-pass path's."""
     shape = (6, 9, inner)
     x, dy, mean, invstd, weight = _problem(*shape, seed=sum(gaps) + inner, dtype=dtype)
-    x = _at_page_offset(x, 16)
-    dy = _at_page_offset(dy, 16 + gaps[0] - gaps[1])
+    x = at_page_offset(x, 16)
+    dy = at_page_offset(dy, 16 + gaps[0] - gaps[1])
     for stream_min in (0, 1 << 62):
         _kernels.set_stream_min_bytes(stream_min)
         results = []
         for mode, threads in ((0, 1), (1, 1), (1, 2)):
             _kernels.set_pipelined_backward(mode)
-            dx = _at_page_offset(np.zeros(x.size, x.dtype), 16 + gaps[0])
+            dx = at_page_offset(np.zeros(x.size, x.dtype), 16 + gaps[0])
             sums = [np.zeros(shape[1]), np.zeros(shape[1])]
             _kernels.backward(x, dy, dx, *shape, mean, invstd, weight, True, *sums, threads)
             results.append([dx] + sums)
