@@ -10,9 +10,9 @@ from Python is an exception instead of memory corruption.
 Two loop orders:
 
 * planar (planar_order: inner >= 32, runs longer than a few times the
-  rows, or down to 9 float32 and 16 float64 values in tensors too large
-  for the cache): each (n, c) pair is a
-  contiguous run of ``inner`` values, vectorised along the run;
+  rows, down to 16 values in cache with AVX-512, or down to 9 float32 and
+  16 float64 values in tensors too large for the cache): each (n, c) pair
+  is a contiguous run of ``inner`` values, vectorised along the run;
 * interleaved: rows of W = C * inner values, vectorised across the row;
   column j belongs to channel j // inner.
 
@@ -244,11 +244,22 @@ cdef enum:
     # 5.3 against 8.3; (1024, 512, 3, 3) training 6.9 against 8.7; but
     # (1024, 512, 2, 4) training 7.5 against 6.2. float64 (1024, 256, 4,
     # 4) training 3.6 against 5.7, but (1024, 256, 3, 4) 8.5 against 6.0
-    # (its per-block second pass). In cache, rows won: (256, 512, 4, 4)
-    # float32, 8 MB, training 2.4 ms against 2.9 as runs; (32, 64, 4, 4)
-    # 28 us against 97.
+    # (its per-block second pass). In cache, rows won over runs in chunks
+    # of a row (a block each): (256, 512, 4, 4) float32, 8 MB, training
+    # 2.4 ms against 2.9 as runs; (32, 64, 4, 4) 28 us against 97.
     PLANAR_MIN_INNER_F32 = 9
     PLANAR_MIN_INNER_F64 = 16
+    # ...and so are runs of 16-31 values in cache, where AVX-512 writes
+    # them a row at a time (rows_as_runs) and their statistics are blocks
+    # of whole runs (IN_CACHE_BLOCK_MIN_RUNS). Measured, rows against runs,
+    # training / eval / backward, one thread: float32 (8, 256, 4, 4) 52 /
+    # 17 / 41 us against 10 / 3.7 / 12, (256, 512, 4, 4) 1137 / 365 / 1448
+    # against 599 / 233 / 728, (512, 64, 16) 146 / 55 / 183 against 109 /
+    # 54 / 146; float64 (8, 256, 4, 4) 63 / 22 / 54 against 33 / 6.9 / 21,
+    # (64, 64, 16) 42 / 20 / 66 against 44 / 13 / 35. Shorter runs lost:
+    # float32 (16, 64, 9) backward 8.4 against 9.8; float64 (64, 64, 9)
+    # training 22 against 97 (its per-block second pass).
+    PLANAR_MIN_INNER_IN_CACHE = 16
     # ...and so are short runs in few rows: rows across channels take a
     # triple per column and merge each channel's columns, a cost per value
     # that few rows do not spread. Runs when outer * FEW_ROWS_F32 < inner
@@ -272,11 +283,28 @@ cdef enum:
     # (float64 0.56 / 0.67 against 1.05 / 0.96); 2048 bytes 1.02 / 0.99
     # against 0.72 / 0.97.
     ROW_RUNS_MAX_BYTES = 2048
+    # In cache, with normal stores, only runs shorter than this. float32,
+    # one thread, training / eval / backward, a call per run against a row
+    # at a time: (32, 256, 36) 71 / 33 / 108 us against 66 / 29 / 92, (32,
+    # 256, 49) 87 / 42 / 124 against 84 / 37 / 124; but (32, 256, 64) 86 /
+    # 42 / 140 against 89 / 46 / 141, (32, 256, 81) 128 / 61 / 171 against
+    # 138 / 66 / 177.
+    ROW_RUNS_MAX_BYTES_IN_CACHE = 256
     # Channels whose blocks of whole runs the backward sums of a row chunk
     # walk at once, row by row in memory order, each channel's lane sums
     # carried from run to run (lane_group_grad_sums): 64 channels' lanes are
     # 16 KiB, half of L1.
     LANE_GROUP = 64
+    # In cache, row chunks of runs that a block holds at least this many of
+    # take a block's rows at least (planar_geometry). Measured, chunks of
+    # one row against blocks (runs under ROW_RUNS_MAX_BYTES_IN_CACHE also
+    # written a row at a time), float32 training / eval / backward, one
+    # thread: (32, 256, 7, 7) 192 / 40 / 179 us against 82 / 39 / 121,
+    # (128, 64, 6, 6) 135 / 38 / 139 against 63 / 28 / 90, (32, 64, 14,
+    # 14) 83 / 33 / 123 against 67 / 33 / 108; but runs of 28 x 28 (two a
+    # block) gained in the backward only, and their eval of (64, 64, 28,
+    # 28) took 1.2 times as long (its rows in step, twin_rows).
+    IN_CACHE_BLOCK_MIN_RUNS = 4
     # Values per statistics block: 2048 float64 are 16 KiB, so the second
     # (corrected) pass of a float64 block reads from L1.
     BLOCK_LEN = 2048
@@ -663,8 +691,8 @@ cdef inline bint few_rows(Py_ssize_t outer, Py_ssize_t inner, Py_ssize_t factor)
     return inner < PLANAR_MIN_INNER and outer * factor < inner
 
 
-cdef Planar planar_geometry(Py_ssize_t outer, Py_ssize_t channels,
-                            Py_ssize_t inner) noexcept nogil:
+cdef Planar planar_geometry(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
+                            Py_ssize_t itemsize) noexcept nogil:
     cdef Planar g
     g.outer = outer
     g.channels = channels
@@ -685,6 +713,15 @@ cdef Planar planar_geometry(Py_ssize_t outer, Py_ssize_t channels,
         g.rows_per_chunk = (outer + MAX_ROW_CHUNKS - 1) // MAX_ROW_CHUNKS
         if few_rows(outer, inner, FEW_ROWS_F32):
             g.rows_per_chunk = outer
+        elif (g.runs_per_block >= IN_CACHE_BLOCK_MIN_RUNS
+              and not streamed_size(outer * channels * inner * itemsize)):
+            # In cache, a chunk of short runs holds at least a block of them:
+            # chunks of one row made each run a block of its own, a triple
+            # and a merge per run (IN_CACHE_BLOCK_MIN_RUNS). From memory,
+            # chunks of rows walked row by row across their channels
+            # (one_run_blocks) read memory in order; channel by channel was
+            # 15 % slower there.
+            g.rows_per_chunk = max(g.rows_per_chunk, min(g.runs_per_block, outer))
         g.pieces_per_chunk = 0
         g.chunks_per_run = 0
         g.chunks_per_channel = (outer + g.rows_per_chunk - 1) // g.rows_per_chunk
@@ -831,7 +868,9 @@ cdef inline bint planar_order(Py_ssize_t outer, Py_ssize_t nvalues, Py_ssize_t i
     if few_rows(outer, inner, FEW_ROWS_F32 if itemsize == sizeof(float) else FEW_ROWS_F64):
         return True
     if not streamed_size(nvalues * itemsize):
-        return False
+        # In cache, such runs are written a row at a time (rows_as_runs,
+        # AVX-512), with their statistics in blocks of whole runs.
+        return bn_periodic_lanes(itemsize) != 0 and inner >= PLANAR_MIN_INNER_IN_CACHE
     if itemsize == sizeof(float):
         return inner >= PLANAR_MIN_INNER_F32
     return inner >= PLANAR_MIN_INNER_F64
@@ -1042,15 +1081,18 @@ cdef bint row_runs_enabled = True     # set_row_runs
 cdef inline bint rows_as_runs(const Planar *g, bint stream, Py_ssize_t itemsize) noexcept nogil:
     """Whether the two-pass normalisation and input gradient write each row's
     runs of a row chunk as one stream (bn_affine_runs, bn_grad_runs; the
-    callers also need their table of constants): streaming stores (with
-    normal ones that loop measured 1.3-3.4 times slower than one call per
-    run), AVX-512, runs of at least a vector (the loop blends at most two
-    channels' constants per vector), and runs that share lines or are
-    shorter than ROW_RUNS_MAX_BYTES."""
-    return (stream and g.rows_per_chunk > 0 and bn_periodic_lanes(itemsize) != 0
-            and g.inner >= bn_periodic_lanes(itemsize)
-            and (runs_share_lines(g, itemsize) or g.inner * itemsize < ROW_RUNS_MAX_BYTES)
-            and row_runs_enabled)
+    callers also need their table of constants): AVX-512, runs of at least
+    a vector (the loop blends at most two channels' constants per vector),
+    and with streaming stores runs that share lines or are shorter than
+    ROW_RUNS_MAX_BYTES; with normal stores (in cache), where that loop
+    measured 1.3-3.4 times slower than one call per run on long runs, only
+    runs shorter than ROW_RUNS_MAX_BYTES_IN_CACHE."""
+    if not (g.rows_per_chunk > 0 and bn_periodic_lanes(itemsize) != 0
+            and g.inner >= bn_periodic_lanes(itemsize) and row_runs_enabled):
+        return False
+    if stream:
+        return runs_share_lines(g, itemsize) or g.inner * itemsize < ROW_RUNS_MAX_BYTES
+    return g.inner * itemsize < ROW_RUNS_MAX_BYTES_IN_CACHE
 
 
 cdef inline int row_chunk_stream(const Planar *g, int stream, bint row_runs,
@@ -2674,7 +2716,7 @@ cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
     cdef int nthreads
     cdef Py_ssize_t nvalues = outer * channels * inner
     if planar_order(outer, nvalues, inner, sizeof(floating)):
-        p = planar_geometry(outer, channels, inner)
+        p = planar_geometry(outer, channels, inner, sizeof(floating))
         nthreads = team_size(requested, channels, nvalues)
         if use_pipelined_backward(&p, a, sizeof(floating), nthreads):
             planar_backward_pipelined(x, dy, dx, &p, a, nthreads)
@@ -2695,7 +2737,7 @@ cdef int moments_driver(const floating *x, Py_ssize_t outer, Py_ssize_t channels
     cdef Moments *chunks
     cdef Py_ssize_t nvalues = outer * channels * inner
     if planar_order(outer, nvalues, inner, sizeof(floating)):
-        p = planar_geometry(outer, channels, inner)
+        p = planar_geometry(outer, channels, inner, sizeof(floating))
         chunks = <Moments *>malloc(channels * p.chunks_per_channel * sizeof(Moments))
         if chunks == NULL:
             return -1
@@ -2719,7 +2761,7 @@ cdef int normalize_driver(const floating *x, floating *y, Py_ssize_t outer,
     cdef Interleaved q
     cdef Py_ssize_t nvalues = outer * channels * inner
     if planar_order(outer, nvalues, inner, sizeof(floating)):
-        p = planar_geometry(outer, channels, inner)
+        p = planar_geometry(outer, channels, inner, sizeof(floating))
         planar_normalize(x, y, &p, a,
                          team_size(requested, channels * p.chunks_per_channel, nvalues))
         return 0
@@ -2763,7 +2805,7 @@ cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize
     """Statistics into out, then y normalised with them (a.mean, a.invstd and
     a.residual are pointed at out's arrays here)."""
     cdef int status
-    cdef Planar g = planar_geometry(outer, channels, inner)
+    cdef Planar g = planar_geometry(outer, channels, inner, sizeof(floating))
     cdef int nthreads = team_size(requested, channels, outer * channels * inner)
     out.residual = <double *>malloc(channels * sizeof(double))
     if out.residual == NULL:

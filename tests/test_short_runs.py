@@ -1,10 +1,19 @@
-"""Short runs in few rows: NCHW inputs with small maps and a small batch,
-which planar_order walks as runs (FEW_ROWS_F32, FEW_ROWS_F64: fewer than a
-half, float64 a quarter, as many rows as values per run) where rows across
-channels would merge a triple per column. On both sides of that rule:
-training and eval forward, and backward, against the float64 reference on
-adversarial channels (offset, constant, ...), and the same bits on 1, 2
-and 3 threads."""
+"""Short runs: NCHW inputs with small maps, on both sides of the rules that
+choose how their runs are walked, in either case against the float64
+reference on adversarial channels (offset, constant, ...), and with the
+same bits on 1, 2 and 3 threads:
+
+* few rows: planar_order walks short runs as runs (FEW_ROWS_F32,
+  FEW_ROWS_F64: fewer than a half, float64 a quarter, as many rows as
+  values per run), where rows across channels would merge a triple per
+  column;
+* in cache, runs of 16-31 values (PLANAR_MIN_INNER_IN_CACHE): as runs,
+  written a row at a time with AVX-512 (rows_as_runs), as rows across
+  channels without it;
+* in cache, row chunks of at least a block of whole runs
+  (IN_CACHE_BLOCK_MIN_RUNS), the last chunk short where there are more
+  rows than a block holds.
+"""
 
 import numpy as np
 import pytest
@@ -15,15 +24,25 @@ from bncore import reference
 from conftest import (assert_output_close, assert_stats_close, channel_condition,
                       channel_spread, make_input, make_params)
 
-# (N, C, H, W, dtype): taken as runs (N * 2 < H * W float32, N * 4 < H * W
-# float64), then at and past the rule's edge, where rows across channels
-# stay.
 SHAPES = [
+    # (N, C, H, W, dtype), few rows: taken as runs (N * 2 < H * W float32,
+    # N * 4 < H * W float64), then at and past the rule's edge, where rows
+    # across channels stay for runs under 16 values.
     (1, 256, 4, 4, np.float32), (2, 128, 4, 4, np.float32), (7, 40, 4, 4, np.float32),
     (3, 96, 3, 4, np.float32), (2, 64, 3, 3, np.float32), (1, 300, 1, 3, np.float32),
-    (8, 64, 4, 4, np.float32), (2, 512, 2, 2, np.float32), (9, 30, 4, 4, np.float32),
-    (2, 128, 4, 4, np.float64), (3, 50, 5, 3, np.float64), (4, 64, 4, 4, np.float64),
+    (8, 64, 3, 5, np.float32), (2, 512, 2, 2, np.float32), (9, 30, 3, 3, np.float32),
+    (2, 128, 4, 4, np.float64), (3, 50, 5, 3, np.float64), (4, 64, 3, 3, np.float64),
     (1, 200, 2, 2, np.float64),
+    # Runs of 16-31 values in cache: one chunk of rows; 300 and 150 rows
+    # of 16 values are three and two chunks (a block holds 128 runs).
+    (8, 64, 4, 4, np.float32), (9, 30, 4, 4, np.float32), (33, 20, 4, 5, np.float32),
+    (128, 16, 5, 5, np.float32), (5, 7, 31, 1, np.float32), (300, 4, 4, 4, np.float32),
+    (8, 64, 4, 4, np.float64), (150, 6, 4, 4, np.float64), (20, 9, 3, 7, np.float64),
+    # Longer runs in cache, chunks of a block's rows: 41 runs of 49 values,
+    # 9 of 216 (12 chunks), 4 of 512; and 600 values, 3 a block, in chunks
+    # of a row.
+    (32, 64, 7, 7, np.float32), (100, 6, 6, 36, np.float32), (64, 5, 8, 64, np.float32),
+    (16, 8, 20, 30, np.float32), (40, 6, 7, 7, np.float64), (100, 3, 6, 36, np.float64),
 ]
 
 
@@ -45,7 +64,7 @@ def _forward_and_backward(x, dy, params, threads):
 
 
 @pytest.mark.parametrize("case", SHAPES, ids=_shape_id)
-def test_few_rows_of_short_runs_match_the_reference(case):
+def test_short_runs_match_the_reference(case):
     """Statistics on adversarial channels (within the conditioning bounds of
     the accuracy contract); outputs and gradients on unit-scale data, where
     the output tolerance holds."""
@@ -72,7 +91,7 @@ def test_few_rows_of_short_runs_match_the_reference(case):
 
 
 @pytest.mark.parametrize("case", SHAPES, ids=_shape_id)
-def test_few_rows_of_short_runs_give_the_same_bits_on_any_thread_count(case):
+def test_short_runs_give_the_same_bits_on_any_thread_count(case):
     *shape, dtype = case
     x = make_input(shape, dtype, seed=sum(shape))
     dy = make_input(shape, dtype, kind="normal", seed=1)
