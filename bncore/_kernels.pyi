@@ -34,6 +34,10 @@ def train_fast(x: object, running_mean: object, running_var: object, weight: obj
                num_threads: object, nonfinite: object, activation: object,
                unbiased_running_var: object,
                ) -> tuple[_Floats, _F64, _F64, _F64, int] | None: ...
+def backward_fast(dy: object, x: object, mean: object, invstd: object, weight: object,
+                  bias: object, training: object, axis: object, out: object,
+                  num_threads: object, activation: object,
+                  ) -> tuple[_Floats, _Floats, _Floats] | None: ...
 def update_running(running_mean: _Floats, running_var: _Floats, mean: _F64, m2: _F64,
                    var_divisor: float, keep: float, take: float) -> bool: ...
 def relu_mask(x: _Floats, dy: _Floats, out: _Floats, outer: int, channels: int, inner: int,

@@ -3381,6 +3381,23 @@ cdef bint plain_call(x, weight, bias, momentum, eps, axis, num_threads, nonfinit
                      unbiased_running_var, PlainCall *call) except -1:
     """Whether a forward call's input and options are of the common kind
     (the running statistics are for each mode to check); fills call."""
+    # Exact types only (bool is not an exact int), valid values.
+    if not (type(momentum) is float and 0.0 <= <double>momentum <= 1.0):
+        return False
+    if not (type(eps) is float and 0.0 <= <double>eps < INFINITY):
+        return False
+    if not (type(nonfinite) is str
+            and nonfinite in ("propagate", "skip_update", "raise")):
+        return False
+    if not (unbiased_running_var is True or unbiased_running_var is False):
+        return False
+    return plain_input(x, weight, bias, axis, num_threads, activation, call)
+
+
+cdef bint plain_input(x, weight, bias, axis, num_threads, activation,
+                      PlainCall *call) except -1:
+    """Whether an input, its weight and bias and the options that the
+    forward and backward share are of the common kind; fills call."""
     if not plain_array(x):
         return False
     cdef cnp.ndarray xa = <cnp.ndarray>x
@@ -3388,21 +3405,11 @@ cdef bint plain_call(x, weight, bias, momentum, eps, axis, num_threads, nonfinit
     cdef Py_ssize_t ax, k
     if ndim < 2 or cnp.PyArray_SIZE(xa) == 0:
         return False
-    # Exact types only (bool is not an exact int), valid values.
     if not (type(axis) is int and -ndim <= axis < ndim):    # (a Python compare: any int)
-        return False
-    if not (type(momentum) is float and 0.0 <= <double>momentum <= 1.0):
-        return False
-    if not (type(eps) is float and 0.0 <= <double>eps < INFINITY):
         return False
     if not (num_threads is None or (type(num_threads) is int and num_threads >= 1)):
         return False
-    if not (type(nonfinite) is str
-            and nonfinite in ("propagate", "skip_update", "raise")):
-        return False
     if not (activation is None or (type(activation) is str and activation == "relu")):
-        return False
-    if not (unbiased_running_var is True or unbiased_running_var is False):
         return False
     ax = axis % ndim
     call.typenum = cnp.PyArray_TYPE(xa)
@@ -3425,10 +3432,10 @@ cdef bint plain_call(x, weight, bias, momentum, eps, axis, num_threads, nonfinit
     return True
 
 
-cdef object output_for(x, out, tuple channel_arrays):
+cdef object output_for(x, out, tuple channel_arrays, other=None):
     """A new output like x, or out when it is a plain array of x's shape
-    and dtype that is x itself or overlaps neither x nor channel_arrays;
-    else None."""
+    and dtype that is x itself (or `other`, an array like x) or overlaps
+    none of x, other and channel_arrays; else None."""
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef int ndim = cnp.PyArray_NDIM(xa)
     cdef int k
@@ -3445,10 +3452,14 @@ cdef object output_for(x, out, tuple channel_arrays):
     for k in range(ndim):
         if cnp.PyArray_DIM(<cnp.ndarray>out, k) != cnp.PyArray_DIM(xa, k):
             return None
-    # out may be x itself; any other overlap is the full path's to refuse.
+    # out may be x (or other) itself; any other overlap is the full path's
+    # to refuse.
     start = <char *>cnp.PyArray_DATA(<cnp.ndarray>out)
     end = start + cnp.PyArray_NBYTES(<cnp.ndarray>out)
     if start != <char *>cnp.PyArray_DATA(xa) and overlaps(x, start, end):
+        return None
+    if (other is not None and start != <char *>cnp.PyArray_DATA(<cnp.ndarray>other)
+            and overlaps(other, start, end)):
         return None
     for array in channel_arrays:
         if overlaps(array, start, end):
@@ -3510,6 +3521,50 @@ def train_fast(x, running_mean, running_var, weight, bias, momentum, eps, axis, 
     train_forward(x, y, call.outer, call.channels, call.inner, weight, bias, <double>eps,
                   mean, m2, invstd, call.nthreads, activation is not None)
     return y, mean, m2, invstd, call.n // call.channels
+
+
+def backward_fast(dy, x, mean, invstd, weight, bias, training, axis, out, num_threads,
+                  activation):
+    """batch_norm_backward(dy, x, mean, invstd, weight, bias, ...) for a call
+    of the common kind: dy a plain array like x, mean and invstd plain (C,)
+    float64 arrays (as batch_norm's return_stats gives them), training a
+    bool, out None or a plain array that is dy or x (not x with relu) or
+    overlaps nothing it reads; or None when the call is not one."""
+    cdef PlainCall call
+    if not (training is True or training is False):
+        return None
+    if not plain_input(x, weight, bias, axis, num_threads, activation, &call):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int k, ndim = cnp.PyArray_NDIM(xa)
+    if not (plain_array(dy) and cnp.PyArray_TYPE(<cnp.ndarray>dy) == call.typenum
+            and cnp.PyArray_NDIM(<cnp.ndarray>dy) == ndim):
+        return None
+    for k in range(ndim):
+        if cnp.PyArray_DIM(<cnp.ndarray>dy, k) != cnp.PyArray_DIM(xa, k):
+            return None
+    for stats in (mean, invstd):
+        if not (plain_channel_vector(stats, call.channels) and stats is not None
+                and cnp.PyArray_TYPE(<cnp.ndarray>stats) == cnp.NPY_FLOAT64):
+            return None
+    if activation is not None and out is x:
+        return None     # the relu's gate is read from x: the full path's error
+    dx = output_for(x, out, (mean, invstd, weight, bias), dy)
+    if dx is None:
+        return None
+    cdef cnp.npy_intp channels = call.channels
+    grad_weight = cnp.PyArray_ZEROS(1, &channels, cnp.NPY_FLOAT64, 0)
+    grad_bias = cnp.PyArray_ZEROS(1, &channels, cnp.NPY_FLOAT64, 0)
+    if activation is not None:
+        # dL/d(pre-activation) into dx, then the backward in place on it.
+        relu_mask(x, dy, dx, call.outer, call.channels, call.inner, mean, invstd, weight,
+                  bias, call.nthreads)
+        dy = dx
+    backward(x, dy, dx, call.outer, call.channels, call.inner, mean, invstd, weight,
+             training, grad_weight, grad_bias, call.nthreads)
+    if call.typenum == cnp.NPY_FLOAT32:
+        return dx, grad_weight.astype(np.float32), grad_bias.astype(np.float32)
+    return dx, grad_weight, grad_bias
 
 
 # --------------------------------------------------------------------------

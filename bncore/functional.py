@@ -704,6 +704,12 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, mean: ArrayLik
         ``grad_input = weight * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))``,
         in eval ``grad_input = dy * weight * invstd``.
     """
+    # Calls of the common kind are checked and run in C, as the forward's:
+    # a small backward was half Python checks. Anything else gets None.
+    fast = _kernels.backward_fast(grad_output, input, mean, invstd, weight, bias, training,
+                                  axis, out, num_threads, activation)
+    if fast is not None:
+        return fast
     x = _as_input(input)
     dy = _as_input(grad_output, "grad_output")
     if dy.dtype != x.dtype:

@@ -1,7 +1,8 @@
-"""Eval calls take a compiled fast path (_kernels.eval_fast), which makes
-small calls cheap: it must give exactly what the full path gives, and hand
-every call it is not sure of back to the full path, so that bad arguments
-meet the full checks.
+"""Eval, training and backward calls take compiled fast paths
+(_kernels.eval_fast, train_fast, backward_fast), which make small calls
+cheap: each must give exactly what the full path gives, and hand every call
+it is not sure of back to the full path, so that bad arguments meet the
+full checks.
 
 The full path is reached with an argument of a type the fast path does not
 take but the full path accepts as the same value (eps as a NumPy float).
@@ -337,3 +338,156 @@ def test_uncertain_training_calls_go_to_the_full_path(changes):
     assert not _train_declined()
     assert not _train_declined(running_mean=None, running_var=None)
     assert _train_declined(**changes)
+
+
+# --------------------------------------------------------------------------
+# The backward's fast path (_kernels.backward_fast): the same contract. The
+# full path is reached with the axis as a NumPy integer, the same value.
+
+def _backward_args(shape, dtype, axis, affine, seed=0):
+    x, _, _, weight, bias = _args(shape, dtype, axis, affine, seed)
+    dy = make_input(shape, dtype, axis, kind="normal", seed=seed + 1)
+    _, mean, invstd = bncore.batch_norm(x, weight=weight, bias=bias, training=True,
+                                        axis=axis, return_stats=True)
+    return dy, x, mean, invstd, weight, bias
+
+
+def _backward_both_ways(dy, x, mean, invstd, weight, bias, **kwargs):
+    axis = kwargs.pop("axis", 1)
+    out = kwargs.pop("out", None)
+    full_out = None if out is None else out.copy()
+    fast = bncore.batch_norm_backward(dy.copy(), x.copy(), mean, invstd, weight, bias,
+                                      axis=axis, out=out, **kwargs)
+    full = bncore.batch_norm_backward(dy.copy(), x.copy(), mean, invstd, weight, bias,
+                                      axis=np.int64(axis), out=full_out, **kwargs)
+    return fast, full
+
+
+@pytest.mark.parametrize("shape", [(2, 64), (2, 3), (8, 32, 14, 14), (4, 5, 7), (3, 6, 2, 5),
+                                   (2, 8, 40000)], ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_backward_fast_path_matches_full_path_and_reference(shape, dtype, axis, training,
+                                                            activation):
+    dy, x, mean, invstd, weight, bias = _backward_args(shape, dtype, axis, True)
+    assert _kernels.backward_fast(dy, x, mean, invstd, weight, bias, training, axis, None,
+                                  None, activation) is not None, "not taken"
+    fast, full = _backward_both_ways(dy, x, mean, invstd, weight, bias, axis=axis,
+                                     training=training, activation=activation)
+    for got, want in zip(fast, full):
+        assert got.dtype == want.dtype == dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    if activation is None:
+        ref = reference.batch_norm_backward(dy, x, mean, invstd, weight, training=training,
+                                            axis=axis)
+        for got, want in zip(fast, ref):
+            assert_output_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_fast_path_out_and_in_place(dtype):
+    dy, x, mean, invstd, weight, bias = _backward_args((8, 32, 14, 14), dtype, 1, True)
+    want, _ = _backward_both_ways(dy, x, mean, invstd, weight, bias)
+    out = np.full_like(x, np.nan)
+    got = bncore.batch_norm_backward(dy, x, mean, invstd, weight, bias, out=out)
+    assert got[0] is out
+    for operand in ("grad_output", "input"):
+        dy_copy, x_copy = dy.copy(), x.copy()
+        target = dy_copy if operand == "grad_output" else x_copy
+        in_place = bncore.batch_norm_backward(dy_copy, x_copy, mean, invstd, weight, bias,
+                                              out=target)
+        assert in_place[0] is target, operand
+        for a, b in zip(in_place, want):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def _backward_declined(**changes):
+    """Whether backward_fast declines a valid small call with some arguments
+    changed."""
+    dy, x, mean, invstd, weight, bias = _backward_args((4, 16), np.float32, 1, True)
+    call = dict(dy=dy, x=x, mean=mean, invstd=invstd, weight=weight, bias=bias, training=True,
+                axis=1, out=None, num_threads=None, activation=None)
+    for name, change in changes.items():
+        call[name] = change(call) if callable(change) else change
+    return _kernels.backward_fast(*call.values()) is None
+
+
+def _stats_over(call, name):
+    """An out= whose memory holds the second half of the float64 (C,) array
+    `name`."""
+    buffer = np.empty(16 + 32, np.float64)
+    call[name] = buffer[:16]
+    call[name][:] = 1.0
+    return buffer[8:].view(np.float32)[:64].reshape(4, 16)
+
+
+def _shifted_dy(call):
+    """An out= sharing all but one row with a dy of the same values."""
+    call["dy"], out = _shifted_view(call["dy"])
+    return out
+
+
+@pytest.mark.parametrize("changes", [
+    dict(dy=lambda c: c["dy"].astype(np.float64)),
+    dict(dy=lambda c: c["dy"][:2]),
+    dict(dy=lambda c: c["dy"].reshape(4, 16, 1)),
+    dict(dy=lambda c: np.asfortranarray(c["dy"].reshape(4, 4, 4)).reshape(4, 16, order="A")),
+    dict(dy=lambda c: c["dy"].tolist()),
+    dict(x=lambda c: c["x"].astype(np.float16)),
+    dict(x=lambda c: c["x"][:, ::2]),
+    dict(mean=None), dict(invstd=None),
+    dict(mean=lambda c: c["mean"].astype(np.float32)),
+    dict(invstd=lambda c: c["invstd"][:-1]),
+    dict(invstd=lambda c: c["invstd"].reshape(1, 16)),
+    dict(mean=lambda c: c["mean"].tolist()),
+    dict(weight=lambda c: c["weight"].tolist()),
+    dict(training=1), dict(training=np.True_), dict(training=None),
+    dict(axis=2), dict(axis=np.int64(1)), dict(axis=True),
+    dict(num_threads=0), dict(num_threads=2.0),
+    dict(activation="gelu"),
+    dict(activation="relu", out=lambda c: c["x"]),
+    dict(out=lambda c: np.empty((4, 16), np.float64)),
+    dict(out=lambda c: _read_only(np.empty((4, 16), np.float32))),
+    dict(out=_shifted_dy),
+    dict(out=lambda c: _stats_over(c, "invstd")),
+])
+def test_uncertain_backward_calls_go_to_the_full_path(changes):
+    assert not _backward_declined()
+    assert not _backward_declined(out=lambda c: c["dy"])
+    assert not _backward_declined(training=False, activation="relu", num_threads=2)
+    assert _backward_declined(**changes)
+
+
+def test_backward_shifted_overlap_is_refused_by_the_full_path():
+    dy, x, mean, invstd, weight, bias = _backward_args((4, 16), np.float32, 1, True)
+    dy_view, out = _shifted_view(dy)
+    with pytest.raises(ValueError, match="out overlaps grad_output"):
+        bncore.batch_norm_backward(dy_view, x, mean, invstd, weight, bias, out=out)
+    with pytest.raises(ValueError, match="out must not be the input"):
+        bncore.batch_norm_backward(dy, x, mean, invstd, weight, bias, out=x,
+                                   activation="relu")
+
+
+def test_layer_backward_takes_the_fast_path(monkeypatch):
+    """A training layer's backward (the full path disabled here) gives the
+    full path's gradients."""
+    dy, x, _, _, weight, bias = _backward_args((8, 6), np.float32, 1, True)
+    layer = bncore.BatchNorm(6)
+    layer.weight[:], layer.bias[:] = weight, bias
+    layer(x)
+    want = layer.backward(dy)
+    want_sums = layer.grad_weight.copy(), layer.grad_bias.copy()
+
+    def no_full_path(*args, **kwargs):
+        raise AssertionError("the layer took the full path")
+
+    monkeypatch.setattr("bncore.functional._as_input", no_full_path)
+    got = layer.backward(dy)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(layer.grad_weight, want_sums[0])
+    np.testing.assert_array_equal(layer.grad_bias, want_sums[1])
