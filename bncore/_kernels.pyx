@@ -3544,14 +3544,14 @@ def backward_fast(dy, x, mean, invstd, weight, bias, training, axis, out, num_th
         if cnp.PyArray_DIM(<cnp.ndarray>dy, k) != cnp.PyArray_DIM(xa, k):
             return None
     for stats in (mean, invstd):
-        if not (plain_channel_vector(stats, call.channels) and stats is not None
+        if not (stats is not None and plain_channel_vector(stats, call.channels)
                 and cnp.PyArray_TYPE(<cnp.ndarray>stats) == cnp.NPY_FLOAT64):
             return None
-    if activation is not None and out is x:
-        return None     # the relu's gate is read from x: the full path's error
     dx = output_for(x, out, (mean, invstd, weight, bias), dy)
     if dx is None:
         return None
+    if activation is not None and cnp.PyArray_DATA(<cnp.ndarray>dx) == cnp.PyArray_DATA(xa):
+        return None     # out is x (any view of it): the relu's gate is read from x
     cdef cnp.npy_intp channels = call.channels
     grad_weight = cnp.PyArray_ZEROS(1, &channels, cnp.NPY_FLOAT64, 0)
     grad_bias = cnp.PyArray_ZEROS(1, &channels, cnp.NPY_FLOAT64, 0)
