@@ -3432,26 +3432,32 @@ cdef bint plain_input(x, weight, bias, axis, num_threads, activation,
     return True
 
 
+cdef bint plain_like(object a, cnp.ndarray xa) noexcept:
+    """A plain array (plain_array) of xa's dtype and shape."""
+    cdef int k, ndim = cnp.PyArray_NDIM(xa)
+    if not (plain_array(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == cnp.PyArray_TYPE(xa)
+            and cnp.PyArray_NDIM(<cnp.ndarray>a) == ndim):
+        return False
+    for k in range(ndim):
+        if cnp.PyArray_DIM(<cnp.ndarray>a, k) != cnp.PyArray_DIM(xa, k):
+            return False
+    return True
+
+
 cdef object output_for(x, out, tuple channel_arrays, other=None):
-    """A new output like x, or out when it is a plain array of x's shape
-    and dtype that is x itself (or `other`, an array like x) or overlaps
+    """A new output like x, or out when it is a plain writeable array like x
+    (plain_like) that is x itself (or `other`, an array like x) or overlaps
     none of x, other and channel_arrays; else None."""
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int ndim = cnp.PyArray_NDIM(xa)
-    cdef int k
     cdef char *start
     cdef char *end
     if out is None:
         if cnp.PyArray_NBYTES(xa) >= BN_POOL_MIN_BYTES:
             return pooled_empty(x.shape, x.dtype)
-        return cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
-    if not (plain_array(out) and cnp.PyArray_TYPE(<cnp.ndarray>out) == cnp.PyArray_TYPE(xa)
-            and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)
-            and cnp.PyArray_NDIM(<cnp.ndarray>out) == ndim):
+        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa),
+                                 cnp.PyArray_TYPE(xa), 0)
+    if not (plain_like(out, xa) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out)):
         return None
-    for k in range(ndim):
-        if cnp.PyArray_DIM(<cnp.ndarray>out, k) != cnp.PyArray_DIM(xa, k):
-            return None
     # out may be x (or other) itself; any other overlap is the full path's
     # to refuse.
     start = <char *>cnp.PyArray_DATA(<cnp.ndarray>out)
@@ -3536,13 +3542,8 @@ def backward_fast(dy, x, mean, invstd, weight, bias, training, axis, out, num_th
     if not plain_input(x, weight, bias, axis, num_threads, activation, &call):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int k, ndim = cnp.PyArray_NDIM(xa)
-    if not (plain_array(dy) and cnp.PyArray_TYPE(<cnp.ndarray>dy) == call.typenum
-            and cnp.PyArray_NDIM(<cnp.ndarray>dy) == ndim):
+    if not plain_like(dy, xa):
         return None
-    for k in range(ndim):
-        if cnp.PyArray_DIM(<cnp.ndarray>dy, k) != cnp.PyArray_DIM(xa, k):
-            return None
     for stats in (mean, invstd):
         if not (stats is not None and plain_channel_vector(stats, call.channels)
                 and cnp.PyArray_TYPE(<cnp.ndarray>stats) == cnp.NPY_FLOAT64):
