@@ -2,7 +2,8 @@
 
 For each workload (issue 4's table: training and eval forwards in NCHW,
 channels-last and (N, C) layouts, the training backward, few channels,
-allocating calls, small latency-bound calls) and each thread count, this
+allocating calls, small latency-bound calls; and small feature maps in
+cache, --workloads cache) and each thread count, this
 times, interleaved:
 
 - the yardstick: bncore's private streaming copy ``_kernels.copy`` (one read
@@ -175,6 +176,13 @@ SHORT_RUNS = [((512, 512, 7, 7), (16, 64, 7, 7)), ((256, 256, 14, 14), (8, 64, 1
 ODD_RUNS = [((32, 192, 35, 35), (4, 32, 35, 35)), ((32, 768, 17, 17), (4, 64, 17, 17))]
 LATENCY = [("eval", (1, 64)), ("eval", (8, 32, 14, 14)), ("train", (8, 32, 14, 14)),
            ("eval", (1, 64, 56, 56)), ("train", (1, 64, 56, 56))]
+# Small feature maps that fit in the cache (late stages, small batches),
+# timed per call like the latency-bound ones: their cost is per call,
+# channel and run rather than per byte. Not among issue 4's goals.
+IN_CACHE = [(2, 128, 4, 4), (8, 256, 4, 4), (64, 128, 4, 4), (8, 64, 7, 7), (32, 256, 7, 7),
+            (32, 64, 14, 14)]
+# Groups timed and reported per call, and left out of the chart.
+PER_CALL_GROUPS = ("latency", "cache")
 
 WORKLOADS = (
     [_wl(kind, shape, axis, quick=quick)
@@ -192,6 +200,8 @@ WORKLOADS = (
        for kind in ("train", "eval", "backward") for shape, quick in ODD_RUNS]
     + [_wl(kind, NCHW_L, group="alloc", quick=Q_NCHW_L, alloc=True) for kind in ("train", "eval")]
     + [_wl(kind, shape, group="latency", latency=True) for kind, shape in LATENCY]
+    + [_wl(kind, shape, group="cache", latency=True)
+       for kind in ("train", "eval", "backward") for shape in IN_CACHE]
 )
 
 GROUPS = {
@@ -203,6 +213,7 @@ GROUPS = {
     "odd": "Odd feature maps: runs that share cache lines",
     "alloc": "Allocating calls (no out=) against out=",
     "latency": "Small, latency-bound calls (time per call)",
+    "cache": "Small feature maps in cache (time per call)",
 }
 
 
@@ -1042,7 +1053,7 @@ def goals_table(rows, workloads, threads_list):
             row = index.get((wl.id, t, "bncore"))
             if row is None:
                 continue
-            if wl.latency:
+            if wl.group == "latency":
                 for variant in ("alloc", "module"):
                     mine = index.get((wl.id, t, f"bncore {variant}"))
                     peer = index.get((wl.id, t, f"torch {variant}"))
@@ -1219,7 +1230,7 @@ def plot(report, path):
         raise SystemExit("compare.py: --plot needs matplotlib: pip install matplotlib "
                          "(or pip install -e \".[bench]\")") from None
     rows = [r for r in report["rows"] if r.get("frac_copy") is not None
-            and r["group"] != "latency" and r["impl"] != "copy (stream)"]
+            and r["group"] not in PER_CALL_GROUPS and r["impl"] != "copy (stream)"]
     if not rows:
         raise SystemExit("compare.py: nothing to plot (no streaming-copy yardstick?)")
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
