@@ -118,6 +118,27 @@ static inline ptrdiff_t bn_line_head(const void *p, size_t itemsize, ptrdiff_t n
     return head < n ? head : n;
 }
 
+/* Ask for the nbytes at run to be brought into L2 (prefetcht1), all at
+ * once: the pipelined loops' next run, when a channel does not fit in L2.
+ *
+ * Always inlined: GCC 12 takes a function whose only statements are
+ * prefetches for one without effects and deletes its calls
+ * (-fipa-pure-const, at -O2 and -O3). This function used to take a flag for
+ * prefetcht0, "into L1", for channels that fit in L2; as a plain `static
+ * inline` function that branch was deleted, so it was never issued, and
+ * what had been measured as L1 against L2 was no prefetch against
+ * prefetcht1. Issued, it measured no better than none (the call sites say
+ * by how much), so those channels are not asked for. */
+BN_INLINE void bn_prefetch_to_l2(const void *run, ptrdiff_t nbytes)
+{
+    const char *p = (const char *)run;
+    if (nbytes <= 0)
+        return;
+    for (ptrdiff_t k = 0; k < nbytes; k += BN_LINE_BYTES)
+        __builtin_prefetch(p + k, 0, 2);
+    __builtin_prefetch(p + nbytes - 1, 0, 2);   /* the last line, when p does not start one */
+}
+
 /* Where a loop that streams whole lines of `out` (n values) begins them:
  * the values before out's first line boundary, which it writes masked.
  * Clears *stream when out is not aligned to its values (none of its lines
@@ -606,29 +627,33 @@ bn_rows_sums_##SFX##_##ISA##_##NVECS(                                           
  * columns, in L1): each group's sums load into registers, run down the 8
  * rows and go back. Measured with AVX-512 on (N, W) float32, one core: W = 128 from 7
  * GB/s (all the rows of a slab per group, or whole rows with the sums in
- * memory) to 20, W = 1024 from 10 to 16. (4, 16, 32 and 64 rows and
- * software prefetch measured no better.) */
+ * memory) to 20, W = 1024 from 10 to 16. (4, 16, 32 and 64 rows measured
+ * no better.) */
 #define BN_WIDE_ROWS 8
 
 /* Rows wider than one column group, read from memory by the column groups
  * in pieces, ran at half the speed of a sequential read: float64 (N, 128)
  * on one core 12 GB/s against 23 for (N, 64), with any number of rows at a
- * time (1 to all) and with software prefetch at any distance. (The cause is
- * not known: this VM has no hardware counters to tell.) So the rows are
- * first loaded in memory order, a vector per line:
+ * time (1 to all). (The cause is not known: this VM has no hardware
+ * counters to tell.) So the rows are first brought in in memory order:
  * - rows wider than 512 bytes with AVX-512, 256 with AVX2 (more than two
  *   groups of float32 either way; BNV_<isa>_TOUCH_MIN_ROW_BYTES): the
  *   whole slab (its callers keep it to
  *   256 KiB, in L2), then summed from L2 (float64 (N, 128) at 17 GB/s).
  *   Loaded BN_WIDE_ROWS rows at a time instead, (N, 256) and (N, 512)
  *   float32 ran 20 % slower.
- * - narrower rows, when every row starts on a cache line: each
- *   BN_WIDE_ROWS rows (4 KB or less) just before the column groups sum
- *   them from L1. Float32 (400000, 128) moments, one core, took 1.2-1.6
- *   streaming-copy times with the rows on line starts (NumPy arrays 64-byte
- *   aligned, or PyTorch's) against 0.74-1.07 off them; loaded ahead,
- *   0.8-1.2. Off line starts, loading ahead measured slower (0.85-1.38),
- *   so those rows are summed as they come.
+ * - narrower rows of the statistics, when contiguous: asked for
+ *   (prefetcht0) two steps of BN_WIDE_ROWS rows ahead of the step being
+ *   summed (bn_wide_rows_ahead, bn_prefetch_rows_ahead).
+ * - narrower rows of the gradient sums, when every row starts on a cache
+ *   line: each BN_WIDE_ROWS rows (4 KB or less) loaded just before the
+ *   column groups sum them from L1. Float32 (400000, 128) moments, one
+ *   core, took 1.2-1.6 streaming-copy times with the rows on line starts
+ *   (NumPy arrays 64-byte aligned, or PyTorch's) against 0.74-1.07 off
+ *   them; loaded ahead, 0.8-1.2. Off line starts, loading ahead measured
+ *   slower (0.85-1.38), so those rows are summed as they come. (Zen 4. On
+ *   Zen 5 the prefetch of the statistics, given to the gradient sums' x
+ *   and dy, measured 0.92-1.05 of this rule's time: not taken.)
  * Measured with AVX-512. With AVX2, the slab rule from 256 bytes took
  * (400000, 128) float32 moments from 1.65 streaming-copy times to 1.30 on
  * one thread (1.33 from 128 bytes, but (N, 32) and (N, 64) then 1.4
@@ -639,6 +664,46 @@ static inline int bn_touch_each_rows(const void *x, ptrdiff_t stride_bytes, ptrd
 {
     return ncols > group_cols && row_bytes <= touch_min_row_bytes
            && (((uintptr_t)x | (uintptr_t)stride_bytes) & (BN_LINE_BYTES - 1)) == 0;
+}
+
+/* The statistics' narrower rows, in streaming-copy times, float32 (N, W)
+ * moments, 205 MB, one thread, Zen 5, x 0, 16 and 32 bytes past a page:
+ * - as they come: W = 128 0.78-1.05 (at 16 bytes, where half its 32-byte
+ *   loads split lines, the worst); the loading rule of the gradient sums
+ *   0.78-0.86 where it applies;
+ * - asked for 1, 2 and 3 steps ahead: 0.68-0.75, 0.64-0.74, 0.66-0.78, at
+ *   every offset; W = 96 from 0.70-0.78 to 0.63-0.65, W = 72 from 0.95 to
+ *   0.84. (Wider rows keep the slab loading above: asked for ahead they ran
+ *   10-35 % slower.)
+ * Tiles narrower than their rows are left as they come (not measured). */
+#define BN_WIDE_ROWS_AHEAD 2
+static inline int bn_wide_rows_ahead(ptrdiff_t ncols, ptrdiff_t row_bytes,
+                                     ptrdiff_t stride_bytes, ptrdiff_t group_cols,
+                                     ptrdiff_t touch_min_row_bytes)
+{
+    return ncols > group_cols && row_bytes <= touch_min_row_bytes && stride_bytes == row_bytes;
+}
+/* Ask for the lines of contiguous rows [r + ahead, r + ahead + step) of the
+ * nrows at x (row_bytes each), those that exist, into L1.
+ *
+ * A call, not inlined: inlined into the walk, the same prefetches ran
+ * (N, 128) at 1.2-1.5 times the time of none in some builds and 0.65 in
+ * others, with the code's placement (not understood); as a call, 0.62-0.95
+ * of none in every build tried (-falign-loops=64, -falign-functions=64).
+ * The empty asm statement gives the function an effect, so that GCC keeps
+ * its calls (bn_prefetch_to_l2 says why it would not). */
+__attribute__((noinline)) static void bn_prefetch_rows_ahead(const void *x, ptrdiff_t r,
+                                                             ptrdiff_t step, ptrdiff_t nrows,
+                                                             ptrdiff_t row_bytes)
+{
+    ptrdiff_t first = r + BN_WIDE_ROWS_AHEAD * step;
+    ptrdiff_t end = first + step < nrows ? first + step : nrows;
+    uintptr_t line = ((uintptr_t)x + (uintptr_t)(first * row_bytes))
+                     & ~(uintptr_t)(BN_LINE_BYTES - 1);
+    uintptr_t stop = (uintptr_t)x + (uintptr_t)(end * row_bytes);
+    __asm__ volatile("");
+    for (; line < stop; line += BN_LINE_BYTES)
+        __builtin_prefetch((const void *)line, 0, 3);
 }
 __attribute__((target("avx512f"))) static void bn_touch_rows_avx512(
     const void *x, ptrdiff_t nrows, ptrdiff_t stride_bytes, ptrdiff_t row_bytes)
@@ -688,15 +753,15 @@ __attribute__((target(BNV_##ISA##_TARGET))) static void bn_rows_shifted_sums_##S
     ptrdiff_t stride_bytes = stride * (ptrdiff_t)sizeof(TYPE);                         \
     int from_memory = offset == NULL;  /* with an offset, the second pass: in cache */ \
     ptrdiff_t touch_min = BNV_##ISA##_TOUCH_MIN_ROW_BYTES;                             \
-    int touch_slabs = from_memory && bn_touch_each_rows(x, stride_bytes, ncols, row_bytes, \
-                                                        group_cols, touch_min);        \
+    int ask_ahead = from_memory && bn_wide_rows_ahead(ncols, row_bytes, stride_bytes,    \
+                                                      group_cols, touch_min);          \
     if (from_memory && row_bytes > touch_min)                                          \
         bn_touch_rows_##ISA(x, nrows, stride_bytes, row_bytes);                        \
     for (ptrdiff_t r = 0; r < nrows; r += step) {                                      \
         const TYPE *p = x + r * stride;                                                \
         ptrdiff_t n = nrows - r < step ? nrows - r : step;                             \
-        if (touch_slabs)                                                               \
-            bn_touch_rows_##ISA(p, n, stride_bytes, row_bytes);                        \
+        if (ask_ahead)                                                                 \
+            bn_prefetch_rows_ahead(x, r, step, nrows, row_bytes);                      \
         j = bn_rows_sums_##SFX##_##ISA##_##NV1(p, n, stride, ncols, origin, offset, s1, s2); \
         j += bn_rows_sums_##SFX##_##ISA##_##NV2(p + j, n, stride, ncols - j, origin + j, \
                                                 offset ? offset + j : NULL, s1 + j, s2 + j); \
@@ -1021,29 +1086,6 @@ static inline ptrdiff_t bn_alias_lead_of_two(const void *store, const void *load
 {
     ptrdiff_t a = bn_alias_lead(store, load_a, step), b = bn_alias_lead(store, load_b, step);
     return a > b ? a : b;
-}
-
-/* Ask for the nbytes at run to be brought into L1 (prefetcht0) or, when
- * to_l1 is 0, into L2 (prefetcht1), all at once. The pipelined training
- * forward calls it on the run it will normalise next: fetched ahead as a
- * whole it is at hand when the lockstep loop reaches it (measured 5-15 %
- * faster than spreading those prefetches through the loop). A channel that
- * fits in L2 is fetched into L1; a larger one, normalised from L3, into L2
- * (6 % faster there than into L1, 5 % slower for the small one). */
-static inline void bn_prefetch_run(const void *run, ptrdiff_t nbytes, int to_l1)
-{
-    const char *p = (const char *)run;
-    if (nbytes <= 0)
-        return;
-    if (to_l1) {
-        for (ptrdiff_t k = 0; k < nbytes; k += BN_LINE_BYTES)
-            __builtin_prefetch(p + k, 0, 3);
-        __builtin_prefetch(p + nbytes - 1, 0, 3);   /* the last line, when p does not start one */
-    } else {
-        for (ptrdiff_t k = 0; k < nbytes; k += BN_LINE_BYTES)
-            __builtin_prefetch(p + k, 0, 2);
-        __builtin_prefetch(p + nbytes - 1, 0, 2);
-    }
 }
 
 #if BN_X86_DISPATCH

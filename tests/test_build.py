@@ -3,6 +3,8 @@ reports what it should."""
 
 import io
 import os
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -106,3 +108,50 @@ def test_vector_isa_is_the_widest_the_build_and_cpu_share():
         assert _kernels.VECTOR_ISA_CAP == "baseline"
     elif os.environ.get("BNCORE_NO_AVX512") == "1":
         assert _kernels.VECTOR_ISA_CAP == "AVX2"
+
+
+def _instructions_by_function(path):
+    """{function name: its disassembled lines}, from objdump."""
+    text = subprocess.run([shutil.which("objdump"), "-d", "--no-show-raw-insn", path],
+                          capture_output=True, text=True, check=True).stdout
+    functions, name = {}, None
+    for line in text.splitlines():
+        header = re.match(r"^[0-9a-f]+ <([^>]+)>:$", line)
+        if header:
+            name = header.group(1)
+            functions[name] = []
+        elif name is not None:
+            functions[name].append(line)
+    return functions
+
+
+def _prefetches_in(functions, prefix, instruction):
+    return sum(line.split()[1:2] == [instruction]
+               for name, lines in functions.items() if name.startswith(prefix)
+               for line in lines)
+
+
+def test_the_compiler_keeps_the_prefetches():
+    """GCC 12 deletes calls to a function whose only statements are
+    prefetches, taking it for one without effects: bncore's "into L1"
+    prefetches were silently never issued that way. The helpers that ask
+    for memory ahead must still hold their prefetch instructions in the
+    built module (objdump; the static symbols of an unstripped build)."""
+    from bncore import _kernels
+
+    if not (_linux_gcc() and sysconfig.get_platform().endswith("x86_64")):
+        pytest.skip("checked for gcc on Linux x86-64 builds")
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump is not installed")
+    functions = _instructions_by_function(_kernels.__file__)
+    pipelined = "__pyx_fuse_0__pyx_f_6bncore_8_kernels_pipelined_item"
+    if pipelined not in functions:
+        pytest.skip("the module's static symbols are stripped")
+    assert _prefetches_in(functions, pipelined, "prefetcht1") > 0
+    if _kernels.VECTOR_ISA_CAP == "baseline":
+        return   # no dispatched loops: the statistics' row prefetch is not built
+    assert _prefetches_in(functions, "bn_prefetch_rows_ahead", "prefetcht0") > 0
+    calls = [line for name, lines in functions.items()
+             if name.startswith("bn_rows_shifted_sums_f32_avx")
+             for line in lines if "call" in line and "bn_prefetch_rows_ahead" in line]
+    assert calls, "the statistics' wide-row loops no longer call bn_prefetch_rows_ahead"
