@@ -359,6 +359,16 @@ cdef enum:
     # take on one core. An estimate; benchmarks/compare.py's small workloads
     # are where to tune it.
     SERIAL_MAX_VALUES = 65536
+    # The planar backward reads two inputs, twice, and does more arithmetic
+    # per value: a team pays for itself at a quarter of the size, so its
+    # values count this many times against SERIAL_MAX_VALUES
+    # (backward_team_size). Float32, in cache, Zen 5, two threads against
+    # one: maps of 16-51 Ki values took 0.55-0.89 of the time ((8,32,14,14)
+    # 12.0 -> 6.6 us, (32,64,5,5) 16.9 -> 12.2), but 8 channels 1.03-1.10
+    # ((8,8,16,16) 4.2 -> 4.6); 8-12 Ki values 0.68-0.98. Interleaved rows
+    # ((256,128): 1.13) and training and eval at 25-51 Ki values (1.07-1.27,
+    # but (32,64,5,5)) lost on two threads: they keep SERIAL_MAX_VALUES.
+    BACKWARD_WORK_PER_VALUE = 4
     # Outputs at least this large are written with streaming stores: half of
     # this machine's 32 MiB L3, beyond which an output evicts its own input
     # before anything reads it again. Not yet tuned by a sweep
@@ -647,6 +657,11 @@ cdef inline int team_size(int requested, Py_ssize_t nitems, Py_ssize_t nvalues) 
     if requested > nitems:
         return <int>nitems
     return requested
+
+
+cdef inline int backward_team_size(int requested, Py_ssize_t nitems,
+                                   Py_ssize_t nvalues) noexcept nogil:
+    return team_size(requested, nitems, BACKWARD_WORK_PER_VALUE * nvalues)
 
 
 # --------------------------------------------------------------------------
@@ -2237,7 +2252,7 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
                          const Planar *g, const BackwardArgs *a, int requested) noexcept nogil:
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef Py_ssize_t nvalues = g.outer * g.channels * g.inner
-    cdef int nthreads = team_size(requested, g.channels * nchunks, nvalues)
+    cdef int nthreads = backward_team_size(requested, g.channels * nchunks, nvalues)
     cdef int ngroups = row_groups(g, nthreads)
     cdef Py_ssize_t item, c
     # One chunk a channel (few or short rows): the chunk sums become the
@@ -2720,7 +2735,7 @@ cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
     cdef Py_ssize_t nvalues = outer * channels * inner
     if planar_order(outer, nvalues, inner, sizeof(floating)):
         p = planar_geometry(outer, channels, inner, sizeof(floating))
-        nthreads = team_size(requested, channels, nvalues)
+        nthreads = backward_team_size(requested, channels, nvalues)
         if use_pipelined_backward(&p, a, sizeof(floating), nthreads):
             planar_backward_pipelined(x, dy, dx, &p, a, nthreads)
             return 0

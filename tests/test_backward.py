@@ -124,9 +124,11 @@ def test_eval_gradient_ignores_non_finite_input():
 
 # Large enough (> 65536 values) that the kernels really run in parallel, for
 # both loop orders and both planar strategies (few channels: chunks; many
-# small channels: channel by channel).
+# small channels: channel by channel); and planar maps of 16-64 Ki values,
+# which the planar backward alone takes on several threads
+# (BACKWARD_WORK_PER_VALUE).
 THREAD_LAYOUTS = [((16, 3, 64, 64), 1), ((4096, 24), 1), ((64, 64, 8, 8), 1),
-                  ((32, 16, 16, 8), -1)]
+                  ((32, 16, 16, 8), -1), ((8, 32, 14, 14), 1), ((3, 32, 16, 16), 1)]
 
 
 @pytest.mark.parametrize("shape, axis", THREAD_LAYOUTS)
