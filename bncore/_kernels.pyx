@@ -3409,13 +3409,15 @@ cdef bint plain_call(x, weight, bias, momentum, eps, axis, num_threads, nonfinit
         return False
     if not (unbiased_running_var is True or unbiased_running_var is False):
         return False
-    return plain_input(x, weight, bias, axis, num_threads, activation, call)
+    return plain_input(x, weight, bias, axis, num_threads, activation, call, 1)
 
 
 cdef bint plain_input(x, weight, bias, axis, num_threads, activation,
-                      PlainCall *call) except -1:
+                      PlainCall *call, Py_ssize_t work_per_value) except -1:
     """Whether an input, its weight and bias and the options that the
-    forward and backward share are of the common kind; fills call."""
+    forward and backward share are of the common kind; fills call. Its
+    thread count is looked up only for a call that may take a team: one
+    whose values, counted work_per_value times, pass serial_max_values."""
     if not plain_array(x):
         return False
     cdef cnp.ndarray xa = <cnp.ndarray>x
@@ -3443,7 +3445,7 @@ cdef bint plain_input(x, weight, bias, axis, num_threads, activation,
             and plain_channel_vector(bias, call.channels)):
         return False
     call.nthreads = 1
-    if call.n > serial_max_values:
+    if work_per_value * call.n > serial_max_values:   # as team_size: no team, no lookup
         # Imported here: bncore._threads imports this module.
         from bncore._threads import resolve
         call.nthreads = resolve(num_threads)
@@ -3557,7 +3559,8 @@ def backward_fast(dy, x, mean, invstd, weight, bias, training, axis, out, num_th
     cdef PlainCall call
     if not (training is True or training is False):
         return None
-    if not plain_input(x, weight, bias, axis, num_threads, activation, &call):
+    if not plain_input(x, weight, bias, axis, num_threads, activation, &call,
+                       BACKWARD_WORK_PER_VALUE):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     if not plain_like(dy, xa):
