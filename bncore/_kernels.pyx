@@ -1286,7 +1286,7 @@ cdef void pipelined_runs(const floating *x, floating *y, const Planar *g, Py_ssi
             affine_params(a, nc - 1, &before[0], &before[1], &before[2], &before[3])
         if next_n != NULL and g.outer * run_bytes > PIPE_L2_SLICE:
             # A channel normalised from L3 is asked into L2 ahead. One that
-            # fits in L2 is not asked for: into L1 (prefetcht0) it ran 5-17 %
+            # fits in L2 is not asked for: into L1 (prefetcht0) it ran 0-17 %
             # slower on one thread, even on two (float32 (64,256,28,28),
             # (32,128,32,32), Zen 5).
             bn_prefetch_to_l2(next_n, run_bytes)
