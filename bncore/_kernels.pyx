@@ -651,8 +651,14 @@ cdef void *affine_table(const floating *x, const AffineIn *a, Py_ssize_t channel
 cdef Py_ssize_t serial_max_values = SERIAL_MAX_VALUES
 
 
+cdef inline bint may_take_team(Py_ssize_t nvalues) noexcept nogil:
+    """Whether a call of nvalues values (as team_size counts them) is past
+    the serial threshold."""
+    return nvalues > serial_max_values
+
+
 cdef inline int team_size(int requested, Py_ssize_t nitems, Py_ssize_t nvalues) noexcept nogil:
-    if nvalues <= serial_max_values or nitems < 2 or requested < 2:
+    if not may_take_team(nvalues) or nitems < 2 or requested < 2:
         return 1
     if requested > nitems:
         return <int>nitems
@@ -3409,20 +3415,21 @@ cdef bint plain_call(x, weight, bias, momentum, eps, axis, num_threads, nonfinit
         return False
     if not (unbiased_running_var is True or unbiased_running_var is False):
         return False
-    return plain_input(x, weight, bias, axis, num_threads, activation, call, 1)
+    return plain_input(x, weight, bias, axis, num_threads, activation, call, False)
 
 
 cdef bint plain_input(x, weight, bias, axis, num_threads, activation,
-                      PlainCall *call, Py_ssize_t work_per_value) except -1:
+                      PlainCall *call, bint backward) except -1:
     """Whether an input, its weight and bias and the options that the
     forward and backward share are of the common kind; fills call. Its
-    thread count is looked up only for a call that may take a team: one
-    whose values, counted work_per_value times, pass serial_max_values."""
+    thread count is looked up only for a call that may take a team, its
+    values counted as the kernels count them (the planar backward's
+    BACKWARD_WORK_PER_VALUE times, backward_team_size)."""
     if not plain_array(x):
         return False
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef int ndim = cnp.PyArray_NDIM(xa)
-    cdef Py_ssize_t ax, k
+    cdef Py_ssize_t ax, k, counted
     if ndim < 2 or cnp.PyArray_SIZE(xa) == 0:
         return False
     if not (type(axis) is int and -ndim <= axis < ndim):    # (a Python compare: any int)
@@ -3445,7 +3452,10 @@ cdef bint plain_input(x, weight, bias, axis, num_threads, activation,
             and plain_channel_vector(bias, call.channels)):
         return False
     call.nthreads = 1
-    if work_per_value * call.n > serial_max_values:   # as team_size: no team, no lookup
+    counted = call.n
+    if backward and planar_order(call.outer, call.n, call.inner, cnp.PyArray_ITEMSIZE(xa)):
+        counted = BACKWARD_WORK_PER_VALUE * call.n
+    if may_take_team(counted):
         # Imported here: bncore._threads imports this module.
         from bncore._threads import resolve
         call.nthreads = resolve(num_threads)
@@ -3559,8 +3569,7 @@ def backward_fast(dy, x, mean, invstd, weight, bias, training, axis, out, num_th
     cdef PlainCall call
     if not (training is True or training is False):
         return None
-    if not plain_input(x, weight, bias, axis, num_threads, activation, &call,
-                       BACKWARD_WORK_PER_VALUE):
+    if not plain_input(x, weight, bias, axis, num_threads, activation, &call, True):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     if not plain_like(dy, xa):
