@@ -150,8 +150,16 @@ def test_the_compiler_keeps_the_prefetches():
     if not any(name.startswith(pipelined) for name in functions):
         pytest.skip("the module's static symbols are stripped")
     assert _prefetches_in(functions, pipelined, "prefetcht1") > 0
+    # The statistics of blocks of short runs (bn_block_shifted_sums_f64,
+    # or the callers it is inlined into).
+    callers = ["__pyx_fuse_1__pyx_f_6bncore_8_kernels_" + name
+               for name in ("planar_chunk_moments", "block_moments", "shifted_runs_moments")]
+    assert sum(_prefetches_in(functions, prefix, "prefetcht0")
+               for prefix in ["bn_block_shifted_sums_f64"] + callers) > 0
     if _kernels.VECTOR_ISA_CAP == "baseline":
         return   # no dispatched loops: the statistics' row prefetch is not built
+    if _kernels.VECTOR_ISA_CAP == "AVX-512":
+        assert _prefetches_in(functions, "bn_block_shifted_sums_f32_avx512", "prefetcht0") > 0
     assert _prefetches_in(functions, "bn_prefetch_rows_ahead", "prefetcht0") > 0
     calls = [line for name, lines in functions.items()
              if name.startswith("bn_rows_shifted_sums_f32_avx")
