@@ -583,6 +583,7 @@ __attribute__((target("avx2,fma"))) static void bn_lane_grad_sums_f32_avx2(
 #define BNV_avx512_MULADD_F32(a, b, c) _mm512_fmadd_pd(a, b, c)
 #define BNV_avx512_MULADD_F64(a, b, c) _mm512_add_pd(_mm512_mul_pd(a, b), c)
 #define BNV_avx512_TOUCH_MIN_ROW_BYTES 512
+#define BNV_avx512_GRAD_ROWS_AHEAD 1
 #define BNV_avx2_TARGET "avx2,fma"
 #define BNV_avx2_VEC __m256d
 #define BNV_avx2_WIDTH 4
@@ -595,6 +596,7 @@ __attribute__((target("avx2,fma"))) static void bn_lane_grad_sums_f32_avx2(
 #define BNV_avx2_MULADD_F32(a, b, c) _mm256_fmadd_pd(a, b, c)
 #define BNV_avx2_MULADD_F64(a, b, c) _mm256_add_pd(_mm256_mul_pd(a, b), c)
 #define BNV_avx2_TOUCH_MIN_ROW_BYTES 256
+#define BNV_avx2_GRAD_ROWS_AHEAD 0
 
 #define BN_ROWS_SUMS_LOOP(ISA, SHIFTED, MULADD)                                            \
     for (ptrdiff_t r = 0; r < nrows; r++) {                                            \
@@ -664,15 +666,26 @@ bn_rows_sums_##SFX##_##ISA##_##NVECS(                                           
  * - narrower rows of the statistics, when contiguous: asked for
  *   (prefetcht0) two steps of BN_WIDE_ROWS rows ahead of the step being
  *   summed (bn_wide_rows_ahead, bn_prefetch_rows_ahead).
- * - narrower rows of the gradient sums, when every row starts on a cache
- *   line: each BN_WIDE_ROWS rows (4 KB or less) loaded just before the
- *   column groups sum them from L1. Float32 (400000, 128) moments, one
+ * - narrower rows of the gradient sums, when contiguous: each BN_WIDE_ROWS
+ *   rows (4 KB or less) of x and of dy loaded just before the column
+ *   groups sum them from L1, and asked for two steps ahead as the
+ *   statistics' rows are. Float32 (N, 128) sums, 205 and 51 MB, in
+ *   streaming-copy times at x and dy 0, 16 and 32 bytes past a page
+ *   (NumPy places large arrays 16 past one, PyTorch on a page): one
+ *   thread 1.33-1.44 at each, against 1.69-2.02, 1.60-1.78 and 1.31-1.36
+ *   by the rule before (loaded when on line starts, else as they come);
+ *   two threads 1.23-1.27 against 1.14-1.21, 1.34-1.36 and 1.16-1.19.
+ *   Asked for without the loading, 1.69-1.75 at offset 0. (N, 96) and
+ *   (N, 72) even. With AVX-512 only (BNV_<isa>_GRAD_ROWS_AHEAD): with AVX2,
+ *   float32 (N, 64) on one thread took 1.64-1.77 against 1.34-1.62
+ *   (1.22-1.25 against 1.26-1.32 on two).
+ * - the other narrower rows of the gradient sums (with AVX2, or a tile of
+ *   wider rows), when every row starts on a cache line: loaded just
+ *   before they are summed, as above. Float32 (400000, 128) moments, one
  *   core, took 1.2-1.6 streaming-copy times with the rows on line starts
- *   (NumPy arrays 64-byte aligned, or PyTorch's) against 0.74-1.07 off
- *   them; loaded ahead, 0.8-1.2. Off line starts, loading ahead measured
- *   slower (0.85-1.38), so those rows are summed as they come. (Zen 4. On
- *   Zen 5 the prefetch of the statistics, given to the gradient sums' x
- *   and dy, measured 0.92-1.05 of this rule's time: not taken.)
+ *   against 0.74-1.07 off them; loaded ahead, 0.8-1.2. Off line starts,
+ *   loading ahead measured slower (0.85-1.38), so those rows are summed
+ *   as they come. (Zen 4.)
  * Measured with AVX-512. With AVX2, the slab rule from 256 bytes took
  * (400000, 128) float32 moments from 1.65 streaming-copy times to 1.30 on
  * one thread (1.33 from 128 bytes, but (N, 32) and (N, 64) then 1.4
@@ -853,10 +866,12 @@ __attribute__((target(BNV_##ISA##_TARGET))) static void bn_rows_grad_sums_##SFX#
     ptrdiff_t row_bytes = ncols * (ptrdiff_t)sizeof(TYPE);                             \
     ptrdiff_t stride_bytes = stride * (ptrdiff_t)sizeof(TYPE);                         \
     ptrdiff_t touch_min = BNV_##ISA##_TOUCH_MIN_ROW_BYTES;                             \
-    int touch_x_slabs = bn_touch_each_rows(x, stride_bytes, ncols, row_bytes, group_cols, \
-                                           touch_min);                                 \
-    int touch_dy_slabs = bn_touch_each_rows(dy, stride_bytes, ncols, row_bytes, group_cols, \
-                                            touch_min);                                \
+    int ask_ahead = BNV_##ISA##_GRAD_ROWS_AHEAD                                         \
+                    && bn_wide_rows_ahead(ncols, row_bytes, stride_bytes, group_cols, touch_min); \
+    int touch_x_slabs = ask_ahead || bn_touch_each_rows(x, stride_bytes, ncols, row_bytes, \
+                                                        group_cols, touch_min);        \
+    int touch_dy_slabs = ask_ahead || bn_touch_each_rows(dy, stride_bytes, ncols, row_bytes, \
+                                                         group_cols, touch_min);       \
     if (row_bytes > touch_min) {                                                       \
         bn_touch_rows_##ISA(x, nrows, stride_bytes, row_bytes);                        \
         bn_touch_rows_##ISA(dy, nrows, stride_bytes, row_bytes);                       \
@@ -868,6 +883,10 @@ __attribute__((target(BNV_##ISA##_TARGET))) static void bn_rows_grad_sums_##SFX#
             bn_touch_rows_##ISA(p, n, stride_bytes, row_bytes);                        \
         if (touch_dy_slabs)                                                            \
             bn_touch_rows_##ISA(q, n, stride_bytes, row_bytes);                        \
+        if (ask_ahead) {                                                               \
+            bn_prefetch_rows_ahead(x, r, step, nrows, row_bytes);                      \
+            bn_prefetch_rows_ahead(dy, r, step, nrows, row_bytes);                     \
+        }                                                                              \
         j = bn_rows_grad_sums_##SFX##_##ISA##_##NV1(p, q, n, stride, ncols, mean, s_dy, \
                                                     s_dy_dev);                         \
         j += bn_rows_grad_sums_##SFX##_##ISA##_##NV2(p + j, q + j, n, stride, ncols - j, \

@@ -158,10 +158,14 @@ def test_the_compiler_keeps_the_prefetches():
                for prefix in ["bn_block_shifted_sums_f64"] + callers) > 0
     if _kernels.VECTOR_ISA_CAP == "baseline":
         return   # no dispatched loops: the statistics' row prefetch is not built
+    assert _prefetches_in(functions, "bn_prefetch_rows_ahead", "prefetcht0") > 0
+    # The wide-row loops of the statistics, and with AVX-512 of the
+    # gradient sums (BNV_avx512_GRAD_ROWS_AHEAD).
+    row_loops = ["bn_rows_shifted_sums_f32_avx"]
     if _kernels.VECTOR_ISA_CAP == "AVX-512":
         assert _prefetches_in(functions, "bn_block_shifted_sums_f32_avx512", "prefetcht0") > 0
-    assert _prefetches_in(functions, "bn_prefetch_rows_ahead", "prefetcht0") > 0
-    calls = [line for name, lines in functions.items()
-             if name.startswith("bn_rows_shifted_sums_f32_avx")
-             for line in lines if "call" in line and "bn_prefetch_rows_ahead" in line]
-    assert calls, "the statistics' wide-row loops no longer call bn_prefetch_rows_ahead"
+        row_loops.append("bn_rows_grad_sums_f32_avx512")
+    for loops in row_loops:
+        calls = [line for name, lines in functions.items() if name.startswith(loops)
+                 for line in lines if "call" in line and "bn_prefetch_rows_ahead" in line]
+        assert calls, f"{loops}* no longer call bn_prefetch_rows_ahead"
