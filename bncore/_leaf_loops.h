@@ -224,20 +224,25 @@ static inline ptrdiff_t bn_stream_head(const void *out, size_t itemsize, ptrdiff
 #include <immintrin.h>
 #define BN_X86_DISPATCH 1
 
+/* The widest loops the dispatch may choose: 2 AVX-512, 1 AVX2, 0 the
+ * baseline. Tests lower it (set_vector_isa_cap) to compare, in one process,
+ * the bits of each set of loops the CPU can run. */
+static int bn_isa_cap = 2;
+
 /* The CPU features the hand-written loops are chosen by, per call (a test
- * of the flags libgcc reads once at start-up). */
+ * of the flags libgcc reads once at start-up), under that cap. */
 static inline int bn_cpu_avx512(void)
 {
 #ifdef BN_NO_AVX512
     return 0;
 #else
-    return __builtin_cpu_supports("avx512f");
+    return bn_isa_cap >= 2 && __builtin_cpu_supports("avx512f");
 #endif
 }
 
 static inline int bn_cpu_avx2(void)
 {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return bn_isa_cap >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
 /* The r (< 16) values at x in lanes 0 to r - 1 (the others 0), read
@@ -375,35 +380,6 @@ __attribute__((target("avx512f"))) static void bn_lane_shifted_sums_f32_avx512(
     bn_lanes_store_avx512(s1, s2, a1, b1, a2, b2);
 }
 
-__attribute__((target("avx2,fma"))) static void bn_lane_shifted_sums_f32_avx2(
-    const float *BN_RESTRICT x, ptrdiff_t n, double origin, double offset,
-    double *BN_RESTRICT s1, double *BN_RESTRICT s2)
-{
-    __m256d a[4], b[4];
-    const __m256d o = _mm256_set1_pd(origin);
-    (void)offset;  /* 0: see bn_lane_shifted_sums_f32 */
-    for (int q = 0; q < 4; q++) {
-        a[q] = _mm256_loadu_pd(s1 + 4 * q);
-        b[q] = _mm256_loadu_pd(s2 + 4 * q);
-    }
-    ptrdiff_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int q = 0; q < 4; q++) {
-            __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i + 4 * q)), o);
-            a[q] = _mm256_add_pd(a[q], d);
-            b[q] = _mm256_fmadd_pd(d, d, b[q]);
-        }
-    for (int q = 0; q < 4; q++) {
-        _mm256_storeu_pd(s1 + 4 * q, a[q]);
-        _mm256_storeu_pd(s2 + 4 * q, b[q]);
-    }
-    for (int k = 0; i + k < n; k++) {
-        double d = ((double)x[i + k] - origin) - offset;
-        s1[k] += d;
-        s2[k] += d * d;
-    }
-}
-
 /* One run's gradient sums added into lanes held in registers. */
 BN_INLINE void bn_run_grad_sums_avx512(const float *BN_RESTRICT x,
                                        const float *BN_RESTRICT dy, ptrdiff_t n, __m512d m,
@@ -428,9 +404,17 @@ BN_INLINE void bn_run_grad_sums_avx512(const float *BN_RESTRICT x,
         bn_tail_grad_sums_avx512(x + i, dy + i, n - i, i, m, a1, b1, a2, b2);
 }
 
-__attribute__((target("avx512f"))) static void bn_lane_grad_sums_f32_avx512(
-    const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t n, double mean,
-    double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)
+/* One run's gradient sums added into lanes in memory (loaded, carried in
+ * registers through the run, stored). */
+BN_INLINE void bn_carried_grad_sums_avx512(const float *BN_RESTRICT x,
+                                           const float *BN_RESTRICT dy, ptrdiff_t n,
+                                           double mean, double *BN_RESTRICT s_dy,
+                                           double *BN_RESTRICT s_dy_dev)
+    __attribute__((target("avx512f")));
+BN_INLINE void bn_carried_grad_sums_avx512(const float *BN_RESTRICT x,
+                                           const float *BN_RESTRICT dy, ptrdiff_t n,
+                                           double mean, double *BN_RESTRICT s_dy,
+                                           double *BN_RESTRICT s_dy_dev)
 {
     __m512d a1, b1, a2, b2;
     bn_lanes_load_avx512(s_dy, s_dy_dev, &a1, &b1, &a2, &b2);
@@ -438,44 +422,11 @@ __attribute__((target("avx512f"))) static void bn_lane_grad_sums_f32_avx512(
     bn_lanes_store_avx512(s_dy, s_dy_dev, a1, b1, a2, b2);
 }
 
-/* Runs up to this many bytes have the group walk below ask for the same
- * runs of the next row (or the next group's first row) as it reads them.
- * Such runs are too short for the prefetchers to learn: a group's row is a
- * few KiB, a row apart from the next. Measured on one thread, backward of
- * float32 (1024, 512, 4, 4) and (2048, 256, 4, 4), 12 % faster; (512,
- * 512, 7, 7) and (996, 256, 7, 7) even; but runs of 784 bytes, (256, 256,
- * 14, 14), 14-27 % slower with it. */
-#define BN_GROUP_PREFETCH_MAX_BYTES 256
-
-/* The gradient sums of a group of channels' blocks at once: nchan runs of
- * n values side by side in each of nrows rows, `stride` apart, row by row
- * in memory order, each channel's lanes (pairs[c]) carried from run to run
- * in memory. The operations of a call of bn_lane_grad_sums_f32_avx512 per
- * run, so its bits. */
-__attribute__((target("avx512f"))) static void bn_group_grad_sums_f32_avx512(
-    const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t nrows,
-    ptrdiff_t stride, ptrdiff_t nchan, ptrdiff_t n, const double *mean,
-    bn_lane_pair *pairs)
+__attribute__((target("avx512f"))) static void bn_lane_grad_sums_f32_avx512(
+    const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t n, double mean,
+    double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)
 {
-    const ptrdiff_t run_bytes = n * (ptrdiff_t)sizeof(float);
-    const ptrdiff_t ask_bytes = run_bytes <= BN_GROUP_PREFETCH_MAX_BYTES ? run_bytes : 0;
-    for (ptrdiff_t r = 0; r < nrows; r++)
-        for (ptrdiff_t c = 0; c < nchan; c++) {
-            __m512d a1, b1, a2, b2;
-            bn_lanes_load_avx512(pairs[c].a, pairs[c].b, &a1, &b1, &a2, &b2);
-            ptrdiff_t at = r * stride + c * n;
-            /* In bytes, as integers: the last group's next row lies past the
-             * arrays, which a prefetch may name but a pointer may not. */
-            uintptr_t next = (uintptr_t)((r + 1 < nrows ? at + stride : (c + nchan) * n)
-                                         * (ptrdiff_t)sizeof(float));
-            for (ptrdiff_t b = 0; b < ask_bytes; b += BN_LINE_BYTES) {
-                _mm_prefetch((const char *)((uintptr_t)x + next + b), _MM_HINT_T0);
-                _mm_prefetch((const char *)((uintptr_t)dy + next + b), _MM_HINT_T0);
-            }
-            bn_run_grad_sums_avx512(x + at, dy + at, n, _mm512_set1_pd(mean[c]), &a1, &b1,
-                                    &a2, &b2);
-            bn_lanes_store_avx512(pairs[c].a, pairs[c].b, a1, b1, a2, b2);
-        }
+    bn_carried_grad_sums_avx512(x, dy, n, mean, s_dy, s_dy_dev);
 }
 
 /* The lanes of a block, a1 and b1 (lanes 0-7, 8-15) into *t1 and a2, b2
@@ -526,34 +477,262 @@ __attribute__((target("avx512f"))) static void bn_block_grad_sums_f32_avx512(
     bn_lanes_totals_avx512(a1, b1, a2, b2, t_dy, t_dev);
 }
 
-__attribute__((target("avx2,fma"))) static void bn_lane_grad_sums_f32_avx2(
-    const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t n, double mean,
-    double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)
+/* AVX2 holds a pair of lane arrays in eight vectors of four: lanes 4q to
+ * 4q + 3 of the first array in s1[q], of the second in s2[q]. */
+typedef struct {
+    __m256d s1[4];
+    __m256d s2[4];
+} bn_lanes_avx2;
+
+/* The v (1 to 3) values at x, the end of a run, in lanes 0 to v - 1 (the
+ * others any value): the four values that end with them, moved down, where
+ * the run holds the 4 - v values before x; else a masked load. Neither
+ * reads past the run (bn_load_tail_avx512 says why that matters). */
+BN_INLINE __m128 bn_load_part_quad_avx2(const float *x, int v, ptrdiff_t before)
+    __attribute__((target("avx2,fma")));
+BN_INLINE __m128 bn_load_part_quad_avx2(const float *x, int v, ptrdiff_t before)
 {
-    __m256d a[4], b[4];
-    const __m256d m = _mm256_set1_pd(mean);
+    const __m128i lanes = _mm_setr_epi32(0, 1, 2, 3);
+    if (before >= 4 - v)
+        return _mm_permutevar_ps(_mm_loadu_ps(x + v - 4),
+                                 _mm_add_epi32(lanes, _mm_set1_epi32(4 - v)));
+    return _mm_maskload_ps(x, _mm_cmpgt_epi32(_mm_set1_epi32(v), lanes));
+}
+
+/* Lanes 0 to v - 1 of `sum`, the others of `old`. */
+BN_INLINE __m256d bn_keep_first_avx2(__m256d old, __m256d sum, int v)
+    __attribute__((target("avx2,fma")));
+BN_INLINE __m256d bn_keep_first_avx2(__m256d old, __m256d sum, int v)
+{
+    __m256i in = _mm256_cmpgt_epi64(_mm256_set1_epi64x(v), _mm256_setr_epi64x(0, 1, 2, 3));
+    return _mm256_blendv_pd(old, sum, _mm256_castsi256_pd(in));
+}
+
+/* The last r (< 16) values of a run, `before` values into it, added into
+ * lanes 0 to r - 1 held in registers with the operations of the generic
+ * loops' scalar tails (the square or product rounded before its add), as
+ * bn_tail_shifted_sums_avx512 does: an earlier version added them to the
+ * lanes in memory, and the next run's vector loads of those lanes waited on
+ * the scalar stores. */
+BN_INLINE void bn_tail_shifted_sums_avx2(const float *x, ptrdiff_t r, ptrdiff_t before,
+                                         __m256d origin, bn_lanes_avx2 *l)
+    __attribute__((target("avx2,fma")));
+BN_INLINE void bn_tail_shifted_sums_avx2(const float *x, ptrdiff_t r, ptrdiff_t before,
+                                         __m256d origin, bn_lanes_avx2 *l)
+{
+#pragma GCC unroll 4
     for (int q = 0; q < 4; q++) {
-        a[q] = _mm256_loadu_pd(s_dy + 4 * q);
-        b[q] = _mm256_loadu_pd(s_dy_dev + 4 * q);
+        int v = (int)(r - 4 * q);
+        if (v <= 0)
+            break;
+        __m128 f = v >= 4 ? _mm_loadu_ps(x + 4 * q)
+                          : bn_load_part_quad_avx2(x + 4 * q, v, before + 4 * q);
+        __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(f), origin);
+        __m256d s1 = _mm256_add_pd(l->s1[q], d);
+        __m256d s2 = _mm256_add_pd(l->s2[q], _mm256_mul_pd(d, d));
+        l->s1[q] = v >= 4 ? s1 : bn_keep_first_avx2(l->s1[q], s1, v);
+        l->s2[q] = v >= 4 ? s2 : bn_keep_first_avx2(l->s2[q], s2, v);
     }
+}
+
+BN_INLINE void bn_tail_grad_sums_avx2(const float *x, const float *dy, ptrdiff_t r,
+                                      ptrdiff_t before, __m256d mean, bn_lanes_avx2 *l)
+    __attribute__((target("avx2,fma")));
+BN_INLINE void bn_tail_grad_sums_avx2(const float *x, const float *dy, ptrdiff_t r,
+                                      ptrdiff_t before, __m256d mean, bn_lanes_avx2 *l)
+{
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++) {
+        int v = (int)(r - 4 * q);
+        if (v <= 0)
+            break;
+        __m128 fg = v >= 4 ? _mm_loadu_ps(dy + 4 * q)
+                           : bn_load_part_quad_avx2(dy + 4 * q, v, before + 4 * q);
+        __m128 fx = v >= 4 ? _mm_loadu_ps(x + 4 * q)
+                           : bn_load_part_quad_avx2(x + 4 * q, v, before + 4 * q);
+        __m256d g = _mm256_cvtps_pd(fg);
+        __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(fx), mean);
+        __m256d s1 = _mm256_add_pd(l->s1[q], g);
+        __m256d s2 = _mm256_add_pd(l->s2[q], _mm256_mul_pd(g, d));
+        l->s1[q] = v >= 4 ? s1 : bn_keep_first_avx2(l->s1[q], s1, v);
+        l->s2[q] = v >= 4 ? s2 : bn_keep_first_avx2(l->s2[q], s2, v);
+    }
+}
+
+/* One run's shifted sums (offset 0), or gradient sums, added into lanes
+ * held in registers. */
+BN_INLINE void bn_run_shifted_sums_avx2(const float *BN_RESTRICT x, ptrdiff_t n,
+                                        __m256d origin, bn_lanes_avx2 *l)
+    __attribute__((target("avx2,fma")));
+BN_INLINE void bn_run_shifted_sums_avx2(const float *BN_RESTRICT x, ptrdiff_t n,
+                                        __m256d origin, bn_lanes_avx2 *l)
+{
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int q = 0; q < 4; q++) {
+            __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i + 4 * q)), origin);
+            l->s1[q] = _mm256_add_pd(l->s1[q], d);
+            l->s2[q] = _mm256_fmadd_pd(d, d, l->s2[q]);
+        }
+    if (i < n)
+        bn_tail_shifted_sums_avx2(x + i, n - i, i, origin, l);
+}
+
+BN_INLINE void bn_run_grad_sums_avx2(const float *BN_RESTRICT x, const float *BN_RESTRICT dy,
+                                     ptrdiff_t n, __m256d mean, bn_lanes_avx2 *l)
+    __attribute__((target("avx2,fma")));
+BN_INLINE void bn_run_grad_sums_avx2(const float *BN_RESTRICT x, const float *BN_RESTRICT dy,
+                                     ptrdiff_t n, __m256d mean, bn_lanes_avx2 *l)
+{
     ptrdiff_t i = 0;
     for (; i + 16 <= n; i += 16)
         for (int q = 0; q < 4; q++) {
             __m256d g = _mm256_cvtps_pd(_mm_loadu_ps(dy + i + 4 * q));
-            __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i + 4 * q)), m);
-            a[q] = _mm256_add_pd(a[q], g);
-            b[q] = _mm256_fmadd_pd(g, d, b[q]);
+            __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i + 4 * q)), mean);
+            l->s1[q] = _mm256_add_pd(l->s1[q], g);
+            l->s2[q] = _mm256_fmadd_pd(g, d, l->s2[q]);
         }
+    if (i < n)
+        bn_tail_grad_sums_avx2(x + i, dy + i, n - i, i, mean, l);
+}
+
+BN_INLINE void bn_lanes_load_avx2(const double *s1, const double *s2, bn_lanes_avx2 *l)
+    __attribute__((target("avx2,fma")));
+BN_INLINE void bn_lanes_load_avx2(const double *s1, const double *s2, bn_lanes_avx2 *l)
+{
     for (int q = 0; q < 4; q++) {
-        _mm256_storeu_pd(s_dy + 4 * q, a[q]);
-        _mm256_storeu_pd(s_dy_dev + 4 * q, b[q]);
-    }
-    for (int k = 0; i + k < n; k++) {
-        double g = (double)dy[i + k];
-        s_dy[k] += g;
-        s_dy_dev[k] += g * ((double)x[i + k] - mean);
+        l->s1[q] = _mm256_loadu_pd(s1 + 4 * q);
+        l->s2[q] = _mm256_loadu_pd(s2 + 4 * q);
     }
 }
+
+BN_INLINE void bn_lanes_store_avx2(double *s1, double *s2, const bn_lanes_avx2 *l)
+    __attribute__((target("avx2,fma")));
+BN_INLINE void bn_lanes_store_avx2(double *s1, double *s2, const bn_lanes_avx2 *l)
+{
+    for (int q = 0; q < 4; q++) {
+        _mm256_storeu_pd(s1 + 4 * q, l->s1[q]);
+        _mm256_storeu_pd(s2 + 4 * q, l->s2[q]);
+    }
+}
+
+/* The lanes' two totals, each added in lane order from 0.0. */
+BN_INLINE void bn_lanes_totals_avx2(const bn_lanes_avx2 *l, double *t1, double *t2)
+    __attribute__((target("avx2,fma")));
+BN_INLINE void bn_lanes_totals_avx2(const bn_lanes_avx2 *l, double *t1, double *t2)
+{
+    bn_lanes s1, s2;
+    bn_lanes_store_avx2(s1, s2, l);
+    *t1 = bn_lanes_total(s1);
+    *t2 = bn_lanes_total(s2);
+}
+
+__attribute__((target("avx2,fma"))) static void bn_lane_shifted_sums_f32_avx2(
+    const float *BN_RESTRICT x, ptrdiff_t n, double origin, double offset,
+    double *BN_RESTRICT s1, double *BN_RESTRICT s2)
+{
+    bn_lanes_avx2 l;
+    (void)offset;  /* 0: see bn_lane_shifted_sums_f32 */
+    bn_lanes_load_avx2(s1, s2, &l);
+    bn_run_shifted_sums_avx2(x, n, _mm256_set1_pd(origin), &l);
+    bn_lanes_store_avx2(s1, s2, &l);
+}
+
+BN_INLINE void bn_carried_grad_sums_avx2(const float *BN_RESTRICT x,
+                                         const float *BN_RESTRICT dy, ptrdiff_t n,
+                                         double mean, double *BN_RESTRICT s_dy,
+                                         double *BN_RESTRICT s_dy_dev)
+    __attribute__((target("avx2,fma")));
+BN_INLINE void bn_carried_grad_sums_avx2(const float *BN_RESTRICT x,
+                                         const float *BN_RESTRICT dy, ptrdiff_t n,
+                                         double mean, double *BN_RESTRICT s_dy,
+                                         double *BN_RESTRICT s_dy_dev)
+{
+    bn_lanes_avx2 l;
+    bn_lanes_load_avx2(s_dy, s_dy_dev, &l);
+    bn_run_grad_sums_avx2(x, dy, n, _mm256_set1_pd(mean), &l);
+    bn_lanes_store_avx2(s_dy, s_dy_dev, &l);
+}
+
+__attribute__((target("avx2,fma"))) static void bn_lane_grad_sums_f32_avx2(
+    const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t n, double mean,
+    double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)
+{
+    bn_carried_grad_sums_avx2(x, dy, n, mean, s_dy, s_dy_dev);
+}
+
+/* Blocks of whole runs with their lanes in registers throughout, as
+ * bn_block_shifted_sums_f32_avx512 and bn_block_grad_sums_f32_avx512. */
+__attribute__((target("avx2,fma"))) static void bn_block_shifted_sums_f32_avx2(
+    const float *BN_RESTRICT x, ptrdiff_t nruns, ptrdiff_t stride, ptrdiff_t n,
+    double origin, ptrdiff_t ahead_bytes, double *t1, double *t2)
+{
+    bn_lanes_avx2 l;
+    const __m256d o = _mm256_set1_pd(origin);
+    const ptrdiff_t run_bytes = n * (ptrdiff_t)sizeof(float);
+    for (int q = 0; q < 4; q++)
+        l.s1[q] = l.s2[q] = _mm256_setzero_pd();
+    for (ptrdiff_t r = 0; r < nruns; r++) {
+        if (ahead_bytes > 0)
+            bn_prefetch_span((uintptr_t)(x + r * stride) + (uintptr_t)ahead_bytes, run_bytes);
+        bn_run_shifted_sums_avx2(x + r * stride, n, o, &l);
+    }
+    bn_lanes_totals_avx2(&l, t1, t2);
+}
+
+__attribute__((target("avx2,fma"))) static void bn_block_grad_sums_f32_avx2(
+    const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t nruns,
+    ptrdiff_t stride, ptrdiff_t n, double mean, double *t_dy, double *t_dev)
+{
+    bn_lanes_avx2 l;
+    const __m256d m = _mm256_set1_pd(mean);
+    for (int q = 0; q < 4; q++)
+        l.s1[q] = l.s2[q] = _mm256_setzero_pd();
+    for (ptrdiff_t r = 0; r < nruns; r++)
+        bn_run_grad_sums_avx2(x + r * stride, dy + r * stride, n, m, &l);
+    bn_lanes_totals_avx2(&l, t_dy, t_dev);
+}
+
+/* Runs up to this many bytes have the group walk below ask for the same
+ * runs of the next row (or the next group's first row) as it reads them.
+ * Such runs are too short for the prefetchers to learn: a group's row is a
+ * few KiB, a row apart from the next. Measured on one thread, backward of
+ * float32 (1024, 512, 4, 4) and (2048, 256, 4, 4), 12 % faster; (512,
+ * 512, 7, 7) and (996, 256, 7, 7) even; but runs of 784 bytes, (256, 256,
+ * 14, 14), 14-27 % slower with it. */
+#define BN_GROUP_PREFETCH_MAX_BYTES 256
+
+/* The gradient sums of a group of channels' blocks at once: nchan runs of
+ * n values side by side in each of nrows rows, `stride` apart, row by row
+ * in memory order, each channel's lanes (pairs[c]) carried from run to run
+ * in memory. The operations of a call of bn_lane_grad_sums_f32_<isa> per
+ * run, so its bits. The next run of each channel is asked for by address,
+ * as integers: the last group's next row lies past the arrays, which a
+ * prefetch may name but a pointer may not. */
+#define BN_DEFINE_GROUP_GRAD_SUMS(ISA, TARGET)                                             \
+__attribute__((target(TARGET))) static void bn_group_grad_sums_f32_##ISA(                \
+    const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t nrows,             \
+    ptrdiff_t stride, ptrdiff_t nchan, ptrdiff_t n, const double *mean,                  \
+    bn_lane_pair *pairs)                                                                   \
+{                                                                                          \
+    const ptrdiff_t run_bytes = n * (ptrdiff_t)sizeof(float);                             \
+    const ptrdiff_t ask_bytes = run_bytes <= BN_GROUP_PREFETCH_MAX_BYTES ? run_bytes : 0; \
+    for (ptrdiff_t r = 0; r < nrows; r++)                                                 \
+        for (ptrdiff_t c = 0; c < nchan; c++) {                                           \
+            ptrdiff_t at = r * stride + c * n;                                            \
+            uintptr_t next = (uintptr_t)((r + 1 < nrows ? at + stride : (c + nchan) * n)  \
+                                         * (ptrdiff_t)sizeof(float));                     \
+            for (ptrdiff_t b = 0; b < ask_bytes; b += BN_LINE_BYTES) {                    \
+                _mm_prefetch((const char *)((uintptr_t)x + next + b), _MM_HINT_T0);       \
+                _mm_prefetch((const char *)((uintptr_t)dy + next + b), _MM_HINT_T0);      \
+            }                                                                              \
+            bn_carried_grad_sums_##ISA(x + at, dy + at, n, mean[c], pairs[c].a,           \
+                                       pairs[c].b);                                        \
+        }                                                                                  \
+}
+BN_DEFINE_GROUP_GRAD_SUMS(avx512, "avx512f")
+BN_DEFINE_GROUP_GRAD_SUMS(avx2, "avx2,fma")
+#undef BN_DEFINE_GROUP_GRAD_SUMS
 
 /* Interleaved rows: columns in groups whose sums stay in registers while
  * the rows stream past front to back (same per-column order as the generic
@@ -987,10 +1166,10 @@ static inline void bn_rows_grad_sums_f32(
 
 /* The totals of a block of whole runs (nruns runs of n values, stride
  * apart), its lanes carried from run to run as a call per run carries them:
- * with AVX-512 in registers (bn_block_*_f32_avx512), else in memory; with
- * ahead_bytes > 0, each run's bytes that far on asked for as it is summed.
- * And the lanes of a group of channels' blocks
- * (bn_group_grad_sums_f32_avx512 says how). */
+ * float32 with AVX-512 or AVX2 in registers (bn_block_*_f32_avx512, _avx2),
+ * else in memory; with ahead_bytes > 0, each run's bytes that far on asked
+ * for as it is summed. And the lanes of a group of channels' blocks
+ * (BN_DEFINE_GROUP_GRAD_SUMS says how). */
 #define BN_DEFINE_BLOCK_SUMS(TYPE, SFX)                                                    \
 static inline void bn_block_shifted_sums_##SFX(const TYPE *x, ptrdiff_t nruns,            \
                                                ptrdiff_t stride, ptrdiff_t n,             \
@@ -1037,15 +1216,27 @@ static inline void bn_group_grad_sums_##SFX(const TYPE *x, const TYPE *dy,      
     if (offset == 0.0 && bn_cpu_avx512()) {                                               \
         bn_block_shifted_sums_f32_avx512(x, nruns, stride, n, origin, ahead_bytes, t1, t2); \
         return;                                                                            \
+    }                                                                                      \
+    if (offset == 0.0 && bn_cpu_avx2()) {                                                 \
+        bn_block_shifted_sums_f32_avx2(x, nruns, stride, n, origin, ahead_bytes, t1, t2); \
+        return;                                                                            \
     }
 #define BN_BLOCK_GRAD_SUMS_FAST_f32                                                       \
     if (bn_cpu_avx512()) {                                                                \
         bn_block_grad_sums_f32_avx512(x, dy, nruns, stride, n, mean, t_dy, t_dev);       \
         return;                                                                            \
+    }                                                                                      \
+    if (bn_cpu_avx2()) {                                                                  \
+        bn_block_grad_sums_f32_avx2(x, dy, nruns, stride, n, mean, t_dy, t_dev);         \
+        return;                                                                            \
     }
 #define BN_GROUP_GRAD_SUMS_FAST_f32                                                       \
     if (bn_cpu_avx512()) {                                                                \
         bn_group_grad_sums_f32_avx512(x, dy, nrows, stride, nchan, n, mean, pairs);      \
+        return;                                                                            \
+    }                                                                                      \
+    if (bn_cpu_avx2()) {                                                                  \
+        bn_group_grad_sums_f32_avx2(x, dy, nrows, stride, nchan, n, mean, pairs);        \
         return;                                                                            \
     }
 #else
@@ -2474,6 +2665,17 @@ static inline const char *bn_vector_isa(void)
         return "AVX2";
 #endif
     return "baseline";
+}
+
+/* Cap the loops chosen from here on (see bn_isa_cap); with no run-time
+ * dispatch there is nothing to cap. Not while kernels run. */
+static inline void bn_set_isa_cap(int cap)
+{
+#if BN_X86_DISPATCH
+    bn_isa_cap = cap;
+#else
+    (void)cap;
+#endif
 }
 
 /* Make streaming stores visible to other threads before they read the
