@@ -3,8 +3,9 @@
 Each block runs on its own, in order, in a fresh interpreter whose working
 directory is an empty temporary folder and which imports bncore from this
 checkout. A block fails the test on any exception, except when it needs an
-optional package that is not installed (PyTorch, ONNX, mpi4py, Dask, ...):
-then it is skipped, naming the package. A block whose nearest non-blank
+optional package that is not installed (PyTorch, ONNX, mpi4py, Dask, ...),
+or that is installed but fails to import here (mpi4py without an MPI
+library): then it is skipped, naming the package. A block whose nearest non-blank
 line above reads ``<!-- not-tested: reason -->`` is skipped with that
 reason (shell sessions, MPI runs, anything that cannot run here).
 
@@ -92,24 +93,56 @@ def python_blocks(text):
 
 
 #: Runs one block given as a file, with its README line numbers. Exits with
-#: SKIP_STATUS, printing the module, when an optional module that is not
-#: installed is the cause of an ImportError (directly or as the cause of a
-#: library's own "install the extra" ImportError).
+#: SKIP_STATUS, printing the module, when an optional module is the cause of
+#: an ImportError (directly or as the cause of a library's own "install the
+#: extra" ImportError) and is not installed; or when one that is installed
+#: raised while being imported, from its own code: it cannot work here (mpi4py
+#: without an MPI library raises RuntimeError("cannot load MPI library")).
 RUNNER = r"""
-import importlib.util, sys, traceback
+import importlib.util, os, re, sys, traceback
 path, first_line, status, optional = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+optional = optional.split(",")
 source = "\n" * (first_line - 1) + open(path).read()
-try:
-    exec(compile(source, "README.md", "exec"), {"__name__": "__main__"})
-except ImportError as error:
+
+def missing_module(error):
     seen = error
     while seen is not None:
         name = (getattr(seen, "name", None) or "").partition(".")[0]
-        if (isinstance(seen, ImportError) and name in optional.split(",")
+        if (isinstance(seen, ImportError) and name in optional
                 and importlib.util.find_spec(name) is None):
-            print(f"optional module {name!r} is not installed")
-            sys.exit(status)
+            return name
         seen = seen.__cause__ or seen.__context__
+    return None
+
+def failing_import(error):
+    # The block's line that raised imports an optional package, and the
+    # error came from that package's own files.
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [frame for frame in frames if frame.filename == "README.md"]
+    if not ours or frames[-1].filename == "README.md":
+        return None
+    line = source.splitlines()[ours[-1].lineno - 1]
+    imported = re.match(r"\s*(?:from|import)\s+(\w+)", line)
+    name = imported and imported[1]
+    if name not in optional:
+        return None
+    spec = importlib.util.find_spec(name)
+    raised_in = os.path.realpath(frames[-1].filename)
+    folders = spec.submodule_search_locations or [] if spec else []
+    return name if any(raised_in.startswith(os.path.realpath(f) + os.sep) for f in folders) else None
+
+try:
+    exec(compile(source, "README.md", "exec"), {"__name__": "__main__"})
+except Exception as error:
+    name = missing_module(error)
+    if name is not None:
+        print(f"optional module {name!r} is not installed")
+        sys.exit(status)
+    name = failing_import(error)
+    if name is not None:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        print(f"optional module {name!r} cannot be imported here: {reason}")
+        sys.exit(status)
     raise
 """
 
@@ -219,6 +252,29 @@ def test_missing_optional_module_skips(tmp_path, monkeypatch):
                f"    raise ImportError('pip install bncore[extra]') from e\n")
     with pytest.raises(pytest.skip.Exception, match=missing):
         check_block(Block(0, 1, wrapped, None), tmp_path)
+
+
+def _package_failing_on_import(folder, name):
+    """A package in folder (the blocks' working directory, on their path)
+    whose import raises as mpi4py's does without an MPI library."""
+    (folder / name).mkdir()
+    (folder / name / "__init__.py").write_text(
+        "raise RuntimeError('cannot load MPI library\\nlibmpi.so: no such file')\n")
+
+
+def test_optional_module_that_cannot_load_here_skips(tmp_path, monkeypatch):
+    name = "bncore_optional_without_its_library"
+    _package_failing_on_import(tmp_path, name)
+    monkeypatch.setattr(sys.modules[__name__], "OPTIONAL_MODULES", OPTIONAL_MODULES | {name})
+    with pytest.raises(pytest.skip.Exception, match=f"{name}.*cannot load MPI library"):
+        check_block(Block(0, 1, f"import numpy\nfrom {name} import MPI\n", None), tmp_path)
+
+
+def test_other_module_that_cannot_load_fails(tmp_path):
+    name = "bncore_not_optional_failing"
+    _package_failing_on_import(tmp_path, name)
+    with pytest.raises(AssertionError, match="failed"):
+        check_block(Block(0, 1, f"import {name}\n", None), tmp_path)
 
 
 @pytest.mark.parametrize("code", [
