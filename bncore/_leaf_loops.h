@@ -484,26 +484,31 @@ typedef struct {
     __m256d s2[4];
 } bn_lanes_avx2;
 
-/* The v (1 to 3) values at x, the end of a run, in lanes 0 to v - 1 (the
- * others any value): the four values that end with them, moved down, where
- * the run holds the 4 - v values before x; else a masked load. Neither
- * reads past the run (bn_load_tail_avx512 says why that matters). */
-BN_INLINE __m128 bn_load_part_quad_avx2(const float *x, int v, ptrdiff_t before)
+/* The first min(v, 4) values at x, `before` values into a run that ends
+ * v values on, in lanes 0 to v - 1 (the others any value). A last partial
+ * quad is the four values that end the run, moved down, where the run holds
+ * the 4 - v values before x; else a masked load. Neither reads past the run
+ * (bn_load_tail_avx512 says why that matters). */
+BN_INLINE __m128 bn_load_quad_avx2(const float *x, int v, ptrdiff_t before)
     __attribute__((target("avx2,fma")));
-BN_INLINE __m128 bn_load_part_quad_avx2(const float *x, int v, ptrdiff_t before)
+BN_INLINE __m128 bn_load_quad_avx2(const float *x, int v, ptrdiff_t before)
 {
     const __m128i lanes = _mm_setr_epi32(0, 1, 2, 3);
+    if (v >= 4)
+        return _mm_loadu_ps(x);
     if (before >= 4 - v)
         return _mm_permutevar_ps(_mm_loadu_ps(x + v - 4),
                                  _mm_add_epi32(lanes, _mm_set1_epi32(4 - v)));
     return _mm_maskload_ps(x, _mm_cmpgt_epi32(_mm_set1_epi32(v), lanes));
 }
 
-/* Lanes 0 to v - 1 of `sum`, the others of `old`. */
+/* Lanes 0 to v - 1 of `sum`, the others (where v < 4) of `old`. */
 BN_INLINE __m256d bn_keep_first_avx2(__m256d old, __m256d sum, int v)
     __attribute__((target("avx2,fma")));
 BN_INLINE __m256d bn_keep_first_avx2(__m256d old, __m256d sum, int v)
 {
+    if (v >= 4)
+        return sum;
     __m256i in = _mm256_cmpgt_epi64(_mm256_set1_epi64x(v), _mm256_setr_epi64x(0, 1, 2, 3));
     return _mm256_blendv_pd(old, sum, _mm256_castsi256_pd(in));
 }
@@ -525,13 +530,11 @@ BN_INLINE void bn_tail_shifted_sums_avx2(const float *x, ptrdiff_t r, ptrdiff_t 
         int v = (int)(r - 4 * q);
         if (v <= 0)
             break;
-        __m128 f = v >= 4 ? _mm_loadu_ps(x + 4 * q)
-                          : bn_load_part_quad_avx2(x + 4 * q, v, before + 4 * q);
-        __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(f), origin);
-        __m256d s1 = _mm256_add_pd(l->s1[q], d);
-        __m256d s2 = _mm256_add_pd(l->s2[q], _mm256_mul_pd(d, d));
-        l->s1[q] = v >= 4 ? s1 : bn_keep_first_avx2(l->s1[q], s1, v);
-        l->s2[q] = v >= 4 ? s2 : bn_keep_first_avx2(l->s2[q], s2, v);
+        __m256d d = _mm256_sub_pd(
+            _mm256_cvtps_pd(bn_load_quad_avx2(x + 4 * q, v, before + 4 * q)), origin);
+        l->s1[q] = bn_keep_first_avx2(l->s1[q], _mm256_add_pd(l->s1[q], d), v);
+        l->s2[q] = bn_keep_first_avx2(l->s2[q], _mm256_add_pd(l->s2[q], _mm256_mul_pd(d, d)),
+                                      v);
     }
 }
 
@@ -546,16 +549,12 @@ BN_INLINE void bn_tail_grad_sums_avx2(const float *x, const float *dy, ptrdiff_t
         int v = (int)(r - 4 * q);
         if (v <= 0)
             break;
-        __m128 fg = v >= 4 ? _mm_loadu_ps(dy + 4 * q)
-                           : bn_load_part_quad_avx2(dy + 4 * q, v, before + 4 * q);
-        __m128 fx = v >= 4 ? _mm_loadu_ps(x + 4 * q)
-                           : bn_load_part_quad_avx2(x + 4 * q, v, before + 4 * q);
-        __m256d g = _mm256_cvtps_pd(fg);
-        __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(fx), mean);
-        __m256d s1 = _mm256_add_pd(l->s1[q], g);
-        __m256d s2 = _mm256_add_pd(l->s2[q], _mm256_mul_pd(g, d));
-        l->s1[q] = v >= 4 ? s1 : bn_keep_first_avx2(l->s1[q], s1, v);
-        l->s2[q] = v >= 4 ? s2 : bn_keep_first_avx2(l->s2[q], s2, v);
+        __m256d g = _mm256_cvtps_pd(bn_load_quad_avx2(dy + 4 * q, v, before + 4 * q));
+        __m256d d = _mm256_sub_pd(
+            _mm256_cvtps_pd(bn_load_quad_avx2(x + 4 * q, v, before + 4 * q)), mean);
+        l->s1[q] = bn_keep_first_avx2(l->s1[q], _mm256_add_pd(l->s1[q], g), v);
+        l->s2[q] = bn_keep_first_avx2(l->s2[q], _mm256_add_pd(l->s2[q], _mm256_mul_pd(g, d)),
+                                      v);
     }
 }
 
