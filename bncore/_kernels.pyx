@@ -64,6 +64,7 @@ cdef extern from "_leaf_loops.h" nogil:
     const char *BN_VECTOR_ISA_CAP
     const char *bn_vector_isa()
     void bn_set_isa_cap(int cap)
+    int bn_get_isa_cap()
     ctypedef double bn_lanes[BN_LANES]
     ctypedef struct bn_lane_pair:
         bn_lanes a
@@ -3041,19 +3042,16 @@ def set_stats_runs_ahead(Py_ssize_t runs):
 
 
 ISA_CAPS = ("baseline", "AVX2", "AVX-512")
-cdef str vector_isa_cap = "AVX-512"
 
 
 def set_vector_isa_cap(str isa):
     """Let the kernels choose no wider loops than `isa` ("AVX-512", "AVX2"
     or "baseline"), for tests that compare the bits of each set of loops
     in one process; not while kernels run. Returns the previous cap."""
-    global vector_isa_cap
     if isa not in ISA_CAPS:
         raise ValueError(f"isa must be one of {ISA_CAPS}, got {isa!r}")
-    previous = vector_isa_cap
+    previous = ISA_CAPS[bn_get_isa_cap()]
     bn_set_isa_cap(ISA_CAPS.index(isa))
-    vector_isa_cap = isa
     return previous
 
 

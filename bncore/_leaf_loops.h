@@ -2667,13 +2667,23 @@ static inline const char *bn_vector_isa(void)
 }
 
 /* Cap the loops chosen from here on (see bn_isa_cap); with no run-time
- * dispatch there is nothing to cap. Not while kernels run. */
+ * dispatch there is nothing to cap, and the cap reads as none (2). Not
+ * while kernels run. */
 static inline void bn_set_isa_cap(int cap)
 {
 #if BN_X86_DISPATCH
     bn_isa_cap = cap;
 #else
     (void)cap;
+#endif
+}
+
+static inline int bn_get_isa_cap(void)
+{
+#if BN_X86_DISPATCH
+    return bn_isa_cap;
+#else
+    return 2;
 #endif
 }
 
