@@ -128,7 +128,7 @@ def failing_import(error):
         return None
     spec = importlib.util.find_spec(name)
     raised_in = os.path.realpath(frames[-1].filename)
-    folders = spec.submodule_search_locations or [] if spec else []
+    folders = (spec.submodule_search_locations or []) if spec else []
     return name if any(raised_in.startswith(os.path.realpath(f) + os.sep) for f in folders) else None
 
 try:
