@@ -276,15 +276,28 @@ cdef enum:
     # against 107. (PyTorch took 13 us for the first, float32, training.)
     FEW_ROWS_F32 = 2
     FEW_ROWS_F64 = 4
-    # Streamed runs shorter than this are written a row at a time, as one
+    # Streamed runs shorter than this are normalised a row at a time, as one
     # stream (rows_as_runs), even where they are whole lines: each call
     # costs about as much as a few lines' stores. Eval, float32, 34-42 MB,
     # one call per run against a row at a time, of a streaming copy, 1 / 2
-    # threads: runs of 512-640 bytes 0.39-0.46 / 0.43-0.59 against
+    # threads (Zen 4): runs of 512-640 bytes 0.39-0.46 / 0.43-0.59 against
     # 0.98-1.10 / 0.96-1.01; 1024 bytes 0.57 / 0.51 against 1.05 / 0.87
-    # (float64 0.56 / 0.67 against 1.05 / 0.96); 2048 bytes 1.02 / 0.99
-    # against 0.72 / 0.97.
-    ROW_RUNS_MAX_BYTES = 2048
+    # (float64 0.56 / 0.67 against 1.05 / 0.96). On Zen 5 rows win up to
+    # 8 KiB: eval, 50-51 MB, time in streaming-copy times, a row at a time
+    # against a call per run (set_row_runs, one process), 1 / 2 threads:
+    # float32 runs of 2048 bytes 0.96 / 0.93 against 1.19 / 1.03, 3136
+    # 0.95 / 0.99 against 1.06 / 0.99, 4096 0.91 / 0.97 against 1.16 /
+    # 1.03, 6272 0.87 / 0.94 against 0.98 / 0.93; 8192 0.97 / 0.94 against
+    # 1.01 / 0.93, 12544 0.90 / 0.97 against 0.89 / 0.92, 50176 0.97 /
+    # 0.92 against 0.86 / 0.89; float64 6272 0.97 / 0.98 against 1.03 /
+    # 0.97, 12544 1.01 on two threads against 0.92. The two-pass training
+    # forward (float64; float32 of 4-8 channels) took 0.93-0.98 of the time
+    # as rows on one thread, 0.99-1.02 on two.
+    ROW_RUNS_MAX_BYTES = 8192
+    # The training backward's input gradient (bn_grad_runs) keeps the Zen 4
+    # limit: on Zen 5 its rows of 2-4 KiB runs took 0.98-1.03 of the time
+    # of a call per run (float32 and float64, 1 and 2 threads, 25-51 MB).
+    GRAD_ROW_RUNS_MAX_BYTES = 2048
     # In cache, with normal stores, only runs shorter than this. float32,
     # one thread, training / eval / backward, a call per run against a row
     # at a time: (32, 256, 36) 71 / 33 / 108 us against 66 / 29 / 92, (32,
@@ -1148,20 +1161,22 @@ cdef void planar_moments(const floating *x, const Planar *g, Moments *table,
 cdef bint row_runs_enabled = True     # set_row_runs
 
 
-cdef inline bint rows_as_runs(const Planar *g, bint stream, Py_ssize_t itemsize) noexcept nogil:
+cdef inline bint rows_as_runs(const Planar *g, bint stream, Py_ssize_t itemsize,
+                              Py_ssize_t max_bytes) noexcept nogil:
     """Whether the two-pass normalisation and input gradient write each row's
     runs of a row chunk as one stream (bn_affine_runs, bn_grad_runs; the
     callers also need their table of constants): AVX-512, runs of at least
     a vector (the loop blends at most two channels' constants per vector),
     and with streaming stores runs that share lines or are shorter than
-    ROW_RUNS_MAX_BYTES; with normal stores (in cache), where that loop
+    max_bytes (ROW_RUNS_MAX_BYTES; the input gradient's
+    GRAD_ROW_RUNS_MAX_BYTES); with normal stores (in cache), where that loop
     measured 1.3-3.4 times slower than one call per run on long runs, only
     runs shorter than ROW_RUNS_MAX_BYTES_IN_CACHE."""
     if not (g.rows_per_chunk > 0 and bn_periodic_lanes(itemsize) != 0
             and g.inner >= bn_periodic_lanes(itemsize) and row_runs_enabled):
         return False
     if stream:
-        return runs_share_lines(g, itemsize) or g.inner * itemsize < ROW_RUNS_MAX_BYTES
+        return runs_share_lines(g, itemsize) or g.inner * itemsize < max_bytes
     return g.inner * itemsize < ROW_RUNS_MAX_BYTES_IN_CACHE
 
 
@@ -1199,7 +1214,8 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     # Row chunks: runs of up to 64 Ki values, each asking for its channel's
     # constants; a table of them, made once.
     rows.constants = affine_table(x, a, g.channels, nthreads)
-    row_runs = (rows_as_runs(g, a.stream, sizeof(floating)) and can_pair(a, sizeof(floating))
+    row_runs = (rows_as_runs(g, a.stream, sizeof(floating), ROW_RUNS_MAX_BYTES)
+                and can_pair(a, sizeof(floating))
                 and rows.constants != NULL)
     rows.stream = row_chunk_stream(g, a.stream, row_runs, sizeof(floating))
     if nthreads == 1:
@@ -2300,7 +2316,7 @@ cdef inline bint grad_rows_as_runs(const Planar *g, const BackwardArgs *a,
                                    Py_ssize_t itemsize) noexcept nogil:
     """rows_as_runs for the backward: a training one (eval's dx = dy * k
     stays run by run)."""
-    return a.training and rows_as_runs(g, a.stream, itemsize)
+    return a.training and rows_as_runs(g, a.stream, itemsize, GRAD_ROW_RUNS_MAX_BYTES)
 
 
 cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
@@ -2866,7 +2882,8 @@ cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
     # Measured on AVX-512 machines only; elsewhere the two passes.
     return (bn_pipelined_fused() and stream != 0
             and g.inner * itemsize >= pipe_min_run_bytes(itemsize, PIPE_MIN_RUN_BYTES_F64,
-                                                         rows_as_runs(g, stream, itemsize))
+                                                         rows_as_runs(g, stream, itemsize,
+                                                                      ROW_RUNS_MAX_BYTES))
             and (itemsize == sizeof(float) or nthreads >= 2)
             and g.channels >= PIPE_MIN_CHANNELS * nthreads
             and g.outer * g.inner * itemsize <= PIPE_MAX_SLICE)

@@ -1,6 +1,6 @@
 """Planar runs that do not fill whole cache lines (7x7, 10x10, 14x14 feature
-maps), or are short (under 2 KiB), are normalised a row at a time when the
-output takes streaming stores: one stream over the runs of consecutive
+maps), or are short (under 8 KiB; the backward's under 2 KiB), are
+normalised a row at a time when the output takes streaming stores: one stream over the runs of consecutive
 channels, whose vectors blend two channels' constants where a run ends
 inside them (bn_affine_runs, and bn_grad_runs for the training backward's
 input gradient). Its output must be bitwise that of the runs written one at a
@@ -30,11 +30,13 @@ from test_pipelined_backward import assert_backward_matches_the_reference
 # vector (3x3, 3x4; float64 reads those as rows), written one at a time.
 SHORT_PLANAR_SHAPES = [(300, 5, 16), (130, 9, 25), (300, 5, 9), (200, 11, 12)]
 # (outer, channels, inner) in the planar layout: runs that are not whole
-# lines, then runs of whole lines under ROW_RUNS_MAX_BYTES (2 KiB; 256
-# float64 values are not), then the shortest planar runs.
+# lines, then runs of whole lines under GRAD_ROW_RUNS_MAX_BYTES (2 KiB;
+# 256 float64 values are not) and under ROW_RUNS_MAX_BYTES (8 KiB, which
+# the backward writes one at a time; 1024 float64 values are not), then the
+# shortest planar runs.
 SHAPES = [(130, 2, 33), (70, 7, 49), (9, 64, 196), (5, 17, 47), (3, 40, 100),
           (300, 3, 40), (2, 5, 1001), (70, 7, 32), (9, 20, 144),
-          (5, 6, 256)] + SHORT_PLANAR_SHAPES
+          (5, 6, 256), (4, 6, 784), (3, 5, 1024)] + SHORT_PLANAR_SHAPES
 
 
 @pytest.fixture
