@@ -460,7 +460,7 @@ cdef enum:
     # The statistics of blocks of several runs, from memory, ask for the
     # runs this many runs ahead of each run they sum, in blocks of at least
     # STATS_AHEAD_MIN_ROWS rows of runs of at least STATS_AHEAD_MIN_RUN
-    # values (stats_ahead_bytes).
+    # values, and chunks of several blocks a channel (stats_blocks_ahead).
     STATS_RUNS_AHEAD = 6
     STATS_AHEAD_MIN_ROWS = 4
     STATS_AHEAD_MIN_RUN = 16
@@ -866,10 +866,11 @@ cdef inline bint one_run_blocks(const Planar *g) noexcept nogil:
 cdef Py_ssize_t stats_runs_ahead = STATS_RUNS_AHEAD    # set_stats_runs_ahead
 
 
-cdef inline Py_ssize_t stats_ahead_bytes(const Planar *g, Py_ssize_t itemsize) noexcept nogil:
-    """How far ahead of each run the statistics of blocks of several runs
-    ask for memory, in bytes: STATS_RUNS_AHEAD runs, for tensors read from
-    memory; 0 (none) in cache, where it measured 5-10 % slower.
+cdef inline Py_ssize_t stats_blocks_ahead(const Planar *g, Py_ssize_t itemsize) noexcept nogil:
+    """How many blocks ahead, in the order they are read, the statistics of
+    blocks of several runs ask for memory (block_ahead places them):
+    STATS_RUNS_AHEAD, for tensors read from memory; 0 (none) in cache,
+    where it measured 5-10 % slower.
 
     A channel's block reads a run from each of its rows, a row apart, and
     the next channel the runs just after them: as many streams as the
@@ -888,33 +889,51 @@ cdef inline Py_ssize_t stats_ahead_bytes(const Planar *g, Py_ssize_t itemsize) n
     Float32 (256, 128, 20, 20), blocks of 4 rows: 0.86 -> 0.56; float64
     (512, 64, 20, 20), 5 rows: 1.62 -> 1.39. Where it is not asked for,
     it did not pay: runs of 9 values (3 x 3 maps) 1.00-1.07 of the time
-    without; blocks of two rows, two streams the prefetchers follow,
-    0.92-1.21 (float32 32 x 32 maps 1.06-1.21, 22 x 22 1.00, 17 x 17
-    0.92-0.98; float64 16 x 16 1.05, 17 x 17 0.99)."""
-    cdef Py_ssize_t run_bytes = g.inner * itemsize
+    without; chunks of one block of two rows, two streams the prefetchers
+    follow, 0.92-1.21 (float32 32 x 32 maps 1.06-1.21, 22 x 22 1.00, 17 x
+    17 0.92-0.98; float64 16 x 16 1.05, 17 x 17 0.99).
+
+    Chunks of several blocks a channel (few channels, many rows) turn back
+    at the end of each block's rows, which the prefetchers did not follow
+    either, blocks of two rows included. Asked for the blocks 6 ahead in
+    the order read, the next block's rows once past the last channel,
+    float32 moments in copy-times, 1 / 2 threads: (4096, 4, 28, 28) 1.37
+    / 0.93 -> 0.72 / 0.51, (2048, 8, 28, 28) 0.99 / 0.69 -> 0.69 / 0.51,
+    (32768, 8, 7, 7) 1.81 / 1.09 -> 0.71 / 0.46, (8192, 8, 14, 14) 1.40 ->
+    0.65 one thread; float64 (2048, 4, 28, 28) 1.49 -> 1.07. Chunks of
+    one block of two rows, asked for the same way: (128, 128, 28, 28) 0.66
+    / 0.42 -> 0.60 / 0.45, (512, 32, 28, 28) 0.72 / 0.46 -> 0.63 / 0.48."""
     if (stats_runs_ahead <= 0 or g.inner < STATS_AHEAD_MIN_RUN
-            or min(g.runs_per_block, g.rows_per_chunk) < STATS_AHEAD_MIN_ROWS
-            or not streamed_size(g.outer * g.channels * run_bytes)):
+            or not streamed_size(g.outer * g.channels * g.inner * itemsize)):
         return 0
-    return stats_runs_ahead * run_bytes
+    if (min(g.runs_per_block, g.rows_per_chunk) < STATS_AHEAD_MIN_ROWS
+            and g.rows_per_chunk <= g.runs_per_block):
+        return 0
+    return stats_runs_ahead
+
+
+cdef inline Py_ssize_t block_ahead(const Planar *g, Py_ssize_t c, Py_ssize_t c0,
+                                   Py_ssize_t c1, Py_ssize_t nrows,
+                                   Py_ssize_t blocks) noexcept nogil:
+    """How many values after channel c's block of nrows rows starts the one
+    read `blocks` blocks later by a walk of channels [c0, c1) block by
+    block (planar_rows_moments), taking the next blocks to be nrows rows
+    too: always ahead, within the current rows or past them."""
+    cdef Py_ssize_t later = c - c0 + blocks
+    cdef Py_ssize_t width = c1 - c0
+    return ((later // width) * nrows * g.channels + c0 + later % width - c) * g.inner
 
 
 cdef Moments planar_chunk_moments(const floating *x, const Planar *g, Py_ssize_t c,
                                   Py_ssize_t k) noexcept nogil:
+    """Chunk k of channel c, pieces of one long run (row chunks are
+    planar_rows_moments')."""
     cdef Moments acc = empty_moments()
     cdef Span s = chunk_span(g, k)
     cdef double origin = channel_origin(x, c, g.inner)
-    cdef Py_ssize_t n = s.n0, nrows
-    cdef Py_ssize_t ahead_bytes = stats_ahead_bytes(g, sizeof(floating))
-    if g.pieces_per_run > 1:
-        for n in range(s.n0, s.n1):
-            run_moments(x + run_start(g, n, c), g, s.p0, s.p1, origin, &acc)
-        return acc
-    while n < s.n1:
-        nrows = block_rows(g, n, s.n1)
-        merge_moments(&acc, block_moments(x + run_start(g, n, c), nrows, g.channels * g.inner,
-                                          g.inner, origin, ahead_bytes))
-        n = n + nrows
+    cdef Py_ssize_t n
+    for n in range(s.n0, s.n1):
+        run_moments(x + run_start(g, n, c), g, s.p0, s.p1, origin, &acc)
     return acc
 
 
@@ -925,19 +944,37 @@ cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t ite
     cdef Py_ssize_t k = item // ngroups
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef Span s = chunk_span(g, k)
-    cdef Py_ssize_t n, c, c0 = 0, c1 = 0
+    cdef Py_ssize_t n, c, nrows, ahead, ahead_bytes, c0 = 0, c1 = 0
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
+    for c in range(c0, c1):
+        table[c * nchunks + k] = empty_moments()
     if one_run_blocks(g):
         # Row by row across the channels, in memory order.
-        for c in range(c0, c1):
-            table[c * nchunks + k] = empty_moments()
         for n in range(s.n0, s.n1):
             for c in range(c0, c1):
                 run_moments(x + run_start(g, n, c), g, s.p0, s.p1,
                             channel_origin(x, c, g.inner), &table[c * nchunks + k])
         return
-    for c in range(c0, c1):
-        table[c * nchunks + k] = planar_chunk_moments(x, g, c, k)
+    # Blocks of several runs: a block's rows across the channels, then the
+    # next block's, as near memory order as blocks allow; each channel's
+    # blocks merged in row order from the first, the order the pipelined
+    # walk merges them in (so its bits). Taken channel by channel, a chunk
+    # of several blocks a channel (few channels, many rows) was read as
+    # short runs a row apart: float32 (4096, 4, 28, 28) moments took 2.1
+    # streaming-copy times on one thread, 1.4 block by block, 0.7 with
+    # blocks asked for ahead (stats_blocks_ahead).
+    ahead = stats_blocks_ahead(g, sizeof(floating))
+    n = s.n0
+    while n < s.n1:
+        nrows = block_rows(g, n, s.n1)
+        for c in range(c0, c1):
+            ahead_bytes = 0
+            if ahead > 0:
+                ahead_bytes = block_ahead(g, c, c0, c1, nrows, ahead) * sizeof(floating)
+            merge_moments(&table[c * nchunks + k],
+                          block_moments(x + run_start(g, n, c), nrows, g.channels * g.inner,
+                                        g.inner, channel_origin(x, c, g.inner), ahead_bytes))
+        n = n + nrows
 
 
 cdef inline bint planar_order(Py_ssize_t outer, Py_ssize_t nvalues, Py_ssize_t inner,
@@ -1234,7 +1271,7 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
 # asking for the next one ahead of use; so the memory sees one read and one
 # write of the tensor, both at once, instead of two reads (statistics, then
 # normalisation) and a write. Channel c + 1's chunks are computed and merged
-# exactly as planar_chunk_moments does, so the results are bitwise those of
+# exactly as planar_rows_moments does, so the results are bitwise those of
 # the two-pass path.
 
 cdef inline const floating *run_after(const floating *x, const Planar *g, Py_ssize_t n,
@@ -1439,7 +1476,7 @@ cdef void pipelined_item(const floating *x, floating *y, const Planar *g, Py_ssi
             if sc >= 0:
                 table[k] = empty_moments()
             for n in range(s.n0, s.n1):
-                # Blocks of whole runs as planar_chunk_moments cuts them.
+                # Blocks of whole runs as planar_rows_moments cuts them.
                 block_end = block_end_at(g, n, s)
                 # Rows are normalised last read first: those still in L2.
                 pipelined_runs(x, y, g, n, sc, origin, s1, s2, block_end, &table[k],
@@ -3049,8 +3086,8 @@ def set_row_runs(bint enabled):
 
 
 def set_stats_runs_ahead(Py_ssize_t runs):
-    """How many runs ahead the statistics of blocks of several runs ask
-    for memory (stats_ahead_bytes; 0: not at all), for tests and A/B
+    """How many blocks ahead the statistics of blocks of several runs ask
+    for memory (stats_blocks_ahead; 0: not at all), for tests and A/B
     timing: the bits are the same. Returns the previous value."""
     global stats_runs_ahead
     previous = stats_runs_ahead

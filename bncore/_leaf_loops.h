@@ -450,7 +450,7 @@ BN_INLINE void bn_lanes_totals_avx512(__m512d a1, __m512d b1, __m512d a2, __m512
  * Float32 statistics on one thread took 0.86 of the time a run at a time
  * on (512, 512, 7, 7), 0.80 on (1024, 512, 4, 4). With ahead_bytes > 0,
  * each run's bytes that far on are asked for as the run is summed (the
- * caller's rule: stats_ahead_bytes in _kernels.pyx). */
+ * caller's rule: stats_blocks_ahead in _kernels.pyx). */
 __attribute__((target("avx512f"))) static void bn_block_shifted_sums_f32_avx512(
     const float *BN_RESTRICT x, ptrdiff_t nruns, ptrdiff_t stride, ptrdiff_t n,
     double origin, ptrdiff_t ahead_bytes, double *t1, double *t2)

@@ -153,7 +153,7 @@ def test_the_compiler_keeps_the_prefetches():
     # The statistics of blocks of short runs (bn_block_shifted_sums_f64,
     # or the callers it is inlined into).
     callers = ["__pyx_fuse_1__pyx_f_6bncore_8_kernels_" + name
-               for name in ("planar_chunk_moments", "block_moments", "shifted_runs_moments")]
+               for name in ("planar_rows_moments", "block_moments", "shifted_runs_moments")]
     assert sum(_prefetches_in(functions, prefix, "prefetcht0")
                for prefix in ["bn_block_shifted_sums_f64"] + callers) > 0
     if _kernels.VECTOR_ISA_CAP == "baseline":

@@ -73,10 +73,13 @@ def _same_bits(a, b):
 # that threads share the channels; row chunks of 63 runs of 40 values, cut
 # into blocks of 51 runs and of 12. With streaming stores, float32 lines
 # shared by two runs or pieces are written whole, once (seams), where each
-# piece spans a line: last pieces of 16 values (seams) and 14 (none).
+# piece spans a line: last pieces of 16 values (seams) and 14 (none). Row
+# chunks of 5 rows in blocks of 2, 2 and 1, which the two passes read a
+# block's rows at a time across the channels and the pipelined walk channel
+# by channel.
 SHAPES = [(3, 5, 77), (2, 3, 1030), (65, 3, 33), (7, 2, 2100), (4, 1, 300),
           (2, 7, 4099), (130, 4, 40), (5, 9, 784), (1, 2, 64), (3, 11, 2050),
-          (70, 5, 201), (4000, 2, 40), (3, 4, 2064), (3, 4, 2062)]
+          (70, 5, 201), (4000, 2, 40), (3, 4, 2064), (3, 4, 2062), (300, 3, 700)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

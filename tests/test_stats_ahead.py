@@ -1,14 +1,17 @@
-"""The statistics of short runs read from memory ask for the runs a few
-channels ahead of those they sum (stats_ahead_bytes in _kernels.pyx): a
-channel's block of several rows is as many short streams, which the
-prefetchers did not follow. The prefetches name memory past the last row,
-past the array's end; they must leave every bit of the statistics and of
-the training forward as they are without them (set_stats_runs_ahead(0)),
-on 1-3 threads, and those must match the float64 reference.
+"""The statistics of short runs read from memory ask for the blocks a few
+ahead of those they sum, in the order they read them (stats_blocks_ahead
+and block_ahead in _kernels.pyx): a channel's block of several rows is as
+many short streams, which the prefetchers did not follow, and chunks of
+several blocks a channel are read a block's rows at a time across the
+channels. The prefetches name memory past the last row, past the array's
+end; they must leave every bit of the statistics and of the training
+forward as they are without them (set_stats_runs_ahead(0)), on 1-3
+threads, and those must match the float64 reference.
 
 Every size counts as read from memory here (set_stream_min_bytes(0)), the
 serial cutoff is off, and the shapes have chunks of at least 4 rows (outer
-> 192: MAX_ROW_CHUNKS chunks), so that the rule asks for runs ahead."""
+> 192: MAX_ROW_CHUNKS chunks), or of several blocks, so that the rule asks
+for blocks ahead."""
 
 import numpy as np
 import pytest
@@ -21,8 +24,10 @@ from test_pipelined import _offset_array
 # (outer, channels, inner): 7 x 7, 4 x 4 and 10 x 10 maps in blocks of 4-5
 # rows; a last chunk cut short; the fewest rows and the shortest runs asked
 # for ahead (4 rows, 16 values); one channel, whose next runs are the next
-# row's.
-SHAPES = [(300, 7, 49), (260, 5, 16), (257, 3, 100), (193, 6, 16), (320, 1, 25)]
+# row's; chunks of several blocks a channel: 5 rows in blocks of 2, 2 and
+# 1, and 63 rows in blocks of 51 and 12.
+SHAPES = [(300, 7, 49), (260, 5, 16), (257, 3, 100), (193, 6, 16), (320, 1, 25),
+          (300, 3, 700), (4000, 2, 40)]
 
 
 @pytest.fixture
