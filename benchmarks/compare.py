@@ -163,8 +163,10 @@ def _wl(kind, shape, axis=1, group=None, quick=None, alloc=False, latency=False)
 NCHW_L, NCHW_M = (128, 128, 56, 56), (64, 256, 28, 28)          # 205 MB, 51 MB (float32)
 NHWC_M, NC_L = (32, 56, 56, 128), (400_000, 128)                # 51 MB, 205 MB
 Q_NCHW_L, Q_NCHW_M, Q_NHWC_M, Q_NC_L = (8, 32, 56, 56), (8, 64, 28, 28), (4, 28, 28, 64), (20_000, 64)
+# Few channels: long runs, rows of 1 MB, (N, 8); and many rows of short
+# runs, whose row chunks hold several blocks of runs a channel.
 SCALING = [((64, 3, 224, 224), (4, 3, 224, 224)), ((8, 8, 256, 256), (2, 8, 128, 128)),
-           ((2_000_000, 8), (100_000, 8))]
+           ((2_000_000, 8), (100_000, 8)), ((2048, 8, 28, 28), (64, 8, 28, 28))]
 # Small feature maps (ResNet's last stages): runs of 196 and 784 bytes,
 # under the planar loops' per-run costs and not whole cache lines; runs of
 # 256 bytes, whole lines but short; and runs of 64 bytes (a CIFAR ResNet's
