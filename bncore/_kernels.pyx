@@ -45,7 +45,8 @@ cimport numpy as cnp
 import numpy as np
 # Scratch tables come from Python's raw allocator: safe without the GIL, and
 # traced by tracemalloc, so the memory tests see them.
-from cpython.mem cimport PyMem_RawFree as free, PyMem_RawMalloc as malloc
+from cpython.mem cimport (PyMem_RawFree as free, PyMem_RawMalloc as malloc,
+                          PyMem_RawRealloc as realloc)
 from cython.parallel cimport prange
 from libc.float cimport DBL_MAX, FLT_MAX
 from libc.math cimport INFINITY, fabs, sqrt
@@ -298,6 +299,20 @@ cdef enum:
     # limit: on Zen 5 its rows of 2-4 KiB runs took 0.98-1.03 of the time
     # of a call per run (float32 and float64, 1 and 2 threads, 25-51 MB).
     GRAD_ROW_RUNS_MAX_BYTES = 2048
+    # The row loops write rows shorter than this several a call, as many as
+    # make this much, where a call's rows hold every channel (so that they
+    # are one stream): few channels of short runs were a call per row of a
+    # few hundred bytes. Float32, one thread, in streaming-copy times, one
+    # row a call against rows of 8 / 16 / 64 KiB: eval (32768, 8, 7, 7)
+    # 1.36 against 0.99 / 0.88 / 0.94, (65536, 4, 7, 7) 1.13 against 0.86
+    # / 0.89 / 0.90; backward 3.44 against 2.94 / 2.79 / 2.83 and 3.33
+    # against 3.01 / 2.91 / 2.99; training 2.11 against 1.84 / 1.59 / 1.64
+    # and 1.99 against 1.64 / 1.57 / 1.55. Rows of 3-6 KiB ((16384, 4, 14,
+    # 14), (8192, 8, 14, 14)) even but for the backward of the first, 2.55
+    # -> 2.43. Two threads, 16 KiB: eval 0.93-0.97 of the time, backward
+    # and training 0.94-1.05. Float64 (32768, 4, 7, 7) eval 1.37 -> 0.85,
+    # backward 2.93 -> 2.48.
+    ROWS_CALL_MIN_BYTES = 16384
     # In cache, with normal stores, only runs shorter than this. float32,
     # one thread, training / eval / backward, a call per run against a row
     # at a time: (32, 256, 36) 71 / 33 / 108 us against 66 / 29 / 92, (32,
@@ -1100,26 +1115,63 @@ cdef void planar_row_affine(const floating *x, floating *y, const Planar *g, Py_
         run_affine(x, y, run_start(g, n, j), g.inner, a, j)
 
 
+cdef Py_ssize_t rows_call_min_bytes = ROWS_CALL_MIN_BYTES    # set_rows_call_min_bytes
+
+
+cdef inline Py_ssize_t rows_per_call(const Planar *g, int ngroups,
+                                     Py_ssize_t itemsize) noexcept nogil:
+    """How many rows the row loops (bn_affine_runs, bn_grad_runs) write in
+    one call: rows of every channel (one channel group: consecutive rows
+    are then one stream) shorter than ROWS_CALL_MIN_BYTES, as many as
+    make that much, at most a chunk's; else 1. The table of constants is
+    repeated for as many rows (repeat_table)."""
+    cdef Py_ssize_t row_bytes = g.channels * g.inner * itemsize
+    if ngroups != 1 or row_bytes >= rows_call_min_bytes:
+        return 1
+    return min(g.rows_per_chunk, (rows_call_min_bytes + row_bytes - 1) // row_bytes)
+
+
+cdef Py_ssize_t repeat_table(void **table, Py_ssize_t nbytes, Py_ssize_t copies) noexcept nogil:
+    """Grow the table of nbytes at table[0] to `copies` copies of itself, one
+    a row, so that the row loops find each channel's constants in turn over
+    that many rows; returns the copies there are (1 where memory is short:
+    the table is left as it was)."""
+    cdef char *grown
+    cdef Py_ssize_t k
+    if table[0] == NULL or copies <= 1:
+        return 1
+    grown = <char *>realloc(table[0], nbytes * copies)
+    if grown == NULL:
+        return 1
+    for k in range(1, copies):
+        memcpy(grown + k * nbytes, grown, nbytes)
+    table[0] = grown
+    return copies
+
+
 cdef void planar_rows_affine(const floating *x, floating *y, const Planar *g, Py_ssize_t item,
-                             int ngroups, const AffineIn *a, bint row_runs) noexcept nogil:
-    """Normalise a row chunk's group of channels: with row_runs, each row's
-    runs as one stream (bn_affine_runs; a.constants is the table); else
-    rows n and n + twin apart in step (twin_rows; blocks of 2 * twin rows),
-    the rows left after the last block with their channels paired
+                             int ngroups, const AffineIn *a, Py_ssize_t row_runs) noexcept nogil:
+    """Normalise a row chunk's group of channels: with row_runs > 0, each
+    row's runs as one stream, row_runs rows a call (bn_affine_runs;
+    a.constants is the table, its channels repeated for as many rows);
+    else rows n and n + twin apart in step (twin_rows; blocks of 2 * twin
+    rows), the rows left after the last block with their channels paired
     (planar_row_affine)."""
     cdef Span s = chunk_span(g, item // ngroups)
-    cdef Py_ssize_t n = s.n0, j, c, start, c0 = 0, c1 = 0, twin
+    cdef Py_ssize_t n = s.n0, j, c, start, nvalues, c0 = 0, c1 = 0, twin
     cdef const floating *table = <const floating *>a.constants
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
-    if row_runs:
-        for j in range(s.n0, s.n1):
-            start = run_start(g, j, c0)
+    if row_runs > 0:
+        while n < s.n1:
+            start = run_start(g, n, c0)
+            nvalues = min(row_runs, s.n1 - n) * (c1 - c0) * g.inner
             if floating is float:
-                bn_affine_runs_f32(x + start, y + start, (c1 - c0) * g.inner, g.inner,
-                                   table + 4 * c0, a.relu, a.stream)
+                bn_affine_runs_f32(x + start, y + start, nvalues, g.inner, table + 4 * c0,
+                                   a.relu, a.stream)
             else:
-                bn_affine_runs_f64(x + start, y + start, (c1 - c0) * g.inner, g.inner,
-                                   table + 4 * c0, a.relu, a.stream)
+                bn_affine_runs_f64(x + start, y + start, nvalues, g.inner, table + 4 * c0,
+                                   a.relu, a.stream)
+            n = n + row_runs
         if a.stream:
             bn_stream_fence()
         return
@@ -1238,7 +1290,8 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef int ngroups = row_groups(g, nthreads)
     cdef AffineIn rows = a[0]
-    cdef bint row_runs
+    cdef Py_ssize_t row_runs = 0
+    cdef void *table
     if g.rows_per_chunk == 0:
         if nthreads == 1:
             for item in range(g.channels * nchunks):
@@ -1250,11 +1303,13 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
         return
     # Row chunks: runs of up to 64 Ki values, each asking for its channel's
     # constants; a table of them, made once.
-    rows.constants = affine_table(x, a, g.channels, nthreads)
-    row_runs = (rows_as_runs(g, a.stream, sizeof(floating), ROW_RUNS_MAX_BYTES)
-                and can_pair(a, sizeof(floating))
-                and rows.constants != NULL)
-    rows.stream = row_chunk_stream(g, a.stream, row_runs, sizeof(floating))
+    table = affine_table(x, a, g.channels, nthreads)
+    if (table != NULL and rows_as_runs(g, a.stream, sizeof(floating), ROW_RUNS_MAX_BYTES)
+            and can_pair(a, sizeof(floating))):
+        row_runs = repeat_table(&table, 4 * g.channels * sizeof(floating),
+                                rows_per_call(g, ngroups, sizeof(floating)))
+    rows.constants = table
+    rows.stream = row_chunk_stream(g, a.stream, row_runs > 0, sizeof(floating))
     if nthreads == 1:
         for item in range(nchunks * ngroups):
             planar_rows_affine(x, y, g, item, ngroups, &rows, row_runs)
@@ -2292,23 +2347,25 @@ cdef void planar_chunk_grad_input(const floating *x, const floating *dy, floatin
 cdef void planar_rows_grad_input(const floating *x, const floating *dy, floating *dx,
                                  const Planar *g, Py_ssize_t item, int ngroups,
                                  const GradSums *totals, const BackwardArgs *a,
-                                 bint row_runs) noexcept nogil:
-    """The input gradient of a row chunk's group of channels: with row_runs,
-    each row's runs as one stream (bn_grad_runs; a.constants is the table),
-    else run by run."""
+                                 Py_ssize_t row_runs) noexcept nogil:
+    """The input gradient of a row chunk's group of channels: with row_runs
+    > 0, each row's runs as one stream, row_runs rows a call (bn_grad_runs;
+    a.constants is the table, as planar_rows_affine's), else run by run."""
     cdef Span s = chunk_span(g, item // ngroups)
-    cdef Py_ssize_t n, c, start, c0 = 0, c1 = 0
+    cdef Py_ssize_t n = s.n0, c, start, nvalues, c0 = 0, c1 = 0
     cdef const floating *table = <const floating *>a.constants
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
-    if row_runs:
-        for n in range(s.n0, s.n1):
+    if row_runs > 0:
+        while n < s.n1:
             start = run_start(g, n, c0)
+            nvalues = min(row_runs, s.n1 - n) * (c1 - c0) * g.inner
             if floating is float:
-                bn_grad_runs_f32(x + start, dy + start, dx + start, (c1 - c0) * g.inner,
-                                 g.inner, table + 5 * c0, a.stream)
+                bn_grad_runs_f32(x + start, dy + start, dx + start, nvalues, g.inner,
+                                 table + 5 * c0, a.stream)
             else:
-                bn_grad_runs_f64(x + start, dy + start, dx + start, (c1 - c0) * g.inner,
-                                 g.inner, table + 5 * c0, a.stream)
+                bn_grad_runs_f64(x + start, dy + start, dx + start, nvalues, g.inner,
+                                 table + 5 * c0, a.stream)
+            n = n + row_runs
         if a.stream:
             bn_stream_fence()
         return
@@ -2371,7 +2428,8 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
                                               * sizeof(GradSums))
     cdef GradSums *totals
     cdef BackwardArgs rows = a[0]
-    cdef bint row_runs
+    cdef Py_ssize_t row_runs = 0
+    cdef void *constants
     if table == NULL:
         return -1
     totals = table + g.channels * nchunks if ntotals > 0 else table
@@ -2393,9 +2451,12 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
         free(table)
         return 0
     if g.rows_per_chunk > 0:
-        rows.constants = grad_constants_table(x, totals, g, a, nthreads)
-        row_runs = rows.constants != NULL and grad_rows_as_runs(g, a, sizeof(floating))
-        rows.stream = row_chunk_stream(g, a.stream, row_runs, sizeof(floating))
+        constants = grad_constants_table(x, totals, g, a, nthreads)
+        if constants != NULL and grad_rows_as_runs(g, a, sizeof(floating)):
+            row_runs = repeat_table(&constants, 5 * g.channels * sizeof(floating),
+                                    rows_per_call(g, ngroups, sizeof(floating)))
+        rows.constants = constants
+        rows.stream = row_chunk_stream(g, a.stream, row_runs > 0, sizeof(floating))
         for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
             planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, &rows, row_runs)
         free(<void *>rows.constants)
@@ -3082,6 +3143,16 @@ def set_row_runs(bint enabled):
     global row_runs_enabled
     previous = row_runs_enabled
     row_runs_enabled = enabled
+    return previous
+
+
+def set_rows_call_min_bytes(Py_ssize_t nbytes):
+    """Rows shorter than nbytes are written several a call by the row loops
+    (rows_per_call; 1 or less: one row a call), for tests and A/B timing:
+    the bits are the same. Returns the previous value."""
+    global rows_call_min_bytes
+    previous = rows_call_min_bytes
+    rows_call_min_bytes = nbytes
     return previous
 
 

@@ -199,3 +199,41 @@ def test_short_runs_match_the_reference(shape, dtype, streaming):
 def test_set_lane_groups_returns_the_previous_setting(streaming):
     assert _kernels.set_lane_groups(False) is True
     assert _kernels.set_lane_groups(True) is False
+
+
+# Rows of every channel shorter than ROWS_CALL_MIN_BYTES (16 KiB) are
+# written several a call, the table of constants repeated for as many rows:
+# few channels of short runs, row chunks of 63 rows (all but the last call
+# whole), of 4 rows with calls of 3 (set_rows_call_min_bytes below), rows
+# of runs that share lines and of whole lines.
+MANY_ROWS_SHAPES = [(4000, 2, 40), (4000, 3, 49), (250, 4, 64), (700, 1, 196)]
+
+
+@pytest.mark.parametrize("shape", MANY_ROWS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_written_several_a_call_give_the_bits_of_one_a_call(shape, dtype, streaming):
+    problem = _problem(shape, dtype, seed=11 * sum(shape))
+    gradient_problem = _gradient_problem(shape, dtype, seed=13 * sum(shape))
+    x, _, _, weight, bias = problem
+    call_bytes = _kernels.set_rows_call_min_bytes(0)     # one row a call
+    try:
+        want = [_eval(problem, shape, 1, True, 1, False, True),
+                _train(problem, shape, 1, False, 1, True),
+                _backward(gradient_problem, shape, 1, 1, None, True, True)]
+        row_bytes = shape[1] * shape[2] * x.itemsize
+        for call_bytes in (1 << 14, 3 * row_bytes):
+            _kernels.set_rows_call_min_bytes(call_bytes)
+            for threads in (1, 2, 3):
+                got = [_eval(problem, shape, threads, True, 1, False, True),
+                       _train(problem, shape, threads, False, 1, True),
+                       _backward(gradient_problem, shape, threads, 1, None, True, True)]
+                assert _same_bits(got[0:1], want[0:1]), (call_bytes, threads, "eval")
+                assert _same_bits(got[1], want[1]), (call_bytes, threads, "training")
+                assert _same_bits(got[2], want[2]), (call_bytes, threads, "backward")
+    finally:
+        _kernels.set_rows_call_min_bytes(1 << 14)
+
+
+def test_set_rows_call_min_bytes_returns_the_previous_value(streaming):
+    assert _kernels.set_rows_call_min_bytes(0) == 1 << 14
+    assert _kernels.set_rows_call_min_bytes(1 << 14) == 0
