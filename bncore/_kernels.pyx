@@ -252,6 +252,31 @@ cdef enum:
     # 2.4 ms against 2.9 as runs; (32, 64, 4, 4) 28 us against 97.
     PLANAR_MIN_INNER_F32 = 9
     PLANAR_MIN_INNER_F64 = 16
+    # ...but with AVX-512 (its row loops), float32 runs of 9-15 values from
+    # memory are rows across channels again where a row (C * inner values)
+    # is at most this long. On Zen 5, rows over runs, time over time, one /
+    # two threads, moments, eval, training, backward: (116508, 8, 3, 3)
+    # 0.11-0.13, 0.29-0.34, 0.15-0.17, 0.48-0.52; (310689, 3, 3, 3)
+    # 0.26-0.30, 0.33-0.34, 0.25-0.29, 0.52-0.56; (14563, 64, 3, 3)
+    # 0.19-0.22, 0.15-0.16, 0.17-0.19, 0.65-0.70; (3640, 256, 3, 3)
+    # 0.31-0.38, 0.24-0.30, 0.28-0.33, 0.76-0.80; (65536, 8, 3, 4)
+    # 0.16-0.24, 0.26-0.37, 0.19-0.29, 0.65-0.73; (14979, 64, 2, 7)
+    # 0.23-0.26, 0.20-0.34, 0.23-0.30, 0.89-0.91; (2184, 256, 3, 5)
+    # 0.99-1.00, 0.27-0.37, 0.46-0.52, 0.81-0.97. Wider rows, whose column
+    # sums are slower, lost in the statistics and the backward: one thread,
+    # (1820, 512, 3, 3) moments 1.17, (1365, 512, 3, 4) 1.29 and backward
+    # 1.12, (1092, 512, 3, 5) 1.66 and 1.25, (1170, 512, 2, 7) 1.32 and
+    # 1.23, but (910, 1024, 3, 3) 0.97 and 0.96. Capped to AVX2 rows lost:
+    # (116508, 8, 3, 3) eval 4.7 and backward 2.3 times the time.
+    SHORT_RUN_ROWS_MAX_BYTES = 16384
+    # The normalisation (eval, and training's second pass) takes such rows
+    # up to this long: one / two threads, (1170, 512, 2, 7) 0.30 / 0.40,
+    # (546, 1024, 3, 5) 0.37 / 0.54, (341, 2048, 3, 4) 0.85 / 1.48,
+    # (455, 2048, 3, 3) 1.15 / 1.24, (292, 2048, 2, 7) 1.46 / 1.52 (past
+    # ROW_GROUPS_MAX_WIDTH values). Training, its statistics as rows too:
+    # (1820, 512, 3, 3) 0.49, (1092, 512, 3, 5) 0.62, (546, 1024, 3, 5)
+    # 0.73 of the time, one thread.
+    NORMALIZE_SHORT_RUN_ROWS_MAX_BYTES = 65536
     # ...and so are runs of 16-31 values in cache, where AVX-512 writes
     # them a row at a time (rows_as_runs) and their statistics are blocks
     # of whole runs (IN_CACHE_BLOCK_MIN_RUNS). Measured, rows against runs,
@@ -993,11 +1018,14 @@ cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t ite
 
 
 cdef inline bint planar_order(Py_ssize_t outer, Py_ssize_t nvalues, Py_ssize_t inner,
-                              Py_ssize_t itemsize) noexcept nogil:
+                              Py_ssize_t itemsize, Py_ssize_t short_rows_max_bytes) noexcept nogil:
     """Whether a tensor of nvalues in `outer` rows of runs of inner values is
     walked as runs (PLANAR_MIN_INNER; in few rows, FEW_ROWS_F32 and _F64;
-    from memory, PLANAR_MIN_INNER_F32 and _F64), else as rows across
-    channels."""
+    from memory, PLANAR_MIN_INNER_F32 and _F64, and with AVX-512 float32
+    runs under PLANAR_MIN_INNER_IN_CACHE in rows of at most
+    short_rows_max_bytes as rows: SHORT_RUN_ROWS_MAX_BYTES, the
+    normalisation's NORMALIZE_SHORT_RUN_ROWS_MAX_BYTES), else as rows
+    across channels."""
     if inner >= PLANAR_MIN_INNER:
         return True
     if few_rows(outer, inner, FEW_ROWS_F32 if itemsize == sizeof(float) else FEW_ROWS_F64):
@@ -1006,9 +1034,12 @@ cdef inline bint planar_order(Py_ssize_t outer, Py_ssize_t nvalues, Py_ssize_t i
         # In cache, such runs are written a row at a time (rows_as_runs,
         # AVX-512), with their statistics in blocks of whole runs.
         return bn_periodic_lanes(itemsize) != 0 and inner >= PLANAR_MIN_INNER_IN_CACHE
-    if itemsize == sizeof(float):
-        return inner >= PLANAR_MIN_INNER_F32
-    return inner >= PLANAR_MIN_INNER_F64
+    if itemsize != sizeof(float):
+        return inner >= PLANAR_MIN_INNER_F64
+    if (bn_periodic_lanes(itemsize) != 0 and inner < PLANAR_MIN_INNER_IN_CACHE
+            and nvalues // outer * itemsize <= short_rows_max_bytes):
+        return False
+    return inner >= PLANAR_MIN_INNER_F32
 
 
 cdef inline bint runs_share_lines(const Planar *g, Py_ssize_t itemsize) noexcept nogil:
@@ -2902,7 +2933,7 @@ cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
     cdef Interleaved q
     cdef int nthreads
     cdef Py_ssize_t nvalues = outer * channels * inner
-    if planar_order(outer, nvalues, inner, sizeof(floating)):
+    if planar_order(outer, nvalues, inner, sizeof(floating), SHORT_RUN_ROWS_MAX_BYTES):
         p = planar_geometry(outer, channels, inner, sizeof(floating))
         nthreads = backward_team_size(requested, channels, nvalues)
         if use_pipelined_backward(&p, a, sizeof(floating), nthreads):
@@ -2923,7 +2954,7 @@ cdef int moments_driver(const floating *x, Py_ssize_t outer, Py_ssize_t channels
     cdef Interleaved q
     cdef Moments *chunks
     cdef Py_ssize_t nvalues = outer * channels * inner
-    if planar_order(outer, nvalues, inner, sizeof(floating)):
+    if planar_order(outer, nvalues, inner, sizeof(floating), SHORT_RUN_ROWS_MAX_BYTES):
         p = planar_geometry(outer, channels, inner, sizeof(floating))
         chunks = <Moments *>malloc(channels * p.chunks_per_channel * sizeof(Moments))
         if chunks == NULL:
@@ -2947,7 +2978,8 @@ cdef int normalize_driver(const floating *x, floating *y, Py_ssize_t outer,
     cdef Planar p
     cdef Interleaved q
     cdef Py_ssize_t nvalues = outer * channels * inner
-    if planar_order(outer, nvalues, inner, sizeof(floating)):
+    if planar_order(outer, nvalues, inner, sizeof(floating),
+                    NORMALIZE_SHORT_RUN_ROWS_MAX_BYTES):
         p = planar_geometry(outer, channels, inner, sizeof(floating))
         planar_normalize(x, y, &p, a,
                          team_size(requested, channels * p.chunks_per_channel, nvalues))
@@ -3651,7 +3683,8 @@ cdef bint plain_input(x, weight, bias, axis, num_threads, activation,
         return False
     call.nthreads = 1
     counted = call.n
-    if backward and planar_order(call.outer, call.n, call.inner, cnp.PyArray_ITEMSIZE(xa)):
+    if backward and planar_order(call.outer, call.n, call.inner, cnp.PyArray_ITEMSIZE(xa),
+                                 SHORT_RUN_ROWS_MAX_BYTES):
         counted = BACKWARD_WORK_PER_VALUE * call.n
     if may_take_team(counted):
         # Imported here: bncore._threads imports this module.

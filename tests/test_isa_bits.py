@@ -5,10 +5,14 @@ the same path, a CPU with AVX-512 capped to AVX2 (set_vector_isa_cap) must
 give every output bitwise what it gives uncapped: the forward, its
 statistics and running averages, eval, and the backward.
 
-Paths differ in one place by design: in cache, runs of 16-31 values are
+Paths differ in two places by design: in cache, runs of 16-31 values are
 blocks of whole runs with AVX-512 and rows across channels without it
 (PLANAR_MIN_INNER_IN_CACHE), so those shapes are compared with every size
-read as from memory (set_stream_min_bytes(0)), where both take runs.
+read as from memory (set_stream_min_bytes(0)), where both take runs; from
+memory, float32 runs of 9-15 values in rows of at most 16 KiB are rows
+across channels with AVX-512 and runs without it (SHORT_RUN_ROWS_MAX_BYTES),
+so those are compared in cache, where both take rows, and wider rows of
+such runs from memory, where both take runs.
 
 On a CPU without AVX-512 there is nothing to compare against; there, and
 everywhere, the capped results must match the float64 reference. (The
@@ -25,18 +29,26 @@ from conftest import assert_output_close, make_input, make_params
 
 # (shape, axis): short runs from memory and in cache (4x4, 7x7, 14x14, 9x9
 # and 5x3 maps), every tail length of a run (1-15 values past whole vectors
-# of 16), runs cut in pieces of BLOCK_LEN with 1 and 3 values left over,
-# channels-last and (N, C) rows.
+# of 16), runs of 9 and 15 values in rows wider than 16 KiB (and of 12 in
+# rows of 33 KB, which AVX-512 normalises as rows but sums as runs), runs
+# cut in pieces of BLOCK_LEN with 1 and 3 values left over, channels-last
+# and (N, C) rows.
 SHAPES = ([((512, 64, 7, 7), 1), ((300, 8, 4, 4), 1), ((64, 32, 14, 14), 1),
-           ((16, 24, 9, 9), 1), ((33, 20, 5, 3), 1), ((4, 3, 1, 2049), 1),
+           ((16, 24, 9, 9), 1), ((33, 20, 5, 3), 1), ((6, 1900, 1, 9), 1),
+           ((6, 1200, 1, 15), 1), ((8, 700, 1, 12), 1), ((4, 3, 1, 2049), 1),
            ((4, 3, 1, 2051), 1), ((8, 14, 14, 64), -1), ((5000, 67), 1), ((4000, 8), 1)]
           + [((40, 12, 1, n), 1) for n in (1, 2, 3, 5, 9, 15, 16, 17, 23, 31, 32, 33, 47)])
 
 
-def _in_cache_path_differs(shape, axis):
-    """Runs of 16-31 values, taken another way in cache without AVX-512."""
+def _paths_differ(shape, axis, size_rules, dtype):
+    """Whether AVX-512 and AVX2 take these runs different ways: in cache,
+    runs of 16-31 values; from memory, float32 runs of 9-15 values in rows
+    of at most 16 KiB."""
     inner = int(np.prod(shape[2:])) if axis == 1 and len(shape) > 2 else 1
-    return 16 <= inner <= 31
+    if size_rules == "cache":
+        return 16 <= inner <= 31
+    row_bytes = shape[1] * inner * np.dtype(dtype).itemsize
+    return dtype == np.float32 and 9 <= inner <= 15 and row_bytes <= 16384
 
 
 def _shape_id(case):
@@ -47,8 +59,8 @@ def _shape_id(case):
 @pytest.fixture(params=["cache", "memory"])
 def size_rules(request):
     """The default rules, or every size read as from memory (runs down to
-    9 values as runs, streaming stores, prefetches ahead), two threads from
-    any size."""
+    9 values as runs, but for narrow rows of them with AVX-512; streaming
+    stores, prefetches ahead), two threads from any size."""
     stream_min = _kernels.set_stream_min_bytes(0) if request.param == "memory" else None
     serial_max = _kernels.set_serial_max_values(0)
     yield request.param
@@ -108,8 +120,8 @@ def _needs(isa):
 def test_avx2_gives_the_avx512_bits(case, dtype, size_rules, isa_cap):
     shape, axis = case
     _needs("AVX-512")
-    if size_rules == "cache" and _in_cache_path_differs(shape, axis):
-        pytest.skip("in cache these runs take another path without AVX-512")
+    if _paths_differ(shape, axis, size_rules, dtype):
+        pytest.skip(f"{size_rules}: these runs take another path without AVX-512")
     x, dy, params = _problem(shape, axis, dtype)
     widest = _everything(x, dy, axis, params)
     isa_cap("AVX2")
@@ -149,8 +161,8 @@ def test_avx2_gradient_sums_give_the_avx512_bits_about_any_mean(shape, size_rule
     ones do."""
     _needs("AVX-512")
     outer, channels, inner = shape
-    if size_rules == "cache" and _in_cache_path_differs((outer, channels, inner), 1):
-        pytest.skip("in cache these runs take another path without AVX-512")
+    if _paths_differ((outer, channels, inner), 1, size_rules, np.float32):
+        pytest.skip(f"{size_rules}: these runs take another path without AVX-512")
     rng = np.random.default_rng(inner)
     x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)

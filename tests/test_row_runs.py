@@ -27,8 +27,12 @@ from test_pipelined_backward import assert_backward_matches_the_reference
 
 # Runs of 9-31 values are walked as runs only in tensors of stream_min_bytes
 # and up (here every size): 4x4 and 5x5 maps, and float32 runs under a
-# vector (3x3, 3x4; float64 reads those as rows), written one at a time.
-SHORT_PLANAR_SHAPES = [(300, 5, 16), (130, 9, 25), (300, 5, 9), (200, 11, 12)]
+# vector (3x3, 3x4; float64 reads those as rows), written one at a time,
+# which AVX-512 reads as rows too unless a row is over 16 KiB
+# (SHORT_RUN_ROWS_MAX_BYTES): rows of 17100 and 16800 values.
+SHORT_PLANAR_SHAPES = [(300, 5, 16), (130, 9, 25), (12, 1900, 9), (10, 1400, 12)]
+# ... and narrower rows of them, rows across channels with AVX-512.
+NARROW_SHORT_RUNS = [(300, 5, 9), (200, 11, 12)]
 # (outer, channels, inner) in the planar layout: runs that are not whole
 # lines, then runs of whole lines under GRAD_ROW_RUNS_MAX_BYTES (2 KiB;
 # 256 float64 values are not) and under ROW_RUNS_MAX_BYTES (8 KiB, which
@@ -163,7 +167,8 @@ def test_backward_with_row_runs_matches_the_reference(streaming):
     assert_backward_matches_the_reference(got, problem, shape)
 
 
-@pytest.mark.parametrize("shape", SHORT_PLANAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHORT_PLANAR_SHAPES + NARROW_SHORT_RUNS,
+                         ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_short_runs_match_the_reference(shape, dtype, streaming):
     """The training forward, eval and backward against the float64
