@@ -502,7 +502,7 @@ cdef enum:
     # STATS_AHEAD_MIN_ROWS rows of runs of at least STATS_AHEAD_MIN_RUN
     # values, and chunks of several blocks a channel (stats_blocks_ahead).
     STATS_RUNS_AHEAD = 6
-    STATS_AHEAD_MIN_ROWS = 4
+    STATS_AHEAD_MIN_ROWS = 3
     STATS_AHEAD_MIN_RUN = 16
 
 
@@ -927,11 +927,16 @@ cdef inline Py_ssize_t stats_blocks_ahead(const Planar *g, Py_ssize_t itemsize) 
     1.01 -> 0.92. Float64, one thread: (512, 256, 7, 7) 2.27 -> 1.48,
     (256, 128, 14, 14) 1.85 -> 1.09, (1024, 256, 4, 4) 2.61 -> 2.19.
     Float32 (256, 128, 20, 20), blocks of 4 rows: 0.86 -> 0.56; float64
-    (512, 64, 20, 20), 5 rows: 1.62 -> 1.39. Where it is not asked for,
-    it did not pay: runs of 9 values (3 x 3 maps) 1.00-1.07 of the time
-    without; chunks of one block of two rows, two streams the prefetchers
-    follow, 0.92-1.21 (float32 32 x 32 maps 1.06-1.21, 22 x 22 1.00, 17 x
-    17 0.92-0.98; float64 16 x 16 1.05, 17 x 17 0.99).
+    (512, 64, 20, 20), 5 rows: 1.62 -> 1.39. Blocks of three rows (129-192
+    rows: chunks of three), float32 moments, one / two threads, time over
+    time: (167, 256, 14, 14) 0.32 / 0.37, (180, 128, 22, 22) 0.25 / 0.31,
+    (170, 128, 17, 17) 0.31 / 0.43, (167, 1024, 7, 7) 0.63 / 0.59. Where
+    it is not asked for, it did not pay: runs of 9 values (3 x 3 maps)
+    1.00-1.07 of the time without; chunks of one block of two rows, two
+    streams the prefetchers follow, 0.92-1.21 (float32 32 x 32 maps
+    1.06-1.21, 22 x 22 1.00, 17 x 17 0.92-0.98; float64 16 x 16 1.05, 17
+    x 17 0.99; on Zen 5 (96, 256, 28, 28) 1.10, (128, 1024, 7, 7) 0.98 /
+    1.19, (100, 256, 20, 20) 0.81 / 0.76).
 
     Chunks of several blocks a channel (few channels, many rows) turn back
     at the end of each block's rows, which the prefetchers did not follow

@@ -9,8 +9,8 @@ forward as they are without them (set_stats_runs_ahead(0)), on 1-3
 threads, and those must match the float64 reference.
 
 Every size counts as read from memory here (set_stream_min_bytes(0)), the
-serial cutoff is off, and the shapes have chunks of at least 4 rows (outer
-> 192: MAX_ROW_CHUNKS chunks), or of several blocks, so that the rule asks
+serial cutoff is off, and the shapes have chunks of at least 3 rows (outer
+> 128: MAX_ROW_CHUNKS chunks), or of several blocks, so that the rule asks
 for blocks ahead."""
 
 import numpy as np
@@ -23,10 +23,10 @@ from test_pipelined import _offset_array
 
 # (outer, channels, inner): 7 x 7, 4 x 4 and 10 x 10 maps in blocks of 4-5
 # rows; a last chunk cut short; the fewest rows and the shortest runs asked
-# for ahead (4 rows, 16 values); one channel, whose next runs are the next
+# for ahead (3 rows, 16 values); one channel, whose next runs are the next
 # row's; chunks of several blocks a channel: 5 rows in blocks of 2, 2 and
 # 1, and 63 rows in blocks of 51 and 12.
-SHAPES = [(300, 7, 49), (260, 5, 16), (257, 3, 100), (193, 6, 16), (320, 1, 25),
+SHAPES = [(300, 7, 49), (260, 5, 16), (257, 3, 100), (129, 6, 16), (320, 1, 25),
           (300, 3, 700), (4000, 2, 40)]
 
 
