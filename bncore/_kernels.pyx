@@ -503,6 +503,10 @@ cdef enum:
     # values, and chunks of several blocks a channel (stats_blocks_ahead).
     STATS_RUNS_AHEAD = 6
     STATS_AHEAD_MIN_ROWS = 3
+    # ... but no more blocks than hold about this many bytes, and at least
+    # two: float64 reads each block twice, the second time from L1.
+    STATS_AHEAD_BYTES_F32 = 24 * 1024
+    STATS_AHEAD_BYTES_F64 = 16 * 1024
     STATS_AHEAD_MIN_RUN = 16
 
 
@@ -947,14 +951,24 @@ cdef inline Py_ssize_t stats_blocks_ahead(const Planar *g, Py_ssize_t itemsize) 
     (32768, 8, 7, 7) 1.81 / 1.09 -> 0.71 / 0.46, (8192, 8, 14, 14) 1.40 ->
     0.65 one thread; float64 (2048, 4, 28, 28) 1.49 -> 1.07. Chunks of
     one block of two rows, asked for the same way: (128, 128, 28, 28) 0.66
-    / 0.42 -> 0.60 / 0.45, (512, 32, 28, 28) 0.72 / 0.46 -> 0.63 / 0.48."""
+    / 0.42 -> 0.60 / 0.45, (512, 32, 28, 28) 0.72 / 0.46 -> 0.63 / 0.48.
+
+    Fewer than 6 where blocks are long: at most as many as hold
+    STATS_AHEAD_BYTES_F32 (F64), at least two. Float64 moments of (256,
+    128, 14, 14), blocks of 4 runs of 1568 bytes, took 0.42 ns a value six
+    blocks ahead and 0.20 two ahead (one thread, its AVX-512 lane loops);
+    (200, 128, 16, 16) 0.22 -> 0.20, (4096, 16, 7, 7) 0.30 -> 0.24; float32
+    (256, 128, 20, 20) 0.081 -> 0.076 three ahead, (4096, 4, 28, 28) 0.114
+    -> 0.102; where six fit, the same."""
     if (stats_runs_ahead <= 0 or g.inner < STATS_AHEAD_MIN_RUN
             or not streamed_size(g.outer * g.channels * g.inner * itemsize)):
         return 0
     if (min(g.runs_per_block, g.rows_per_chunk) < STATS_AHEAD_MIN_ROWS
             and g.rows_per_chunk <= g.runs_per_block):
         return 0
-    return stats_runs_ahead
+    return min(stats_runs_ahead, max(<Py_ssize_t>2, (
+        STATS_AHEAD_BYTES_F32 if itemsize == sizeof(float) else STATS_AHEAD_BYTES_F64) // (
+        min(g.runs_per_block, g.rows_per_chunk) * g.inner * itemsize)))
 
 
 cdef inline Py_ssize_t block_ahead(const Planar *g, Py_ssize_t c, Py_ssize_t c0,

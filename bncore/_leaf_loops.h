@@ -477,6 +477,130 @@ __attribute__((target("avx512f"))) static void bn_block_grad_sums_f32_avx512(
     bn_lanes_totals_avx512(a1, b1, a2, b2, t_dy, t_dev);
 }
 
+/* Float64 runs with AVX-512: the generic loop's operations lane by lane
+ * (d = (x - origin) - offset; s1 += d and s2 += d * d, the square rounded
+ * before its add; for the gradient s_dy += dy and s_dev += dy * (x - mean)),
+ * a run's last 1-15 values added into lanes 0-14 under masks, so the
+ * generic loop's bits. The generic loop stored its lanes after the whole
+ * groups and added the tail with scalar stores, which the next run's
+ * vector loads of the lanes then waited on: runs of 17-31 values took
+ * about twice the time per value of runs of 16. The masks of a tail of t
+ * values: lanes 0-7 and 8-15. */
+BN_INLINE __mmask8 bn_first_of_eight(ptrdiff_t t)
+{
+    return (__mmask8)(t >= 8 ? 0xFF : t <= 0 ? 0 : (1u << t) - 1);
+}
+
+BN_INLINE void bn_run_shifted_sums_f64_avx512(const double *BN_RESTRICT x, ptrdiff_t n,
+                                              __m512d o, __m512d f, __m512d *a1,
+                                              __m512d *b1, __m512d *a2, __m512d *b2)
+    __attribute__((target("avx512f")));
+BN_INLINE void bn_run_shifted_sums_f64_avx512(const double *BN_RESTRICT x, ptrdiff_t n,
+                                              __m512d o, __m512d f, __m512d *a1,
+                                              __m512d *b1, __m512d *a2, __m512d *b2)
+{
+    ptrdiff_t i = 0;
+    for (; i + BN_LANES <= n; i += BN_LANES) {
+        __m512d d = _mm512_sub_pd(_mm512_sub_pd(_mm512_loadu_pd(x + i), o), f);
+        __m512d e = _mm512_sub_pd(_mm512_sub_pd(_mm512_loadu_pd(x + i + 8), o), f);
+        *a1 = _mm512_add_pd(*a1, d);
+        *a2 = _mm512_add_pd(*a2, _mm512_mul_pd(d, d));
+        *b1 = _mm512_add_pd(*b1, e);
+        *b2 = _mm512_add_pd(*b2, _mm512_mul_pd(e, e));
+    }
+    if (i < n) {
+        __mmask8 in_a = bn_first_of_eight(n - i), in_b = bn_first_of_eight(n - i - 8);
+        __m512d d = _mm512_sub_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(in_a, x + i), o), f);
+        __m512d e = _mm512_sub_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(in_b, x + i + 8), o), f);
+        *a1 = _mm512_mask_add_pd(*a1, in_a, *a1, d);
+        *a2 = _mm512_mask_add_pd(*a2, in_a, *a2, _mm512_mul_pd(d, d));
+        *b1 = _mm512_mask_add_pd(*b1, in_b, *b1, e);
+        *b2 = _mm512_mask_add_pd(*b2, in_b, *b2, _mm512_mul_pd(e, e));
+    }
+}
+
+BN_INLINE void bn_run_grad_sums_f64_avx512(const double *BN_RESTRICT x,
+                                           const double *BN_RESTRICT dy, ptrdiff_t n,
+                                           __m512d mean, __m512d *a1, __m512d *b1,
+                                           __m512d *a2, __m512d *b2)
+    __attribute__((target("avx512f")));
+BN_INLINE void bn_run_grad_sums_f64_avx512(const double *BN_RESTRICT x,
+                                           const double *BN_RESTRICT dy, ptrdiff_t n,
+                                           __m512d mean, __m512d *a1, __m512d *b1,
+                                           __m512d *a2, __m512d *b2)
+{
+    ptrdiff_t i = 0;
+    for (; i + BN_LANES <= n; i += BN_LANES) {
+        __m512d g = _mm512_loadu_pd(dy + i), h = _mm512_loadu_pd(dy + i + 8);
+        *a1 = _mm512_add_pd(*a1, g);
+        *a2 = _mm512_add_pd(*a2, _mm512_mul_pd(g, _mm512_sub_pd(_mm512_loadu_pd(x + i), mean)));
+        *b1 = _mm512_add_pd(*b1, h);
+        *b2 = _mm512_add_pd(*b2,
+                            _mm512_mul_pd(h, _mm512_sub_pd(_mm512_loadu_pd(x + i + 8), mean)));
+    }
+    if (i < n) {
+        __mmask8 in_a = bn_first_of_eight(n - i), in_b = bn_first_of_eight(n - i - 8);
+        __m512d g = _mm512_maskz_loadu_pd(in_a, dy + i);
+        __m512d h = _mm512_maskz_loadu_pd(in_b, dy + i + 8);
+        __m512d d = _mm512_sub_pd(_mm512_maskz_loadu_pd(in_a, x + i), mean);
+        __m512d e = _mm512_sub_pd(_mm512_maskz_loadu_pd(in_b, x + i + 8), mean);
+        *a1 = _mm512_mask_add_pd(*a1, in_a, *a1, g);
+        *a2 = _mm512_mask_add_pd(*a2, in_a, *a2, _mm512_mul_pd(g, d));
+        *b1 = _mm512_mask_add_pd(*b1, in_b, *b1, h);
+        *b2 = _mm512_mask_add_pd(*b2, in_b, *b2, _mm512_mul_pd(h, e));
+    }
+}
+
+/* A run at a time, the lanes in memory (loaded and stored whole). */
+__attribute__((target("avx512f"))) static void bn_lane_shifted_sums_f64_avx512(
+    const double *BN_RESTRICT x, ptrdiff_t n, double origin, double offset,
+    double *BN_RESTRICT s1, double *BN_RESTRICT s2)
+{
+    __m512d a1, b1, a2, b2;
+    bn_lanes_load_avx512(s1, s2, &a1, &b1, &a2, &b2);
+    bn_run_shifted_sums_f64_avx512(x, n, _mm512_set1_pd(origin), _mm512_set1_pd(offset),
+                                   &a1, &b1, &a2, &b2);
+    bn_lanes_store_avx512(s1, s2, a1, b1, a2, b2);
+}
+
+__attribute__((target("avx512f"))) static void bn_lane_grad_sums_f64_avx512(
+    const double *BN_RESTRICT x, const double *BN_RESTRICT dy, ptrdiff_t n, double mean,
+    double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)
+{
+    __m512d a1, b1, a2, b2;
+    bn_lanes_load_avx512(s_dy, s_dy_dev, &a1, &b1, &a2, &b2);
+    bn_run_grad_sums_f64_avx512(x, dy, n, _mm512_set1_pd(mean), &a1, &b1, &a2, &b2);
+    bn_lanes_store_avx512(s_dy, s_dy_dev, a1, b1, a2, b2);
+}
+
+/* Blocks of whole runs, the lanes in registers from the first run to the
+ * last, as bn_block_shifted_sums_f32_avx512. */
+__attribute__((target("avx512f"))) static void bn_block_shifted_sums_f64_avx512(
+    const double *BN_RESTRICT x, ptrdiff_t nruns, ptrdiff_t stride, ptrdiff_t n,
+    double origin, double offset, ptrdiff_t ahead_bytes, double *t1, double *t2)
+{
+    __m512d a1 = _mm512_setzero_pd(), b1 = a1, a2 = a1, b2 = a1;
+    const __m512d o = _mm512_set1_pd(origin), f = _mm512_set1_pd(offset);
+    const ptrdiff_t run_bytes = n * (ptrdiff_t)sizeof(double);
+    for (ptrdiff_t r = 0; r < nruns; r++) {
+        if (ahead_bytes > 0)
+            bn_prefetch_span((uintptr_t)(x + r * stride) + (uintptr_t)ahead_bytes, run_bytes);
+        bn_run_shifted_sums_f64_avx512(x + r * stride, n, o, f, &a1, &b1, &a2, &b2);
+    }
+    bn_lanes_totals_avx512(a1, b1, a2, b2, t1, t2);
+}
+
+__attribute__((target("avx512f"))) static void bn_block_grad_sums_f64_avx512(
+    const double *BN_RESTRICT x, const double *BN_RESTRICT dy, ptrdiff_t nruns,
+    ptrdiff_t stride, ptrdiff_t n, double mean, double *t_dy, double *t_dev)
+{
+    __m512d a1 = _mm512_setzero_pd(), b1 = a1, a2 = a1, b2 = a1;
+    const __m512d m = _mm512_set1_pd(mean);
+    for (ptrdiff_t r = 0; r < nruns; r++)
+        bn_run_grad_sums_f64_avx512(x + r * stride, dy + r * stride, n, m, &a1, &b1, &a2, &b2);
+    bn_lanes_totals_avx512(a1, b1, a2, b2, t_dy, t_dev);
+}
+
 /* AVX2 holds a pair of lane arrays in eight vectors of four: lanes 4q to
  * 4q + 3 of the first array in s1[q], of the second in s2[q]. */
 typedef struct {
@@ -1159,9 +1283,32 @@ static inline void bn_rows_grad_sums_f32(
     bn_rows_grad_sums_generic_f32(x, dy, nrows, stride, ncols, mean, s_dy, s_dy_dev);
 }
 
-/* float64 runs need no conversion: the generic versions vectorise well. */
-#define bn_lane_shifted_sums_f64 bn_lane_shifted_sums_generic_f64
-#define bn_lane_grad_sums_f64 bn_lane_grad_sums_generic_f64
+/* float64 runs need no conversion: the generic versions vectorise well,
+ * but for their tails (bn_run_shifted_sums_f64_avx512 says why). */
+static inline void bn_lane_shifted_sums_f64(
+    const double *x, ptrdiff_t n, double origin, double offset, double *s1, double *s2)
+{
+#if BN_X86_DISPATCH
+    if (bn_cpu_avx512()) {
+        bn_lane_shifted_sums_f64_avx512(x, n, origin, offset, s1, s2);
+        return;
+    }
+#endif
+    bn_lane_shifted_sums_generic_f64(x, n, origin, offset, s1, s2);
+}
+
+static inline void bn_lane_grad_sums_f64(
+    const double *x, const double *dy, ptrdiff_t n, double mean, double *s_dy,
+    double *s_dy_dev)
+{
+#if BN_X86_DISPATCH
+    if (bn_cpu_avx512()) {
+        bn_lane_grad_sums_f64_avx512(x, dy, n, mean, s_dy, s_dy_dev);
+        return;
+    }
+#endif
+    bn_lane_grad_sums_generic_f64(x, dy, n, mean, s_dy, s_dy_dev);
+}
 
 /* The totals of a block of whole runs (nruns runs of n values, stride
  * apart), its lanes carried from run to run as a call per run carries them:
@@ -1238,13 +1385,24 @@ static inline void bn_group_grad_sums_##SFX(const TYPE *x, const TYPE *dy,      
         bn_group_grad_sums_f32_avx2(x, dy, nrows, stride, nchan, n, mean, pairs);        \
         return;                                                                            \
     }
+#define BN_BLOCK_SHIFTED_SUMS_FAST_f64                                                    \
+    if (bn_cpu_avx512()) {                                                                \
+        bn_block_shifted_sums_f64_avx512(x, nruns, stride, n, origin, offset, ahead_bytes, \
+                                         t1, t2);                                          \
+        return;                                                                            \
+    }
+#define BN_BLOCK_GRAD_SUMS_FAST_f64                                                       \
+    if (bn_cpu_avx512()) {                                                                \
+        bn_block_grad_sums_f64_avx512(x, dy, nruns, stride, n, mean, t_dy, t_dev);       \
+        return;                                                                            \
+    }
 #else
 #define BN_BLOCK_SHIFTED_SUMS_FAST_f32
 #define BN_BLOCK_GRAD_SUMS_FAST_f32
 #define BN_GROUP_GRAD_SUMS_FAST_f32
-#endif
 #define BN_BLOCK_SHIFTED_SUMS_FAST_f64
 #define BN_BLOCK_GRAD_SUMS_FAST_f64
+#endif
 #define BN_GROUP_GRAD_SUMS_FAST_f64
 BN_DEFINE_BLOCK_SUMS(float, f32)
 BN_DEFINE_BLOCK_SUMS(double, f64)
