@@ -563,14 +563,27 @@ __attribute__((target("avx512f"))) static void bn_lane_shifted_sums_f64_avx512(
     bn_lanes_store_avx512(s1, s2, a1, b1, a2, b2);
 }
 
-__attribute__((target("avx512f"))) static void bn_lane_grad_sums_f64_avx512(
-    const double *BN_RESTRICT x, const double *BN_RESTRICT dy, ptrdiff_t n, double mean,
-    double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)
+BN_INLINE void bn_carried_grad_sums_f64_avx512(const double *BN_RESTRICT x,
+                                               const double *BN_RESTRICT dy, ptrdiff_t n,
+                                               double mean, double *BN_RESTRICT s_dy,
+                                               double *BN_RESTRICT s_dy_dev)
+    __attribute__((target("avx512f")));
+BN_INLINE void bn_carried_grad_sums_f64_avx512(const double *BN_RESTRICT x,
+                                               const double *BN_RESTRICT dy, ptrdiff_t n,
+                                               double mean, double *BN_RESTRICT s_dy,
+                                               double *BN_RESTRICT s_dy_dev)
 {
     __m512d a1, b1, a2, b2;
     bn_lanes_load_avx512(s_dy, s_dy_dev, &a1, &b1, &a2, &b2);
     bn_run_grad_sums_f64_avx512(x, dy, n, _mm512_set1_pd(mean), &a1, &b1, &a2, &b2);
     bn_lanes_store_avx512(s_dy, s_dy_dev, a1, b1, a2, b2);
+}
+
+__attribute__((target("avx512f"))) static void bn_lane_grad_sums_f64_avx512(
+    const double *BN_RESTRICT x, const double *BN_RESTRICT dy, ptrdiff_t n, double mean,
+    double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)
+{
+    bn_carried_grad_sums_f64_avx512(x, dy, n, mean, s_dy, s_dy_dev);
 }
 
 /* Blocks of whole runs, the lanes in registers from the first run to the
@@ -822,39 +835,43 @@ __attribute__((target("avx2,fma"))) static void bn_block_grad_sums_f32_avx2(
  * few KiB, a row apart from the next. Measured on one thread, backward of
  * float32 (1024, 512, 4, 4) and (2048, 256, 4, 4), 12 % faster; (512,
  * 512, 7, 7) and (996, 256, 7, 7) even; but runs of 784 bytes, (256, 256,
- * 14, 14), 14-27 % slower with it. */
-#define BN_GROUP_PREFETCH_MAX_BYTES 256
+ * 14, 14), 14-27 % slower with it. Up to 512 bytes (it was 256), gradient
+ * sums in streaming-copy times: float32 (512, 256, 10, 10) 1.95 -> 1.52,
+ * (256, 512, 11, 11) 1.97 -> 1.54; float64 (334, 256, 7, 7) 1.98 -> 1.63,
+ * (256, 256, 8, 8) 1.86 -> 1.62. */
+#define BN_GROUP_PREFETCH_MAX_BYTES 512
 
 /* The gradient sums of a group of channels' blocks at once: nchan runs of
  * n values side by side in each of nrows rows, `stride` apart, row by row
  * in memory order, each channel's lanes (pairs[c]) carried from run to run
- * in memory. The operations of a call of bn_lane_grad_sums_f32_<isa> per
- * run, so its bits. The next run of each channel is asked for by address,
- * as integers: the last group's next row lies past the arrays, which a
- * prefetch may name but a pointer may not. */
-#define BN_DEFINE_GROUP_GRAD_SUMS(ISA, TARGET)                                             \
-__attribute__((target(TARGET))) static void bn_group_grad_sums_f32_##ISA(                \
-    const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t nrows,             \
+ * in memory by CARRIED (always inlined: as a call per run, the walk was a
+ * call per run). The operations of a call of bn_lane_grad_sums_<SFX>_<isa>
+ * per run, so its bits. The next run of each channel is asked for by
+ * address, as integers: the last group's next row lies past the arrays,
+ * which a prefetch may name but a pointer may not. */
+#define BN_DEFINE_GROUP_GRAD_SUMS(T, SFX, ISA, TARGET, CARRIED)                            \
+__attribute__((target(TARGET))) static void bn_group_grad_sums_##SFX##_##ISA(            \
+    const T *BN_RESTRICT x, const T *BN_RESTRICT dy, ptrdiff_t nrows,                     \
     ptrdiff_t stride, ptrdiff_t nchan, ptrdiff_t n, const double *mean,                  \
     bn_lane_pair *pairs)                                                                   \
 {                                                                                          \
-    const ptrdiff_t run_bytes = n * (ptrdiff_t)sizeof(float);                             \
+    const ptrdiff_t run_bytes = n * (ptrdiff_t)sizeof(T);                                 \
     const ptrdiff_t ask_bytes = run_bytes <= BN_GROUP_PREFETCH_MAX_BYTES ? run_bytes : 0; \
     for (ptrdiff_t r = 0; r < nrows; r++)                                                 \
         for (ptrdiff_t c = 0; c < nchan; c++) {                                           \
             ptrdiff_t at = r * stride + c * n;                                            \
             uintptr_t next = (uintptr_t)((r + 1 < nrows ? at + stride : (c + nchan) * n)  \
-                                         * (ptrdiff_t)sizeof(float));                     \
+                                         * (ptrdiff_t)sizeof(T));                         \
             for (ptrdiff_t b = 0; b < ask_bytes; b += BN_LINE_BYTES) {                    \
                 _mm_prefetch((const char *)((uintptr_t)x + next + b), _MM_HINT_T0);       \
                 _mm_prefetch((const char *)((uintptr_t)dy + next + b), _MM_HINT_T0);      \
             }                                                                              \
-            bn_carried_grad_sums_##ISA(x + at, dy + at, n, mean[c], pairs[c].a,           \
-                                       pairs[c].b);                                        \
+            CARRIED(x + at, dy + at, n, mean[c], pairs[c].a, pairs[c].b);                 \
         }                                                                                  \
 }
-BN_DEFINE_GROUP_GRAD_SUMS(avx512, "avx512f")
-BN_DEFINE_GROUP_GRAD_SUMS(avx2, "avx2,fma")
+BN_DEFINE_GROUP_GRAD_SUMS(float, f32, avx512, "avx512f", bn_carried_grad_sums_avx512)
+BN_DEFINE_GROUP_GRAD_SUMS(float, f32, avx2, "avx2,fma", bn_carried_grad_sums_avx2)
+BN_DEFINE_GROUP_GRAD_SUMS(double, f64, avx512, "avx512f", bn_carried_grad_sums_f64_avx512)
 #undef BN_DEFINE_GROUP_GRAD_SUMS
 
 /* Interleaved rows: columns in groups whose sums stay in registers while
@@ -1284,7 +1301,14 @@ static inline void bn_rows_grad_sums_f32(
 }
 
 /* float64 runs need no conversion: the generic versions vectorise well,
- * but for their tails (bn_run_shifted_sums_f64_avx512 says why). */
+ * but for their tails (bn_run_shifted_sums_f64_avx512 says why). The
+ * gradient sums take the AVX-512 loops for runs of up to this many values
+ * only: from memory, longer runs ran slower in them, for a cause not found
+ * (the same instructions but for the lanes' loads and stores around each
+ * run): float64 (128, 128, 14, 14) gradient sums 1.12 -> 1.49 ms, (410,
+ * 128, 10, 10) 2.30 -> 2.81, where (256, 256, 8, 8) took 2.48 -> 2.14 and
+ * runs of 25 values half the time (one thread). */
+#define BN_F64_GRAD_LANES_MAX 64
 static inline void bn_lane_shifted_sums_f64(
     const double *x, ptrdiff_t n, double origin, double offset, double *s1, double *s2)
 {
@@ -1302,7 +1326,7 @@ static inline void bn_lane_grad_sums_f64(
     double *s_dy_dev)
 {
 #if BN_X86_DISPATCH
-    if (bn_cpu_avx512()) {
+    if (bn_cpu_avx512() && n <= BN_F64_GRAD_LANES_MAX) {
         bn_lane_grad_sums_f64_avx512(x, dy, n, mean, s_dy, s_dy_dev);
         return;
     }
@@ -1392,8 +1416,13 @@ static inline void bn_group_grad_sums_##SFX(const TYPE *x, const TYPE *dy,      
         return;                                                                            \
     }
 #define BN_BLOCK_GRAD_SUMS_FAST_f64                                                       \
-    if (bn_cpu_avx512()) {                                                                \
+    if (bn_cpu_avx512() && n <= BN_F64_GRAD_LANES_MAX) {                                  \
         bn_block_grad_sums_f64_avx512(x, dy, nruns, stride, n, mean, t_dy, t_dev);       \
+        return;                                                                            \
+    }
+#define BN_GROUP_GRAD_SUMS_FAST_f64                                                       \
+    if (bn_cpu_avx512() && n <= BN_F64_GRAD_LANES_MAX) {                                  \
+        bn_group_grad_sums_f64_avx512(x, dy, nrows, stride, nchan, n, mean, pairs);      \
         return;                                                                            \
     }
 #else
@@ -1402,8 +1431,8 @@ static inline void bn_group_grad_sums_##SFX(const TYPE *x, const TYPE *dy,      
 #define BN_GROUP_GRAD_SUMS_FAST_f32
 #define BN_BLOCK_SHIFTED_SUMS_FAST_f64
 #define BN_BLOCK_GRAD_SUMS_FAST_f64
-#endif
 #define BN_GROUP_GRAD_SUMS_FAST_f64
+#endif
 BN_DEFINE_BLOCK_SUMS(float, f32)
 BN_DEFINE_BLOCK_SUMS(double, f64)
 #undef BN_DEFINE_BLOCK_SUMS
