@@ -498,9 +498,10 @@ cdef enum:
     # faster; on runs of 12.5 KB the distance made no difference.
     PIPE_AHEAD_BYTES = 8 * 1024
     # The statistics of blocks of several runs, from memory, ask for the
-    # runs this many runs ahead of each run they sum, in blocks of at least
-    # STATS_AHEAD_MIN_ROWS rows of runs of at least STATS_AHEAD_MIN_RUN
-    # values, and chunks of several blocks a channel (stats_blocks_ahead).
+    # block this many blocks after each one they sum, in the order they read
+    # them, in blocks of at least STATS_AHEAD_MIN_ROWS rows of runs of at
+    # least STATS_AHEAD_MIN_RUN values, and chunks of several blocks a
+    # channel (stats_blocks_ahead).
     STATS_RUNS_AHEAD = 6
     STATS_AHEAD_MIN_ROWS = 3
     # ... but no more blocks than hold about this many bytes, and at least

@@ -477,7 +477,8 @@ __attribute__((target("avx512f"))) static void bn_block_grad_sums_f32_avx512(
     bn_lanes_totals_avx512(a1, b1, a2, b2, t_dy, t_dev);
 }
 
-/* Float64 runs with AVX-512: the generic loop's operations lane by lane
+/* Float64 runs with AVX-512, for the block and group loops: the generic
+ * loop's operations lane by lane
  * (d = (x - origin) - offset; s1 += d and s2 += d * d, the square rounded
  * before its add; for the gradient s_dy += dy and s_dev += dy * (x - mean)),
  * a run's last 1-15 values added into lanes 0-14 under masks, so the
@@ -511,11 +512,14 @@ BN_INLINE void bn_run_shifted_sums_f64_avx512(const double *BN_RESTRICT x, ptrdi
     if (i < n) {
         __mmask8 in_a = bn_first_of_eight(n - i), in_b = bn_first_of_eight(n - i - 8);
         __m512d d = _mm512_sub_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(in_a, x + i), o), f);
-        __m512d e = _mm512_sub_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(in_b, x + i + 8), o), f);
         *a1 = _mm512_mask_add_pd(*a1, in_a, *a1, d);
         *a2 = _mm512_mask_add_pd(*a2, in_a, *a2, _mm512_mul_pd(d, d));
-        *b1 = _mm512_mask_add_pd(*b1, in_b, *b1, e);
-        *b2 = _mm512_mask_add_pd(*b2, in_b, *b2, _mm512_mul_pd(e, e));
+        if (in_b) {     /* x + i + 8 is then inside the run */
+            __m512d e = _mm512_sub_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(in_b, x + i + 8),
+                                                    o), f);
+            *b1 = _mm512_mask_add_pd(*b1, in_b, *b1, e);
+            *b2 = _mm512_mask_add_pd(*b2, in_b, *b2, _mm512_mul_pd(e, e));
+        }
     }
 }
 
@@ -541,28 +545,20 @@ BN_INLINE void bn_run_grad_sums_f64_avx512(const double *BN_RESTRICT x,
     if (i < n) {
         __mmask8 in_a = bn_first_of_eight(n - i), in_b = bn_first_of_eight(n - i - 8);
         __m512d g = _mm512_maskz_loadu_pd(in_a, dy + i);
-        __m512d h = _mm512_maskz_loadu_pd(in_b, dy + i + 8);
         __m512d d = _mm512_sub_pd(_mm512_maskz_loadu_pd(in_a, x + i), mean);
-        __m512d e = _mm512_sub_pd(_mm512_maskz_loadu_pd(in_b, x + i + 8), mean);
         *a1 = _mm512_mask_add_pd(*a1, in_a, *a1, g);
         *a2 = _mm512_mask_add_pd(*a2, in_a, *a2, _mm512_mul_pd(g, d));
-        *b1 = _mm512_mask_add_pd(*b1, in_b, *b1, h);
-        *b2 = _mm512_mask_add_pd(*b2, in_b, *b2, _mm512_mul_pd(h, e));
+        if (in_b) {     /* x + i + 8 is then inside the run */
+            __m512d h = _mm512_maskz_loadu_pd(in_b, dy + i + 8);
+            __m512d e = _mm512_sub_pd(_mm512_maskz_loadu_pd(in_b, x + i + 8), mean);
+            *b1 = _mm512_mask_add_pd(*b1, in_b, *b1, h);
+            *b2 = _mm512_mask_add_pd(*b2, in_b, *b2, _mm512_mul_pd(h, e));
+        }
     }
 }
 
-/* A run at a time, the lanes in memory (loaded and stored whole). */
-__attribute__((target("avx512f"))) static void bn_lane_shifted_sums_f64_avx512(
-    const double *BN_RESTRICT x, ptrdiff_t n, double origin, double offset,
-    double *BN_RESTRICT s1, double *BN_RESTRICT s2)
-{
-    __m512d a1, b1, a2, b2;
-    bn_lanes_load_avx512(s1, s2, &a1, &b1, &a2, &b2);
-    bn_run_shifted_sums_f64_avx512(x, n, _mm512_set1_pd(origin), _mm512_set1_pd(offset),
-                                   &a1, &b1, &a2, &b2);
-    bn_lanes_store_avx512(s1, s2, a1, b1, a2, b2);
-}
-
+/* A run's gradient sums into lanes in memory (loaded and stored whole),
+ * for the channel-group walk. */
 BN_INLINE void bn_carried_grad_sums_f64_avx512(const double *BN_RESTRICT x,
                                                const double *BN_RESTRICT dy, ptrdiff_t n,
                                                double mean, double *BN_RESTRICT s_dy,
@@ -577,13 +573,6 @@ BN_INLINE void bn_carried_grad_sums_f64_avx512(const double *BN_RESTRICT x,
     bn_lanes_load_avx512(s_dy, s_dy_dev, &a1, &b1, &a2, &b2);
     bn_run_grad_sums_f64_avx512(x, dy, n, _mm512_set1_pd(mean), &a1, &b1, &a2, &b2);
     bn_lanes_store_avx512(s_dy, s_dy_dev, a1, b1, a2, b2);
-}
-
-__attribute__((target("avx512f"))) static void bn_lane_grad_sums_f64_avx512(
-    const double *BN_RESTRICT x, const double *BN_RESTRICT dy, ptrdiff_t n, double mean,
-    double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)
-{
-    bn_carried_grad_sums_f64_avx512(x, dy, n, mean, s_dy, s_dy_dev);
 }
 
 /* Blocks of whole runs, the lanes in registers from the first run to the
@@ -1301,38 +1290,17 @@ static inline void bn_rows_grad_sums_f32(
 }
 
 /* float64 runs need no conversion: the generic versions vectorise well,
- * but for their tails (bn_run_shifted_sums_f64_avx512 says why). The
- * gradient sums take the AVX-512 loops for runs of up to this many values
- * only: from memory, longer runs ran slower in them, for a cause not found
- * (the same instructions but for the lanes' loads and stores around each
- * run): float64 (128, 128, 14, 14) gradient sums 1.12 -> 1.49 ms, (410,
- * 128, 10, 10) 2.30 -> 2.81, where (256, 256, 8, 8) took 2.48 -> 2.14 and
- * runs of 25 values half the time (one thread). */
+ * but for their tails, which the AVX-512 block and group loops take
+ * (bn_run_shifted_sums_f64_avx512 says why). The gradient sums take those
+ * for runs of up to this many values only: from memory, longer runs ran
+ * slower in them, for a cause not found (the same instructions but for the
+ * lanes' loads and stores around each run): float64 (128, 128, 14, 14)
+ * gradient sums 1.12 -> 1.49 ms, (410, 128, 10, 10) 2.30 -> 2.81, where
+ * (256, 256, 8, 8) took 2.48 -> 2.14 and runs of 25 values half the time
+ * (one thread). */
 #define BN_F64_GRAD_LANES_MAX 64
-static inline void bn_lane_shifted_sums_f64(
-    const double *x, ptrdiff_t n, double origin, double offset, double *s1, double *s2)
-{
-#if BN_X86_DISPATCH
-    if (bn_cpu_avx512()) {
-        bn_lane_shifted_sums_f64_avx512(x, n, origin, offset, s1, s2);
-        return;
-    }
-#endif
-    bn_lane_shifted_sums_generic_f64(x, n, origin, offset, s1, s2);
-}
-
-static inline void bn_lane_grad_sums_f64(
-    const double *x, const double *dy, ptrdiff_t n, double mean, double *s_dy,
-    double *s_dy_dev)
-{
-#if BN_X86_DISPATCH
-    if (bn_cpu_avx512() && n <= BN_F64_GRAD_LANES_MAX) {
-        bn_lane_grad_sums_f64_avx512(x, dy, n, mean, s_dy, s_dy_dev);
-        return;
-    }
-#endif
-    bn_lane_grad_sums_generic_f64(x, dy, n, mean, s_dy, s_dy_dev);
-}
+#define bn_lane_shifted_sums_f64 bn_lane_shifted_sums_generic_f64
+#define bn_lane_grad_sums_f64 bn_lane_grad_sums_generic_f64
 
 /* The totals of a block of whole runs (nruns runs of n values, stride
  * apart), its lanes carried from run to run as a call per run carries them:

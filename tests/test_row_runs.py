@@ -1,12 +1,12 @@
 """Planar runs that do not fill whole cache lines (7x7, 10x10, 14x14 feature
 maps), or are short (under 8 KiB; the backward's under 2 KiB), are
-normalised a row at a time when the output takes streaming stores: one stream over the runs of consecutive
-channels, whose vectors blend two channels' constants where a run ends
-inside them (bn_affine_runs, and bn_grad_runs for the training backward's
-input gradient). Its output must be bitwise that of the runs written one at a
-time (set_row_runs(False)). The backward's sums over blocks of several
-runs, taken many channels at a time (set_lane_groups), must be bitwise
-those taken a channel at a time.
+normalised a row at a time when the output takes streaming stores: one
+stream over the runs of consecutive channels, whose vectors blend two
+channels' constants where a run ends inside them (bn_affine_runs, and
+bn_grad_runs for the training backward's input gradient). Its output must
+be bitwise that of the runs written one at a time (set_row_runs(False)).
+The backward's sums over blocks of several runs, taken many channels at a
+time (set_lane_groups), must be bitwise those taken a channel at a time.
 
 Eval, the two-pass training forward and the two-pass backward; float32
 and float64; relu; arrays that start off a cache line; in place; 1-3
@@ -219,24 +219,24 @@ MANY_ROWS_SHAPES = [(4000, 2, 40), (4000, 3, 49), (250, 4, 64), (700, 1, 196)]
 def test_rows_written_several_a_call_give_the_bits_of_one_a_call(shape, dtype, streaming):
     problem = _problem(shape, dtype, seed=11 * sum(shape))
     gradient_problem = _gradient_problem(shape, dtype, seed=13 * sum(shape))
-    x, _, _, weight, bias = problem
-    call_bytes = _kernels.set_rows_call_min_bytes(0)     # one row a call
+    row_bytes = shape[1] * shape[2] * np.dtype(dtype).itemsize
+    default = _kernels.set_rows_call_min_bytes(0)     # one row a call
     try:
-        want = [_eval(problem, shape, 1, True, 1, False, True),
-                _train(problem, shape, 1, False, 1, True),
-                _backward(gradient_problem, shape, 1, 1, None, True, True)]
-        row_bytes = shape[1] * shape[2] * x.itemsize
-        for call_bytes in (1 << 14, 3 * row_bytes):
+        want_eval = _eval(problem, shape, 1, True, 1, False, True)
+        want_train = _train(problem, shape, 1, False, 1, True)
+        want_backward = _backward(gradient_problem, shape, 1, 1, None, True, True)
+        for call_bytes in (default, 3 * row_bytes):
             _kernels.set_rows_call_min_bytes(call_bytes)
             for threads in (1, 2, 3):
-                got = [_eval(problem, shape, threads, True, 1, False, True),
-                       _train(problem, shape, threads, False, 1, True),
-                       _backward(gradient_problem, shape, threads, 1, None, True, True)]
-                assert _same_bits(got[0:1], want[0:1]), (call_bytes, threads, "eval")
-                assert _same_bits(got[1], want[1]), (call_bytes, threads, "training")
-                assert _same_bits(got[2], want[2]), (call_bytes, threads, "backward")
+                case = (call_bytes, threads)
+                got = _eval(problem, shape, threads, True, 1, False, True)
+                assert got.tobytes() == want_eval.tobytes(), case
+                assert _same_bits(_train(problem, shape, threads, False, 1, True),
+                                  want_train), case
+                assert _same_bits(_backward(gradient_problem, shape, threads, 1, None, True,
+                                            True), want_backward), case
     finally:
-        _kernels.set_rows_call_min_bytes(1 << 14)
+        _kernels.set_rows_call_min_bytes(default)
 
 
 def test_set_rows_call_min_bytes_returns_the_previous_value(streaming):
