@@ -508,7 +508,7 @@ cdef enum:
     # two: float64 reads each block twice, the second time from L1.
     STATS_AHEAD_BYTES_F32 = 24 * 1024
     STATS_AHEAD_BYTES_F64 = 16 * 1024
-    STATS_AHEAD_MIN_RUN = 16
+    STATS_AHEAD_MIN_RUN = 9
 
 
 # --------------------------------------------------------------------------
@@ -935,10 +935,16 @@ cdef inline Py_ssize_t stats_blocks_ahead(const Planar *g, Py_ssize_t itemsize) 
     (512, 64, 20, 20), 5 rows: 1.62 -> 1.39. Blocks of three rows (129-192
     rows: chunks of three), float32 moments, one / two threads, time over
     time: (167, 256, 14, 14) 0.32 / 0.37, (180, 128, 22, 22) 0.25 / 0.31,
-    (170, 128, 17, 17) 0.31 / 0.43, (167, 1024, 7, 7) 0.63 / 0.59. Where
-    it is not asked for, it did not pay: runs of 9 values (3 x 3 maps)
-    1.00-1.07 of the time without; chunks of one block of two rows, two
-    streams the prefetchers follow, 0.92-1.21 (float32 32 x 32 maps
+    (170, 128, 17, 17) 0.31 / 0.43, (167, 1024, 7, 7) 0.63 / 0.59. Runs
+    of 9-15 values (3 x 3 to 3 x 5 maps), once measured no faster with it
+    (1.00-1.07 of the time without), are asked for ahead too since the
+    walk goes block by block: float32 moments, one / two threads, (682,
+    1024, 3, 4) 0.88 / 0.85, (546, 1024, 3, 5) 0.83 / 0.82, (910, 1024, 3,
+    3) 0.90 / 0.95; capped to AVX2, which reads all of them as runs,
+    (3640, 256, 3, 3) 0.52, (65536, 8, 3, 4) 0.61, (116508, 8, 3, 3) 0.87
+    (one thread). Where it is not asked for, it did not pay: chunks of one
+    block of two rows, two streams the prefetchers follow, 0.92-1.21
+    (float32 32 x 32 maps
     1.06-1.21, 22 x 22 1.00, 17 x 17 0.92-0.98; float64 16 x 16 1.05, 17
     x 17 0.99; on Zen 5 (96, 256, 28, 28) 1.10, (128, 1024, 7, 7) 0.98 /
     1.19, (100, 256, 20, 20) 0.81 / 0.76).

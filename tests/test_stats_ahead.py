@@ -23,11 +23,12 @@ from test_pipelined import _offset_array
 
 # (outer, channels, inner): 7 x 7, 4 x 4 and 10 x 10 maps in blocks of 4-5
 # rows; a last chunk cut short; the fewest rows and the shortest runs asked
-# for ahead (3 rows, 16 values); one channel, whose next runs are the next
-# row's; chunks of several blocks a channel: 5 rows in blocks of 2, 2 and
-# 1, and 63 rows in blocks of 51 and 12.
-SHAPES = [(300, 7, 49), (260, 5, 16), (257, 3, 100), (129, 6, 16), (320, 1, 25),
-          (300, 3, 700), (4000, 2, 40)]
+# for ahead (3 rows, 16 values; 9 values, in rows wide enough to be walked
+# as runs with AVX-512); one channel, whose next runs are the next row's;
+# chunks of several blocks a channel: 5 rows in blocks of 2, 2 and 1, and
+# 63 rows in blocks of 51 and 12.
+SHAPES = [(300, 7, 49), (260, 5, 16), (257, 3, 100), (129, 6, 16), (200, 500, 9),
+          (320, 1, 25), (300, 3, 700), (4000, 2, 40)]
 
 
 @pytest.fixture
