@@ -405,22 +405,22 @@ BN_INLINE void bn_run_grad_sums_avx512(const float *BN_RESTRICT x,
 }
 
 /* One run's gradient sums added into lanes in memory (loaded, carried in
- * registers through the run, stored). */
-BN_INLINE void bn_carried_grad_sums_avx512(const float *BN_RESTRICT x,
-                                           const float *BN_RESTRICT dy, ptrdiff_t n,
-                                           double mean, double *BN_RESTRICT s_dy,
-                                           double *BN_RESTRICT s_dy_dev)
-    __attribute__((target("avx512f")));
-BN_INLINE void bn_carried_grad_sums_avx512(const float *BN_RESTRICT x,
-                                           const float *BN_RESTRICT dy, ptrdiff_t n,
-                                           double mean, double *BN_RESTRICT s_dy,
-                                           double *BN_RESTRICT s_dy_dev)
-{
-    __m512d a1, b1, a2, b2;
-    bn_lanes_load_avx512(s_dy, s_dy_dev, &a1, &b1, &a2, &b2);
-    bn_run_grad_sums_avx512(x, dy, n, _mm512_set1_pd(mean), &a1, &b1, &a2, &b2);
-    bn_lanes_store_avx512(s_dy, s_dy_dev, a1, b1, a2, b2);
+ * registers through the run by RUN, one run's sums of element type T into
+ * lanes held in registers, then stored): for a call per run and for the
+ * channel-group walk. Float32 here, float64 below. */
+#define BN_DEFINE_CARRIED_GRAD_SUMS_AVX512(T, NAME, RUN)                                   \
+BN_INLINE void NAME(const T *BN_RESTRICT x, const T *BN_RESTRICT dy, ptrdiff_t n,          \
+                    double mean, double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)   \
+    __attribute__((target("avx512f")));                                                    \
+BN_INLINE void NAME(const T *BN_RESTRICT x, const T *BN_RESTRICT dy, ptrdiff_t n,          \
+                    double mean, double *BN_RESTRICT s_dy, double *BN_RESTRICT s_dy_dev)   \
+{                                                                                          \
+    __m512d a1, b1, a2, b2;                                                                \
+    bn_lanes_load_avx512(s_dy, s_dy_dev, &a1, &b1, &a2, &b2);                             \
+    RUN(x, dy, n, _mm512_set1_pd(mean), &a1, &b1, &a2, &b2);                              \
+    bn_lanes_store_avx512(s_dy, s_dy_dev, a1, b1, a2, b2);                                 \
 }
+BN_DEFINE_CARRIED_GRAD_SUMS_AVX512(float, bn_carried_grad_sums_avx512, bn_run_grad_sums_avx512)
 
 __attribute__((target("avx512f"))) static void bn_lane_grad_sums_f32_avx512(
     const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t n, double mean,
@@ -466,16 +466,21 @@ __attribute__((target("avx512f"))) static void bn_block_shifted_sums_f32_avx512(
     bn_lanes_totals_avx512(a1, b1, a2, b2, t1, t2);
 }
 
-__attribute__((target("avx512f"))) static void bn_block_grad_sums_f32_avx512(
-    const float *BN_RESTRICT x, const float *BN_RESTRICT dy, ptrdiff_t nruns,
-    ptrdiff_t stride, ptrdiff_t n, double mean, double *t_dy, double *t_dev)
-{
-    __m512d a1 = _mm512_setzero_pd(), b1 = a1, a2 = a1, b2 = a1;
-    const __m512d m = _mm512_set1_pd(mean);
-    for (ptrdiff_t r = 0; r < nruns; r++)
-        bn_run_grad_sums_avx512(x + r * stride, dy + r * stride, n, m, &a1, &b1, &a2, &b2);
-    bn_lanes_totals_avx512(a1, b1, a2, b2, t_dy, t_dev);
+/* The gradient sums of a block, as bn_block_shifted_sums_f32_avx512 takes
+ * its statistics, RUN summing each run of element type T. Float32 here,
+ * float64 below. */
+#define BN_DEFINE_BLOCK_GRAD_SUMS_AVX512(T, NAME, RUN)                                     \
+__attribute__((target("avx512f"))) static void NAME(                                      \
+    const T *BN_RESTRICT x, const T *BN_RESTRICT dy, ptrdiff_t nruns, ptrdiff_t stride,   \
+    ptrdiff_t n, double mean, double *t_dy, double *t_dev)                                 \
+{                                                                                          \
+    __m512d a1 = _mm512_setzero_pd(), b1 = a1, a2 = a1, b2 = a1;                          \
+    const __m512d m = _mm512_set1_pd(mean);                                                \
+    for (ptrdiff_t r = 0; r < nruns; r++)                                                 \
+        RUN(x + r * stride, dy + r * stride, n, m, &a1, &b1, &a2, &b2);                    \
+    bn_lanes_totals_avx512(a1, b1, a2, b2, t_dy, t_dev);                                   \
 }
+BN_DEFINE_BLOCK_GRAD_SUMS_AVX512(float, bn_block_grad_sums_f32_avx512, bn_run_grad_sums_avx512)
 
 /* Float64 runs with AVX-512, for the block and group loops: the generic
  * loop's operations lane by lane
@@ -557,23 +562,9 @@ BN_INLINE void bn_run_grad_sums_f64_avx512(const double *BN_RESTRICT x,
     }
 }
 
-/* A run's gradient sums into lanes in memory (loaded and stored whole),
- * for the channel-group walk. */
-BN_INLINE void bn_carried_grad_sums_f64_avx512(const double *BN_RESTRICT x,
-                                               const double *BN_RESTRICT dy, ptrdiff_t n,
-                                               double mean, double *BN_RESTRICT s_dy,
-                                               double *BN_RESTRICT s_dy_dev)
-    __attribute__((target("avx512f")));
-BN_INLINE void bn_carried_grad_sums_f64_avx512(const double *BN_RESTRICT x,
-                                               const double *BN_RESTRICT dy, ptrdiff_t n,
-                                               double mean, double *BN_RESTRICT s_dy,
-                                               double *BN_RESTRICT s_dy_dev)
-{
-    __m512d a1, b1, a2, b2;
-    bn_lanes_load_avx512(s_dy, s_dy_dev, &a1, &b1, &a2, &b2);
-    bn_run_grad_sums_f64_avx512(x, dy, n, _mm512_set1_pd(mean), &a1, &b1, &a2, &b2);
-    bn_lanes_store_avx512(s_dy, s_dy_dev, a1, b1, a2, b2);
-}
+BN_DEFINE_CARRIED_GRAD_SUMS_AVX512(double, bn_carried_grad_sums_f64_avx512,
+                                   bn_run_grad_sums_f64_avx512)
+#undef BN_DEFINE_CARRIED_GRAD_SUMS_AVX512
 
 /* Blocks of whole runs, the lanes in registers from the first run to the
  * last, as bn_block_shifted_sums_f32_avx512. */
@@ -592,16 +583,9 @@ __attribute__((target("avx512f"))) static void bn_block_shifted_sums_f64_avx512(
     bn_lanes_totals_avx512(a1, b1, a2, b2, t1, t2);
 }
 
-__attribute__((target("avx512f"))) static void bn_block_grad_sums_f64_avx512(
-    const double *BN_RESTRICT x, const double *BN_RESTRICT dy, ptrdiff_t nruns,
-    ptrdiff_t stride, ptrdiff_t n, double mean, double *t_dy, double *t_dev)
-{
-    __m512d a1 = _mm512_setzero_pd(), b1 = a1, a2 = a1, b2 = a1;
-    const __m512d m = _mm512_set1_pd(mean);
-    for (ptrdiff_t r = 0; r < nruns; r++)
-        bn_run_grad_sums_f64_avx512(x + r * stride, dy + r * stride, n, m, &a1, &b1, &a2, &b2);
-    bn_lanes_totals_avx512(a1, b1, a2, b2, t_dy, t_dev);
-}
+BN_DEFINE_BLOCK_GRAD_SUMS_AVX512(double, bn_block_grad_sums_f64_avx512,
+                                 bn_run_grad_sums_f64_avx512)
+#undef BN_DEFINE_BLOCK_GRAD_SUMS_AVX512
 
 /* AVX2 holds a pair of lane arrays in eight vectors of four: lanes 4q to
  * 4q + 3 of the first array in s1[q], of the second in s2[q]. */
