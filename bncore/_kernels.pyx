@@ -435,7 +435,11 @@ cdef enum:
     # 6 KiB ran slower than one (benchmarks/memory_streams.c's finding).
     # Eval of (16, 8, 256, 256) float32 on one thread, 256 KiB chunks: 0.95
     # -> 1.04 of a streaming copy. Runs of a quarter of it and more are
-    # paired across channels (twin_channels).
+    # paired across channels (twin_channels). Both only with streaming
+    # stores: in cache one stream was as fast or faster. Eval, float32, in
+    # pairs against one stream, one / two threads: (32, 32, 56, 56) and (8,
+    # 128, 56, 56), 12.5 MB, 0.82 / 0.86-0.90 of the time; (1, 64, 56, 56)
+    # 0.99; (2, 64, 112, 112) 0.98 / 0.97; training 0.88-0.98.
     TWIN_MIN_BYTES = 32 * 1024
     # The pipelined training forward holds two channels per thread in cache:
     # a channel of at most this many bytes is normalised from L2 (1 MiB per
@@ -1100,10 +1104,10 @@ cdef inline Py_ssize_t twin_halves(Py_ssize_t length, Py_ssize_t itemsize,
                                    const AffineIn *a) noexcept nogil:
     """How far apart run_affine_twin takes the two halves of a run of
     length values, or 0 for one stream: an odd number of lines of about
-    half the run, for runs of at least twin_min_bytes (TWIN_MIN_BYTES). The
-    values after the second half (under four lines) are left to
-    run_affine."""
-    if not can_pair(a, itemsize) or length * itemsize < twin_min_bytes:
+    half the run, for streamed runs of at least twin_min_bytes
+    (TWIN_MIN_BYTES). The values after the second half (under four lines)
+    are left to run_affine."""
+    if not (can_pair(a, itemsize) and a.stream) or length * itemsize < twin_min_bytes:
         return 0
     return odd_at_most(length * itemsize // (2 * BN_LINE_BYTES)) * BN_LINE_BYTES // itemsize
 
@@ -1146,11 +1150,11 @@ cdef inline Py_ssize_t twin_channels(const Planar *g, Py_ssize_t nchannels,
                                      Py_ssize_t itemsize, const AffineIn *a) noexcept nogil:
     """How many channels apart the runs of one row are paired (the rows
     twin_rows leaves alone: all of them in chunks of one row, N <= 64), or
-    0: about half the channels, odd, where runs are whole lines of at least
-    twin_min_bytes / 4. Measured on one thread, float32 eval: runs of
-    12.5 KB (64, 128, 56, 56) 7 % faster, 6.3 KB 6 % slower, 3.1 KB
-    (64, 256, 28, 28) 8-28 % slower."""
-    if (not can_pair(a, itemsize) or runs_share_lines(g, itemsize)
+    0: about half the channels, odd, where streamed runs are whole lines of
+    at least twin_min_bytes / 4. Measured on one thread, float32 eval: runs
+    of 12.5 KB (64, 128, 56, 56) 7 % faster, 6.3 KB 6 % slower, 3.1 KB
+    (64, 256, 28, 28) 8-28 % slower; in cache slower (TWIN_MIN_BYTES)."""
+    if (not (can_pair(a, itemsize) and a.stream) or runs_share_lines(g, itemsize)
             or g.inner * itemsize < twin_min_bytes // 4):
         return 0
     return odd_at_most(nchannels // 2)
@@ -1349,13 +1353,23 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     cdef AffineIn rows = a[0]
     cdef Py_ssize_t row_runs = 0
     cdef void *table
+    # Work items go to threads as they come from memory (streaming stores),
+    # but in the same static shares in cache, so that a tensor normalised
+    # call after call stays where the last call left it, each thread's share
+    # in its core's L2: eval of float32 (1, 64, 56, 56) on two threads 0.91
+    # of the time, (1, 64, 40, 40) 0.92, (16, 512, 7, 7) 0.95; 3-12 MB
+    # 0.97-1.02.
     if g.rows_per_chunk == 0:
         if nthreads == 1:
             for item in range(g.channels * nchunks):
                 planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
-        else:
+        elif a.stream:
             for item in prange(g.channels * nchunks, num_threads=nthreads,
                                schedule="dynamic"):
+                planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
+        else:
+            for item in prange(g.channels * nchunks, num_threads=nthreads,
+                               schedule="static"):
                 planar_chunk_affine(x, y, g, item // nchunks, item % nchunks, a)
         return
     # Row chunks: runs of up to 64 Ki values, each asking for its channel's
@@ -1370,8 +1384,11 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     if nthreads == 1:
         for item in range(nchunks * ngroups):
             planar_rows_affine(x, y, g, item, ngroups, &rows, row_runs)
-    else:
+    elif a.stream:
         for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
+            planar_rows_affine(x, y, g, item, ngroups, &rows, row_runs)
+    else:
+        for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="static"):
             planar_rows_affine(x, y, g, item, ngroups, &rows, row_runs)
     free(<void *>rows.constants)
 

@@ -1,7 +1,7 @@
 """The planar normalisation takes two streams at once, for the memory's
 sake: the runs of two rows of a row chunk (rows about half the chunk
-apart), the runs of two channels of a row that has no partner, and the two
-halves of a chunk of a long run. Its output must be bitwise that of one
+apart), and, with streaming stores, the runs of two channels of a row that
+has no partner and the two halves of a chunk of a long run. Its output must be bitwise that of one
 stream: each row normalised alone with the channel pairs off, and the
 channel pairs and halves against the same call with them turned off.
 
@@ -126,10 +126,12 @@ def test_halves_and_channel_pairs_give_the_bits_of_one_stream(shape, dtype, rest
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_halves_in_the_training_forward(dtype, twin_min_default):
-    """The training forward's normalisation pass takes the same halves."""
+def test_halves_in_the_training_forward(dtype, twin_min_default, restore_stream_min):
+    """The training forward's normalisation pass takes the same halves
+    (with streaming stores: the 1.8 MB tensor is in cache else)."""
     shape = (2, 3, 65536 + 9001)
     x = _problem(shape, dtype, seed=7)[0].reshape(shape)
+    _kernels.set_stream_min_bytes(0)
     for threads in (1, 2):
         def run():
             return bncore.batch_norm(x, training=True, num_threads=threads)
