@@ -41,6 +41,9 @@ NARROW_SHORT_RUNS = [(300, 5, 9), (200, 11, 12)]
 SHAPES = [(130, 2, 33), (70, 7, 49), (9, 64, 196), (5, 17, 47), (3, 40, 100),
           (300, 3, 40), (2, 5, 1001), (70, 7, 32), (9, 20, 144),
           (5, 6, 256), (4, 6, 784), (3, 5, 1024)] + SHORT_PLANAR_SHAPES
+# In cache, runs of every length are written in one call per row: runs of
+# a vector and under, runs with and without a tail, and 12.5 KB runs.
+LONG_RUN_SHAPES = [(6, 7, 3), (4, 9, 16), (40, 3, 3136), (1, 10, 3139)]
 
 
 @pytest.fixture
@@ -104,6 +107,29 @@ def test_training_forward_with_row_runs_gives_the_same_bits(shape, dtype, stream
         want = _train(problem, shape, 1, relu, 1, False)
         for threads in (1, 2):
             assert _same_bits(_train(problem, shape, threads, relu, 1, True), want)
+
+
+@pytest.fixture
+def in_cache(streaming):
+    """Normal stores at every size, where AVX-512 writes each row's runs in
+    one call (each_run_in_one_call: bn_affine_each_run), runs of any
+    length, one after the other."""
+    _kernels.set_stream_min_bytes(1 << 62)
+
+
+@pytest.mark.parametrize("shape", SHAPES + LONG_RUN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_runs_in_cache_in_one_call_give_the_bits_of_runs_alone(shape, dtype, in_cache):
+    problem = _problem(shape, dtype, seed=5 * sum(shape))
+    for relu in (False, True):
+        for offset in (0, 1, 5):
+            want = _eval(problem, shape, 1, relu, offset, False, False)
+            for threads in (1, 2, 3):
+                for in_place in (False, True):
+                    got = _eval(problem, shape, threads, relu, offset, in_place, True)
+                    assert got.tobytes() == want.tobytes(), (relu, offset, threads, in_place)
+        want = _train(problem, shape, 1, relu, 1, False)
+        assert _same_bits(_train(problem, shape, 2, relu, 1, True), want), relu
 
 
 def test_set_row_runs_returns_the_previous_setting(streaming):
