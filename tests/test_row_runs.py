@@ -91,12 +91,18 @@ def _train(problem, shape, threads, relu, offset, row_runs):
 def test_row_runs_give_the_bits_of_runs_alone(shape, dtype, streaming):
     problem = _problem(shape, dtype, seed=sum(shape))
     for relu in (False, True):
-        for offset in (0, 1, 5):
-            want = _eval(problem, shape, 1, relu, offset, False, False)
-            for threads in (1, 2, 3):
-                for in_place in (False, True):
-                    got = _eval(problem, shape, threads, relu, offset, in_place, True)
-                    assert got.tobytes() == want.tobytes(), (relu, offset, threads, in_place)
+        _assert_eval_with_row_runs_gives_the_same_bits(problem, shape, relu)
+
+
+def _assert_eval_with_row_runs_gives_the_same_bits(problem, shape, relu):
+    """Eval with set_row_runs on (1-3 threads, in place or not) against eval
+    with it off (one thread), arrays at offsets 0, 1 and 5 values."""
+    for offset in (0, 1, 5):
+        want = _eval(problem, shape, 1, relu, offset, False, False)
+        for threads in (1, 2, 3):
+            for in_place in (False, True):
+                got = _eval(problem, shape, threads, relu, offset, in_place, True)
+                assert got.tobytes() == want.tobytes(), (relu, offset, threads, in_place)
 
 
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
@@ -122,12 +128,7 @@ def in_cache(streaming):
 def test_runs_in_cache_in_one_call_give_the_bits_of_runs_alone(shape, dtype, in_cache):
     problem = _problem(shape, dtype, seed=5 * sum(shape))
     for relu in (False, True):
-        for offset in (0, 1, 5):
-            want = _eval(problem, shape, 1, relu, offset, False, False)
-            for threads in (1, 2, 3):
-                for in_place in (False, True):
-                    got = _eval(problem, shape, threads, relu, offset, in_place, True)
-                    assert got.tobytes() == want.tobytes(), (relu, offset, threads, in_place)
+        _assert_eval_with_row_runs_gives_the_same_bits(problem, shape, relu)
         want = _train(problem, shape, 1, relu, 1, False)
         assert _same_bits(_train(problem, shape, 2, relu, 1, True), want), relu
 
