@@ -497,6 +497,12 @@ cdef enum:
     # 0.46 / 0.56 against 0.50. So from 2 KiB on two threads, 3 KiB on one.
     PIPE_MIN_GRAD_RUN_BYTES_F64 = 2048
     PIPE_MIN_GRAD_RUN_BYTES_F64_ONE_THREAD = 3072
+    # In cache (normal stores), the float32 backward is pipelined only on
+    # two threads or more and under this size, where its one parallel region
+    # costs less than the two passes' regions: two passes against the
+    # pipeline, two threads, (8, 32, 14, 14) 200 kB 1.15-1.20 of the time,
+    # 0.4-1.6 MB 0.82-1.05 (use_pipelined_backward).
+    PIPE_MAX_BACKWARD_BYTES_IN_CACHE_F32 = 256 * 1024
     # Per-channel tables of constants are filled by the team from this many
     # channels, on the calling thread below: entering a parallel region
     # costs about a microsecond, what some thousand channels' constants take.
@@ -2756,12 +2762,26 @@ cdef bint use_pipelined_backward(const Planar *g, const BackwardArgs *a, Py_ssiz
     stores forced on a 51 MB one: 8 % slower on one thread, 16 % faster on
     two.) float64 needs longer runs (PIPE_MIN_GRAD_RUN_BYTES_F64), longer
     still on one thread.
+
+    On Zen 5, since the two-pass backward's loops were rewritten, float32
+    in cache (normal stores) no longer gains: two passes against the
+    pipeline, one / two threads, (32, 128, 14, 14) 0.73 / 0.79 of the time,
+    (64, 64, 28, 28) 0.72 / 0.81, (32, 64, 14, 14) 0.74 / 0.86, (16, 128,
+    28, 28) 0.83 / 0.89, (8, 128, 56, 56) 0.91 / 0.98, (16, 64, 56, 56)
+    0.90 / 1.02. Float64 in cache still gains on two threads ((16, 64, 28,
+    28) 1.07, (8, 64, 28, 28) 1.06), and from memory both still do on two
+    (1.10-1.31; one thread 0.83-1.05, about even). Small float32 calls
+    on two threads still gain (PIPE_MAX_BACKWARD_BYTES_IN_CACHE_F32).
     """
     if (pipelined_backward_mode == 0 or not a.training or a.sums_only
             or a.given_dy != NULL or g.rows_per_chunk == 0):
         return False
     if pipelined_backward_mode == 1:
         return True
+    if (itemsize == sizeof(float) and not a.stream
+            and (nthreads == 1 or g.outer * g.channels * g.inner * itemsize
+                 >= PIPE_MAX_BACKWARD_BYTES_IN_CACHE_F32)):
+        return False
     return (bn_pipelined_fused() and g.channels >= PIPE_MIN_CHANNELS * nthreads
             and g.inner * itemsize >= pipe_min_run_bytes(
                 itemsize, PIPE_MIN_GRAD_RUN_BYTES_F64 if nthreads >= 2
