@@ -191,6 +191,10 @@ cdef extern from "_leaf_loops.h" nogil:
                                 const float *p, int relu)
     void bn_affine_each_run_f64(const double *x, double *y, Py_ssize_t nruns,
                                 Py_ssize_t length, const double *p, int relu)
+    void bn_grad_each_run_f32(const float *x, const float *dy, float *dx, Py_ssize_t nruns,
+                              Py_ssize_t length, const float *p)
+    void bn_grad_each_run_f64(const double *x, const double *dy, double *dx,
+                              Py_ssize_t nruns, Py_ssize_t length, const double *p)
     void bn_affine_runs_f64(const double *x, double *y, Py_ssize_t n, Py_ssize_t inner,
                             const double *p, int relu, int stream)
     void bn_grad_runs_f32(const float *x, const float *dy, float *dx, Py_ssize_t n,
@@ -1223,17 +1227,19 @@ cdef Py_ssize_t repeat_table(void **table, Py_ssize_t nbytes, Py_ssize_t copies)
 cdef bint row_runs_enabled = True     # set_row_runs
 
 
-cdef inline bint each_run_in_one_call(const AffineIn *a, Py_ssize_t itemsize) noexcept nogil:
-    """Whether the normalisation writes each row's runs in one call
-    (bn_affine_each_run), one run after the other: in cache (normal
-    stores), with AVX-512, no relu gate and a table of constants. A call
-    per run (or per pair of runs) cost about as much as a short run's loads
-    and stores. Eval, float32, against the runs alone or paired (twin_rows),
-    one / two threads: (8, 32, 14, 14) 0.73 / 0.74 of the time, (1, 128,
-    28, 28) 0.84 / 0.90, (64, 64, 14, 14) 0.92 / 0.92, (128, 64, 10, 10)
-    0.97 / 0.81, (8, 256, 14, 14) 1.00 / 0.89, (16, 128, 28, 28) 0.96 /
-    0.95; runs of 12.5 KB and more 0.95-1.03."""
-    return (not a.stream and a.constants != NULL and a.gate == NULL and row_runs_enabled
+cdef inline bint each_run_in_one_call(int stream, const void *constants,
+                                      Py_ssize_t itemsize) noexcept nogil:
+    """Whether the normalisation and the training input gradient write each
+    row's runs in one call (bn_affine_each_run, bn_grad_each_run), one run
+    after the other: in cache (normal stores), with AVX-512 and a table of
+    constants (the normalisation: and no relu gate). A call per run (or per
+    pair of runs) cost about as much as a short run's loads and stores.
+    Eval, float32, against the runs alone or paired (twin_rows), one / two
+    threads: (8, 32, 14, 14) 0.73 / 0.74 of the time, (1, 128, 28, 28)
+    0.84 / 0.90, (64, 64, 14, 14) 0.92 / 0.92, (128, 64, 10, 10) 0.97 /
+    0.81, (8, 256, 14, 14) 1.00 / 0.89, (16, 128, 28, 28) 0.96 / 0.95;
+    runs of 12.5 KB and more 0.95-1.03."""
+    return (not stream and constants != NULL and row_runs_enabled
             and bn_periodic_lanes(itemsize) != 0)
 
 
@@ -1264,7 +1270,7 @@ cdef void planar_rows_affine(const floating *x, floating *y, const Planar *g, Py
         if a.stream:
             bn_stream_fence()
         return
-    if each_run_in_one_call(a, sizeof(floating)):
+    if a.gate == NULL and each_run_in_one_call(a.stream, a.constants, sizeof(floating)):
         for j in range(n, s.n1):
             start = run_start(g, j, c0)
             if floating is float:
@@ -2459,7 +2465,8 @@ cdef void planar_rows_grad_input(const floating *x, const floating *dy, floating
                                  Py_ssize_t row_runs) noexcept nogil:
     """The input gradient of a row chunk's group of channels: with row_runs
     > 0, each row's runs as one stream, row_runs rows a call (bn_grad_runs;
-    a.constants is the table, as planar_rows_affine's), else run by run."""
+    a.constants is the table, as planar_rows_affine's), else in cache each
+    row's runs in one call (each_run_in_one_call), else run by run."""
     cdef Span s = chunk_span(g, item // ngroups)
     cdef Py_ssize_t n = s.n0, c, start, nvalues, c0 = 0, c1 = 0
     cdef const floating *table = <const floating *>a.constants
@@ -2477,6 +2484,16 @@ cdef void planar_rows_grad_input(const floating *x, const floating *dy, floating
             n = n + row_runs
         if a.stream:
             bn_stream_fence()
+        return
+    if a.training and each_run_in_one_call(a.stream, a.constants, sizeof(floating)):
+        for n in range(s.n0, s.n1):
+            start = run_start(g, n, c0)
+            if floating is float:
+                bn_grad_each_run_f32(x + start, dy + start, dx + start, c1 - c0, g.inner,
+                                     table + 5 * c0)
+            else:
+                bn_grad_each_run_f64(x + start, dy + start, dx + start, c1 - c0, g.inner,
+                                     table + 5 * c0)
         return
     for n in range(s.n0, s.n1):
         for c in range(c0, c1):

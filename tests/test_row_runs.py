@@ -133,6 +133,20 @@ def test_runs_in_cache_in_one_call_give_the_bits_of_runs_alone(shape, dtype, in_
         assert _same_bits(_train(problem, shape, 2, relu, 1, True), want), relu
 
 
+@pytest.mark.parametrize("shape", SHAPES + LONG_RUN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_input_gradient_in_cache_in_one_call_gives_the_bits_of_runs_alone(shape, dtype,
+                                                                          in_cache):
+    """The training backward's input gradient (bn_grad_each_run), dx in
+    its own buffer or over dy or x; and the eval backward, which keeps a
+    call per run."""
+    problem = _gradient_problem(shape, dtype, seed=7 * sum(shape))
+    want = _backward(problem, shape, 1, 0, None, False, True)
+    _assert_backward_with_row_runs_gives(want, problem, shape)
+    want = _backward(problem, shape, 1, 0, None, False, True, training=False)
+    assert _same_bits(_backward(problem, shape, 2, 1, None, True, True, training=False), want)
+
+
 def test_set_row_runs_returns_the_previous_setting(streaming):
     assert _kernels.set_row_runs(False) is True
     assert _kernels.set_row_runs(True) is False
@@ -165,6 +179,17 @@ def _backward(problem, shape, threads, offset, in_place, row_runs, lane_groups,
     return [dx.copy(), grad_weight, grad_bias]
 
 
+def _assert_backward_with_row_runs_gives(want, problem, shape):
+    """The backward with set_row_runs and set_lane_groups on gives want: on
+    1-3 threads, arrays at offsets 0, 1 and 5 values, dx in its own buffer
+    or over dy or x."""
+    for offset in (0, 1, 5):
+        for threads in (1, 2, 3):
+            for in_place in (None, "dy", "x"):
+                got = _backward(problem, shape, threads, offset, in_place, True, True)
+                assert _same_bits(got, want), (offset, threads, in_place)
+
+
 # Blocks of several runs in chunks of several rows (outer > 64), blocks cut
 # short by the chunk's end, and groups of more than LANE_GROUP (64) channels.
 BACKWARD_SHAPES = SHAPES + [(200, 130, 49), (1000, 5, 36), (70, 65, 100)]
@@ -175,11 +200,7 @@ BACKWARD_SHAPES = SHAPES + [(200, 130, 49), (1000, 5, 36), (70, 65, 100)]
 def test_backward_with_row_runs_and_lane_groups_gives_the_same_bits(shape, dtype, streaming):
     problem = _gradient_problem(shape, dtype, seed=3 * sum(shape))
     want = _backward(problem, shape, 1, 0, None, False, False)
-    for offset in (0, 1, 5):
-        for threads in (1, 2, 3):
-            for in_place in (None, "dy", "x"):
-                got = _backward(problem, shape, threads, offset, in_place, True, True)
-                assert _same_bits(got, want), (offset, threads, in_place)
+    _assert_backward_with_row_runs_gives(want, problem, shape)
     # Each alone, and the eval backward (dx = dy * k, never a row of runs).
     assert _same_bits(_backward(problem, shape, 2, 1, None, True, False), want)
     assert _same_bits(_backward(problem, shape, 2, 1, None, False, True), want)
