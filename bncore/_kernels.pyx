@@ -1394,12 +1394,12 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     cdef AffineIn rows = a[0]
     cdef Py_ssize_t row_runs = 0
     cdef void *table
-    # Work items go to threads as they come from memory (streaming stores),
-    # but in the same static shares in cache, so that a tensor normalised
-    # call after call stays where the last call left it, each thread's share
-    # in its core's L2: eval of float32 (1, 64, 56, 56) on two threads 0.91
-    # of the time, (1, 64, 40, 40) 0.92, (16, 512, 7, 7) 0.95; 3-12 MB
-    # 0.97-1.02.
+    # From memory (streaming stores) work items go to whichever thread is
+    # free; in cache they go in the same static shares at every call, so
+    # that a tensor normalised call after call stays in the L2 of the core
+    # that wrote it. Row chunks, eval, float32, two threads, static against
+    # dynamic: (1, 64, 56, 56) 0.91 of the time, (1, 64, 40, 40) 0.92, (16,
+    # 512, 7, 7) 0.95; 3-12 MB 0.97-1.02.
     if g.rows_per_chunk == 0:
         if nthreads == 1:
             for item in range(g.channels * nchunks):
@@ -3292,12 +3292,11 @@ def set_row_runs(bint enabled):
     """Turn the row-at-a-time writing of streamed runs that share lines or
     are short (rows_as_runs: the normalisation's bn_affine_runs, the
     training backward's bn_grad_runs), and of runs in cache
-    (each_run_in_one_call: bn_affine_each_run), on or off, for tests and
-    benchmarks; returns the previous setting. Off, those runs are written
-    one at a time (with normal stores where they share lines): the same
-    bits. (The
-    choice of the pipelined paths follows the setting:
-    PIPE_MIN_ROW_RUN_BYTES.)"""
+    (each_run_in_one_call: bn_affine_each_run, bn_grad_each_run), on or
+    off, for tests and benchmarks; returns the previous setting. Off, those
+    runs are written one at a time (with normal stores where they share
+    lines): the same bits. (The choice of the pipelined paths follows the
+    setting: PIPE_MIN_ROW_RUN_BYTES.)"""
     global row_runs_enabled
     previous = row_runs_enabled
     row_runs_enabled = enabled

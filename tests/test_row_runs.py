@@ -41,9 +41,10 @@ NARROW_SHORT_RUNS = [(300, 5, 9), (200, 11, 12)]
 SHAPES = [(130, 2, 33), (70, 7, 49), (9, 64, 196), (5, 17, 47), (3, 40, 100),
           (300, 3, 40), (2, 5, 1001), (70, 7, 32), (9, 20, 144),
           (5, 6, 256), (4, 6, 784), (3, 5, 1024)] + SHORT_PLANAR_SHAPES
-# In cache, runs of every length are written in one call per row: runs of
-# a vector and under, runs with and without a tail, and 12.5 KB runs.
-LONG_RUN_SHAPES = [(6, 7, 3), (4, 9, 16), (40, 3, 3136), (1, 10, 3139)]
+# In cache, runs from ROW_RUNS_MAX_BYTES_IN_CACHE (256 B) on are written in
+# one call per row (SHAPES from (9, 64, 196) on; shorter runs take the row
+# loop), and so are long ones: 12.5 KB runs, whole vectors and with a tail.
+LONG_RUN_SHAPES = [(40, 3, 3136), (1, 10, 3139)]
 
 
 @pytest.fixture
@@ -118,8 +119,8 @@ def test_training_forward_with_row_runs_gives_the_same_bits(shape, dtype, stream
 @pytest.fixture
 def in_cache(streaming):
     """Normal stores at every size, where AVX-512 writes each row's runs in
-    one call (each_run_in_one_call: bn_affine_each_run), runs of any
-    length, one after the other."""
+    one call, one after the other (each_run_in_one_call: bn_affine_each_run,
+    bn_grad_each_run)."""
     _kernels.set_stream_min_bytes(1 << 62)
 
 
