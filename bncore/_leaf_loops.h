@@ -1334,33 +1334,27 @@ static inline void bn_group_grad_sums_##SFX(const TYPE *x, const TYPE *dy,      
                                     mean[c], pairs[c].a, pairs[c].b);                      \
 }
 #if BN_X86_DISPATCH
-#define BN_BLOCK_SHIFTED_SUMS_FAST_f32                                                    \
-    if (offset == 0.0 && bn_cpu_avx512()) {                                               \
-        bn_block_shifted_sums_f32_avx512(x, nruns, stride, n, origin, ahead_bytes, t1, t2); \
+/* float32 blocks and groups take the AVX-512 loop, else the AVX2 one, with
+ * the same arguments: STEM_f32_avx512(...) or STEM_f32_avx2(...), then
+ * return. */
+#define BN_FAST_F32(STEM, ...)                                                            \
+    if (bn_cpu_avx512()) {                                                                \
+        STEM##_f32_avx512(__VA_ARGS__);                                                   \
         return;                                                                            \
     }                                                                                      \
-    if (offset == 0.0 && bn_cpu_avx2()) {                                                 \
-        bn_block_shifted_sums_f32_avx2(x, nruns, stride, n, origin, ahead_bytes, t1, t2); \
+    if (bn_cpu_avx2()) {                                                                  \
+        STEM##_f32_avx2(__VA_ARGS__);                                                     \
         return;                                                                            \
+    }
+#define BN_BLOCK_SHIFTED_SUMS_FAST_f32                                                    \
+    if (offset == 0.0) {                                                                  \
+        BN_FAST_F32(bn_block_shifted_sums, x, nruns, stride, n, origin, ahead_bytes, t1,  \
+                    t2)                                                                    \
     }
 #define BN_BLOCK_GRAD_SUMS_FAST_f32                                                       \
-    if (bn_cpu_avx512()) {                                                                \
-        bn_block_grad_sums_f32_avx512(x, dy, nruns, stride, n, mean, t_dy, t_dev);       \
-        return;                                                                            \
-    }                                                                                      \
-    if (bn_cpu_avx2()) {                                                                  \
-        bn_block_grad_sums_f32_avx2(x, dy, nruns, stride, n, mean, t_dy, t_dev);         \
-        return;                                                                            \
-    }
+    BN_FAST_F32(bn_block_grad_sums, x, dy, nruns, stride, n, mean, t_dy, t_dev)
 #define BN_GROUP_GRAD_SUMS_FAST_f32                                                       \
-    if (bn_cpu_avx512()) {                                                                \
-        bn_group_grad_sums_f32_avx512(x, dy, nrows, stride, nchan, n, mean, pairs);      \
-        return;                                                                            \
-    }                                                                                      \
-    if (bn_cpu_avx2()) {                                                                  \
-        bn_group_grad_sums_f32_avx2(x, dy, nrows, stride, nchan, n, mean, pairs);        \
-        return;                                                                            \
-    }
+    BN_FAST_F32(bn_group_grad_sums, x, dy, nrows, stride, nchan, n, mean, pairs)
 #define BN_BLOCK_SHIFTED_SUMS_FAST_f64                                                    \
     if (bn_cpu_avx512()) {                                                                \
         bn_block_shifted_sums_f64_avx512(x, nruns, stride, n, origin, offset, ahead_bytes, \
@@ -1388,6 +1382,7 @@ static inline void bn_group_grad_sums_##SFX(const TYPE *x, const TYPE *dy,      
 BN_DEFINE_BLOCK_SUMS(float, f32)
 BN_DEFINE_BLOCK_SUMS(double, f64)
 #undef BN_DEFINE_BLOCK_SUMS
+#undef BN_FAST_F32
 
 /* The pipelined training forward's inner loop: two runs of n values at
  * once, the statistics of xs (as bn_lane_shifted_sums_f32 with offset 0,
