@@ -21,8 +21,8 @@ outputs (use_pipelined): each thread walks a range of channels,
 normalising one from cache while it reads the next one's statistics from
 memory, so the input is read once instead of twice. It computes the same
 blocks, merged in the same order, as the two passes: the same bits. The
-training backward has its twin (use_pipelined_backward): dx of one channel
-written from cache while the next one's gradient sums are read.
+training backward is tiled by channel (use_tiled_backward): each channel's
+gradient sums read from memory, then its dx written from cache.
 
 Statistics are the triple (count, mean, M2) per channel, with the mean kept
 as an offset from the channel's origin, its first value: every block of the
@@ -459,7 +459,7 @@ cdef enum:
     # gain 15-50 %, 3.2 MB break even, 6.4 MB lose 5-20 %; 3 channels of
     # 12.8 MB lose 10 %. The channel count is a judgement: a thread reads
     # its first channel and normalises its last one unpipelined. The
-    # pipelined backward uses the same two (use_pipelined_backward says why).
+    # channel-tiled backward uses the same two (use_tiled_backward says why).
     PIPE_MIN_CHANNELS = 8
     PIPE_MAX_SLICE = 2 * 1024 * 1024
     # ... and runs of at least PIPE_MIN_RUN_BYTES, forward and backward:
@@ -501,11 +501,11 @@ cdef enum:
     # 0.46 / 0.56 against 0.50. So from 2 KiB on two threads, 3 KiB on one.
     PIPE_MIN_GRAD_RUN_BYTES_F64 = 2048
     PIPE_MIN_GRAD_RUN_BYTES_F64_ONE_THREAD = 3072
-    # In cache (normal stores), the float32 backward is pipelined only on
+    # In cache (normal stores), the float32 backward is tiled only on
     # two threads or more and under this size, where its one parallel region
     # costs less than the two passes' regions: two passes against the
     # pipeline, two threads, (8, 32, 14, 14) 200 kB 1.15-1.20 of the time,
-    # 0.4-1.6 MB 0.82-1.05 (use_pipelined_backward).
+    # 0.4-1.6 MB 0.82-1.05 (use_tiled_backward).
     PIPE_MAX_BACKWARD_BYTES_IN_CACHE_F32 = 256 * 1024
     # Per-channel tables of constants are filled by the team from this many
     # channels, on the calling thread below: entering a parallel region
@@ -2609,15 +2609,26 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
 
 
 # --------------------------------------------------------------------------
-# The pipelined training backward (planar, row chunks), the
-# forward's twin: a work item is a range of consecutive channels. While
-# channel c's dx is written, from cache, the gradient sums of channel c + 1
-# are read from memory in the same loop, run by run, each run asking for
-# the next one ahead of use; so the memory sees x and dy read once and dx
-# written, instead of x and dy read twice. Channel c + 1's block sums (lanes
+# The channel-tiled training backward (planar, row chunks): a work item is
+# a range of consecutive channels, taken one at a time. A channel's gradient
+# sums are read from memory, each run asking for the one some runs on (into
+# L2); then its dx is written from cache, last row first (the rows read
+# last are the likeliest still in L2); so the memory sees x and dy read once
+# and dx written, instead of x and dy read twice. The block sums (lanes
 # carried from run to run), chunk sums and total are added exactly as
 # planar_rows_grad_sums and finish_grad_channel add them: the bits of the
 # two-pass path.
+#
+# It replaced a pipelined walk that wrote channel c's dx in the same loop as
+# it read channel c + 1's sums (the forward's design): the two streams in
+# one loop ran no faster than one after the other, and the loop's reads of
+# the two channels could alias modulo 4 KiB. Tiled against pipelined, of
+# the same runs, float32, one / two threads, (64, 256, 28, 28) 0.97-0.98 /
+# 0.97 of the time, (128, 128, 56, 56) 0.92-0.93 / 0.92, (32, 128, 56, 56)
+# 0.93 / 0.98, (64, 64, 56, 56) 0.95 / 1.00, (64, 128, 32, 32) 0.81;
+# float64 (64, 256, 28, 28) 0.97 / 0.98, (32, 64, 56, 56) 0.81 / 1.00, (128,
+# 256, 14, 14) 0.75 / 0.74; in cache, float64 on two threads 0.89-0.92,
+# float32 (8, 32, 14, 14) on two 1.04 (/work/notes/s29/xpt.py).
 
 cdef inline const floating *beside(const floating *run, const floating *x,
                                    const floating *other) noexcept nogil:
@@ -2644,128 +2655,121 @@ cdef inline void grad_head_seam(const floating *xn, const floating *dyn, floatin
                          <int>(line - head), before, now)
 
 
-cdef void pipelined_grad_runs(const floating *x, const floating *dy, floating *dx,
-                              const Planar *g, Py_ssize_t n, Py_ssize_t sc, double mean,
-                              double *lanes_dy, double *lanes_dev, Py_ssize_t block_end,
-                              GradSums *acc, const floating *ahead, Py_ssize_t n_dx,
-                              Py_ssize_t nc, int ends, const floating *next_dx,
-                              const floating *k, const floating *k_before,
-                              int stream) noexcept nogil:
-    """The sums of channel sc's run in row n added into the lanes (sc < 0:
-    none), prefetching x's run at ``ahead`` and dy's beside it, and dx of
-    channel nc's run in row n_dx written with the constants k (nc < 0:
-    none), leaving its end lines `ends` (seam_ends; k_before holds channel
-    nc - 1's constants for the first one's seam); next_dx is x's run whose
-    dx is written next. Where a block ends at row n (block_end > 0), its
-    totals are added into acc and the lanes cleared."""
-    cdef const floating *xs = NULL
-    cdef const floating *xn = NULL
+cdef void tiled_grad_sums(const floating *x, const floating *dy, const Planar *g,
+                          Py_ssize_t c, Py_ssize_t c_end, double mean, Py_ssize_t ahead,
+                          GradSums *chunks) noexcept nogil:
+    """Channel c's chunk sums into chunks, read run by run from memory, each
+    run asking for the one `ahead` runs on (into channels up to c_end)."""
+    cdef bn_lanes lanes_dy
+    cdef bn_lanes lanes_dev
+    cdef GradSums block
+    cdef Py_ssize_t chunk, n
+    cdef const floating *xs
+    cdef const floating *next_x
+    cdef Span s
+    clear_lanes(lanes_dy, lanes_dev)
+    for chunk in range(g.chunks_per_channel):
+        s = chunk_span(g, chunk)
+        chunks[chunk] = zero_grad_sums()
+        for n in range(s.n0, s.n1):
+            xs = x + run_start(g, n, c)
+            next_x = run_after(x, g, n, c, c_end, ahead)
+            if floating is float:
+                bn_grad_sums_and_input_f32(xs, beside(xs, x, dy), g.inner, mean, lanes_dy,
+                                           lanes_dev, next_x, beside(next_x, x, dy),
+                                           NULL, NULL, NULL, 0, 0, 0, 0, 0, 0, 0)
+            else:
+                bn_grad_sums_and_input_f64(xs, beside(xs, x, dy), g.inner, mean, lanes_dy,
+                                           lanes_dev, next_x, beside(next_x, x, dy),
+                                           NULL, NULL, NULL, 0, 0, 0, 0, 0, 0, 0)
+            if block_end_at(g, n, s) > 0:
+                # As runs_grad_sums: a block's lanes totalled, added to the
+                # chunk's in row order.
+                block.dy = bn_lanes_total(lanes_dy)
+                block.dy_dev = bn_lanes_total(lanes_dev)
+                chunks[chunk] = add_grad_sums(chunks[chunk], block)
+                clear_lanes(lanes_dy, lanes_dev)
+
+
+cdef void tiled_grad_input(const floating *x, const floating *dy, floating *dx,
+                           const Planar *g, Py_ssize_t c, int ends, const floating *k,
+                           const floating *k_before,
+                           int stream) noexcept nogil:
+    """Channel c's dx from the constants k (hi, lo, k, c1, c0), last row
+    first, leaving each run's end lines `ends` (seam_ends; k_before holds
+    channel c - 1's constants for the first one's seam)."""
     cdef Py_ssize_t run_bytes = g.inner * <Py_ssize_t>sizeof(floating)
-    cdef GradSums run
-    if sc >= 0:
-        xs = x + run_start(g, n, sc)
-    if nc >= 0:
-        xn = x + run_start(g, n_dx, nc)
+    cdef Py_ssize_t n
+    cdef const floating *xn
+    cdef const floating *next_dx
+    for n in range(g.outer - 1, -1, -1):
+        xn = x + run_start(g, n, c)
         if ends & BN_LEAVE_HEAD:
             grad_head_seam(xn, beside(xn, x, dy), <floating *>beside(xn, x, dx), g.inner,
                            k_before, k)
-        if next_dx != NULL and 2 * g.outer * run_bytes > PIPE_L2_SLICE:
-            # As the forward: into L2 when a channel's x and dy do not fit in
-            # L2 beside the next one's. Into L1 when they do, against none,
+        if n > 0 and 2 * g.outer * run_bytes > PIPE_L2_SLICE:
+            next_dx = x + run_start(g, n - 1, c)
+            # Into L2 when a channel's x and dy do not fit in it (from L3).
+            # Where they do, asking for the next run into L1 gained nothing:
             # float32 (64,256,28,28), (32,128,32,32) and (16,64,56,56) took
-            # 0.93-1.08 of the time on one thread and 0.96-1.08 on two (Zen 5).
+            # 0.93-1.08 of the time on one thread and 0.96-1.08 on two
+            # (Zen 5, measured with the pipelined walk).
             bn_prefetch_to_l2(next_dx, run_bytes)
             bn_prefetch_to_l2(beside(next_dx, x, dy), run_bytes)
-    if floating is float:
-        bn_grad_sums_and_input_f32(xs, beside(xs, x, dy), g.inner, mean, lanes_dy, lanes_dev,
-                                   ahead, beside(ahead, x, dy), xn, beside(xn, x, dy),
-                                   <float *>beside(xn, x, dx), k[0], k[1], k[2], k[3], k[4],
-                                   stream, ends)
-    else:
-        bn_grad_sums_and_input_f64(xs, beside(xs, x, dy), g.inner, mean, lanes_dy, lanes_dev,
-                                   ahead, beside(ahead, x, dy), xn, beside(xn, x, dy),
-                                   <double *>beside(xn, x, dx), k[0], k[1], k[2], k[3], k[4],
-                                   stream, ends)
-    if sc >= 0 and block_end > 0:
-        # As runs_grad_sums: the lanes' totals, added to the chunk's in row order.
-        run.dy = bn_lanes_total(lanes_dy)
-        run.dy_dev = bn_lanes_total(lanes_dev)
-        acc[0] = add_grad_sums(acc[0], run)
-        clear_lanes(lanes_dy, lanes_dev)
+        if floating is float:
+            bn_grad_sums_and_input_f32(NULL, NULL, g.inner, 0.0, NULL, NULL, NULL, NULL,
+                                       xn, beside(xn, x, dy), <float *>beside(xn, x, dx),
+                                       k[0], k[1], k[2], k[3], k[4], stream, ends)
+        else:
+            bn_grad_sums_and_input_f64(NULL, NULL, g.inner, 0.0, NULL, NULL, NULL, NULL,
+                                       xn, beside(xn, x, dy), <double *>beside(xn, x, dx),
+                                       k[0], k[1], k[2], k[3], k[4], stream, ends)
 
 
-cdef void pipelined_backward_item(const floating *x, const floating *dy, floating *dx,
-                                  const Planar *g, Py_ssize_t c0, Py_ssize_t c1,
-                                  const BackwardArgs *a) noexcept nogil:
-    """Channels [c0, c1): sums of c0 alone, then each channel's dx written
-    while the next one's sums are read, then the last one's dx alone. One
-    channel's chunk sums at a time, on the stack (row chunks: at most
+cdef void tiled_backward_item(const floating *x, const floating *dy, floating *dx,
+                              const Planar *g, Py_ssize_t c0, Py_ssize_t c1,
+                              const BackwardArgs *a) noexcept nogil:
+    """Channels [c0, c1), each one's sums and then its dx. One channel's
+    chunk sums at a time, on the stack (row chunks: at most
     MAX_ROW_CHUNKS), so the call allocates nothing."""
     cdef GradSums chunks[MAX_ROW_CHUNKS]
-    cdef GradSums total = zero_grad_sums()      # of the channel whose dx is written
+    cdef GradSums total
     cdef floating k[5]          # (hi, lo, k, c1, c0) of the channel whose dx is written
     cdef floating k_before[5]   # ... of the channel before it
-    cdef bn_lanes lanes_dy
-    cdef bn_lanes lanes_dev
-    cdef Py_ssize_t nchunks = g.chunks_per_channel
-    cdef Py_ssize_t c, chunk, n, sc, nc, block_end
-    cdef Span s
-    cdef double mean = 0.0
+    cdef Py_ssize_t c
     cdef Py_ssize_t ahead = runs_ahead(g, sizeof(floating))
     cdef int stream = a.stream and not short_split_runs(g, sizeof(floating))
     cdef bint seams = can_seam(stream, g.inner, sizeof(floating))
-    memset(k, 0, sizeof(k))     # set before the first dx is written
-    clear_lanes(lanes_dy, lanes_dev)
-    for c in range(c0 - 1, c1):
-        # Sums of sc = c + 1 while writing dx of nc = c (-1: none).
-        sc = c + 1 if c + 1 < c1 else -1
-        nc = c if c >= c0 else -1
-        if sc >= 0:
-            mean = a.mean[sc]
-        if nc >= 0:
-            # Training only (use_pipelined_backward): eval's dx is dy * k alone.
-            memcpy(k_before, k, sizeof(k))
-            grad_constants(total, a.count, a.mean[nc], a.invstd[nc], a.weight, nc, True,
-                           &k[0], &k[1], &k[2], &k[3], &k[4])
-        for chunk in range(nchunks):
-            s = chunk_span(g, chunk)
-            if sc >= 0:
-                chunks[chunk] = zero_grad_sums()
-            for n in range(s.n0, s.n1):
-                # Blocks of whole runs as planar_chunk_grad_sums cuts them.
-                block_end = block_end_at(g, n, s)
-                # Rows are written last read first: those still in L2.
-                pipelined_grad_runs(x, dy, dx, g, n, sc, mean, lanes_dy, lanes_dev, block_end,
-                                    &chunks[chunk],
-                                    run_after(x, g, n, sc, c1, ahead) if sc >= 0 else NULL,
-                                    g.outer - 1 - n, nc,
-                                    seam_ends(nc, c0, c1) if seams and nc >= 0 else 0,
-                                    run_before(x, g, g.outer - 1 - n, nc, c1) if nc >= 0
-                                    else NULL,
-                                    k, k_before, stream)
-        if sc >= 0:
-            total = chunks_total(chunks, nchunks)
-            store_param_grads(total, sc, a)
+    memset(k, 0, sizeof(k))
+    for c in range(c0, c1):
+        tiled_grad_sums(x, dy, g, c, c1, a.mean[c], ahead, chunks)
+        total = chunks_total(chunks, g.chunks_per_channel)
+        store_param_grads(total, c, a)
+        # Training only (use_tiled_backward): eval's dx is dy * k alone.
+        memcpy(k_before, k, sizeof(k))
+        grad_constants(total, a.count, a.mean[c], a.invstd[c], a.weight, c, True,
+                       &k[0], &k[1], &k[2], &k[3], &k[4])
+        tiled_grad_input(x, dy, dx, g, c, seam_ends(c, c0, c1) if seams else 0, k, k_before,
+                         stream)
     if a.stream:
         bn_stream_fence()
 
 
-cdef Py_ssize_t pipelined_backward_items = 0    # 0: one per thread (set_pipelined_backward)
+cdef Py_ssize_t tiled_backward_items = 0    # 0: one per thread (set_tiled_backward)
 
 
-cdef void planar_backward_pipelined(const floating *x, const floating *dy, floating *dx,
-                                    const Planar *g, const BackwardArgs *a,
-                                    int nthreads) noexcept nogil:
+cdef void planar_backward_tiled(const floating *x, const floating *dy, floating *dx,
+                                const Planar *g, const BackwardArgs *a,
+                                int nthreads) noexcept nogil:
     cdef Py_ssize_t item
-    cdef Py_ssize_t nitems = (pipelined_backward_items if pipelined_backward_items > 0
-                              else nthreads)
+    cdef Py_ssize_t nitems = tiled_backward_items if tiled_backward_items > 0 else nthreads
     nitems = min(nitems, g.channels)
     for item in prange(nitems, num_threads=nthreads, schedule="static", chunksize=1):
-        pipelined_backward_item(x, dy, dx, g, item * g.channels // nitems,
-                                (item + 1) * g.channels // nitems, a)
+        tiled_backward_item(x, dy, dx, g, item * g.channels // nitems,
+                            (item + 1) * g.channels // nitems, a)
 
 
-cdef int pipelined_backward_mode = -1   # -1: by size; 0: never; 1: whenever possible
+cdef int tiled_backward_mode = -1   # -1: by size; 0: never; 1: whenever possible
 
 
 cdef inline Py_ssize_t pipe_min_run_bytes(Py_ssize_t itemsize, Py_ssize_t float64_bytes,
@@ -2778,41 +2782,49 @@ cdef inline Py_ssize_t pipe_min_run_bytes(Py_ssize_t itemsize, Py_ssize_t float6
     return PIPE_MIN_ROW_RUN_BYTES if row_runs else PIPE_MIN_RUN_BYTES
 
 
-cdef bint use_pipelined_backward(const Planar *g, const BackwardArgs *a, Py_ssize_t itemsize,
+cdef bint use_tiled_backward(const Planar *g, const BackwardArgs *a, Py_ssize_t itemsize,
                                  int nthreads) noexcept nogil:
-    """Whether the pipelined backward pays.
+    """Whether the channel-tiled backward pays.
 
     It needs a training backward that computes its sums and writes dx (not
     eval, where dx = dy * k needs no sums, nor either half of a split
     backward), over runs in row chunks (the long-run chunking is not
-    pipelined). The size rule is the forward's, measured again for the
-    backward (benchmarks/results/pipelined_backward.md), float32, 1 and 2
-    threads: channels of 0.1-1.6 MB (of x) gain 3-46 % with streaming
-    stores, 3.2 and 6.4 MB break even (-3 to +10 %). Unlike the forward's,
-    it pays with normal stores too, which the default gives outputs under
-    STREAM_MIN_BYTES, there from cache: 0-35 % on 6 MB tensors. (Normal
-    stores forced on a 51 MB one: 8 % slower on one thread, 16 % faster on
-    two.) float64 needs longer runs (PIPE_MIN_GRAD_RUN_BYTES_F64), longer
-    still on one thread.
+    tiled). The rule was measured for the pipelined walk that the tiled one
+    replaced, which the tiled walk matched or beat wherever it was measured
+    (the section's comment). For the pipelined walk: the size rule is the
+    forward's, measured again for the backward
+    (benchmarks/results/pipelined_backward.md), float32, 1 and 2 threads:
+    channels of 0.1-1.6 MB (of x) gain 3-46 % with streaming stores, 3.2
+    and 6.4 MB break even (-3 to +10 %). Unlike the forward's, it pays with
+    normal stores too, which the default gives outputs under
+    STREAM_MIN_BYTES, there from cache: 0-35 % on 6 MB tensors. float64
+    needs longer runs (PIPE_MIN_GRAD_RUN_BYTES_F64), longer still on one
+    thread.
 
     On Zen 5, since the two-pass backward's loops were rewritten, float32
     in cache (normal stores) no longer gains: two passes against the
     pipeline, one / two threads, (32, 128, 14, 14) 0.73 / 0.79 of the time,
     (64, 64, 28, 28) 0.72 / 0.81, (32, 64, 14, 14) 0.74 / 0.86, (16, 128,
     28, 28) 0.83 / 0.89, (8, 128, 56, 56) 0.91 / 0.98, (16, 64, 56, 56)
-    0.90 / 1.02. Float64 in cache still gains on two threads ((16, 64, 28,
-    28) 1.07, (8, 64, 28, 28) 1.06), and from memory both still do on two
-    (1.10-1.31; one thread 0.83-1.05, about even). Small float32 calls
-    on two threads still gain (PIPE_MAX_BACKWARD_BYTES_IN_CACHE_F32).
+    0.90 / 1.02; against the tiled walk, one thread, (32, 64, 14, 14) 0.72
+    / 0.54 of the bound, (16, 128, 28, 28) 0.73 / 0.53. Float64 in cache
+    still gains on two threads, and from memory both do: the tiled walk
+    against two passes, two threads, float32 1.19-1.33x as fast, float64
+    1.17-1.29x; one thread, float32 0.97-1.06x, float64 1.12-1.17x. Small
+    float32 calls on two threads still gain
+    (PIPE_MAX_BACKWARD_BYTES_IN_CACHE_F32). Float64 in cache on one thread
+    does not: two passes against the tiled walk, (16, 64, 28, 28) 0.88 of
+    the time, (8, 64, 28, 28) 0.94, (8, 128, 28, 28) 0.82, (4, 64, 56, 56)
+    0.95, (16, 128, 28, 28) 0.88 (/work/notes/s29/knobt.py).
     """
-    if (pipelined_backward_mode == 0 or not a.training or a.sums_only
+    if (tiled_backward_mode == 0 or not a.training or a.sums_only
             or a.given_dy != NULL or g.rows_per_chunk == 0):
         return False
-    if pipelined_backward_mode == 1:
+    if tiled_backward_mode == 1:
         return True
-    if (itemsize == sizeof(float) and not a.stream
-            and (nthreads == 1 or g.outer * g.channels * g.inner * itemsize
-                 >= PIPE_MAX_BACKWARD_BYTES_IN_CACHE_F32)):
+    if not a.stream and (nthreads == 1 or (
+            itemsize == sizeof(float) and g.outer * g.channels * g.inner * itemsize
+            >= PIPE_MAX_BACKWARD_BYTES_IN_CACHE_F32)):
         return False
     return (bn_pipelined_fused() and g.channels >= PIPE_MIN_CHANNELS * nthreads
             and g.inner * itemsize >= pipe_min_run_bytes(
@@ -3060,8 +3072,8 @@ cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
     if planar_order(outer, nvalues, inner, sizeof(floating), SHORT_RUN_ROWS_MAX_BYTES):
         p = planar_geometry(outer, channels, inner, sizeof(floating))
         nthreads = backward_team_size(requested, channels, nvalues)
-        if use_pipelined_backward(&p, a, sizeof(floating), nthreads):
-            planar_backward_pipelined(x, dy, dx, &p, a, nthreads)
+        if use_tiled_backward(&p, a, sizeof(floating), nthreads):
+            planar_backward_tiled(x, dy, dx, &p, a, nthreads)
             return 0
         return planar_backward(x, dy, dx, &p, a, requested)
     q = interleaved_geometry(outer, channels, inner)
@@ -3235,14 +3247,14 @@ def set_serial_max_values(Py_ssize_t nvalues):
     return previous
 
 
-def set_pipelined_backward(int mode, Py_ssize_t items=0):
-    """The pipelined training backward, as set_pipelined for the forward:
-    mode -1 chooses by size, 0 never, 1 whenever the call allows it; items
+def set_tiled_backward(int mode, Py_ssize_t items=0):
+    """The channel-tiled training backward (tiled_backward_item), as
+    set_pipelined for the forward's pipelined walk: mode -1 chooses by size, 0 never, 1 whenever the call allows it; items
     > 0 sets the number of channel ranges. Returns the previous (mode, items)."""
-    global pipelined_backward_mode, pipelined_backward_items
-    previous = (pipelined_backward_mode, pipelined_backward_items)
-    pipelined_backward_mode = mode
-    pipelined_backward_items = items
+    global tiled_backward_mode, tiled_backward_items
+    previous = (tiled_backward_mode, tiled_backward_items)
+    tiled_backward_mode = mode
+    tiled_backward_items = items
     return previous
 
 

@@ -31,12 +31,12 @@ from bncore import _kernels, reference
 from conftest import assert_output_close, at_page_offset, make_input, make_params
 
 OFFSETS = (16, 48, 80, 112, 176, -16, -64, 2048, 8, 88)
-# (shape, pipelined forward, pipelined backward): mode 1 forces, 0 forbids.
+# (shape, pipelined forward, tiled backward): mode 1 forces, 0 forbids.
 CASES = {
     "long runs": ((2, 3, 40000), 0, 0),
     "7x7": ((40, 24, 7, 7), 0, 0),
     "5x5": ((30, 40, 5, 5), 0, 0),
-    "28x28 pipelined": ((4, 12, 28, 28), 1, 1),
+    "28x28 pipelined, tiled": ((4, 12, 28, 28), 1, 1),
     "28x28 two passes": ((4, 12, 28, 28), 0, 0),
     "1024 two passes": ((3, 5, 1024), 0, 0),
 }
@@ -44,14 +44,14 @@ CASES = {
 
 @pytest.fixture
 def streaming_tuning():
-    """Streaming stores at every size; the pipelined modes restored after."""
+    """Streaming stores at every size; the pipelined and tiled modes restored after."""
     stream = _kernels.set_stream_min_bytes(0)
     forward = _kernels.set_pipelined(-1)
-    backward = _kernels.set_pipelined_backward(-1)
+    backward = _kernels.set_tiled_backward(-1)
     yield
     _kernels.set_stream_min_bytes(stream)
     _kernels.set_pipelined(*forward)
-    _kernels.set_pipelined_backward(*backward)
+    _kernels.set_tiled_backward(*backward)
 
 
 def _outputs(operation, x, dy, params, threads):
@@ -98,7 +98,7 @@ def _want(operation, x, dy, params):
 def test_output_placement_changes_no_bits(case, operation, dtype, streaming_tuning):
     shape, forward_mode, backward_mode = CASES[case]
     _kernels.set_pipelined(forward_mode)
-    _kernels.set_pipelined_backward(backward_mode)
+    _kernels.set_tiled_backward(backward_mode)
     x = at_page_offset(make_input(shape, dtype, kind="normal", seed=3), 0)
     dy = at_page_offset(make_input(shape, dtype, kind="normal", seed=4), 2560)
     params = make_params(shape[1], dtype, seed=5)

@@ -23,7 +23,7 @@ from bncore import _kernels, reference
 
 from test_periodic_normalize import _problem, _same_bits
 from test_pipelined import _offset_array
-from test_pipelined_backward import assert_backward_matches_the_reference
+from test_tiled_backward import assert_backward_matches_the_reference
 
 # Runs of 9-31 values are walked as runs only in tensors of stream_min_bytes
 # and up (here every size): 4x4 and 5x5 maps, and float32 runs under a
@@ -54,14 +54,14 @@ def streaming():
     stream_min = _kernels.set_stream_min_bytes(0)
     serial_max = _kernels.set_serial_max_values(0)
     pipelined = _kernels.set_pipelined(0)
-    pipelined_backward = _kernels.set_pipelined_backward(0)
+    tiled_backward = _kernels.set_tiled_backward(0)
     row_runs = _kernels.set_row_runs(True)
     lane_groups = _kernels.set_lane_groups(True)
     yield
     _kernels.set_stream_min_bytes(stream_min)
     _kernels.set_serial_max_values(serial_max)
     _kernels.set_pipelined(*pipelined)
-    _kernels.set_pipelined_backward(*pipelined_backward)
+    _kernels.set_tiled_backward(*tiled_backward)
     _kernels.set_row_runs(row_runs)
     _kernels.set_lane_groups(lane_groups)
 

@@ -1,8 +1,9 @@
-"""The pipelined training backward against the two-pass one, side by side.
+"""The channel-tiled training backward against the two-pass one, side by side.
 
 Interleaved repetitions of the streaming copy (the yardstick), the two-pass
-path and the pipelined path (forced with the private hook
-``bncore._kernels.set_pipelined_backward``) on the same arrays and threads;
+path and the tiled path (forced with the private hook
+``bncore._kernels.set_tiled_backward``; the tiled walk replaced the pipelined
+one that pipelined_backward.md measured) on the same arrays and threads;
 prints median times and fractions of the two-read-one-write bound, 1.5 x the
 copy's time over the path's (the median's and, as a check against a noisy
 machine, the best sample's). Every run first checks that both paths give
@@ -21,7 +22,7 @@ from pipelined_forward import arguments, compare_paths, offset_array, table_row
 def main() -> None:
     args = arguments(__doc__.splitlines()[0])
     print("| shape (N, C, H*W) | x size | threads | copy | two-pass | of bound (best) "
-          "| pipelined | of bound (best) | speed-up |")
+          "| tiled | of bound (best) | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         outer, channels, inner = map(int, shape.split(","))
@@ -40,17 +41,17 @@ def main() -> None:
             sums = [np.zeros(channels) for _ in range(2)]
 
             def backward(mode: int) -> None:
-                _kernels.set_pipelined_backward(mode)
+                _kernels.set_tiled_backward(mode)
                 _kernels.backward(x, dy, dx, outer, channels, inner, mean, invstd, weight,
                                   True, *sums, threads)
 
-            previous = _kernels.set_pipelined_backward(-1)
+            previous = _kernels.set_tiled_backward(-1)
             try:
                 median, best = compare_paths(backward, [dx, *sums],
                                              lambda: _kernels.copy(x, dx, True, threads),
                                              args.reps, args.wait_idle)
             finally:
-                _kernels.set_pipelined_backward(*previous)
+                _kernels.set_tiled_backward(*previous)
             print(table_row(shape, x.nbytes, threads, median, best, bound=1.5), flush=True)
 
 

@@ -1,5 +1,5 @@
-"""The pipelined training backward (planar order: each channel's dx written
-from cache while the next one's gradient sums are read) against the two-pass
+"""The channel-tiled training backward (planar order: each channel's
+gradient sums read, then its dx written from cache) against the two-pass
 path, bit for bit, float32 and float64: dx and both sums, for any thread
 count and number of channel ranges, with or without streaming stores, dx in
 place of dy or x, on arrays that do not start on a cache line; and against
@@ -15,7 +15,7 @@ from conftest import at_page_offset
 from test_pipelined import SHAPES, _offset_array, tuning_restorer
 
 
-restore_tuning = tuning_restorer(_kernels.set_pipelined_backward)
+restore_tuning = tuning_restorer(_kernels.set_tiled_backward)
 
 
 def _problem(outer, channels, inner, seed, dtype=np.float32):
@@ -37,7 +37,7 @@ def _problem(outer, channels, inner, seed, dtype=np.float32):
 def _backward(problem, shape, threads, mode, offset, in_place=None, items=0):
     """[dx, grad_weight, grad_bias]; in_place: None, "dy" or "x" (dx's buffer)."""
     x, dy, mean, invstd, weight = problem
-    _kernels.set_pipelined_backward(mode, items)
+    _kernels.set_tiled_backward(mode, items)
     x, dy = _offset_array(x, offset), _offset_array(dy, offset)
     dx = {"dy": dy, "x": x}.get(in_place)
     if dx is None:
@@ -55,7 +55,7 @@ def _same_bits(a, b):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("offset", [0, 1, 4])
-def test_pipelined_backward_gives_the_bits_of_the_two_pass_path(shape, offset, dtype,
+def test_tiled_backward_gives_the_bits_of_the_two_pass_path(shape, offset, dtype,
                                                                  restore_tuning):
     problem = _problem(*shape, seed=sum(shape) + offset, dtype=dtype)
     for stream_min in (0, 1 << 62):
@@ -70,11 +70,11 @@ def test_pipelined_backward_gives_the_bits_of_the_two_pass_path(shape, offset, d
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("inner", [1024, 784])
 @pytest.mark.parametrize("gaps", [(48, 2048), (2048, 48), (200, 64), (448, 448)])
-def test_pipelined_backward_with_dx_just_past_x_or_dy_mod_4_kib(gaps, inner, dtype,
+def test_tiled_backward_with_dx_just_past_x_or_dy_mod_4_kib(gaps, inner, dtype,
                                                                  restore_tuning):
     """dx a little past x or dy modulo 4 KiB (gaps: dx's offset past x's,
-    past dy's) makes the fused loop read the sums' streams ahead of its
-    stores (bn_alias_lead); the bits stay the two-pass path's."""
+    past dy's), where loads and stores alias in the store buffer: the bits
+    stay the two-pass path's."""
     shape = (6, 9, inner)
     x, dy, mean, invstd, weight = _problem(*shape, seed=sum(gaps) + inner, dtype=dtype)
     x = at_page_offset(x, 16)
@@ -83,7 +83,7 @@ def test_pipelined_backward_with_dx_just_past_x_or_dy_mod_4_kib(gaps, inner, dty
         _kernels.set_stream_min_bytes(stream_min)
         results = []
         for mode, threads in ((0, 1), (1, 1), (1, 2)):
-            _kernels.set_pipelined_backward(mode)
+            _kernels.set_tiled_backward(mode)
             dx = at_page_offset(np.zeros(x.size, x.dtype), 16 + gaps[0])
             sums = [np.zeros(shape[1]), np.zeros(shape[1])]
             _kernels.backward(x, dy, dx, *shape, mean, invstd, weight, True, *sums, threads)
@@ -107,7 +107,7 @@ def assert_backward_matches_the_reference(got, problem, shape):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_pipelined_backward_matches_the_reference(dtype, restore_tuning):
+def test_tiled_backward_matches_the_reference(dtype, restore_tuning):
     shape = (9, 5, 1100)
     problem = _problem(*shape, seed=11, dtype=dtype)
     _kernels.set_stream_min_bytes(0)
@@ -115,7 +115,7 @@ def test_pipelined_backward_matches_the_reference(dtype, restore_tuning):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_pipelined_backward_keeps_non_finite_values(dtype, restore_tuning):
+def test_tiled_backward_keeps_non_finite_values(dtype, restore_tuning):
     shape = (6, 4, 500)
     x, dy, mean, invstd, weight = _problem(*shape, seed=3, dtype=dtype)
     inner = shape[2]
@@ -136,9 +136,9 @@ def test_pipelined_backward_keeps_non_finite_values(dtype, restore_tuning):
 
 
 @pytest.mark.parametrize("in_place", [False, True])
-def test_relu_backward_through_the_pipelined_path(in_place, restore_tuning):
+def test_relu_backward_through_the_tiled_path(in_place, restore_tuning):
     """functional's relu backward gates dy into grad_input, then runs the
-    backward in place on it: the pipelined path gives the same bits."""
+    backward in place on it: the tiled path gives the same bits."""
     x = _problem(4, 6, 300, seed=5)[0].reshape(4, 6, 300)
     dy = np.random.default_rng(6).standard_normal(x.shape).astype(np.float32)
     weight = np.linspace(-1, 2, 6, dtype=np.float32)
@@ -147,7 +147,7 @@ def test_relu_backward_through_the_pipelined_path(in_place, restore_tuning):
     _kernels.set_stream_min_bytes(0)
     results = []
     for mode in (0, 1):
-        _kernels.set_pipelined_backward(mode)
+        _kernels.set_tiled_backward(mode)
         out = dy.copy() if in_place else None
         got = bncore.batch_norm_backward(dy if out is None else out, x, mean, invstd, weight,
                                          bias, activation="relu", out=out)
@@ -157,14 +157,14 @@ def test_relu_backward_through_the_pipelined_path(in_place, restore_tuning):
     np.testing.assert_allclose(results[1][0], want[0], rtol=1e-4, atol=1e-4)
 
 
-def test_calls_that_are_not_pipelined_are_unchanged_when_forced(restore_tuning):
+def test_calls_that_are_not_tiled_are_unchanged_when_forced(restore_tuning):
     """Eval, the split backward's halves and long runs (chunked pieces) keep
-    their paths when the pipelined one is forced."""
+    their paths when the tiled one is forced."""
     shape = (3, 4, 70000)     # runs of 64 Ki values or more: chunked
     x, dy, mean, invstd, weight = _problem(*shape, seed=8)
     results = []
     for mode in (0, 1):
-        _kernels.set_pipelined_backward(mode)
+        _kernels.set_tiled_backward(mode)
         out = []
         for training, dims in ((True, shape), (False, shape), (False, (6, 4, 35000))):
             dx, sums = np.zeros_like(x), [np.zeros(4), np.zeros(4)]
@@ -179,7 +179,7 @@ def test_calls_that_are_not_pipelined_are_unchanged_when_forced(restore_tuning):
     assert _same_bits(*results)
 
 
-def test_set_pipelined_backward_returns_the_previous_setting(restore_tuning):
-    _kernels.set_pipelined_backward(1, 6)
-    assert _kernels.set_pipelined_backward(0) == (1, 6)
-    assert _kernels.set_pipelined_backward(-1) == (0, 0)
+def test_set_tiled_backward_returns_the_previous_setting(restore_tuning):
+    _kernels.set_tiled_backward(1, 6)
+    assert _kernels.set_tiled_backward(0) == (1, 6)
+    assert _kernels.set_tiled_backward(-1) == (0, 0)
