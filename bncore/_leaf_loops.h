@@ -1447,15 +1447,6 @@ static inline ptrdiff_t bn_alias_lead(const void *store, const void *load, ptrdi
     return gap > 0 && gap < BN_ALIAS_WINDOW ? gap / step + 1 : 0;
 }
 
-/* The lead for a loop that reads two streams in step (the backward's x and
- * dy): the longer of the two, so that the stores stay behind both. */
-static inline ptrdiff_t bn_alias_lead_of_two(const void *store, const void *load_a,
-                                             const void *load_b, ptrdiff_t step)
-{
-    ptrdiff_t a = bn_alias_lead(store, load_a, step), b = bn_alias_lead(store, load_b, step);
-    return a > b ? a : b;
-}
-
 #if BN_X86_DISPATCH
 BN_INLINE __m512 bn_affine16_avx512(__m512 v, __m512 hi, __m512 lo, __m512 scale,
                                      __m512 shift, int relu)
@@ -2470,16 +2461,17 @@ static inline int bn_periodic_lanes(int itemsize)
 #define bn_row_groups_grad_f64(...) ((void)0)
 #endif
 
-/* The pipelined training backward's inner loop, the forward's twin: two runs
- * of n values at once, the gradient sums of (xs, dys) (as
- * bn_lane_grad_sums_f32, into s_dy and s_dy_dev) and the input gradient of
- * (xn, dyn) into dxn (as bn_grad_input_f32), asking on the way for the n
- * values at ahead_x and ahead_dy to be brought into L2 (prefetcht1). xs
- * (with dys), ahead_x (with ahead_dy) or xn (with dyn and dxn) may be NULL
- * for none; dxn may be xn or dyn; `leave` as the forward's. It reads one
- * channel's x and dy from memory for the sums while it writes the previous
- * channel's dx from cache. Both halves do exactly the operations of the separate loops, in
- * the same order for each lane: the results are bitwise theirs. */
+/* The channel-tiled training backward's run loop, either half: the gradient
+ * sums of a run of n values (xs, dys) (as bn_lane_grad_sums_f32, into s_dy
+ * and s_dy_dev), asking on the way for the n values at ahead_x and ahead_dy
+ * to be brought into L2 (prefetcht1); or the input gradient of a run
+ * (xn, dyn) into dxn (as bn_grad_input_f32). xs (with dys), ahead_x (with
+ * ahead_dy) or xn (with dyn and dxn) may be NULL for none (given both, of
+ * runs that do not overlap, one after the other); dxn may be xn or dyn; `leave` as the forward's. Each
+ * half does exactly the operations of the separate loops, in the same order
+ * for each lane: the results are bitwise theirs. (The pipelined walk that
+ * ran both halves in one loop, on two channels, is gone: the tiled one, a
+ * half at a time, was as fast or faster.) */
 #if BN_X86_DISPATCH
 __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512(
     const float *xs, const float *dys, ptrdiff_t n, double mean, double *BN_RESTRICT s_dy,
@@ -2540,14 +2532,6 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512
         BN_STORE_VEC(ps, dxn + j, v);                                                 \
         j += 16;                                                                      \
     } while (0)
-    if (xs != NULL && xn != NULL)
-        for (ptrdiff_t lead = bn_alias_lead_of_two(dxn + j, xs, dys, 64); lead > 0 && i < ns;
-             lead--)
-            BN_SUMS16;
-    while (i < ns && j + 16 <= n) {
-        BN_SUMS16;
-        BN_GRAD16;
-    }
     while (i < ns)
         BN_SUMS16;
     while (j + 16 <= n)
@@ -2628,15 +2612,6 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f64_avx512
         BN_STORE_VEC(pd, dxn + j, v);                                                 \
         j += 8;                                                                       \
     } while (0)
-    if (xs != NULL && xn != NULL)
-        for (ptrdiff_t lead = bn_alias_lead_of_two(dxn + j, xs, dys, 128); lead > 0 && i < ns;
-             lead--)
-            BN_SUMS16;
-    while (i < ns && j + 16 <= n) {
-        BN_SUMS16;
-        BN_GRAD8;
-        BN_GRAD8;
-    }
     while (i < ns)
         BN_SUMS16;
     while (j + 8 <= n)
@@ -2673,9 +2648,10 @@ __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f64_avx512
 /* The same work as the separate loops, piece by piece (pieces of a multiple
  * of BN_LANES values keep every value's lane): the sums of a piece of
  * (xs, dys), then the input gradient of a piece of (xn, dyn): the loop
- * without AVX-512, bitwise the fused ones (whose speed it does not have:
- * float64 on runs of 6272 bytes, one / two threads, 0.39-0.47 / 0.51-0.62
- * of the bound against the fused loop's 0.55-0.58 / 0.63-0.64). */
+ * without AVX-512, bitwise the AVX-512 ones, without their speed (float64
+ * runs of 6272 bytes in the pipelined walk, one / two threads, 0.39-0.47 /
+ * 0.51-0.62 of the bound against 0.55-0.58 / 0.63-0.64), so the tiled walk
+ * takes it only when forced (use_tiled_backward asks for AVX-512). */
 #define BN_DEFINE_GRAD_SUMS_AND_INPUT_PIECES(T, SFX)                                    \
 static inline void bn_grad_sums_and_input_pieces_##SFX(                                 \
     const T *xs, const T *dys, ptrdiff_t n, double mean, double *s_dy, double *s_dy_dev, \
