@@ -2628,7 +2628,10 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
 # 0.93 / 0.98, (64, 64, 56, 56) 0.95 / 1.00, (64, 128, 32, 32) 0.81;
 # float64 (64, 256, 28, 28) 0.97 / 0.98, (32, 64, 56, 56) 0.81 / 1.00, (128,
 # 256, 14, 14) 0.75 / 0.74; in cache, float64 on two threads 0.89-0.92,
-# float32 (8, 32, 14, 14) on two 1.04 (/work/notes/s29/xpt.py).
+# float32 (8, 32, 14, 14) on two 1.04: both walks in one experiment build,
+# interleaved in one process. Two builds timed in blocks of calls, float32
+# read about even (0.91-1.06 on one thread, 0.87-1.12 on two), float64
+# from memory on one thread 0.77-0.80 of the time.
 
 cdef inline const floating *beside(const floating *run, const floating *x,
                                    const floating *other) noexcept nogil:
@@ -2783,15 +2786,15 @@ cdef inline Py_ssize_t pipe_min_run_bytes(Py_ssize_t itemsize, Py_ssize_t float6
 
 
 cdef bint use_tiled_backward(const Planar *g, const BackwardArgs *a, Py_ssize_t itemsize,
-                                 int nthreads) noexcept nogil:
+                             int nthreads) noexcept nogil:
     """Whether the channel-tiled backward pays.
 
     It needs a training backward that computes its sums and writes dx (not
     eval, where dx = dy * k needs no sums, nor either half of a split
     backward), over runs in row chunks (the long-run chunking is not
     tiled). The rule was measured for the pipelined walk that the tiled one
-    replaced, which the tiled walk matched or beat wherever it was measured
-    (the section's comment). For the pipelined walk: the size rule is the
+    replaced, which the tiled walk matched (float32) or beat (float64) on
+    the same calls (the section's comment). For the pipelined walk: the size rule is the
     forward's, measured again for the backward
     (benchmarks/results/pipelined_backward.md), float32, 1 and 2 threads:
     channels of 0.1-1.6 MB (of x) gain 3-46 % with streaming stores, 3.2
@@ -2815,7 +2818,8 @@ cdef bint use_tiled_backward(const Planar *g, const BackwardArgs *a, Py_ssize_t 
     (PIPE_MAX_BACKWARD_BYTES_IN_CACHE_F32). Float64 in cache on one thread
     does not: two passes against the tiled walk, (16, 64, 28, 28) 0.88 of
     the time, (8, 64, 28, 28) 0.94, (8, 128, 28, 28) 0.82, (4, 64, 56, 56)
-    0.95, (16, 128, 28, 28) 0.88 (/work/notes/s29/knobt.py).
+    0.95, (16, 128, 28, 28) 0.88 (benchmarks/results/pipelined_backward.py
+    --dtype float64 --threads 1 with those shapes shows the ratio).
     """
     if (tiled_backward_mode == 0 or not a.training or a.sums_only
             or a.given_dy != NULL or g.rows_per_chunk == 0):
@@ -3249,8 +3253,9 @@ def set_serial_max_values(Py_ssize_t nvalues):
 
 def set_tiled_backward(int mode, Py_ssize_t items=0):
     """The channel-tiled training backward (tiled_backward_item), as
-    set_pipelined for the forward's pipelined walk: mode -1 chooses by size, 0 never, 1 whenever the call allows it; items
-    > 0 sets the number of channel ranges. Returns the previous (mode, items)."""
+    set_pipelined for the forward's pipelined walk: mode -1 chooses by
+    size, 0 never, 1 whenever the call allows it; items > 0 sets the number
+    of channel ranges. Returns the previous (mode, items)."""
     global tiled_backward_mode, tiled_backward_items
     previous = (tiled_backward_mode, tiled_backward_items)
     tiled_backward_mode = mode
