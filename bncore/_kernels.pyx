@@ -962,10 +962,9 @@ cdef inline Py_ssize_t stats_blocks_ahead(const Planar *g, Py_ssize_t itemsize) 
     (3640, 256, 3, 3) 0.52, (65536, 8, 3, 4) 0.61, (116508, 8, 3, 3) 0.87
     (one thread). Where it is not asked for, it did not pay: chunks of one
     block of two rows, two streams the prefetchers follow, 0.92-1.21
-    (float32 32 x 32 maps
-    1.06-1.21, 22 x 22 1.00, 17 x 17 0.92-0.98; float64 16 x 16 1.05, 17
-    x 17 0.99; on Zen 5 (96, 256, 28, 28) 1.10, (128, 1024, 7, 7) 0.98 /
-    1.19, (100, 256, 20, 20) 0.81 / 0.76).
+    (float32 32 x 32 maps 1.06-1.21, 22 x 22 1.00, 17 x 17 0.92-0.98;
+    float64 16 x 16 1.05, 17 x 17 0.99; on Zen 5 (96, 256, 28, 28) 1.10,
+    (128, 1024, 7, 7) 0.98 / 1.19, (100, 256, 20, 20) 0.81 / 0.76).
 
     Chunks of several blocks a channel (few channels, many rows) turn back
     at the end of each block's rows, which the prefetchers did not follow
@@ -2794,8 +2793,8 @@ cdef bint use_tiled_backward(const Planar *g, const BackwardArgs *a, Py_ssize_t 
     backward), over runs in row chunks (the long-run chunking is not
     tiled). The rule was measured for the pipelined walk that the tiled one
     replaced, which the tiled walk matched (float32) or beat (float64) on
-    the same calls (the section's comment). For the pipelined walk: the size rule is the
-    forward's, measured again for the backward
+    the same calls (the section's comment). For the pipelined walk: the
+    size rule is the forward's, measured again for the backward
     (benchmarks/results/pipelined_backward.md), float32, 1 and 2 threads:
     channels of 0.1-1.6 MB (of x) gain 3-46 % with streaming stores, 3.2
     and 6.4 MB break even (-3 to +10 %). Unlike the forward's, it pays with

@@ -2467,11 +2467,12 @@ static inline int bn_periodic_lanes(int itemsize)
  * to be brought into L2 (prefetcht1); or the input gradient of a run
  * (xn, dyn) into dxn (as bn_grad_input_f32). xs (with dys), ahead_x (with
  * ahead_dy) or xn (with dyn and dxn) may be NULL for none (given both, of
- * runs that do not overlap, one after the other); dxn may be xn or dyn; `leave` as the forward's. Each
- * half does exactly the operations of the separate loops, in the same order
- * for each lane: the results are bitwise theirs. (The pipelined walk that
- * ran both halves in one loop, on two channels, is gone: the tiled one, a
- * half at a time, was as fast or faster.) */
+ * runs that do not overlap, one after the other); dxn may be xn or dyn;
+ * `leave` as the forward's. Each half does exactly the operations of the
+ * separate loops, in the same order for each lane: the results are bitwise
+ * theirs. (The pipelined walk that ran both halves in one loop, on two
+ * channels, is gone: the tiled one, a half at a time, was as fast or
+ * faster.) */
 #if BN_X86_DISPATCH
 __attribute__((target("avx512f"))) static void bn_grad_sums_and_input_f32_avx512(
     const float *xs, const float *dys, ptrdiff_t n, double mean, double *BN_RESTRICT s_dy,
