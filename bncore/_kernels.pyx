@@ -368,6 +368,24 @@ cdef enum:
     # block) gained in the backward only, and their eval of (64, 64, 28,
     # 28) took 1.2 times as long (its rows in step, twin_rows).
     IN_CACHE_BLOCK_MIN_RUNS = 4
+    # From memory, such row chunks take a block's rows up to this many.
+    # Chunks of one row (up to 64 rows, MAX_ROW_CHUNKS) made every run a
+    # block: a triple and a merge per 49-value run left the statistics of
+    # (64, 2048, 7, 7) at 3 streaming-copy times on one thread. Against
+    # chunks of one row (or as many as 64 chunks give), time over time,
+    # float32 moments / training / backward, one thread (two threads):
+    #   (64, 2048, 7, 7)    0.37 / 0.50 / 0.65   (0.39 / 0.57 / 0.72)
+    #   (128, 2048, 7, 7)   0.56 / 0.71 / 0.90   (0.61 / 0.78 / 0.95)
+    #   (256, 1024, 7, 7)   0.76 / 0.85 / 1.00   (0.76 / 0.89 / 0.96)
+    #   (64, 512, 14, 14)   0.54 / 0.71 / 0.99   (0.56 / 0.76 / 1.01)
+    #   (32, 768, 17, 17)   0.61 / 0.79 / 1.00   (0.62 / 0.85 / 1.03)
+    #   (384, 256, 7, 7)    0.88 / 0.91 / 0.89   (0.89 / 0.98 / 0.99)
+    # float64 (64, 1024, 7, 7) 0.38 / 0.55 / 0.95 (0.38 / 0.63 / 0.87),
+    # but its backward of 14 x 14 maps 0.98-1.10 on one thread (0.93-0.98
+    # on two); eval 0.95-1.03. Up to 16 rows, (512, 512, 7, 7) (8 before)
+    # took 1.13 times as long in the backward on one thread; up to 32,
+    # (1024, 512, 4, 4) 1.17-1.20 in moments and training.
+    FROM_MEMORY_BLOCK_ROWS = 8
     # Values per statistics block: 2048 float64 are 16 KiB, so the second
     # (corrected) pass of a float64 block reads from L1.
     BLOCK_LEN = 2048
@@ -803,6 +821,7 @@ cdef inline bint few_rows(Py_ssize_t outer, Py_ssize_t inner, Py_ssize_t factor)
 cdef Planar planar_geometry(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
                             Py_ssize_t itemsize) noexcept nogil:
     cdef Planar g
+    cdef Py_ssize_t least_rows
     g.outer = outer
     g.channels = channels
     g.inner = inner
@@ -822,15 +841,15 @@ cdef Planar planar_geometry(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t in
         g.rows_per_chunk = (outer + MAX_ROW_CHUNKS - 1) // MAX_ROW_CHUNKS
         if few_rows(outer, inner, FEW_ROWS_F32):
             g.rows_per_chunk = outer
-        elif (g.runs_per_block >= IN_CACHE_BLOCK_MIN_RUNS
-              and not streamed_size(outer * channels * inner * itemsize)):
-            # In cache, a chunk of short runs holds at least a block of them:
-            # chunks of one row made each run a block of its own, a triple
-            # and a merge per run (IN_CACHE_BLOCK_MIN_RUNS). From memory,
-            # chunks of rows walked row by row across their channels
-            # (one_run_blocks) read memory in order; channel by channel was
-            # 15 % slower there.
-            g.rows_per_chunk = max(g.rows_per_chunk, min(g.runs_per_block, outer))
+        elif g.runs_per_block >= IN_CACHE_BLOCK_MIN_RUNS:
+            # A chunk of short runs holds at least a block of them in cache,
+            # FROM_MEMORY_BLOCK_ROWS rows of them from memory: chunks of one
+            # row made each run a block of its own, a triple and a merge per
+            # run (IN_CACHE_BLOCK_MIN_RUNS, FROM_MEMORY_BLOCK_ROWS).
+            least_rows = g.runs_per_block
+            if streamed_size(outer * channels * inner * itemsize):
+                least_rows = min(least_rows, FROM_MEMORY_BLOCK_ROWS)
+            g.rows_per_chunk = max(g.rows_per_chunk, min(least_rows, outer))
         g.pieces_per_chunk = 0
         g.chunks_per_run = 0
         g.chunks_per_channel = (outer + g.rows_per_chunk - 1) // g.rows_per_chunk
@@ -922,7 +941,8 @@ cdef inline bint one_run_blocks(const Planar *g) noexcept nogil:
     more than half a block, or chunks of one row. Row chunks then are walked
     row by row across their channels, in memory order, as they were before
     blocks of several runs: channel by channel measured 15 % slower on
-    (64, 256, 28, 28) and (64, 512, 14, 28) float32 moments, one thread."""
+    (64, 256, 28, 28) float32 moments, one thread. ((64, 512, 14, 28), also
+    measured so then, now takes chunks of five rows: FROM_MEMORY_BLOCK_ROWS.)"""
     return g.runs_per_block == 1 or g.rows_per_chunk == 1
 
 
@@ -964,7 +984,9 @@ cdef inline Py_ssize_t stats_blocks_ahead(const Planar *g, Py_ssize_t itemsize) 
     block of two rows, two streams the prefetchers follow, 0.92-1.21
     (float32 32 x 32 maps 1.06-1.21, 22 x 22 1.00, 17 x 17 0.92-0.98;
     float64 16 x 16 1.05, 17 x 17 0.99; on Zen 5 (96, 256, 28, 28) 1.10,
-    (128, 1024, 7, 7) 0.98 / 1.19, (100, 256, 20, 20) 0.81 / 0.76).
+    (128, 1024, 7, 7) 0.98 / 1.19). (100, 256, 20, 20), listed here once at
+    0.81 / 0.76 (a gain), now takes chunks of five rows
+    (FROM_MEMORY_BLOCK_ROWS) and is asked for ahead.
 
     Chunks of several blocks a channel (few channels, many rows) turn back
     at the end of each block's rows, which the prefetchers did not follow

@@ -12,14 +12,17 @@ same bits on 1, 2 and 3 threads:
   channels without it;
 * in cache, row chunks of at least a block of whole runs
   (IN_CACHE_BLOCK_MIN_RUNS), the last chunk short where there are more
-  rows than a block holds.
+  rows than a block holds;
+* from memory (streaming stores forced), row chunks of at least
+  FROM_MEMORY_BLOCK_ROWS (8) rows of such runs, or a block's where it
+  holds fewer, the last chunk short.
 """
 
 import numpy as np
 import pytest
 
 import bncore
-from bncore import reference
+from bncore import _kernels, reference
 
 from conftest import (assert_output_close, assert_stats_close, channel_condition,
                       channel_spread, make_input, make_params)
@@ -45,6 +48,25 @@ SHAPES = [
     (16, 8, 20, 30, np.float32), (40, 6, 7, 7, np.float64), (100, 3, 6, 36, np.float64),
 ]
 
+# From memory: runs of 49 values (41 a block) in 28 rows, chunks of 8, 8, 8
+# and 4 rows (one row each before); 64 rows in 8 chunks; 30 rows; runs of
+# 196 (10 a block) in 100 rows, 13 chunks; runs of 400 (5 a block) in 201
+# rows, chunks of 5 (4 before), the last of one row. Float64: 24 rows of 49
+# values, 3 chunks; 70 rows of 196, chunks of 8, the last of 6.
+FROM_MEMORY_SHAPES = [
+    (28, 64, 7, 7, np.float32), (64, 16, 7, 7, np.float32), (30, 40, 7, 7, np.float32),
+    (100, 8, 14, 14, np.float32), (201, 4, 20, 20, np.float32),
+    (24, 32, 7, 7, np.float64), (70, 8, 14, 14, np.float64),
+]
+
+
+@pytest.fixture
+def from_memory():
+    """Every call taken as from memory: streaming stores and its chunking."""
+    previous = _kernels.set_stream_min_bytes(0)
+    yield
+    _kernels.set_stream_min_bytes(previous)
+
 
 def _shape_id(case):
     *shape, dtype = case
@@ -63,8 +85,7 @@ def _forward_and_backward(x, dy, params, threads):
     return [y, mean, invstd, y_eval, *grads]
 
 
-@pytest.mark.parametrize("case", SHAPES, ids=_shape_id)
-def test_short_runs_match_the_reference(case):
+def _check_against_the_reference(case):
     """Statistics on adversarial channels (within the conditioning bounds of
     the accuracy contract); outputs and gradients on unit-scale data, where
     the output tolerance holds."""
@@ -90,8 +111,7 @@ def test_short_runs_match_the_reference(case):
         assert_output_close(got, expected, dtype)
 
 
-@pytest.mark.parametrize("case", SHAPES, ids=_shape_id)
-def test_short_runs_give_the_same_bits_on_any_thread_count(case):
+def _check_the_same_bits_on_any_thread_count(case):
     *shape, dtype = case
     x = make_input(shape, dtype, seed=sum(shape))
     dy = make_input(shape, dtype, kind="normal", seed=1)
@@ -101,3 +121,23 @@ def test_short_runs_give_the_same_bits_on_any_thread_count(case):
         got = _forward_and_backward(x, dy, params, threads)
         assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes()
                    for a, b in zip(got, want)), threads
+
+
+@pytest.mark.parametrize("case", SHAPES, ids=_shape_id)
+def test_short_runs_match_the_reference(case):
+    _check_against_the_reference(case)
+
+
+@pytest.mark.parametrize("case", SHAPES, ids=_shape_id)
+def test_short_runs_give_the_same_bits_on_any_thread_count(case):
+    _check_the_same_bits_on_any_thread_count(case)
+
+
+@pytest.mark.parametrize("case", FROM_MEMORY_SHAPES, ids=_shape_id)
+def test_short_runs_from_memory_match_the_reference(case, from_memory):
+    _check_against_the_reference(case)
+
+
+@pytest.mark.parametrize("case", FROM_MEMORY_SHAPES, ids=_shape_id)
+def test_short_runs_from_memory_give_the_same_bits_on_any_thread_count(case, from_memory):
+    _check_the_same_bits_on_any_thread_count(case)
