@@ -545,6 +545,20 @@ cdef enum:
     STATS_AHEAD_BYTES_F32 = 24 * 1024
     STATS_AHEAD_BYTES_F64 = 16 * 1024
     STATS_AHEAD_MIN_RUN = 9
+    # Tensors of this many bytes and more ask ahead below the streaming
+    # size too: beside their output (normal stores) they do not stay in
+    # this machine's 32 MiB L3 from call to call. Float32 moments /
+    # training, time with over time without (two builds, blocks of calls),
+    # one thread (two threads): (64, 1280, 7, 7), 16 MB, 0.72-0.80 /
+    # 0.61-0.73 (0.89-0.94 / 0.72-0.78); (80, 256, 14, 14), 16 MB, 0.68 /
+    # 0.65 (0.91 / 0.80); (72, 256, 14, 14), 14 MB, 0.91 / 0.77 (0.88 /
+    # 0.86); (64, 256, 14, 14), 12.8 MB, 0.96-1.02 / 0.73-0.83 (0.96-0.98
+    # / 0.87-0.89); float64 (32, 1024, 7, 7) 1.12 / 0.88, (32, 256, 14,
+    # 14) 1.06 / 0.89, (40, 256, 14, 14) 0.88 / 0.81; eval and backward
+    # (which do not read ahead) 0.94-1.02. But 11-12 MB 1.01-1.11 /
+    # 0.94-1.12, 8-10 MB 0.97-1.06 / 0.96-1.01, (32, 512, 7, 7), 3 MB,
+    # 1.05-1.22 / 0.99-1.05.
+    STATS_AHEAD_MIN_BYTES = 12 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------
@@ -952,8 +966,9 @@ cdef Py_ssize_t stats_runs_ahead = STATS_RUNS_AHEAD    # set_stats_runs_ahead
 cdef inline Py_ssize_t stats_blocks_ahead(const Planar *g, Py_ssize_t itemsize) noexcept nogil:
     """How many blocks ahead, in the order they are read, the statistics of
     blocks of several runs ask for memory (block_ahead places them):
-    STATS_RUNS_AHEAD, for tensors read from memory; 0 (none) in cache,
-    where it measured 5-10 % slower.
+    STATS_RUNS_AHEAD, for tensors read from memory (streamed, or of
+    STATS_AHEAD_MIN_BYTES and more); 0 (none) in cache, where it measured
+    5-10 % slower.
 
     A channel's block reads a run from each of its rows, a row apart, and
     the next channel the runs just after them: as many streams as the
@@ -1006,8 +1021,9 @@ cdef inline Py_ssize_t stats_blocks_ahead(const Planar *g, Py_ssize_t itemsize) 
     (200, 128, 16, 16) 0.22 -> 0.20, (4096, 16, 7, 7) 0.30 -> 0.24; float32
     (256, 128, 20, 20) 0.081 -> 0.076 three ahead, (4096, 4, 28, 28) 0.114
     -> 0.102; where six fit, the same."""
+    cdef Py_ssize_t nbytes = g.outer * g.channels * g.inner * itemsize
     if (stats_runs_ahead <= 0 or g.inner < STATS_AHEAD_MIN_RUN
-            or not streamed_size(g.outer * g.channels * g.inner * itemsize)):
+            or not (streamed_size(nbytes) or nbytes >= STATS_AHEAD_MIN_BYTES)):
         return 0
     if (min(g.runs_per_block, g.rows_per_chunk) < STATS_AHEAD_MIN_ROWS
             and g.rows_per_chunk <= g.runs_per_block):
