@@ -170,11 +170,12 @@ SCALING = [((64, 3, 224, 224), (4, 3, 224, 224)), ((8, 8, 256, 256), (2, 8, 128,
 # Small feature maps (ResNet's last stages): runs of 196 and 784 bytes,
 # under the planar loops' per-run costs and not whole cache lines; runs of
 # 256 bytes, whole lines but short; runs of 64 bytes (a CIFAR ResNet's 4 x 4
-# maps), the shortest planar runs of whole vectors; and 3 x 3 maps, runs of
-# 9 values, read as rows across channels.
+# maps), the shortest planar runs of whole vectors; 3 x 3 maps, runs of
+# 9 values, read as rows across channels; and ResNet-50's last stage at a
+# batch of 64, whose 64 rows once made row chunks of one row.
 SHORT_RUNS = [((512, 512, 7, 7), (16, 64, 7, 7)), ((256, 256, 14, 14), (8, 64, 14, 14)),
               ((512, 256, 8, 8), (16, 64, 8, 8)), ((1024, 512, 4, 4), (32, 64, 4, 4)),
-              ((4096, 256, 3, 3), (64, 64, 3, 3))]
+              ((4096, 256, 3, 3), (64, 64, 3, 3)), ((64, 2048, 7, 7), (8, 256, 7, 7))]
 # Feature maps of odd sizes (Inception-v3's 35 x 35 and 17 x 17 stages):
 # runs of 4900 and 1156 bytes that begin and end inside cache lines.
 ODD_RUNS = [((32, 192, 35, 35), (4, 32, 35, 35)), ((32, 768, 17, 17), (4, 64, 17, 17))]
