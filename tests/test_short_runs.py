@@ -49,10 +49,11 @@ SHAPES = [
 ]
 
 # From memory: runs of 49 values (41 a block) in 28 rows, chunks of 8, 8, 8
-# and 4 rows (one row each before); 64 rows in 8 chunks; 30 rows; runs of
-# 196 (10 a block) in 100 rows, 13 chunks; runs of 400 (5 a block) in 201
-# rows, chunks of 5 (4 before), the last of one row. Float64: 24 rows of 49
-# values, 3 chunks; 70 rows of 196, chunks of 8, the last of 6.
+# and 4 rows (one row each before); 64 rows in 8 chunks; 30 rows, the last
+# chunk of 6; runs of 196 (10 a block) in 100 rows, 13 chunks; runs of 400
+# (5 a block) in 201 rows, chunks of 5 (4 before), the last of one row.
+# Float64: 24 rows of 49 values, 3 chunks; 70 rows of 196, chunks of 8, the
+# last of 6.
 FROM_MEMORY_SHAPES = [
     (28, 64, 7, 7, np.float32), (64, 16, 7, 7, np.float32), (30, 40, 7, 7, np.float32),
     (100, 8, 14, 14, np.float32), (201, 4, 20, 20, np.float32),
