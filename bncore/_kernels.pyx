@@ -85,10 +85,12 @@ cdef extern from "_leaf_loops.h" nogil:
                                 double *t_dev)
     void bn_group_grad_sums_f32(const float *x, const float *dy, Py_ssize_t nrows,
                                 Py_ssize_t stride, Py_ssize_t nchan, Py_ssize_t n,
-                                const double *mean, bn_lane_pair *pairs)
+                                const double *mean, bn_lane_pair *pairs, Py_ssize_t after,
+                                Py_ssize_t ask_max_bytes)
     void bn_group_grad_sums_f64(const double *x, const double *dy, Py_ssize_t nrows,
                                 Py_ssize_t stride, Py_ssize_t nchan, Py_ssize_t n,
-                                const double *mean, bn_lane_pair *pairs)
+                                const double *mean, bn_lane_pair *pairs, Py_ssize_t after,
+                                Py_ssize_t ask_max_bytes)
     void bn_rows_shifted_sums_f32(const float *x, Py_ssize_t nrows, Py_ssize_t stride,
                                   Py_ssize_t ncols, const double *origin,
                                   const double *offset, double *s1, double *s2)
@@ -145,6 +147,8 @@ cdef extern from "_leaf_loops.h" nogil:
                                     double mean_hi, double mean_lo, double k, double c1,
                                     double c0, int stream, int leave)
     int BN_LINE_BYTES
+    int BN_GROUP_PREFETCH_MAX_BYTES
+    int BN_F64_GRAD_LANES_MAX
     int BN_LEAVE_HEAD
     int BN_LEAVE_TAIL
     void bn_affine_seam_f32(const float *x, float *y, int split, const float *before,
@@ -525,6 +529,14 @@ cdef enum:
     # pipeline, two threads, (8, 32, 14, 14) 200 kB 1.15-1.20 of the time,
     # 0.4-1.6 MB 0.82-1.05 (use_tiled_backward).
     PIPE_MAX_BACKWARD_BYTES_IN_CACHE_F32 = 256 * 1024
+    # The group-tiled training backward (use_group_tiled_backward) takes
+    # tiles of channels whose x and dy hold at most GROUP_TILE_BYTES, half
+    # of L2, so that their dx is computed from it; a tile's rows must hold
+    # GROUP_TILE_MIN_ROW_BYTES of each, and each thread at least
+    # GROUP_TILE_MIN_TILES tiles.
+    GROUP_TILE_BYTES = 512 * 1024
+    GROUP_TILE_MIN_ROW_BYTES = 3 * 1024
+    GROUP_TILE_MIN_TILES = 4
     # Per-channel tables of constants are filled by the team from this many
     # channels, on the calling thread below: entering a parallel region
     # costs about a microsecond, what some thousand channels' constants take.
@@ -2412,12 +2424,19 @@ cdef bint lane_groups_enabled = True     # set_lane_groups
 
 cdef void lane_group_grad_sums(const floating *x, const floating *dy, const Planar *g,
                                Span s, Py_ssize_t k, Py_ssize_t c0, Py_ssize_t c1,
-                               const double *mean, GradSums *table) noexcept nogil:
+                               const double *mean, GradSums *table,
+                               bint tiled) noexcept nogil:
     """Chunk k's sums of channels [c0, c1), at most LANE_GROUP of them: the
     blocks of whole runs of all of them at once, row by row in memory order,
     each channel's lane sums carried from run to run (one call of
     bn_group_grad_sums per block). Each channel sees the sums of
     planar_chunk_grad_sums in its order, so its bits.
+
+    Each block's walk asks for the runs it reads next: after its last row,
+    the next group's in the same rows (the two passes walk chunk by chunk),
+    or, `tiled` (group_tile_item walks the group's rows down the tensor),
+    the next block's rows of the group, and after the tensor's last row the
+    first row of the next group.
 
     A channel at a time reads two runs per row of the chunk, a row's width
     apart: 32 streams in chunks of 16 rows, more than the prefetchers
@@ -2432,7 +2451,11 @@ cdef void lane_group_grad_sums(const floating *x, const floating *dy, const Plan
     256, 7, 7), one thread."""
     cdef bn_lane_pair lanes[LANE_GROUP]
     cdef Py_ssize_t n = s.n0, c, start, nrows, nchunks = g.chunks_per_channel
+    cdef Py_ssize_t stride = g.channels * g.inner, after
+    cdef Py_ssize_t ask_max_bytes = BN_GROUP_PREFETCH_MAX_BYTES
     cdef GradSums block
+    if tiled:
+        ask_max_bytes = g.inner * <Py_ssize_t>sizeof(floating)
     for c in range(c0, c1):
         table[c * nchunks + k] = zero_grad_sums()
     while n < s.n1:
@@ -2440,12 +2463,19 @@ cdef void lane_group_grad_sums(const floating *x, const floating *dy, const Plan
         for c in range(c1 - c0):
             clear_lanes(lanes[c].a, lanes[c].b)
         start = run_start(g, n, c0)
+        # From the block's first run of channel c0 (tiled walks take rows
+        # to the tensor's end, then the next group from row 0).
+        after = (c1 - c0) * g.inner
+        if tiled and n + nrows < g.outer:
+            after = nrows * stride
+        elif tiled:
+            after = after - n * stride
         if floating is float:
-            bn_group_grad_sums_f32(x + start, dy + start, nrows, g.channels * g.inner,
-                                   c1 - c0, g.inner, mean + c0, lanes)
+            bn_group_grad_sums_f32(x + start, dy + start, nrows, stride, c1 - c0, g.inner,
+                                   mean + c0, lanes, after, ask_max_bytes)
         else:
-            bn_group_grad_sums_f64(x + start, dy + start, nrows, g.channels * g.inner,
-                                   c1 - c0, g.inner, mean + c0, lanes)
+            bn_group_grad_sums_f64(x + start, dy + start, nrows, stride, c1 - c0, g.inner,
+                                   mean + c0, lanes, after, ask_max_bytes)
         for c in range(c0, c1):
             block.dy = bn_lanes_total(lanes[c - c0].a)
             block.dy_dev = bn_lanes_total(lanes[c - c0].b)
@@ -2476,7 +2506,8 @@ cdef void planar_rows_grad_sums(const floating *x, const floating *dy, const Pla
     if lane_groups_enabled:
         c = c0
         while c < c1:
-            lane_group_grad_sums(x, dy, g, s, k, c, min(c + LANE_GROUP, c1), a.mean, table)
+            lane_group_grad_sums(x, dy, g, s, k, c, min(c + LANE_GROUP, c1), a.mean, table,
+                                 False)
             c = c + LANE_GROUP
         return
     for c in range(c0, c1):
@@ -2874,6 +2905,111 @@ cdef bint use_tiled_backward(const Planar *g, const BackwardArgs *a, Py_ssize_t 
             and g.outer * g.inner * itemsize <= PIPE_MAX_SLICE)
 
 
+# --------------------------------------------------------------------------
+# The group-tiled training backward: the channel-tiled walk's plan for row
+# chunks of short runs, whose channel-at-a-time reads (two runs a row,
+# strides apart) the prefetchers do not follow. A tile is a group of
+# channels (at most LANE_GROUP) whose x and dy fit in L2: their gradient
+# sums are read from memory down the tensor, chunk by chunk, by the lane
+# group walk of the two passes (lane_group_grad_sums, each block asking for
+# the next one's runs); then their dx is written from L2, last row first,
+# each row's runs of the tile as one stream (bn_grad_runs, as the two
+# passes' row_runs). The chunk sums, totals and constants are those of the
+# two passes, added in the same order: their bits.
+
+
+cdef int group_tiled_mode = -1          # set_group_tiled_backward
+cdef Py_ssize_t group_tile_bytes = GROUP_TILE_BYTES
+cdef Py_ssize_t group_tiled_calls = 0   # group_tiled_backward_calls
+
+
+cdef inline Py_ssize_t group_tile_channels(const Planar *g, Py_ssize_t itemsize) noexcept nogil:
+    """The channels of a tile: as many as hold group_tile_bytes of x and dy,
+    at least one, at most LANE_GROUP."""
+    cdef Py_ssize_t per_channel = 2 * g.outer * g.inner * itemsize
+    return max(<Py_ssize_t>1, min(<Py_ssize_t>LANE_GROUP, group_tile_bytes // per_channel))
+
+
+cdef bint use_group_tiled_backward(const Planar *g, const BackwardArgs *a,
+                                   Py_ssize_t itemsize, int nthreads) noexcept nogil:
+    """Whether the group-tiled backward pays.
+
+    It needs a training backward that computes its sums and writes dx, over
+    row chunks of blocks of several runs (the lane groups' walk) written a
+    row at a time (grad_rows_as_runs: AVX-512). By size, it pays from
+    memory on two threads, where one thread's reads of a tile's sums
+    overlap the other's writes of its dx: the tensor read twice from
+    memory becomes read once. On one thread it measured even (0.94-1.03 of
+    the time). The tile's rows must be long (GROUP_TILE_MIN_ROW_BYTES):
+    tiles of 128 rows with rows of 1.5-2.3 KiB took 0.94-1.16 of the time,
+    (256, 256, 14, 14) in tiles of one channel 1.11, (1024, 512, 4, 4)
+    2.0-2.9. Float64 runs longer than BN_F64_GRAD_LANES_MAX values take a
+    group walk that does not ask ahead: (64, 512, 14, 14) and (32, 768,
+    17, 17) took 1.02-1.10 of the time."""
+    cdef Py_ssize_t tile
+    if (group_tiled_mode == 0 or not a.training or a.sums_only or a.given_dy != NULL
+            or g.rows_per_chunk == 0 or one_run_blocks(g) or not lane_groups_enabled
+            or not grad_rows_as_runs(g, a, itemsize)):
+        return False
+    if group_tiled_mode == 1:
+        return True
+    tile = group_tile_channels(g, itemsize)
+    return (nthreads >= 2 and a.stream
+            and tile * g.inner * itemsize >= GROUP_TILE_MIN_ROW_BYTES
+            and g.channels >= GROUP_TILE_MIN_TILES * nthreads * tile
+            and (itemsize == sizeof(float) or g.inner <= BN_F64_GRAD_LANES_MAX))
+
+
+cdef void group_tile(const floating *x, const floating *dy, floating *dx, const Planar *g,
+                     Py_ssize_t c0, Py_ssize_t c1, const BackwardArgs *a, GradSums *table,
+                     GradSums *totals, floating *constants) noexcept nogil:
+    """Channels [c0, c1): their chunk sums into table, totals, parameter
+    gradients and constants (hi, lo, k, c1, c0) into constants, then dx."""
+    cdef Py_ssize_t k, c, n, start
+    cdef floating *t
+    for k in range(g.chunks_per_channel):
+        lane_group_grad_sums(x, dy, g, chunk_span(g, k), k, c0, c1, a.mean, table, True)
+    for c in range(c0, c1):
+        finish_grad_channel(table, g, c, totals, a)
+        t = constants + 5 * c
+        grad_constants(totals[c], a.count, a.mean[c], a.invstd[c], a.weight, c, True,
+                       t, t + 1, t + 2, t + 3, t + 4)
+    # Last row first: the rows read last are the likeliest still in L2.
+    for n in range(g.outer - 1, -1, -1):
+        start = run_start(g, n, c0)
+        if floating is float:
+            bn_grad_runs_f32(x + start, dy + start, dx + start, (c1 - c0) * g.inner, g.inner,
+                             constants + 5 * c0, a.stream)
+        else:
+            bn_grad_runs_f64(x + start, dy + start, dx + start, (c1 - c0) * g.inner, g.inner,
+                             constants + 5 * c0, a.stream)
+    if a.stream:
+        bn_stream_fence()
+
+
+cdef int planar_backward_group_tiled(const floating *x, const floating *dy, floating *dx,
+                                     const Planar *g, const BackwardArgs *a,
+                                     int nthreads) noexcept nogil:
+    """The tiles, consecutive ones to a thread; -1 where memory is short."""
+    global group_tiled_calls
+    cdef Py_ssize_t nchunks = g.chunks_per_channel
+    cdef Py_ssize_t tile = group_tile_channels(g, sizeof(floating))
+    cdef Py_ssize_t item, ntiles = (g.channels + tile - 1) // tile
+    cdef GradSums *table = <GradSums *>malloc(g.channels * (nchunks + 1) * sizeof(GradSums))
+    cdef floating *constants = <floating *>malloc(5 * g.channels * sizeof(floating))
+    if table == NULL or constants == NULL:
+        free(table)
+        free(constants)
+        return -1
+    group_tiled_calls += 1
+    for item in prange(ntiles, num_threads=nthreads, schedule="static"):
+        group_tile(x, dy, dx, g, item * tile, min(item * tile + tile, g.channels), a, table,
+                   table + g.channels * nchunks, constants)
+    free(table)
+    free(constants)
+    return 0
+
+
 cdef inline void rows_grad_sums(const floating *x, const floating *dy, Py_ssize_t nrows,
                                 Py_ssize_t stride, Py_ssize_t ncols, const double *mean,
                                 double *s_dy, double *s_dev) noexcept nogil:
@@ -3113,6 +3249,8 @@ cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
     if planar_order(outer, nvalues, inner, sizeof(floating), SHORT_RUN_ROWS_MAX_BYTES):
         p = planar_geometry(outer, channels, inner, sizeof(floating))
         nthreads = backward_team_size(requested, channels, nvalues)
+        if use_group_tiled_backward(&p, a, sizeof(floating), nthreads):
+            return planar_backward_group_tiled(x, dy, dx, &p, a, nthreads)
         if use_tiled_backward(&p, a, sizeof(floating), nthreads):
             planar_backward_tiled(x, dy, dx, &p, a, nthreads)
             return 0
@@ -3298,6 +3436,24 @@ def set_tiled_backward(int mode, Py_ssize_t items=0):
     tiled_backward_mode = mode
     tiled_backward_items = items
     return previous
+
+
+def set_group_tiled_backward(int mode, Py_ssize_t tile_bytes=0):
+    """The group-tiled training backward (group_tile), as
+    set_tiled_backward: mode -1 chooses by size, 0 never, 1 whenever the
+    call allows it; tile_bytes > 0 sets the bytes of x and dy of a tile
+    (GROUP_TILE_BYTES otherwise). Returns the previous (mode, tile_bytes)."""
+    global group_tiled_mode, group_tile_bytes
+    previous = (group_tiled_mode, group_tile_bytes)
+    group_tiled_mode = mode
+    group_tile_bytes = tile_bytes if tile_bytes > 0 else GROUP_TILE_BYTES
+    return previous
+
+
+def group_tiled_backward_calls():
+    """How many backward calls have taken the group-tiled walk (for tests:
+    that the shapes they force through it do take it)."""
+    return group_tiled_calls
 
 
 def set_periodic_loops(bint enabled):

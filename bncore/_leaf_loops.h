@@ -803,7 +803,8 @@ __attribute__((target("avx2,fma"))) static void bn_block_grad_sums_f32_avx2(
 }
 
 /* Runs up to this many bytes have the group walk below ask for the same
- * runs of the next row (or the next group's first row) as it reads them.
+ * runs of the next row (or those after the block) as it reads them, in the
+ * two-pass backward (the group-tiled one asks for runs of any length).
  * Such runs are too short for the prefetchers to learn: a group's row is a
  * few KiB, a row apart from the next. Measured on one thread, backward of
  * float32 (1024, 512, 4, 4) and (2048, 256, 4, 4), 12 % faster; (512,
@@ -819,21 +820,23 @@ __attribute__((target("avx2,fma"))) static void bn_block_grad_sums_f32_avx2(
  * in memory order, each channel's lanes (pairs[c]) carried from run to run
  * in memory by CARRIED (always inlined: as a call per run, the walk was a
  * call per run). The operations of a call of bn_lane_grad_sums_<SFX>_<isa>
- * per run, so its bits. The next run of each channel is asked for by
- * address, as integers: the last group's next row lies past the arrays,
- * which a prefetch may name but a pointer may not. */
+ * per run, so its bits. Runs of at most ask_max_bytes ask for the run a
+ * row on, and the last row's for the run `after` values past its first
+ * row's (the next group's, or the next block's of the same group). They
+ * are asked for by address, as integers: the last group's next row lies
+ * past the arrays, which a prefetch may name but a pointer may not. */
 #define BN_DEFINE_GROUP_GRAD_SUMS(T, SFX, ISA, TARGET, CARRIED)                            \
 __attribute__((target(TARGET))) static void bn_group_grad_sums_##SFX##_##ISA(            \
     const T *BN_RESTRICT x, const T *BN_RESTRICT dy, ptrdiff_t nrows,                     \
     ptrdiff_t stride, ptrdiff_t nchan, ptrdiff_t n, const double *mean,                  \
-    bn_lane_pair *pairs)                                                                   \
+    bn_lane_pair *pairs, ptrdiff_t after, ptrdiff_t ask_max_bytes)                        \
 {                                                                                          \
     const ptrdiff_t run_bytes = n * (ptrdiff_t)sizeof(T);                                 \
-    const ptrdiff_t ask_bytes = run_bytes <= BN_GROUP_PREFETCH_MAX_BYTES ? run_bytes : 0; \
+    const ptrdiff_t ask_bytes = run_bytes <= ask_max_bytes ? run_bytes : 0;               \
     for (ptrdiff_t r = 0; r < nrows; r++)                                                 \
         for (ptrdiff_t c = 0; c < nchan; c++) {                                           \
             ptrdiff_t at = r * stride + c * n;                                            \
-            uintptr_t next = (uintptr_t)((r + 1 < nrows ? at + stride : (c + nchan) * n)  \
+            uintptr_t next = (uintptr_t)((r + 1 < nrows ? at + stride : c * n + after)    \
                                          * (ptrdiff_t)sizeof(T));                         \
             for (ptrdiff_t b = 0; b < ask_bytes; b += BN_LINE_BYTES) {                    \
                 _mm_prefetch((const char *)((uintptr_t)x + next + b), _MM_HINT_T0);       \
@@ -1325,9 +1328,12 @@ static inline void bn_block_grad_sums_##SFX(const TYPE *x, const TYPE *dy,      
 static inline void bn_group_grad_sums_##SFX(const TYPE *x, const TYPE *dy,               \
                                             ptrdiff_t nrows, ptrdiff_t stride,            \
                                             ptrdiff_t nchan, ptrdiff_t n,                 \
-                                            const double *mean, bn_lane_pair *pairs)      \
+                                            const double *mean, bn_lane_pair *pairs,      \
+                                            ptrdiff_t after, ptrdiff_t ask_max_bytes)     \
 {                                                                                          \
     BN_GROUP_GRAD_SUMS_FAST_##SFX                                                          \
+    (void)after; /* the prefetches' only */                                               \
+    (void)ask_max_bytes;                                                                   \
     for (ptrdiff_t r = 0; r < nrows; r++)                                                 \
         for (ptrdiff_t c = 0; c < nchan; c++)                                             \
             bn_lane_grad_sums_##SFX(x + r * stride + c * n, dy + r * stride + c * n, n,   \
@@ -1354,7 +1360,8 @@ static inline void bn_group_grad_sums_##SFX(const TYPE *x, const TYPE *dy,      
 #define BN_BLOCK_GRAD_SUMS_FAST_f32                                                       \
     BN_FAST_F32(bn_block_grad_sums, x, dy, nruns, stride, n, mean, t_dy, t_dev)
 #define BN_GROUP_GRAD_SUMS_FAST_f32                                                       \
-    BN_FAST_F32(bn_group_grad_sums, x, dy, nrows, stride, nchan, n, mean, pairs)
+    BN_FAST_F32(bn_group_grad_sums, x, dy, nrows, stride, nchan, n, mean, pairs, after,    \
+                ask_max_bytes)
 #define BN_BLOCK_SHIFTED_SUMS_FAST_f64                                                    \
     if (bn_cpu_avx512()) {                                                                \
         bn_block_shifted_sums_f64_avx512(x, nruns, stride, n, origin, offset, ahead_bytes, \
@@ -1368,7 +1375,8 @@ static inline void bn_group_grad_sums_##SFX(const TYPE *x, const TYPE *dy,      
     }
 #define BN_GROUP_GRAD_SUMS_FAST_f64                                                       \
     if (bn_cpu_avx512() && n <= BN_F64_GRAD_LANES_MAX) {                                  \
-        bn_group_grad_sums_f64_avx512(x, dy, nrows, stride, nchan, n, mean, pairs);      \
+        bn_group_grad_sums_f64_avx512(x, dy, nrows, stride, nchan, n, mean, pairs, after, \
+                                      ask_max_bytes);                                     \
         return;                                                                            \
     }
 #else

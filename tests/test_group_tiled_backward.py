@@ -1,0 +1,119 @@
+"""The group-tiled training backward (row chunks of short runs, a tile of
+channels' sums read from memory, then their dx written from L2) gives the
+bits of the two passes, with tiles of one channel, of a few with the last
+one short, and of LANE_GROUP (64) channels; on 1-3 threads, from memory and
+in cache, aligned or not, in place or not; and matches the float64
+reference. The walk writes each row of a tile in one call with AVX-512
+only (rows_as_runs): elsewhere it is never taken, and the tests skip.
+"""
+
+import numpy as np
+import pytest
+
+from bncore import _kernels
+
+from test_pipelined import _offset_array
+from test_tiled_backward import _problem, _same_bits, assert_backward_matches_the_reference
+
+pytestmark = pytest.mark.skipif(_kernels.VECTOR_ISA != "AVX-512",
+                                reason="the group-tiled walk needs AVX-512 (rows_as_runs)")
+
+# (outer, channels, inner, dtype, in cache too): from memory, chunks of 8
+# rows with a short last one (30, 70 rows), of blocks of several runs; runs
+# that share lines (33, 49, 289 values) or not (16, 64, 196); float64 runs
+# within the AVX-512 group walk (17, 49, 64 values) and past it (100). In
+# cache, only runs under ROW_RUNS_MAX_BYTES_IN_CACHE are written a row at a
+# time, so take the walk.
+SHAPES = [(30, 7, 49, np.float32, True), (70, 5, 33, np.float32, True),
+          (24, 70, 16, np.float32, True), (9, 13, 196, np.float32, False),
+          (17, 6, 289, np.float32, False), (40, 3, 64, np.float32, False),
+          (30, 7, 49, np.float64, False), (70, 5, 17, np.float64, True),
+          (24, 66, 64, np.float64, False), (12, 4, 100, np.float64, False)]
+
+# Tiles of one channel, of three (the last tile short for most channel
+# counts above), and of as many as a tile may hold (LANE_GROUP).
+CHANNELS_PER_TILE = [1, 3, None]
+
+
+@pytest.fixture
+def restore_tuning():
+    previous_group = _kernels.set_group_tiled_backward(-1)
+    previous_stream = _kernels.set_stream_min_bytes(1 << 62)
+    _kernels.set_stream_min_bytes(previous_stream)
+    yield
+    _kernels.set_group_tiled_backward(*previous_group)
+    _kernels.set_stream_min_bytes(previous_stream)
+
+
+def _tile_bytes(shape, channels_per_tile):
+    """The tile_bytes that make tiles of channels_per_tile channels (None: as
+    many as a tile may hold)."""
+    outer, _, inner, dtype = shape[:4]
+    if channels_per_tile is None:
+        return 1 << 40
+    return channels_per_tile * 2 * outer * inner * np.dtype(dtype).itemsize
+
+
+def _backward(problem, shape, threads, offset, in_place=None):
+    """[dx, grad_weight, grad_bias]; in_place: None, "dy" or "x" (dx's buffer)."""
+    x, dy, mean, invstd, weight = problem
+    x, dy = _offset_array(x, offset), _offset_array(dy, offset)
+    dx = {"dy": dy, "x": x}.get(in_place)
+    if dx is None:
+        dx = _offset_array(np.zeros(x.size, x.dtype), offset)
+    grad_weight, grad_bias = np.zeros(shape[1]), np.zeros(shape[1])
+    _kernels.backward(x, dy, dx, *shape[:3], mean, invstd, weight, True, grad_weight,
+                      grad_bias, threads)
+    return [dx.copy(), grad_weight, grad_bias]
+
+
+def _group_tiled(problem, shape, threads, offset, in_place=None):
+    """_backward, which must take the group-tiled walk."""
+    calls = _kernels.group_tiled_backward_calls()
+    got = _backward(problem, shape, threads, offset, in_place)
+    assert _kernels.group_tiled_backward_calls() == calls + 1
+    return got
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:3]))
+                         + ("-f64" if s[3] == np.float64 else ""))
+@pytest.mark.parametrize("offset", [0, 3])
+def test_group_tiled_backward_gives_the_bits_of_the_two_pass_path(shape, offset,
+                                                                  restore_tuning):
+    problem = _problem(*shape[:3], seed=sum(shape[:3]) + offset, dtype=shape[3])
+    for stream_min in (0, 1 << 62) if shape[4] else (0,):
+        _kernels.set_stream_min_bytes(stream_min)
+        _kernels.set_group_tiled_backward(0)
+        want = _backward(problem, shape, 1, offset)
+        for channels_per_tile in CHANNELS_PER_TILE:
+            _kernels.set_group_tiled_backward(1, _tile_bytes(shape, channels_per_tile))
+            for threads in (1, 2, 3):
+                for in_place in (None, "dy", "x"):
+                    got = _group_tiled(problem, shape, threads, offset, in_place)
+                    assert _same_bits(got, want), (stream_min, channels_per_tile, threads,
+                                                   in_place)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_group_tiled_backward_matches_the_reference(dtype, restore_tuning):
+    shape = (30, 70, 49, dtype, True)
+    problem = _problem(*shape[:3], seed=5, dtype=dtype)
+    _kernels.set_stream_min_bytes(0)
+    _kernels.set_group_tiled_backward(1, _tile_bytes(shape, 3))
+    assert_backward_matches_the_reference(_group_tiled(problem, shape, 2, 0), problem,
+                                          shape[:3])
+
+
+def test_group_tiled_backward_is_chosen_by_size_for_small_maps_from_memory(restore_tuning):
+    """ResNet-50's last stage at a batch of 64, 25.7 MB float32, two
+    threads: the walk the rule was measured for."""
+    shape = (64, 2048, 49, np.float32, False)
+    problem = _problem(*shape[:3], seed=2)
+    want = _backward(problem, shape, 1, 0)
+    assert _same_bits(_group_tiled(problem, shape, 2, 0), want)
+
+
+def test_set_group_tiled_backward_returns_the_previous_setting(restore_tuning):
+    _kernels.set_group_tiled_backward(1, 4096)
+    assert _kernels.set_group_tiled_backward(0) == (1, 4096)
+    assert _kernels.set_group_tiled_backward(-1)[1] == 512 * 1024
