@@ -22,7 +22,8 @@ normalising one from cache while it reads the next one's statistics from
 memory, so the input is read once instead of twice. It computes the same
 blocks, merged in the same order, as the two passes: the same bits. The
 training backward is tiled by channel (use_tiled_backward): each channel's
-gradient sums read from memory, then its dx written from cache.
+gradient sums read from memory, then its dx written from cache; short runs
+are tiled by groups of channels (use_group_tiled_backward).
 
 Statistics are the triple (count, mean, M2) per channel, with the mean kept
 as an offset from the channel's origin, its first value: every block of the
