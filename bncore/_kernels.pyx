@@ -2435,7 +2435,7 @@ cdef void lane_group_grad_sums(const floating *x, const floating *dy, const Plan
 
     Each block's walk asks for the runs it reads next: after its last row,
     the next group's in the same rows (the two passes walk chunk by chunk),
-    or, `tiled` (group_tile_item walks the group's rows down the tensor),
+    or, `tiled` (group_tile walks the group's rows down the tensor),
     the next block's rows of the group, and after the tensor's last row the
     first row of the next group.
 
@@ -2942,11 +2942,12 @@ cdef bint use_group_tiled_backward(const Planar *g, const BackwardArgs *a,
     overlap the other's writes of its dx: the tensor read twice from
     memory becomes read once. On one thread it measured even (0.94-1.03 of
     the time). The tile's rows must be long (GROUP_TILE_MIN_ROW_BYTES):
-    tiles of 128 rows with rows of 1.5-2.3 KiB took 0.94-1.16 of the time,
+    tiles of 128 rows with rows of 1.5-1.9 KiB took 0.94-1.21 of the time,
     (256, 256, 14, 14) in tiles of one channel 1.11, (1024, 512, 4, 4)
-    2.0-2.9. Float64 runs longer than BN_F64_GRAD_LANES_MAX values take a
-    group walk that does not ask ahead: (64, 512, 14, 14) and (32, 768,
-    17, 17) took 1.02-1.10 of the time."""
+    2.0-2.9; (64, 2048, 7, 7), rows of 3.9 KiB, 0.79-0.80. Float64 runs
+    longer than BN_F64_GRAD_LANES_MAX values take a group walk that does
+    not ask ahead: (64, 512, 14, 14) and (32, 768, 17, 17) took 1.02-1.14
+    of the time."""
     cdef Py_ssize_t tile
     if (group_tiled_mode == 0 or not a.training or a.sums_only or a.given_dy != NULL
             or g.rows_per_chunk == 0 or one_run_blocks(g) or not lane_groups_enabled

@@ -1332,7 +1332,7 @@ static inline void bn_group_grad_sums_##SFX(const TYPE *x, const TYPE *dy,      
                                             ptrdiff_t after, ptrdiff_t ask_max_bytes)     \
 {                                                                                          \
     BN_GROUP_GRAD_SUMS_FAST_##SFX                                                          \
-    (void)after; /* the prefetches' only */                                               \
+    (void)after; /* for the fast loops' prefetches only */                                \
     (void)ask_max_bytes;                                                                   \
     for (ptrdiff_t r = 0; r < nrows; r++)                                                 \
         for (ptrdiff_t c = 0; c < nchan; c++)                                             \
