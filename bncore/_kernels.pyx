@@ -148,7 +148,6 @@ cdef extern from "_leaf_loops.h" nogil:
                                     double mean_hi, double mean_lo, double k, double c1,
                                     double c0, int stream, int leave)
     int BN_LINE_BYTES
-    int BN_GROUP_PREFETCH_MAX_BYTES
     int BN_F64_GRAD_LANES_MAX
     int BN_LEAVE_HEAD
     int BN_LEAVE_TAIL
@@ -363,6 +362,18 @@ cdef enum:
     # carried from run to run (lane_group_grad_sums): 64 channels' lanes are
     # 16 KiB, half of L1.
     LANE_GROUP = 64
+    # The two passes' group walk (bn_group_grad_sums) asks for the same runs
+    # of the next row (or those after the block) as it reads them, for runs
+    # of up to this many bytes (the group-tiled walk asks for runs of any
+    # length). Such runs are too short for the prefetchers to learn: a
+    # group's row is a few KiB, a row apart from the next. Measured on one
+    # thread, backward of float32 (1024, 512, 4, 4) and (2048, 256, 4, 4),
+    # 12 % faster; (512, 512, 7, 7) and (996, 256, 7, 7) even; but runs of
+    # 784 bytes, (256, 256, 14, 14), 14-27 % slower with it. Up to 512 bytes
+    # (it was 256), gradient sums in streaming-copy times: float32 (512,
+    # 256, 10, 10) 1.95 -> 1.52, (256, 512, 11, 11) 1.97 -> 1.54; float64
+    # (334, 256, 7, 7) 1.98 -> 1.63, (256, 256, 8, 8) 1.86 -> 1.62.
+    GROUP_SUMS_ASK_MAX_BYTES = 512
     # In cache, row chunks of runs that a block holds at least this many of
     # take a block's rows at least (planar_geometry). Measured, chunks of
     # one row against blocks (runs under ROW_RUNS_MAX_BYTES_IN_CACHE also
@@ -2372,6 +2383,15 @@ cdef inline void run_grad_input(const floating *x, const floating *dy, floating 
     grad_input_run(x, dy, dx, n, hi, lo, k, c1, c0, a.training, a.stream)
 
 
+cdef inline void channel_grad_constants(const GradSums *totals, Py_ssize_t c,
+                                        const BackwardArgs *a,
+                                        floating *table) noexcept nogil:
+    """Channel c's grad_constants (hi, lo, k, c1, c0) into table[5c:5c + 5]."""
+    cdef floating *t = table + 5 * c
+    grad_constants(totals[c], a.count, a.mean[c], a.invstd[c], a.weight, c, a.training,
+                   t, t + 1, t + 2, t + 3, t + 4)
+
+
 cdef floating *grad_constants_table(const floating *x, const GradSums *totals, const Planar *g,
                                     const BackwardArgs *a, int nthreads) noexcept nogil:
     """Every channel's grad_constants (hi, lo, k, c1, c0), computed once for
@@ -2379,20 +2399,15 @@ cdef floating *grad_constants_table(const floating *x, const GradSums *totals, c
     (two divisions each); or NULL where memory is short, and they are, with
     the same bits. (x only names the type.)"""
     cdef floating *table = <floating *>malloc(5 * g.channels * sizeof(floating))
-    cdef floating *t
     cdef Py_ssize_t c
     if table == NULL:
         return NULL
     if nthreads == 1 or g.channels < TABLE_PARALLEL_CHANNELS:
         for c in range(g.channels):
-            t = table + 5 * c
-            grad_constants(totals[c], a.count, a.mean[c], a.invstd[c], a.weight, c,
-                           a.training, t, t + 1, t + 2, t + 3, t + 4)
+            channel_grad_constants(totals, c, a, table)
     else:
         for c in prange(g.channels, num_threads=nthreads, schedule="static"):
-            t = table + 5 * c
-            grad_constants(totals[c], a.count, a.mean[c], a.invstd[c], a.weight, c,
-                           a.training, t, t + 1, t + 2, t + 3, t + 4)
+            channel_grad_constants(totals, c, a, table)
     return table
 
 
@@ -2453,7 +2468,7 @@ cdef void lane_group_grad_sums(const floating *x, const floating *dy, const Plan
     cdef bn_lane_pair lanes[LANE_GROUP]
     cdef Py_ssize_t n = s.n0, c, start, nrows, nchunks = g.chunks_per_channel
     cdef Py_ssize_t stride = g.channels * g.inner, after
-    cdef Py_ssize_t ask_max_bytes = BN_GROUP_PREFETCH_MAX_BYTES
+    cdef Py_ssize_t ask_max_bytes = GROUP_SUMS_ASK_MAX_BYTES
     cdef GradSums block
     if tiled:
         ask_max_bytes = g.inner * <Py_ssize_t>sizeof(floating)
@@ -2528,6 +2543,18 @@ cdef void planar_chunk_grad_input(const floating *x, const floating *dy, floatin
         bn_stream_fence()
 
 
+cdef inline void grad_runs(const floating *x, const floating *dy, floating *dx,
+                           Py_ssize_t start, Py_ssize_t nvalues, Py_ssize_t n,
+                           const floating *constants, int stream) noexcept nogil:
+    """The input gradient of the nvalues from `start`, runs of n values
+    side by side written as one stream (bn_grad_runs), constants holding
+    (hi, lo, k, c1, c0) of the first run's channel and those after it."""
+    if floating is float:
+        bn_grad_runs_f32(x + start, dy + start, dx + start, nvalues, n, constants, stream)
+    else:
+        bn_grad_runs_f64(x + start, dy + start, dx + start, nvalues, n, constants, stream)
+
+
 cdef void planar_rows_grad_input(const floating *x, const floating *dy, floating *dx,
                                  const Planar *g, Py_ssize_t item, int ngroups,
                                  const GradSums *totals, const BackwardArgs *a,
@@ -2544,12 +2571,7 @@ cdef void planar_rows_grad_input(const floating *x, const floating *dy, floating
         while n < s.n1:
             start = run_start(g, n, c0)
             nvalues = min(row_runs, s.n1 - n) * (c1 - c0) * g.inner
-            if floating is float:
-                bn_grad_runs_f32(x + start, dy + start, dx + start, nvalues, g.inner,
-                                 table + 5 * c0, a.stream)
-            else:
-                bn_grad_runs_f64(x + start, dy + start, dx + start, nvalues, g.inner,
-                                 table + 5 * c0, a.stream)
+            grad_runs(x, dy, dx, start, nvalues, g.inner, table + 5 * c0, a.stream)
             n = n + row_runs
         if a.stream:
             bn_stream_fence()
@@ -2854,6 +2876,15 @@ cdef inline Py_ssize_t pipe_min_run_bytes(Py_ssize_t itemsize, Py_ssize_t float6
     return PIPE_MIN_ROW_RUN_BYTES if row_runs else PIPE_MIN_RUN_BYTES
 
 
+cdef inline bint sums_then_dx_in_row_chunks(const Planar *g,
+                                            const BackwardArgs *a) noexcept nogil:
+    """Whether a backward call computes its gradient sums and then its dx, over
+    runs in row chunks: what both tiled walks need. Not eval (dx = dy * k
+    needs no sums), nor either half of a split backward, nor the long-run
+    chunking."""
+    return a.training and not a.sums_only and a.given_dy == NULL and g.rows_per_chunk > 0
+
+
 cdef bint use_tiled_backward(const Planar *g, const BackwardArgs *a, Py_ssize_t itemsize,
                              int nthreads) noexcept nogil:
     """Whether the channel-tiled backward pays.
@@ -2890,8 +2921,7 @@ cdef bint use_tiled_backward(const Planar *g, const BackwardArgs *a, Py_ssize_t 
     0.95, (16, 128, 28, 28) 0.88 (benchmarks/results/pipelined_backward.py
     --dtype float64 --threads 1 with those shapes shows the ratio).
     """
-    if (tiled_backward_mode == 0 or not a.training or a.sums_only
-            or a.given_dy != NULL or g.rows_per_chunk == 0):
+    if tiled_backward_mode == 0 or not sums_then_dx_in_row_chunks(g, a):
         return False
     if tiled_backward_mode == 1:
         return True
@@ -2949,9 +2979,8 @@ cdef bint use_group_tiled_backward(const Planar *g, const BackwardArgs *a,
     not ask ahead: (64, 512, 14, 14) and (32, 768, 17, 17) took 1.02-1.14
     of the time."""
     cdef Py_ssize_t tile
-    if (group_tiled_mode == 0 or not a.training or a.sums_only or a.given_dy != NULL
-            or g.rows_per_chunk == 0 or one_run_blocks(g) or not lane_groups_enabled
-            or not grad_rows_as_runs(g, a, itemsize)):
+    if (group_tiled_mode == 0 or not sums_then_dx_in_row_chunks(g, a) or one_run_blocks(g)
+            or not lane_groups_enabled or not grad_rows_as_runs(g, a, itemsize)):
         return False
     if group_tiled_mode == 1:
         return True
@@ -2967,24 +2996,16 @@ cdef void group_tile(const floating *x, const floating *dy, floating *dx, const 
                      GradSums *totals, floating *constants) noexcept nogil:
     """Channels [c0, c1): their chunk sums into table, totals, parameter
     gradients and constants (hi, lo, k, c1, c0) into constants, then dx."""
-    cdef Py_ssize_t k, c, n, start
-    cdef floating *t
+    cdef Py_ssize_t k, c, n
     for k in range(g.chunks_per_channel):
         lane_group_grad_sums(x, dy, g, chunk_span(g, k), k, c0, c1, a.mean, table, True)
     for c in range(c0, c1):
         finish_grad_channel(table, g, c, totals, a)
-        t = constants + 5 * c
-        grad_constants(totals[c], a.count, a.mean[c], a.invstd[c], a.weight, c, True,
-                       t, t + 1, t + 2, t + 3, t + 4)
+        channel_grad_constants(totals, c, a, constants)
     # Last row first: the rows read last are the likeliest still in L2.
     for n in range(g.outer - 1, -1, -1):
-        start = run_start(g, n, c0)
-        if floating is float:
-            bn_grad_runs_f32(x + start, dy + start, dx + start, (c1 - c0) * g.inner, g.inner,
-                             constants + 5 * c0, a.stream)
-        else:
-            bn_grad_runs_f64(x + start, dy + start, dx + start, (c1 - c0) * g.inner, g.inner,
-                             constants + 5 * c0, a.stream)
+        grad_runs(x, dy, dx, run_start(g, n, c0), (c1 - c0) * g.inner, g.inner,
+                  constants + 5 * c0, a.stream)
     if a.stream:
         bn_stream_fence()
 

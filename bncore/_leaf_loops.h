@@ -1274,20 +1274,6 @@ static inline void bn_rows_grad_sums_f32(
  * (one thread). */
 #define BN_F64_GRAD_LANES_MAX 64
 
-/* Runs up to this many bytes have the group walk (bn_group_grad_sums_*)
- * ask for the same runs of the next row (or those after the block) as it
- * reads them, in the two-pass backward (the group-tiled one asks for runs
- * of any length).
- * Such runs are too short for the prefetchers to learn: a group's row is a
- * few KiB, a row apart from the next. Measured on one thread, backward of
- * float32 (1024, 512, 4, 4) and (2048, 256, 4, 4), 12 % faster; (512,
- * 512, 7, 7) and (996, 256, 7, 7) even; but runs of 784 bytes, (256, 256,
- * 14, 14), 14-27 % slower with it. Up to 512 bytes (it was 256), gradient
- * sums in streaming-copy times: float32 (512, 256, 10, 10) 1.95 -> 1.52,
- * (256, 512, 11, 11) 1.97 -> 1.54; float64 (334, 256, 7, 7) 1.98 -> 1.63,
- * (256, 256, 8, 8) 1.86 -> 1.62. */
-#define BN_GROUP_PREFETCH_MAX_BYTES 512
-
 #define bn_lane_shifted_sums_f64 bn_lane_shifted_sums_generic_f64
 #define bn_lane_grad_sums_f64 bn_lane_grad_sums_generic_f64
 

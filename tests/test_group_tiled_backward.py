@@ -12,8 +12,9 @@ import pytest
 
 from bncore import _kernels
 
-from test_pipelined import _offset_array
-from test_tiled_backward import _problem, _same_bits, assert_backward_matches_the_reference
+from test_pipelined import tuning_restorer
+from test_tiled_backward import (_backward, _problem, _same_bits,
+                                 assert_backward_matches_the_reference)
 
 pytestmark = pytest.mark.skipif(_kernels.VECTOR_ISA != "AVX-512",
                                 reason="the group-tiled walk needs AVX-512 (rows_as_runs)")
@@ -35,14 +36,7 @@ SHAPES = [(30, 7, 49, np.float32, True), (70, 5, 33, np.float32, True),
 CHANNELS_PER_TILE = [1, 3, None]
 
 
-@pytest.fixture
-def restore_tuning():
-    previous_group = _kernels.set_group_tiled_backward(-1)
-    previous_stream = _kernels.set_stream_min_bytes(1 << 62)
-    _kernels.set_stream_min_bytes(previous_stream)
-    yield
-    _kernels.set_group_tiled_backward(*previous_group)
-    _kernels.set_stream_min_bytes(previous_stream)
+restore_tuning = tuning_restorer(_kernels.set_group_tiled_backward)
 
 
 def _tile_bytes(shape, channels_per_tile):
@@ -54,23 +48,16 @@ def _tile_bytes(shape, channels_per_tile):
     return channels_per_tile * 2 * outer * inner * np.dtype(dtype).itemsize
 
 
-def _backward(problem, shape, threads, offset, in_place=None):
-    """[dx, grad_weight, grad_bias]; in_place: None, "dy" or "x" (dx's buffer)."""
-    x, dy, mean, invstd, weight = problem
-    x, dy = _offset_array(x, offset), _offset_array(dy, offset)
-    dx = {"dy": dy, "x": x}.get(in_place)
-    if dx is None:
-        dx = _offset_array(np.zeros(x.size, x.dtype), offset)
-    grad_weight, grad_bias = np.zeros(shape[1]), np.zeros(shape[1])
-    _kernels.backward(x, dy, dx, *shape[:3], mean, invstd, weight, True, grad_weight,
-                      grad_bias, threads)
-    return [dx.copy(), grad_weight, grad_bias]
+def _by_size(problem, shape, threads, offset, in_place=None):
+    """test_tiled_backward's _backward of shape (outer, channels, inner,
+    ...), the channel-tiled walk left to choose by size (its default)."""
+    return _backward(problem, shape[:3], threads, -1, offset, in_place)
 
 
 def _group_tiled(problem, shape, threads, offset, in_place=None):
-    """_backward, which must take the group-tiled walk."""
+    """_by_size, which must take the group-tiled walk."""
     calls = _kernels.group_tiled_backward_calls()
-    got = _backward(problem, shape, threads, offset, in_place)
+    got = _by_size(problem, shape, threads, offset, in_place)
     assert _kernels.group_tiled_backward_calls() == calls + 1
     return got
 
@@ -84,7 +71,7 @@ def test_group_tiled_backward_gives_the_bits_of_the_two_pass_path(shape, offset,
     for stream_min in (0, 1 << 62) if shape[4] else (0,):
         _kernels.set_stream_min_bytes(stream_min)
         _kernels.set_group_tiled_backward(0)
-        want = _backward(problem, shape, 1, offset)
+        want = _by_size(problem, shape, 1, offset)
         for channels_per_tile in CHANNELS_PER_TILE:
             _kernels.set_group_tiled_backward(1, _tile_bytes(shape, channels_per_tile))
             for threads in (1, 2, 3):
@@ -109,7 +96,7 @@ def test_group_tiled_backward_is_chosen_by_size_for_small_maps_from_memory(resto
     threads: the walk the rule was measured for."""
     shape = (64, 2048, 49, np.float32, False)
     problem = _problem(*shape[:3], seed=2)
-    want = _backward(problem, shape, 1, 0)
+    want = _by_size(problem, shape, 1, 0)
     assert _same_bits(_group_tiled(problem, shape, 2, 0), want)
 
 
