@@ -48,6 +48,7 @@ import numpy as np
 # traced by tracemalloc, so the memory tests see them.
 from cpython.mem cimport (PyMem_RawFree as free, PyMem_RawMalloc as malloc,
                           PyMem_RawRealloc as realloc)
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from cython.parallel cimport prange
 from libc.float cimport DBL_MAX, FLT_MAX
 from libc.math cimport INFINITY, fabs, sqrt
@@ -190,7 +191,7 @@ cdef extern from "_leaf_loops.h" nogil:
     void bn_affine_twin_f64(const double *x, double *y, Py_ssize_t apart, Py_ssize_t n,
                             const double *p, const double *q, int relu, int stream)
     void bn_affine_runs_f32(const float *x, float *y, Py_ssize_t n, Py_ssize_t inner,
-                            const float *p, int relu, int stream)
+                            const float *p, int relu, int stream, Py_ssize_t apart)
     void bn_affine_each_run_f32(const float *x, float *y, Py_ssize_t nruns, Py_ssize_t length,
                                 const float *p, int relu)
     void bn_affine_each_run_f64(const double *x, double *y, Py_ssize_t nruns,
@@ -200,11 +201,11 @@ cdef extern from "_leaf_loops.h" nogil:
     void bn_grad_each_run_f64(const double *x, const double *dy, double *dx,
                               Py_ssize_t nruns, Py_ssize_t length, const double *p)
     void bn_affine_runs_f64(const double *x, double *y, Py_ssize_t n, Py_ssize_t inner,
-                            const double *p, int relu, int stream)
+                            const double *p, int relu, int stream, Py_ssize_t apart)
     void bn_grad_runs_f32(const float *x, const float *dy, float *dx, Py_ssize_t n,
-                          Py_ssize_t inner, const float *p, int stream)
+                          Py_ssize_t inner, const float *p, int stream, Py_ssize_t apart)
     void bn_grad_runs_f64(const double *x, const double *dy, double *dx, Py_ssize_t n,
-                          Py_ssize_t inner, const double *p, int stream)
+                          Py_ssize_t inner, const double *p, int stream, Py_ssize_t apart)
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
@@ -332,6 +333,20 @@ cdef enum:
     # forward (float64; float32 of 4-8 channels) took 0.93-0.98 of the time
     # as rows on one thread, 0.99-1.02 on two.
     ROW_RUNS_MAX_BYTES = 8192
+    # ...but where the row chunks pair (paired_chunks: chunk k's rows in
+    # step with chunk k + P's, P about half the chunks), runs of every
+    # length are written a row at a time, as two streams far apart: memory
+    # serves those faster than one (the periodic loops' finding), and the
+    # runs' shared lines (NumPy's arrays start 16 bytes past a line, so
+    # every run of whole lines shares two) are written whole. Against the
+    # walk before (one row stream, or a call per run with rows of a chunk
+    # paired), NumPy-placed arrays, blocks of calls, time over time, one /
+    # two threads, eval float32: (128, 128, 56, 56) 0.87 / 0.89, (64, 256,
+    # 28, 28) 0.85 / 0.93, (512, 512, 7, 7) 0.89 / 0.91, (64, 2048, 7, 7)
+    # 0.88 / 0.95, (64, 3, 224, 224) 0.88 / 0.96, (2048, 8, 28, 28) 0.90 /
+    # 0.91, 17 x 17 and 35 x 35 maps 0.94-0.98; float64 0.84-0.95; the
+    # two-pass training forward 0.90-1.03 (the pipelined walks do not take
+    # it). Chunks of one row each could not pair within a chunk before.
     # The training backward's input gradient (bn_grad_runs) keeps the Zen 4
     # limit: on Zen 5 its rows of 2-4 KiB runs took 0.98-1.03 of the time
     # of a call per run (float32 and float64, 1 and 2 threads, 25-51 MB).
@@ -1286,6 +1301,8 @@ cdef Py_ssize_t repeat_table(void **table, Py_ssize_t nbytes, Py_ssize_t copies)
 
 
 cdef bint row_runs_enabled = True     # set_row_runs
+cdef bint chunk_pairs_enabled = True  # set_chunk_pairs
+cdef Py_ssize_t chunk_pair_count = 0   # chunk_pair_calls
 
 
 cdef inline bint each_run_in_one_call(int stream, const void *constants,
@@ -1304,29 +1321,73 @@ cdef inline bint each_run_in_one_call(int stream, const void *constants,
             and bn_periodic_lanes(itemsize) != 0)
 
 
+cdef inline Py_ssize_t paired_chunks(const Planar *g, const AffineIn *a,
+                                     Py_ssize_t itemsize) noexcept nogil:
+    """How many row chunks apart the streamed normalisation writes the rows
+    of two chunks in step, or 0: about half the chunks, odd, where a
+    chunk's rows are whole lines (so that both streams share their line
+    offsets, and the table's channel order). planar_normalize then writes
+    the rows of every run length a row at a time (ROW_RUNS_MAX_BYTES)."""
+    if not (chunk_pairs_enabled and a.stream and can_pair(a, itemsize)
+            and g.rows_per_chunk > 0
+            and g.rows_per_chunk * g.channels * g.inner * itemsize % BN_LINE_BYTES == 0):
+        return 0
+    return odd_at_most(g.chunks_per_channel // 2)
+
+
+cdef inline void affine_runs(const floating *x, floating *y, Py_ssize_t start,
+                             Py_ssize_t nvalues, Py_ssize_t inner, const floating *constants,
+                             const AffineIn *a, Py_ssize_t apart) noexcept nogil:
+    """The normalisation of the nvalues from `start`, runs of inner values
+    side by side written as one stream (bn_affine_runs), constants holding
+    (hi, lo, scale, shift) of the first run's channel and those after it;
+    with apart > 0 the same values `apart` later in step, as a second
+    stream with the same constants."""
+    if floating is float:
+        bn_affine_runs_f32(x + start, y + start, nvalues, inner, constants, a.relu, a.stream,
+                           apart)
+    else:
+        bn_affine_runs_f64(x + start, y + start, nvalues, inner, constants, a.relu, a.stream,
+                           apart)
+
+
 cdef void planar_rows_affine(const floating *x, floating *y, const Planar *g, Py_ssize_t item,
-                             int ngroups, const AffineIn *a, Py_ssize_t row_runs) noexcept nogil:
+                             int ngroups, const AffineIn *a, Py_ssize_t row_runs,
+                             Py_ssize_t pair_chunks) noexcept nogil:
     """Normalise a row chunk's group of channels: with row_runs > 0, each
     row's runs as one stream, row_runs rows a call (bn_affine_runs;
-    a.constants is the table, its channels repeated for as many rows);
-    else in cache each row's runs in one call (each_run_in_one_call); else
-    rows n and n + twin apart in step (twin_rows; blocks of 2 * twin rows),
-    the rows left after the last block with their channels paired
+    a.constants is the table, its channels repeated for as many rows), and
+    with pair_chunks > 0 (paired_chunks) items below pair_chunks * ngroups
+    take their chunk's rows in step with those of the chunk pair_chunks
+    later, the items after them the chunks after those pairs; else in
+    cache each row's runs in one call (each_run_in_one_call); else rows n
+    and n + twin apart in step (twin_rows; blocks of 2 * twin rows), the
+    rows left after the last block with their channels paired
     (planar_row_affine)."""
-    cdef Span s = chunk_span(g, item // ngroups)
-    cdef Py_ssize_t n = s.n0, j, c, start, nvalues, c0 = 0, c1 = 0, twin
+    cdef Py_ssize_t chunk = item // ngroups, apart = 0
+    if chunk < pair_chunks:
+        apart = pair_chunks * g.rows_per_chunk
+    else:
+        chunk = chunk + pair_chunks
+    cdef Span s = chunk_span(g, chunk)
+    cdef Py_ssize_t n = s.n0, j, c, start, nvalues, nrows, c0 = 0, c1 = 0, twin, paired_end
     cdef const floating *table = <const floating *>a.constants
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
     if row_runs > 0:
+        if apart > 0:
+            # The partner is the same rows of a later chunk, or fewer of them
+            # (the last chunk).
+            paired_end = min(s.n1, g.outer - apart)
+            while n < paired_end:
+                start = run_start(g, n, c0)
+                nrows = min(row_runs, paired_end - n)
+                affine_runs(x, y, start, nrows * (c1 - c0) * g.inner, g.inner, table + 4 * c0,
+                            a, run_start(g, n + apart, c0) - start)
+                n = n + nrows
         while n < s.n1:
             start = run_start(g, n, c0)
             nvalues = min(row_runs, s.n1 - n) * (c1 - c0) * g.inner
-            if floating is float:
-                bn_affine_runs_f32(x + start, y + start, nvalues, g.inner, table + 4 * c0,
-                                   a.relu, a.stream)
-            else:
-                bn_affine_runs_f64(x + start, y + start, nvalues, g.inner, table + 4 * c0,
-                                   a.relu, a.stream)
+            affine_runs(x, y, start, nvalues, g.inner, table + 4 * c0, a, 0)
             n = n + row_runs
         if a.stream:
             bn_stream_fence()
@@ -1453,7 +1514,8 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef int ngroups = row_groups(g, nthreads)
     cdef AffineIn rows = a[0]
-    cdef Py_ssize_t row_runs = 0
+    global chunk_pair_count
+    cdef Py_ssize_t row_runs = 0, pair_chunks, nitems
     cdef void *table
     # From memory (streaming stores) work items go to whichever thread is
     # free; in cache they go in the same static shares at every call, so
@@ -1477,21 +1539,28 @@ cdef void planar_normalize(const floating *x, floating *y, const Planar *g,
     # Row chunks: runs of up to 64 Ki values, each asking for its channel's
     # constants; a table of them, made once.
     table = affine_table(x, a, g.channels, nthreads)
-    if (table != NULL and rows_as_runs(g, a.stream, sizeof(floating), ROW_RUNS_MAX_BYTES)
-            and can_pair(a, sizeof(floating))):
+    pair_chunks = paired_chunks(g, a, sizeof(floating))
+    if (table != NULL and can_pair(a, sizeof(floating))
+            and rows_as_runs(g, a.stream, sizeof(floating),
+                             PY_SSIZE_T_MAX if pair_chunks > 0 else ROW_RUNS_MAX_BYTES)):
         row_runs = repeat_table(&table, 4 * g.channels * sizeof(floating),
                                 rows_per_call(g, ngroups, sizeof(floating)))
+    if row_runs == 0:
+        pair_chunks = 0
+    elif pair_chunks > 0:
+        chunk_pair_count += 1
     rows.constants = table
     rows.stream = row_chunk_stream(g, a.stream, row_runs > 0, sizeof(floating))
+    nitems = (nchunks - pair_chunks) * ngroups
     if nthreads == 1:
-        for item in range(nchunks * ngroups):
-            planar_rows_affine(x, y, g, item, ngroups, &rows, row_runs)
+        for item in range(nitems):
+            planar_rows_affine(x, y, g, item, ngroups, &rows, row_runs, pair_chunks)
     elif a.stream:
-        for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
-            planar_rows_affine(x, y, g, item, ngroups, &rows, row_runs)
+        for item in prange(nitems, num_threads=nthreads, schedule="dynamic"):
+            planar_rows_affine(x, y, g, item, ngroups, &rows, row_runs, pair_chunks)
     else:
-        for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="static"):
-            planar_rows_affine(x, y, g, item, ngroups, &rows, row_runs)
+        for item in prange(nitems, num_threads=nthreads, schedule="static"):
+            planar_rows_affine(x, y, g, item, ngroups, &rows, row_runs, pair_chunks)
     free(<void *>rows.constants)
 
 
@@ -2550,9 +2619,9 @@ cdef inline void grad_runs(const floating *x, const floating *dy, floating *dx,
     side by side written as one stream (bn_grad_runs), constants holding
     (hi, lo, k, c1, c0) of the first run's channel and those after it."""
     if floating is float:
-        bn_grad_runs_f32(x + start, dy + start, dx + start, nvalues, n, constants, stream)
+        bn_grad_runs_f32(x + start, dy + start, dx + start, nvalues, n, constants, stream, 0)
     else:
-        bn_grad_runs_f64(x + start, dy + start, dx + start, nvalues, n, constants, stream)
+        bn_grad_runs_f64(x + start, dy + start, dx + start, nvalues, n, constants, stream, 0)
 
 
 cdef void planar_rows_grad_input(const floating *x, const floating *dy, floating *dx,
@@ -3534,6 +3603,22 @@ def set_row_runs(bint enabled):
     previous = row_runs_enabled
     row_runs_enabled = enabled
     return previous
+
+
+def set_chunk_pairs(bint enabled):
+    """Whether the streamed normalisation of row chunks may write two chunks
+    in step (paired_chunks), for tests and A/B timing: the bits are the
+    same. Returns the previous setting."""
+    global chunk_pairs_enabled
+    previous = chunk_pairs_enabled
+    chunk_pairs_enabled = enabled
+    return previous
+
+
+def chunk_pair_calls():
+    """How many normalisations have written chunks in pairs (for tests: that
+    the shapes they pair do take that walk)."""
+    return chunk_pair_count
 
 
 def set_rows_call_min_bytes(Py_ssize_t nbytes):

@@ -2265,7 +2265,13 @@ __attribute__((target("avx512f"))) static void NAME(                            
         q += (NC) * step;                                                                 \
         left += step ? inner : 0;                                                         \
     } while (0)
-#define BN_RUNS_LOOP(T, VEC, L, MASK, SFX, NC, OUT, VALUE)                                \
+/* With TWIN (a constant), values [apart, apart + n) go in step with [0, n),
+ * each vector of the second stream with the constants of the first's: the
+ * caller makes apart a whole number of rows of the table's channels and a
+ * whole number of lines, so both streams share the head, the tail and every
+ * run's end. Two streams far apart are served faster than one (as the
+ * periodic loops'). */
+#define BN_RUNS_LOOP(T, VEC, L, MASK, SFX, NC, OUT, VALUE, TWIN)                          \
     /* Named vectors, not arrays: GCC kept arrays of them on the stack. */                \
     VEC now0, now1, now2, now3, now4 = _mm512_setzero_##SFX();                            \
     const T *q = p;                           /* the constants of value i's channel */   \
@@ -2277,40 +2283,67 @@ __attribute__((target("avx512f"))) static void NAME(                            
         m = (MASK)((1u << i) - 1);                                                        \
         BN_RUNS_STEP(T, MASK, SFX, NC, i, m);                                             \
         _mm512_mask_storeu_##SFX(OUT, m, VALUE(BN_PERIODIC_MASKED, SFX, 0));              \
+        if (TWIN)                                                                         \
+            _mm512_mask_storeu_##SFX((OUT) + apart, m,                                    \
+                                     VALUE(BN_PERIODIC_MASKED, SFX, apart));              \
     }                                                                                     \
     /* BN_GROUP_LINES vectors computed, and so loaded, before any is stored. */         \
     for (; i + 4 * (L) <= n; i += 4 * (L)) {                                              \
-        VEC v0, v1, v2, v3;                                                               \
+        VEC v0, v1, v2, v3, w0, w1, w2, w3;                                               \
         BN_RUNS_STEP(T, MASK, SFX, NC, (L), (MASK)~0u);                                   \
         v0 = VALUE(BN_PERIODIC_FULL, SFX, i);                                             \
+        w0 = TWIN ? VALUE(BN_PERIODIC_FULL, SFX, apart + i) : v0;                         \
         BN_RUNS_STEP(T, MASK, SFX, NC, (L), (MASK)~0u);                                   \
         v1 = VALUE(BN_PERIODIC_FULL, SFX, i + (L));                                       \
+        w1 = TWIN ? VALUE(BN_PERIODIC_FULL, SFX, apart + i + (L)) : v1;                   \
         BN_RUNS_STEP(T, MASK, SFX, NC, (L), (MASK)~0u);                                   \
         v2 = VALUE(BN_PERIODIC_FULL, SFX, i + 2 * (L));                                   \
+        w2 = TWIN ? VALUE(BN_PERIODIC_FULL, SFX, apart + i + 2 * (L)) : v2;               \
         BN_RUNS_STEP(T, MASK, SFX, NC, (L), (MASK)~0u);                                   \
         v3 = VALUE(BN_PERIODIC_FULL, SFX, i + 3 * (L));                                   \
-        BN_STORE_VEC(SFX, (OUT) + i, v0);                                                 \
-        BN_STORE_VEC(SFX, (OUT) + (i + (L)), v1);                                         \
-        BN_STORE_VEC(SFX, (OUT) + (i + 2 * (L)), v2);                                     \
-        BN_STORE_VEC(SFX, (OUT) + (i + 3 * (L)), v3);                                     \
+        w3 = TWIN ? VALUE(BN_PERIODIC_FULL, SFX, apart + i + 3 * (L)) : v3;               \
+        BN_RUNS_STORE(SFX, OUT, i, v0, w0, TWIN);                                         \
+        BN_RUNS_STORE(SFX, OUT, i + (L), v1, w1, TWIN);                                   \
+        BN_RUNS_STORE(SFX, OUT, i + 2 * (L), v2, w2, TWIN);                               \
+        BN_RUNS_STORE(SFX, OUT, i + 3 * (L), v3, w3, TWIN);                               \
     }                                                                                     \
     for (; i + (L) <= n; i += (L)) {                                                      \
         BN_RUNS_STEP(T, MASK, SFX, NC, (L), (MASK)~0u);                                   \
-        BN_STORE_VEC(SFX, (OUT) + i, VALUE(BN_PERIODIC_FULL, SFX, i));                    \
+        BN_RUNS_STORE(SFX, OUT, i, VALUE(BN_PERIODIC_FULL, SFX, i),                       \
+                      TWIN ? VALUE(BN_PERIODIC_FULL, SFX, apart + i)                      \
+                           : _mm512_setzero_##SFX(), TWIN);                               \
     }                                                                                     \
     if (i < n) {                                                                          \
         m = (MASK)((1u << (n - i)) - 1);                                                  \
         BN_RUNS_STEP(T, MASK, SFX, NC, n - i, m);                                         \
         _mm512_mask_storeu_##SFX((OUT) + i, m, VALUE(BN_PERIODIC_MASKED, SFX, i));        \
+        if (TWIN)                                                                         \
+            _mm512_mask_storeu_##SFX((OUT) + apart + i, m,                                \
+                                     VALUE(BN_PERIODIC_MASKED, SFX, apart + i));          \
     }                                                                                     \
     (void)now4;
+/* Vector v at OUT + i, and with TWIN w at OUT + apart + i. */
+#define BN_RUNS_STORE(SFX, OUT, i, v, w, TWIN)                                            \
+    do {                                                                                  \
+        BN_STORE_VEC(SFX, (OUT) + (i), v);                                                \
+        if (TWIN)                                                                         \
+            BN_STORE_VEC(SFX, (OUT) + apart + (i), w);                                    \
+    } while (0)
+/* The kernel's body: one stream, or two `apart` values apart (apart > 0). */
+#define BN_RUNS_BODY(T, VEC, L, MASK, SFX, NC, OUT, VALUE)                                \
+    if (apart > 0) {                                                                      \
+        BN_RUNS_LOOP(T, VEC, L, MASK, SFX, NC, OUT, VALUE, 1)                             \
+    } else {                                                                              \
+        BN_RUNS_LOOP(T, VEC, L, MASK, SFX, NC, OUT, VALUE, 0)                             \
+    }
 
 /* The normalisation: p holds (hi, lo, scale, shift) per channel. */
 #define BN_DEFINE_AFFINE_RUNS(T, NAME, VEC, L, MASK, SFX)                                 \
 __attribute__((target("avx512f"))) static void NAME(                                      \
-    const T *x, T *y, ptrdiff_t n, ptrdiff_t inner, const T *p, int relu, int stream)     \
+    const T *x, T *y, ptrdiff_t n, ptrdiff_t inner, const T *p, int relu, int stream,     \
+    ptrdiff_t apart)                                                                      \
 {                                                                                         \
-    BN_RUNS_LOOP(T, VEC, L, MASK, SFX, 4, y, BN_RUNS_AFFINE_VALUE)                        \
+    BN_RUNS_BODY(T, VEC, L, MASK, SFX, 4, y, BN_RUNS_AFFINE_VALUE)                        \
 }
 #define BN_RUNS_AFFINE_VALUE(LOAD, SFX, i)                                                \
     BN_AFFINE_##SFX(LOAD(SFX, x + (i)), now0, now1, now2, now3, relu)
@@ -2321,9 +2354,10 @@ BN_DEFINE_AFFINE_RUNS(double, bn_affine_runs_f64_avx512, __m512d, 8, __mmask8, p
  * lo, k, c1, c0) per channel. dx may be x or dy. */
 #define BN_DEFINE_GRAD_RUNS(T, NAME, VEC, L, MASK, SFX)                                   \
 __attribute__((target("avx512f"))) static void NAME(                                      \
-    const T *x, const T *dy, T *dx, ptrdiff_t n, ptrdiff_t inner, const T *p, int stream) \
+    const T *x, const T *dy, T *dx, ptrdiff_t n, ptrdiff_t inner, const T *p, int stream, \
+    ptrdiff_t apart)                                                                      \
 {                                                                                         \
-    BN_RUNS_LOOP(T, VEC, L, MASK, SFX, 5, dx, BN_RUNS_GRAD_VALUE)                         \
+    BN_RUNS_BODY(T, VEC, L, MASK, SFX, 5, dx, BN_RUNS_GRAD_VALUE)                         \
 }
 #define BN_RUNS_GRAD_VALUE(LOAD, SFX, i)                                                  \
     BN_GRAD_##SFX(LOAD(SFX, x + (i)), LOAD(SFX, dy + (i)), now0, now1, now2, now3, now4)
@@ -2379,6 +2413,8 @@ BN_DEFINE_GRAD_SEAM(double, bn_grad_seam_f64_avx512, __mmask8, pd)
 #undef BN_RUNS_GRAD_VALUE
 #undef BN_RUNS_AFFINE_VALUE
 #undef BN_RUNS_LOOP
+#undef BN_RUNS_STORE
+#undef BN_RUNS_BODY
 #undef BN_RUNS_BLEND
 #undef BN_RUNS_CONSTANT
 #undef BN_TWO_CONSTANTS

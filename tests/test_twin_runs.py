@@ -1,8 +1,10 @@
 """The planar normalisation takes two streams at once, for the memory's
 sake: the runs of two rows of a row chunk (rows about half the chunk
 apart; in cache, AVX-512 writes each row's runs in one call instead,
-test_row_runs.py), and, with streaming stores, the runs of two channels of
-a row that has no partner and the two halves of a chunk of a long run. Its
+test_row_runs.py; with streaming stores, where the chunks pair, two chunks
+in step instead, test_chunk_pairs.py), and, with streaming stores, the
+runs of two channels of a row that has no partner and the two halves of a
+chunk of a long run. Its
 output must be bitwise that of one stream: each row normalised alone with
 the channel pairs off, and the channel pairs and halves against the same
 call with them turned off.
