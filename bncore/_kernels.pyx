@@ -203,9 +203,9 @@ cdef extern from "_leaf_loops.h" nogil:
     void bn_affine_runs_f64(const double *x, double *y, Py_ssize_t n, Py_ssize_t inner,
                             const double *p, int relu, int stream, Py_ssize_t apart)
     void bn_grad_runs_f32(const float *x, const float *dy, float *dx, Py_ssize_t n,
-                          Py_ssize_t inner, const float *p, int stream, Py_ssize_t apart)
+                          Py_ssize_t inner, const float *p, int stream)
     void bn_grad_runs_f64(const double *x, const double *dy, double *dx, Py_ssize_t n,
-                          Py_ssize_t inner, const double *p, int stream, Py_ssize_t apart)
+                          Py_ssize_t inner, const double *p, int stream)
     void bn_copy_f32(const float *x, float *y, Py_ssize_t n, int stream)
     void bn_copy_f64(const double *x, double *y, Py_ssize_t n, int stream)
     void bn_stream_fence()
@@ -2619,9 +2619,9 @@ cdef inline void grad_runs(const floating *x, const floating *dy, floating *dx,
     side by side written as one stream (bn_grad_runs), constants holding
     (hi, lo, k, c1, c0) of the first run's channel and those after it."""
     if floating is float:
-        bn_grad_runs_f32(x + start, dy + start, dx + start, nvalues, n, constants, stream, 0)
+        bn_grad_runs_f32(x + start, dy + start, dx + start, nvalues, n, constants, stream)
     else:
-        bn_grad_runs_f64(x + start, dy + start, dx + start, nvalues, n, constants, stream, 0)
+        bn_grad_runs_f64(x + start, dy + start, dx + start, nvalues, n, constants, stream)
 
 
 cdef void planar_rows_grad_input(const floating *x, const floating *dy, floating *dx,
