@@ -1481,8 +1481,8 @@ cdef inline bint rows_as_runs(const Planar *g, bint stream, Py_ssize_t itemsize,
     callers also need their table of constants): AVX-512, runs of at least
     a vector (the loop blends at most two channels' constants per vector),
     and with streaming stores runs that share lines or are shorter than
-    max_bytes (ROW_RUNS_MAX_BYTES; the input gradient's
-    GRAD_ROW_RUNS_MAX_BYTES); with normal stores (in cache), where that loop
+    max_bytes (ROW_RUNS_MAX_BYTES, any length where the normalisation pairs
+    chunks; the input gradient's GRAD_ROW_RUNS_MAX_BYTES); with normal stores (in cache), where that loop
     measured 1.3-3.4 times slower than one call per run on long runs, only
     runs shorter than ROW_RUNS_MAX_BYTES_IN_CACHE."""
     if not (g.rows_per_chunk > 0 and bn_periodic_lanes(itemsize) != 0

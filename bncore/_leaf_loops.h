@@ -2267,10 +2267,10 @@ __attribute__((target("avx512f"))) static void NAME(                            
     } while (0)
 /* With TWIN (a constant), values [apart, apart + n) go in step with [0, n),
  * each vector of the second stream with the constants of the first's: the
- * caller makes apart a whole number of rows of the table's channels and a
- * whole number of lines, so both streams share the head, the tail and every
- * run's end. Two streams far apart are served faster than one (as the
- * periodic loops'). */
+ * caller makes apart a whole number of rows (so that the second stream's
+ * values are of the same channels, in the same places) and of lines (so
+ * that both streams share the head and the tail). Two streams far apart
+ * are served faster than one (as the periodic loops'). */
 #define BN_RUNS_LOOP(T, VEC, L, MASK, SFX, NC, OUT, VALUE, TWIN)                          \
     /* Named vectors, not arrays: GCC kept arrays of them on the stack. */                \
     VEC now0, now1, now2, now3, now4 = _mm512_setzero_##SFX();                            \
