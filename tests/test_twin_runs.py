@@ -1,13 +1,12 @@
 """The planar normalisation takes two streams at once, for the memory's
 sake: the runs of two rows of a row chunk (rows about half the chunk
 apart; in cache, AVX-512 writes each row's runs in one call instead,
-test_row_runs.py; with streaming stores, where the chunks pair, two chunks
-in step instead, test_chunk_pairs.py), and, with streaming stores, the
-runs of two channels of a row that has no partner and the two halves of a
-chunk of a long run. Its
-output must be bitwise that of one stream: each row normalised alone with
-the channel pairs off, and the channel pairs and halves against the same
-call with them turned off.
+test_row_runs.py; with streaming stores, two row chunks in step where the
+chunks pair, test_chunk_pairs.py, turned off here), and, with streaming
+stores, the runs of two channels of a row that has no partner and the two
+halves of a chunk of a long run. Its output must be bitwise that of one
+stream: each row normalised alone with the channel pairs off, and the
+channel pairs and halves against the same call with them turned off.
 
 Rows:  Eval, float32 and float64, with and without relu and streaming
 stores, 1-3 threads, arrays that start off a cache line, in place. Chunks
@@ -40,6 +39,15 @@ def restore_stream_min():
     _kernels.set_stream_min_bytes(previous)
 
 
+@pytest.fixture
+def no_chunk_pairs():
+    """Rows paired within a chunk, as the streamed walk pairs them where
+    whole chunks do not pair (test_chunk_pairs.py)."""
+    previous = _kernels.set_chunk_pairs(False)
+    yield
+    _kernels.set_chunk_pairs(previous)
+
+
 def _normalize(x, y, shape, problem, threads, relu):
     _, running_mean, running_var, weight, bias = problem
     _kernels.normalize(x, y, *shape, running_mean, running_var, 1e-5, weight, bias, threads,
@@ -63,7 +71,8 @@ def _row_by_row(problem, shape, relu):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_paired_rows_give_the_bits_of_rows_alone(shape, dtype, restore_stream_min):
+def test_paired_rows_give_the_bits_of_rows_alone(shape, dtype, restore_stream_min,
+                                                 no_chunk_pairs):
     problem = _problem(shape, dtype, seed=sum(shape))
     for stream_min in (0, 1 << 62):
         _kernels.set_stream_min_bytes(stream_min)
