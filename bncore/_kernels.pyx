@@ -1335,27 +1335,33 @@ cdef inline Py_ssize_t paired_chunks(const Planar *g, const AffineIn *a,
     return odd_at_most(g.chunks_per_channel // 2)
 
 
-cdef inline void affine_runs(const floating *x, floating *y, Py_ssize_t start,
-                             Py_ssize_t nvalues, Py_ssize_t inner, const floating *constants,
-                             const AffineIn *a, Py_ssize_t apart) noexcept nogil:
-    """The normalisation of the nvalues from `start`, runs of inner values
-    side by side written as one stream (bn_affine_runs), constants holding
-    (hi, lo, scale, shift) of the first run's channel and those after it;
-    with apart > 0 the same values `apart` later in step, as a second
-    stream with the same constants."""
-    if floating is float:
-        bn_affine_runs_f32(x + start, y + start, nvalues, inner, constants, a.relu, a.stream,
-                           apart)
-    else:
-        bn_affine_runs_f64(x + start, y + start, nvalues, inner, constants, a.relu, a.stream,
-                           apart)
+cdef void affine_rows(const floating *x, floating *y, const Planar *g, Py_ssize_t n0,
+                      Py_ssize_t n1, Py_ssize_t c0, Py_ssize_t c1, const floating *constants,
+                      const AffineIn *a, Py_ssize_t row_runs, Py_ssize_t apart) noexcept nogil:
+    """Normalise rows [n0, n1) of channels [c0, c1), each row's runs as one
+    stream, row_runs rows a call (bn_affine_runs), constants holding (hi,
+    lo, scale, shift) of channel c0 and those after it, repeated for as
+    many rows; with apart > 0 each call's rows in step with the same rows
+    `apart` rows later, a second stream with the same constants."""
+    cdef Py_ssize_t n = n0, nrows, start
+    cdef Py_ssize_t apart_values = apart * g.channels * g.inner
+    while n < n1:
+        nrows = min(row_runs, n1 - n)
+        start = run_start(g, n, c0)
+        if floating is float:
+            bn_affine_runs_f32(x + start, y + start, nrows * (c1 - c0) * g.inner, g.inner,
+                               constants, a.relu, a.stream, apart_values)
+        else:
+            bn_affine_runs_f64(x + start, y + start, nrows * (c1 - c0) * g.inner, g.inner,
+                               constants, a.relu, a.stream, apart_values)
+        n = n + nrows
 
 
 cdef void planar_rows_affine(const floating *x, floating *y, const Planar *g, Py_ssize_t item,
                              int ngroups, const AffineIn *a, Py_ssize_t row_runs,
                              Py_ssize_t pair_chunks) noexcept nogil:
     """Normalise a row chunk's group of channels: with row_runs > 0, each
-    row's runs as one stream, row_runs rows a call (bn_affine_runs;
+    row's runs as one stream, row_runs rows a call (affine_rows;
     a.constants is the table, its channels repeated for as many rows), and
     with pair_chunks > 0 (paired_chunks) items below pair_chunks * ngroups
     take their chunk's rows in step with those of the chunk pair_chunks
@@ -1370,25 +1376,15 @@ cdef void planar_rows_affine(const floating *x, floating *y, const Planar *g, Py
     else:
         chunk = chunk + pair_chunks
     cdef Span s = chunk_span(g, chunk)
-    cdef Py_ssize_t n = s.n0, j, c, start, nvalues, nrows, c0 = 0, c1 = 0, twin, paired_end
+    cdef Py_ssize_t n = s.n0, j, c, start, c0 = 0, c1 = 0, twin, paired_end
     cdef const floating *table = <const floating *>a.constants
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
     if row_runs > 0:
-        if apart > 0:
-            # The partner is the same rows of a later chunk, or fewer of them
-            # (the last chunk).
-            paired_end = min(s.n1, g.outer - apart)
-            while n < paired_end:
-                start = run_start(g, n, c0)
-                nrows = min(row_runs, paired_end - n)
-                affine_runs(x, y, start, nrows * (c1 - c0) * g.inner, g.inner, table + 4 * c0,
-                            a, run_start(g, n + apart, c0) - start)
-                n = n + nrows
-        while n < s.n1:
-            start = run_start(g, n, c0)
-            nvalues = min(row_runs, s.n1 - n) * (c1 - c0) * g.inner
-            affine_runs(x, y, start, nvalues, g.inner, table + 4 * c0, a, 0)
-            n = n + row_runs
+        # The partner is the same rows of a later chunk, or fewer of them
+        # (the last chunk): the rows it lacks go alone.
+        paired_end = min(s.n1, g.outer - apart) if apart > 0 else s.n0
+        affine_rows(x, y, g, s.n0, paired_end, c0, c1, table + 4 * c0, a, row_runs, apart)
+        affine_rows(x, y, g, paired_end, s.n1, c0, c1, table + 4 * c0, a, row_runs, 0)
         if a.stream:
             bn_stream_fence()
         return
@@ -1482,9 +1478,10 @@ cdef inline bint rows_as_runs(const Planar *g, bint stream, Py_ssize_t itemsize,
     a vector (the loop blends at most two channels' constants per vector),
     and with streaming stores runs that share lines or are shorter than
     max_bytes (ROW_RUNS_MAX_BYTES, any length where the normalisation pairs
-    chunks; the input gradient's GRAD_ROW_RUNS_MAX_BYTES); with normal stores (in cache), where that loop
-    measured 1.3-3.4 times slower than one call per run on long runs, only
-    runs shorter than ROW_RUNS_MAX_BYTES_IN_CACHE."""
+    chunks; the input gradient's GRAD_ROW_RUNS_MAX_BYTES); with normal
+    stores (in cache), where that loop measured 1.3-3.4 times slower than
+    one call per run on long runs, only runs shorter than
+    ROW_RUNS_MAX_BYTES_IN_CACHE."""
     if not (g.rows_per_chunk > 0 and bn_periodic_lanes(itemsize) != 0
             and g.inner >= bn_periodic_lanes(itemsize) and row_runs_enabled):
         return False
