@@ -23,8 +23,8 @@ import bncore
 from bncore import _kernels
 
 from test_periodic_normalize import _problem, _same_bits
-from test_pipelined import _offset_array
-from test_twin_runs import _normalize, _row_by_row, restore_stream_min  # noqa: F401
+from test_twin_runs import PLACEMENTS, _normalize, _placed, _row_by_row
+from test_twin_runs import restore_stream_min  # noqa: F401 (a fixture)
 
 # (outer, channels, inner), in the planar layout.
 PAIRED_SHAPES = [(300, 8, 16), (65, 4, 1000), (70, 16, 49), (130, 2, 512), (66, 3, 3136),
@@ -58,16 +58,12 @@ def test_chunk_pairs_give_the_bits_of_rows_alone(shape, dtype, restore_stream_mi
         want = _row_by_row(problem, shape, relu)
         for pairs in (True, False):
             _kernels.set_chunk_pairs(pairs)
-            for threads in (1, 2, 3):
-                for offset in (0, 1, 4):
-                    for in_place in (False, True):
-                        x = _offset_array(problem[0], offset)
-                        y = x if in_place else _offset_array(np.zeros(x.size, dtype), offset)
-                        _, paired = _calls_pair(
-                            lambda: _normalize(x, y, shape, problem, threads, relu))
-                        context = (relu, pairs, threads, offset, in_place)
-                        assert paired == (pairs and PAIRS_BUILT and shape in PAIRED_SHAPES), context
-                        assert _same_bits([y], [want]), context
+            for threads, offset, in_place in PLACEMENTS:
+                x, y = _placed(problem[0], offset, in_place)
+                _, paired = _calls_pair(lambda: _normalize(x, y, shape, problem, threads, relu))
+                context = (relu, pairs, threads, offset, in_place)
+                assert paired == (pairs and PAIRS_BUILT and shape in PAIRED_SHAPES), context
+                assert _same_bits([y], [want]), context
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -48,6 +48,19 @@ def no_chunk_pairs():
     _kernels.set_chunk_pairs(previous)
 
 
+# (threads, offset, in place): 1-3 threads, arrays 0, 1 and 4 elements off
+# a cache line, the output apart from the input or the input itself.
+PLACEMENTS = [(threads, offset, in_place) for threads in (1, 2, 3) for offset in (0, 1, 4)
+              for in_place in (False, True)]
+
+
+def _placed(values, offset, in_place):
+    """(x, y): values `offset` elements off a line, and an output placed
+    alike (zeros), or x itself in place."""
+    x = _offset_array(values, offset)
+    return x, x if in_place else _offset_array(np.zeros_like(x), offset)
+
+
 def _normalize(x, y, shape, problem, threads, relu):
     _, running_mean, running_var, weight, bias = problem
     _kernels.normalize(x, y, *shape, running_mean, running_var, 1e-5, weight, bias, threads,
@@ -78,14 +91,10 @@ def test_paired_rows_give_the_bits_of_rows_alone(shape, dtype, restore_stream_mi
         _kernels.set_stream_min_bytes(stream_min)
         for relu in (False, True):
             want = _row_by_row(problem, shape, relu)
-            for threads in (1, 2, 3):
-                for offset in (0, 1, 4):
-                    for in_place in (False, True):
-                        x = _offset_array(problem[0], offset)
-                        y = x if in_place else _offset_array(np.zeros(x.size, dtype), offset)
-                        _normalize(x, y, shape, problem, threads, relu)
-                        assert _same_bits([y], [want]), (stream_min, relu, threads, offset,
-                                                         in_place)
+            for threads, offset, in_place in PLACEMENTS:
+                x, y = _placed(problem[0], offset, in_place)
+                _normalize(x, y, shape, problem, threads, relu)
+                assert _same_bits([y], [want]), (stream_min, relu, threads, offset, in_place)
 
 
 # Long runs (inner >= 64 Ki values: chunks of 64 Ki values, pieces of one
@@ -124,18 +133,14 @@ def test_halves_and_channel_pairs_give_the_bits_of_one_stream(shape, dtype, rest
     for stream_min in (0, 1 << 62):
         _kernels.set_stream_min_bytes(stream_min)
         for relu in (False, True):
-            for threads in (1, 2, 3):
-                for offset in (0, 1, 4):
-                    for in_place in (False, True):
-                        def run():
-                            x = _offset_array(problem[0], offset)
-                            y = x if in_place else _offset_array(np.zeros(x.size, dtype),
-                                                                 offset)
-                            _normalize(x, y, shape, problem, threads, relu)
-                            return y
-                        want, *got = _one_stream_then_two(run, twin_min_default)
-                        assert _same_bits(got, [want] * len(got)), (
-                            stream_min, relu, threads, offset, in_place)
+            for threads, offset, in_place in PLACEMENTS:
+                def run():
+                    x, y = _placed(problem[0], offset, in_place)
+                    _normalize(x, y, shape, problem, threads, relu)
+                    return y
+                want, *got = _one_stream_then_two(run, twin_min_default)
+                assert _same_bits(got, [want] * len(got)), (stream_min, relu, threads, offset,
+                                                            in_place)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
