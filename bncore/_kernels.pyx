@@ -1436,11 +1436,16 @@ cdef void finish_from_chunks(const floating *x, const Moments *chunks, Py_ssize_
 # private to its thread by construction, which Cython cannot guarantee for
 # variables written through pointers inside the loop.
 #
-# The forward's loops have a serial twin for a team of one thread (every
-# call up to SERIAL_MAX_VALUES values): entering an OpenMP region costs about
-# 0.6 us even for one thread, measured (an eval kernel call on (1, 64) took
-# 1.95 us with its two regions, 0.67 us without; prange's use_threads_if
-# gained nothing, as GCC still enters the region).
+# The loops of the forward and the backward have a serial twin for a team
+# of one thread (every call under the serial threshold): entering an
+# OpenMP region costs about 0.6 us even for one thread, measured (an eval
+# kernel call on (1, 64) took 1.95 us with its two regions, 0.67 us
+# without; prange's use_threads_if gained nothing, as GCC still enters the
+# region). libgomp frees a team of one at the region's end and allocates it
+# again at the next (an aligned allocation that consolidates malloc's free
+# lists), and its closing barrier makes a futex system call. The backward's
+# three regions, gone, took a float32 call on one thread from 5.6 to 3.8 us
+# for (2, 128, 4, 4), 10.0 to 8.3 for (8, 64, 7, 7), 3.7 to 2.1 for (2, 64).
 
 cdef void planar_moments(const floating *x, const Planar *g, Moments *table,
                          const StatsOut *out, int nthreads) noexcept nogil:
@@ -2696,12 +2701,46 @@ cdef inline bint grad_rows_as_runs(const Planar *g, const BackwardArgs *a,
     return a.training and rows_as_runs(g, a.stream, itemsize, GRAD_ROW_RUNS_MAX_BYTES)
 
 
+cdef inline void planar_grad_sums_item(const floating *x, const floating *dy, const Planar *g,
+                                       Py_ssize_t item, int ngroups, const BackwardArgs *a,
+                                       GradSums *table) noexcept nogil:
+    """Work item `item` of the sum pass: a row chunk's group of channels
+    (row chunks), else a channel's chunk."""
+    cdef Py_ssize_t nchunks = g.chunks_per_channel
+    if g.rows_per_chunk > 0:
+        planar_rows_grad_sums(x, dy, g, item, ngroups, a, table)
+    else:
+        table[item] = planar_chunk_grad_sums(x, dy, g, item // nchunks, item % nchunks,
+                                             a.mean[item // nchunks])
+
+
+cdef inline void planar_grad_input_item(const floating *x, const floating *dy, floating *dx,
+                                        const Planar *g, Py_ssize_t item, int ngroups,
+                                        const GradSums *totals, const BackwardArgs *a,
+                                        Py_ssize_t row_runs) noexcept nogil:
+    """Work item `item` of the input gradient, as planar_grad_sums_item's."""
+    cdef Py_ssize_t nchunks = g.chunks_per_channel
+    if g.rows_per_chunk > 0:
+        planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, a, row_runs)
+    else:
+        planar_chunk_grad_input(x, dy, dx, g, item // nchunks, item % nchunks, totals, a)
+
+
 cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
                          const Planar *g, const BackwardArgs *a, int requested) noexcept nogil:
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef Py_ssize_t nvalues = g.outer * g.channels * g.inner
     cdef int nthreads = backward_team_size(requested, g.channels * nchunks, nvalues)
     cdef int ngroups = row_groups(g, nthreads)
+    cdef Py_ssize_t nitems = nchunks * ngroups if g.rows_per_chunk > 0 else g.channels * nchunks
+    # In cache, row chunks go in the static shares of planar_normalize: each
+    # thread reads its share for the sums, then again, from its own L2, for
+    # the input gradient. Two threads, float32, against dynamic shares: (64,
+    # 128, 4, 4) 0.63 of the time, (16, 64, 56, 56) 0.68, (1, 64, 56, 56)
+    # 0.76, (32, 256, 7, 7) 0.77, (8, 64, 28, 28) 0.79, (32, 64, 14, 14)
+    # 0.86; one thread even. (The training forward's statistics in static
+    # shares measured 0.91-1.06: left dynamic.)
+    cdef bint static_shares = g.rows_per_chunk > 0 and not a.stream
     cdef Py_ssize_t item, c
     # One chunk a channel (few or short rows): the chunk sums become the
     # totals in place (finish_grad_channel reads a channel's chunk before it
@@ -2716,29 +2755,22 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
     if table == NULL:
         return -1
     totals = table + g.channels * nchunks if ntotals > 0 else table
+    # A team of one runs the serial twins of the loops, as the forward's.
     if a.given_dy != NULL:
         for c in range(g.channels):
             totals[c] = given_sums(a, c)
+    elif nthreads == 1:
+        for item in range(nitems):
+            planar_grad_sums_item(x, dy, g, item, ngroups, a, table)
+        for c in range(g.channels):
+            finish_grad_channel(table, g, c, totals, a)
     else:
-        if g.rows_per_chunk > 0 and not a.stream:
-            # In cache, the static shares of planar_normalize: each thread
-            # reads its share for the sums, then again, from its own L2,
-            # for the input gradient. Two threads, float32, against dynamic
-            # shares: (64, 128, 4, 4) 0.63 of the time, (16, 64, 56, 56)
-            # 0.68, (1, 64, 56, 56) 0.76, (32, 256, 7, 7) 0.77, (8, 64, 28,
-            # 28) 0.79, (32, 64, 14, 14) 0.86; one thread even. (The
-            # training forward's statistics in static shares measured
-            # 0.91-1.06: left dynamic.)
-            for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="static"):
-                planar_rows_grad_sums(x, dy, g, item, ngroups, a, table)
-        elif g.rows_per_chunk > 0:
-            for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
-                planar_rows_grad_sums(x, dy, g, item, ngroups, a, table)
+        if static_shares:
+            for item in prange(nitems, num_threads=nthreads, schedule="static"):
+                planar_grad_sums_item(x, dy, g, item, ngroups, a, table)
         else:
-            for item in prange(g.channels * nchunks, num_threads=nthreads,
-                               schedule="dynamic"):
-                table[item] = planar_chunk_grad_sums(x, dy, g, item // nchunks,
-                                                     item % nchunks, a.mean[item // nchunks])
+            for item in prange(nitems, num_threads=nthreads, schedule="dynamic"):
+                planar_grad_sums_item(x, dy, g, item, ngroups, a, table)
         for c in prange(g.channels, num_threads=nthreads, schedule="static"):
             finish_grad_channel(table, g, c, totals, a)
     if a.sums_only:
@@ -2751,16 +2783,17 @@ cdef int planar_backward(const floating *x, const floating *dy, floating *dx,
                                     rows_per_call(g, ngroups, sizeof(floating)))
         rows.constants = constants
         rows.stream = row_chunk_stream(g, a.stream, row_runs > 0, sizeof(floating))
-        if a.stream:
-            for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="dynamic"):
-                planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, &rows, row_runs)
-        else:
-            for item in prange(nchunks * ngroups, num_threads=nthreads, schedule="static"):
-                planar_rows_grad_input(x, dy, dx, g, item, ngroups, totals, &rows, row_runs)
-        free(<void *>rows.constants)
+    if nthreads == 1:
+        for item in range(nitems):
+            planar_grad_input_item(x, dy, dx, g, item, ngroups, totals, &rows, row_runs)
+    elif static_shares:
+        for item in prange(nitems, num_threads=nthreads, schedule="static"):
+            planar_grad_input_item(x, dy, dx, g, item, ngroups, totals, &rows, row_runs)
     else:
-        for item in prange(g.channels * nchunks, num_threads=nthreads, schedule="dynamic"):
-            planar_chunk_grad_input(x, dy, dx, g, item // nchunks, item % nchunks, totals, a)
+        for item in prange(nitems, num_threads=nthreads, schedule="dynamic"):
+            planar_grad_input_item(x, dy, dx, g, item, ngroups, totals, &rows, row_runs)
+    if g.rows_per_chunk > 0:
+        free(<void *>rows.constants)
     free(table)
     return 0
 
@@ -3259,6 +3292,29 @@ cdef void interleaved_grad_channel(const Interleaved *g, Py_ssize_t c, const Gra
                    constants + 3 * n + c, constants + 4 * n + c)
 
 
+cdef void interleaved_grad_input_part(const floating *x, const floating *dy, floating *dx,
+                                      const Interleaved *g, const BackwardArgs *a,
+                                      Py_ssize_t part, int nparts, const floating *constants,
+                                      const floating *pattern, Py_ssize_t period,
+                                      Py_ssize_t groups, Py_ssize_t lanes,
+                                      Py_ssize_t head) noexcept nogil:
+    """Part `part` of the input gradient (dx = dy * k in eval): with a
+    periodic pattern of `period` columns the part-th of nparts contiguous
+    parts; else with row groups row chunk `part`; else item `part`."""
+    if period and a.training:
+        periodic_grad_part(x, dy, dx, g.rows * g.width, head, part, nparts, pattern, period,
+                           lanes, a.stream)
+    elif period:
+        periodic_affine_part(dy, dx, g.rows * g.width, head, part, nparts, pattern, period,
+                             lanes, 0, a.stream)
+    elif groups and a.training:
+        row_groups_grad_chunk(x, dy, dx, g, part, pattern, lanes, a.stream)
+    elif groups:
+        row_groups_affine_chunk(dy, dx, g, part, pattern, lanes, 0, a.stream)
+    else:
+        interleaved_grad_input_item(x, dy, dx, g, part, constants, a.training, a.stream)
+
+
 cdef int interleaved_backward(const floating *x, const floating *dy, floating *dx,
                               const Interleaved *g, const BackwardArgs *a,
                               int requested) noexcept nogil:
@@ -3286,18 +3342,31 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
         + periodic_bytes(pattern_period, lanes, 5, sizeof(floating)))
     cdef floating *pattern = constants + 5 * g.channels
     cdef bint whole_rows = sums_whole_rows(g, nthreads)
+    cdef Py_ssize_t nsums = g.nchunks if whole_rows else nitems
+    # The input gradient's work: a contiguous part per thread (the periodic
+    # loop), else a row chunk (row groups), else an item.
+    cdef Py_ssize_t ndx = nthreads if period else (g.nchunks if groups else nitems)
     if table == NULL or constants == NULL:
         free(table)
         free(constants)
         return -1
     if pattern_period:
         pattern = pattern + bn_line_head(pattern, sizeof(floating), 64)
-    if a.given_dy == NULL:
-        for item in prange(g.nchunks if whole_rows else nitems, num_threads=nthreads,
-                           schedule="static"):
+    # A team of one runs the serial twins of the loops, as the forward's.
+    if a.given_dy != NULL:
+        pass
+    elif nthreads == 1:
+        for item in range(nsums):
             interleaved_chunk_grad_sums(x, dy, g, item, whole_rows, a.mean, table)
-    for c in prange(g.channels, num_threads=nthreads, schedule="static"):
-        interleaved_grad_channel(g, c, table, constants, a)
+    else:
+        for item in prange(nsums, num_threads=nthreads, schedule="static"):
+            interleaved_chunk_grad_sums(x, dy, g, item, whole_rows, a.mean, table)
+    if nthreads == 1:
+        for c in range(g.channels):
+            interleaved_grad_channel(g, c, table, constants, a)
+    else:
+        for c in prange(g.channels, num_threads=nthreads, schedule="static"):
+            interleaved_grad_channel(g, c, table, constants, a)
     if pattern_period and a.training:
         periodic_pattern(constants, g, pattern_period, lanes, pattern_head, GRAD_ORDER, 5,
                          pattern)
@@ -3306,23 +3375,16 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
                          pattern)
     if a.sums_only:
         pass
-    elif period:
-        for k in prange(nthreads, num_threads=nthreads, schedule="static", chunksize=1):
-            if a.training:
-                periodic_grad_part(x, dy, dx, n, head, k, nthreads, pattern, period, lanes,
-                                   a.stream)
-            else:
-                periodic_affine_part(dy, dx, n, head, k, nthreads, pattern, period, lanes,
-                                     0, a.stream)
-    elif groups:
-        for item in prange(g.nchunks, num_threads=nthreads, schedule="static"):
-            if a.training:
-                row_groups_grad_chunk(x, dy, dx, g, item, pattern, lanes, a.stream)
-            else:
-                row_groups_affine_chunk(dy, dx, g, item, pattern, lanes, 0, a.stream)
+    elif nthreads == 1:
+        for item in range(ndx):
+            interleaved_grad_input_part(x, dy, dx, g, a, item, 1, constants, pattern, period,
+                                        groups, lanes, head)
     else:
-        for item in prange(nitems, num_threads=nthreads, schedule="static"):
-            interleaved_grad_input_item(x, dy, dx, g, item, constants, a.training, a.stream)
+        # Static shares: with the periodic loop one part a thread, else the
+        # shares of the sums, each thread's items still in its L2.
+        for item in prange(ndx, num_threads=nthreads, schedule="static"):
+            interleaved_grad_input_part(x, dy, dx, g, a, item, nthreads, constants, pattern,
+                                        period, groups, lanes, head)
     free(table)
     free(constants)
     return 0
