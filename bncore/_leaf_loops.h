@@ -152,14 +152,19 @@ BN_INLINE void bn_prefetch_span(uintptr_t at, ptrdiff_t nbytes)
         __builtin_prefetch((const void *)line, 0, 3);
 }
 
-/* Where a loop that streams whole lines of `out` (n values) begins them:
+/* Where a vector loop over the n values of `out` begins its whole lines:
  * the values before out's first line boundary, which it writes masked.
- * Clears *stream when out is not aligned to its values (none of its lines
- * would be whole), and then returns 0. */
-static inline ptrdiff_t bn_stream_head(const void *out, size_t itemsize, ptrdiff_t n,
-                                       int *stream)
+ * Streamed or not: NumPy's arrays start 16 bytes past a line, and there
+ * every vector load and store of a loop begun at out itself straddles two
+ * lines. In cache, float32, one thread, the row-run loops (bn_grad_runs,
+ * bn_affine_runs) of (8, 64, 7, 7), (8, 256, 4, 4) and (8, 16, 14, 14)
+ * took 0.83-0.87 of the time begun on the line, as long as when out is
+ * itself on a line. Clears *stream when out is not aligned to its values
+ * (none of its lines would be whole), and then returns 0. */
+static inline ptrdiff_t bn_store_head(const void *out, size_t itemsize, ptrdiff_t n,
+                                      int *stream)
 {
-    if (*stream && (uintptr_t)out % itemsize == 0)
+    if ((uintptr_t)out % itemsize == 0)
         return bn_line_head(out, itemsize, n);
     *stream = 0;
     return 0;
@@ -1883,7 +1888,7 @@ BN_INLINE __m512d bn_grad8_avx512(__m512d x, __m512d dy, __m512d hi, __m512d lo,
 #define BN_PERIODIC_FULL(SFX, ptr) _mm512_loadu_##SFX(ptr)
 #define BN_PERIODIC_MASKED(SFX, ptr) _mm512_maskz_loadu_##SFX(m, ptr)
 #define BN_PERIODIC_LOOP(T, VEC, L, MASK, SFX, OUT, VALUE)                               \
-    ptrdiff_t i = 0, p = phase, k0 = bn_stream_head(OUT, sizeof(T), n, &stream);          \
+    ptrdiff_t i = 0, p = phase, k0 = bn_store_head(OUT, sizeof(T), n, &stream);          \
     if (k0 > 0) {                                                                         \
         MASK m = (MASK)((1u << k0) - 1);                                                  \
         _mm512_mask_storeu_##SFX(OUT, m, VALUE(BN_PERIODIC_MASKED, SFX, 0, p));           \
@@ -1994,7 +1999,7 @@ static inline ptrdiff_t bn_line_phases(ptrdiff_t stride, size_t itemsize)
                                      VALUE(BN_PERIODIC_MASKED, SFX, g * step + (c)));     \
     } while (0)
 #define BN_ROW_GROUP_LOOP(T, VEC, L, MASK, SFX, OUT, CONSTANTS, VALUE)                   \
-    ptrdiff_t c = 0, k0 = bn_stream_head(OUT, sizeof(T), ncols, &stream);                 \
+    ptrdiff_t c = 0, k0 = bn_store_head(OUT, sizeof(T), ncols, &stream);                 \
     if (k0 > 0) {                                                                         \
         MASK m = (MASK)((1u << k0) - 1);                                                  \
         BN_ROW_GROUP_PART(SFX, 0, CONSTANTS, VALUE, OUT);                                 \
@@ -2132,7 +2137,7 @@ __attribute__((target("avx512f"))) static void NAME(                            
     const VEC a = _mm512_set1_##SFX(p[2]), b = _mm512_set1_##SFX(p[3]);                   \
     const VEC h2 = _mm512_set1_##SFX(q[0]), l2 = _mm512_set1_##SFX(q[1]);                 \
     const VEC a2 = _mm512_set1_##SFX(q[2]), b2 = _mm512_set1_##SFX(q[3]);                 \
-    ptrdiff_t i = 0, k0 = bn_stream_head(y, sizeof(T), n, &stream);                       \
+    ptrdiff_t i = 0, k0 = bn_store_head(y, sizeof(T), n, &stream);                       \
     MASK m;                                                                               \
     if (k0 > 0) {                                                                         \
         m = (MASK)((1u << k0) - 1);                                                       \
@@ -2176,18 +2181,24 @@ BN_DEFINE_AFFINE_TWIN(double, bn_affine_twin_f64_avx512, __m512d, 8, __mmask8, p
  * with normal stores: runs in cache. Run r takes the NC constants at p +
  * NC r (in now0..now4, as the row-run loops'); VALUE(LOAD, SFX, i) is the
  * vector of outputs i.., its inputs read with LOAD(SFX, pointer) (masked
- * by `m` at each run's tail, so len may be any length). A call per run
- * cost about as much as a short run's loads and stores: eval of (8, 32,
- * 14, 14) float32 took 3.0 us in 160 calls (runs alone or paired), 2.2 us
- * in 8 (a row each). The per-value operations are the one-run kernels', so
- * their bits. Instantiated below, after the row-run loops' VALUE macros. */
+ * by `m` at each run's head, up to OUT's next line as bn_store_head's, and
+ * tail, so len may be any length). A call per run cost about as much as a
+ * short run's loads and stores: eval of (8, 32, 14, 14) float32 took 3.0
+ * us in 160 calls (runs alone or paired), 2.2 us in 8 (a row each). The
+ * per-value operations are the one-run kernels', so their bits.
+ * Instantiated below, after the row-run loops' VALUE macros. */
 #define BN_EACH_RUN_LOOP(T, VEC, L, MASK, SFX, NC, OUT, VALUE)                            \
-    const MASK m = (MASK)((1u << (len % (L))) - 1);                                       \
     for (ptrdiff_t r = 0; r < nruns; r++, p += (NC)) {                                    \
         const VEC now0 = _mm512_set1_##SFX(p[0]), now1 = _mm512_set1_##SFX(p[1]);         \
         const VEC now2 = _mm512_set1_##SFX(p[2]), now3 = _mm512_set1_##SFX(p[3]);         \
         const VEC now4 = (NC) > 4 ? _mm512_set1_##SFX(p[4]) : _mm512_setzero_##SFX();     \
-        ptrdiff_t i = r * len, end = i + len;                                             \
+        ptrdiff_t i = r * len, end = i + len, head = bn_line_head((OUT) + i, sizeof(T), len); \
+        MASK m;                                                                           \
+        if (head > 0) {                                                                   \
+            m = (MASK)((1u << head) - 1);                                                 \
+            _mm512_mask_storeu_##SFX((OUT) + i, m, VALUE(BN_PERIODIC_MASKED, SFX, i));    \
+            i += head;                                                                    \
+        }                                                                                 \
         for (; i + 4 * (L) <= end; i += 4 * (L)) {                                        \
             VEC v0 = VALUE(BN_PERIODIC_FULL, SFX, i);                                     \
             VEC v1 = VALUE(BN_PERIODIC_FULL, SFX, i + (L));                               \
@@ -2200,8 +2211,10 @@ BN_DEFINE_AFFINE_TWIN(double, bn_affine_twin_f64_avx512, __m512d, 8, __mmask8, p
         }                                                                                 \
         for (; i + (L) <= end; i += (L))                                                  \
             _mm512_storeu_##SFX((OUT) + i, VALUE(BN_PERIODIC_FULL, SFX, i));              \
-        if (m)                                                                            \
+        if (i < end) {                                                                    \
+            m = (MASK)((1u << (end - i)) - 1);                                            \
             _mm512_mask_storeu_##SFX((OUT) + i, m, VALUE(BN_PERIODIC_MASKED, SFX, i));    \
+        }                                                                                 \
         (void)now4;                                                                       \
     }
 
@@ -2277,7 +2290,7 @@ __attribute__((target("avx512f"))) static void NAME(                            
     const T *q = p;                           /* the constants of value i's channel */   \
     const T *last = p + (NC) * ((n - 1) / inner);                                         \
     ptrdiff_t left = inner;                   /* values of q's channel from i on */       \
-    ptrdiff_t i = bn_stream_head(OUT, sizeof(T), n, &stream);  /* the head, to a line */  \
+    ptrdiff_t i = bn_store_head(OUT, sizeof(T), n, &stream);  /* the head, to a line */  \
     MASK m;                                                                               \
     if (i > 0) {                                                                          \
         m = (MASK)((1u << i) - 1);                                                        \
