@@ -3334,7 +3334,6 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
     cdef Py_ssize_t head = bn_line_head(dx, sizeof(floating), n)
     cdef Py_ssize_t pattern_head = head if period else 0    # as in interleaved_normalize
     cdef Py_ssize_t item, c
-    cdef int k
     cdef GradSums *table = <GradSums *>malloc(g.nchunks * g.channels * sizeof(GradSums))
     # The pattern after the per-channel constants, on a 64-byte boundary.
     cdef floating *constants = <floating *>malloc(
@@ -3380,8 +3379,7 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
             interleaved_grad_input_part(x, dy, dx, g, a, item, 1, constants, pattern, period,
                                         groups, lanes, head)
     else:
-        # Static shares: with the periodic loop one part a thread, else the
-        # shares of the sums, each thread's items still in its L2.
+        # Static shares (with the periodic loop, one part a thread).
         for item in prange(ndx, num_threads=nthreads, schedule="static"):
             interleaved_grad_input_part(x, dy, dx, g, a, item, nthreads, constants, pattern,
                                         period, groups, lanes, head)

@@ -157,9 +157,9 @@ BN_INLINE void bn_prefetch_span(uintptr_t at, ptrdiff_t nbytes)
  * Streamed or not: NumPy's arrays start 16 bytes past a line, and there
  * every vector load and store of a loop begun at out itself straddles two
  * lines. In cache, float32, one thread, the row-run loops (bn_grad_runs,
- * bn_affine_runs) of (8, 64, 7, 7), (8, 256, 4, 4) and (8, 16, 14, 14)
- * took 0.83-0.87 of the time begun on the line, as long as when out is
- * itself on a line. Clears *stream when out is not aligned to its values
+ * bn_affine_runs, called from C) of (8, 64, 7, 7), (8, 256, 4, 4) and (8,
+ * 16, 14, 14) took 0.83-0.87 of the time begun on the line, as long as
+ * when out is itself on a line. Clears *stream when out is not aligned to its values
  * (none of its lines would be whole), and then returns 0. */
 static inline ptrdiff_t bn_store_head(const void *out, size_t itemsize, ptrdiff_t n,
                                       int *stream)
@@ -1888,7 +1888,7 @@ BN_INLINE __m512d bn_grad8_avx512(__m512d x, __m512d dy, __m512d hi, __m512d lo,
 #define BN_PERIODIC_FULL(SFX, ptr) _mm512_loadu_##SFX(ptr)
 #define BN_PERIODIC_MASKED(SFX, ptr) _mm512_maskz_loadu_##SFX(m, ptr)
 #define BN_PERIODIC_LOOP(T, VEC, L, MASK, SFX, OUT, VALUE)                               \
-    ptrdiff_t i = 0, p = phase, k0 = bn_store_head(OUT, sizeof(T), n, &stream);          \
+    ptrdiff_t i = 0, p = phase, k0 = bn_store_head(OUT, sizeof(T), n, &stream);           \
     if (k0 > 0) {                                                                         \
         MASK m = (MASK)((1u << k0) - 1);                                                  \
         _mm512_mask_storeu_##SFX(OUT, m, VALUE(BN_PERIODIC_MASKED, SFX, 0, p));           \
@@ -1999,7 +1999,7 @@ static inline ptrdiff_t bn_line_phases(ptrdiff_t stride, size_t itemsize)
                                      VALUE(BN_PERIODIC_MASKED, SFX, g * step + (c)));     \
     } while (0)
 #define BN_ROW_GROUP_LOOP(T, VEC, L, MASK, SFX, OUT, CONSTANTS, VALUE)                   \
-    ptrdiff_t c = 0, k0 = bn_store_head(OUT, sizeof(T), ncols, &stream);                 \
+    ptrdiff_t c = 0, k0 = bn_store_head(OUT, sizeof(T), ncols, &stream);                  \
     if (k0 > 0) {                                                                         \
         MASK m = (MASK)((1u << k0) - 1);                                                  \
         BN_ROW_GROUP_PART(SFX, 0, CONSTANTS, VALUE, OUT);                                 \
@@ -2137,7 +2137,7 @@ __attribute__((target("avx512f"))) static void NAME(                            
     const VEC a = _mm512_set1_##SFX(p[2]), b = _mm512_set1_##SFX(p[3]);                   \
     const VEC h2 = _mm512_set1_##SFX(q[0]), l2 = _mm512_set1_##SFX(q[1]);                 \
     const VEC a2 = _mm512_set1_##SFX(q[2]), b2 = _mm512_set1_##SFX(q[3]);                 \
-    ptrdiff_t i = 0, k0 = bn_store_head(y, sizeof(T), n, &stream);                       \
+    ptrdiff_t i = 0, k0 = bn_store_head(y, sizeof(T), n, &stream);                        \
     MASK m;                                                                               \
     if (k0 > 0) {                                                                         \
         m = (MASK)((1u << k0) - 1);                                                       \
@@ -2192,7 +2192,8 @@ BN_DEFINE_AFFINE_TWIN(double, bn_affine_twin_f64_avx512, __m512d, 8, __mmask8, p
         const VEC now0 = _mm512_set1_##SFX(p[0]), now1 = _mm512_set1_##SFX(p[1]);         \
         const VEC now2 = _mm512_set1_##SFX(p[2]), now3 = _mm512_set1_##SFX(p[3]);         \
         const VEC now4 = (NC) > 4 ? _mm512_set1_##SFX(p[4]) : _mm512_setzero_##SFX();     \
-        ptrdiff_t i = r * len, end = i + len, head = bn_line_head((OUT) + i, sizeof(T), len); \
+        ptrdiff_t i = r * len, end = i + len;                                             \
+        ptrdiff_t head = bn_line_head((OUT) + i, sizeof(T), len);                         \
         MASK m;                                                                           \
         if (head > 0) {                                                                   \
             m = (MASK)((1u << head) - 1);                                                 \
@@ -2290,7 +2291,7 @@ __attribute__((target("avx512f"))) static void NAME(                            
     const T *q = p;                           /* the constants of value i's channel */   \
     const T *last = p + (NC) * ((n - 1) / inner);                                         \
     ptrdiff_t left = inner;                   /* values of q's channel from i on */       \
-    ptrdiff_t i = bn_store_head(OUT, sizeof(T), n, &stream);  /* the head, to a line */  \
+    ptrdiff_t i = bn_store_head(OUT, sizeof(T), n, &stream);  /* the head, to a line */   \
     MASK m;                                                                               \
     if (i > 0) {                                                                          \
         m = (MASK)((1u << i) - 1);                                                        \
