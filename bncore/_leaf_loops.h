@@ -159,8 +159,8 @@ BN_INLINE void bn_prefetch_span(uintptr_t at, ptrdiff_t nbytes)
  * lines. In cache, float32, one thread, the row-run loops (bn_grad_runs,
  * bn_affine_runs, called from C) of (8, 64, 7, 7), (8, 256, 4, 4) and (8,
  * 16, 14, 14) took 0.83-0.87 of the time begun on the line, as long as
- * when out is itself on a line. Clears *stream when out is not aligned to its values
- * (none of its lines would be whole), and then returns 0. */
+ * when out is itself on a line. Clears *stream when out is not aligned to
+ * its values (none of its lines would be whole), and then returns 0. */
 static inline ptrdiff_t bn_store_head(const void *out, size_t itemsize, ptrdiff_t n,
                                       int *stream)
 {
