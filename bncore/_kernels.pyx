@@ -563,6 +563,9 @@ cdef enum:
     # GROUP_TILE_MIN_TILES tiles.
     GROUP_TILE_BYTES = 512 * 1024
     GROUP_TILE_MIN_ROW_BYTES = 3 * 1024
+    # In cache (normal stores), it pays on two threads too, in tiles of at
+    # most a quarter of L2 (group_tile_channels, use_group_tiled_backward).
+    GROUP_TILE_BYTES_IN_CACHE = 256 * 1024
     GROUP_TILE_MIN_TILES = 4
     # Per-channel tables of constants are filled by the team from this many
     # channels, on the calling thread below: entering a parallel region
@@ -3053,11 +3056,26 @@ cdef Py_ssize_t group_tile_bytes = GROUP_TILE_BYTES
 cdef Py_ssize_t group_tiled_calls = 0   # group_tiled_backward_calls
 
 
-cdef inline Py_ssize_t group_tile_channels(const Planar *g, Py_ssize_t itemsize) noexcept nogil:
+cdef inline Py_ssize_t group_tile_channels(const Planar *g, Py_ssize_t itemsize,
+                                           int nthreads, bint stream) noexcept nogil:
     """The channels of a tile: as many as hold group_tile_bytes of x and dy,
-    at least one, at most LANE_GROUP."""
+    at least one, at most LANE_GROUP. Chosen by size in cache on a team,
+    at most GROUP_TILE_BYTES_IN_CACHE, and fewer where that shares the
+    tiles evenly among the threads: such a call is a few tiles, and a
+    thread with one tile more keeps the others waiting ((32, 256, 7, 7)
+    float32 on two threads, seven tiles of 41 channels took 1.08 of the
+    two passes' time)."""
     cdef Py_ssize_t per_channel = 2 * g.outer * g.inner * itemsize
-    return max(<Py_ssize_t>1, min(<Py_ssize_t>LANE_GROUP, group_tile_bytes // per_channel))
+    cdef Py_ssize_t tile_bytes = group_tile_bytes
+    cdef Py_ssize_t tile, rounds
+    if not stream and nthreads >= 2 and group_tiled_mode == -1:
+        tile_bytes = min(tile_bytes, <Py_ssize_t>GROUP_TILE_BYTES_IN_CACHE)
+    tile = max(<Py_ssize_t>1, min(<Py_ssize_t>LANE_GROUP, tile_bytes // per_channel))
+    if stream or nthreads < 2 or group_tiled_mode != -1:
+        return tile
+    # The fewest rounds of one tile a thread whose tiles hold at most `tile`.
+    rounds = (g.channels + tile * nthreads - 1) // (tile * nthreads)
+    return (g.channels + rounds * nthreads - 1) // (rounds * nthreads)
 
 
 cdef bint use_group_tiled_backward(const Planar *g, const BackwardArgs *a,
@@ -3076,17 +3094,30 @@ cdef bint use_group_tiled_backward(const Planar *g, const BackwardArgs *a,
     2.0-2.9; (64, 2048, 7, 7), rows of 3.9 KiB, 0.79-0.80. Float64 runs
     longer than BN_F64_GRAD_LANES_MAX values take a group walk that does
     not ask ahead: (64, 512, 14, 14) and (32, 768, 17, 17) took 1.02-1.14
-    of the time."""
+    of the time.
+
+    In cache it pays on a team too, in tiles of at most
+    GROUP_TILE_BYTES_IN_CACHE shared evenly among the threads: one parallel
+    region, where the two passes enter three, and each thread's dx comes
+    from its own L2. Float32, two threads, against the two passes in one
+    process: (8, 64, 7, 7) 0.70-0.78 of the time, (16, 64, 7, 7), (32, 64,
+    5, 5), (32, 128, 4, 4), (8, 256, 7, 7) and (16, 256, 5, 5) 0.79-0.93,
+    (32, 256, 7, 7) 0.90-1.03; float64 0.83-0.96, but (32, 64, 5, 5) 1.06.
+    In tiles of 512 KiB, (64, 128, 4, 4) took 0.82-0.85 of the time in one
+    stretch of the session and 1.07-1.15 in another, when every two-thread
+    call ran slower; tiles of up to 256 KiB gained in both."""
     cdef Py_ssize_t tile
     if (group_tiled_mode == 0 or not sums_then_dx_in_row_chunks(g, a) or one_run_blocks(g)
             or not lane_groups_enabled or not grad_rows_as_runs(g, a, itemsize)):
         return False
     if group_tiled_mode == 1:
         return True
-    tile = group_tile_channels(g, itemsize)
-    return (nthreads >= 2 and a.stream
-            and tile * g.inner * itemsize >= GROUP_TILE_MIN_ROW_BYTES
-            and g.channels >= GROUP_TILE_MIN_TILES * nthreads * tile
+    tile = group_tile_channels(g, itemsize, nthreads, a.stream)
+    if nthreads < 2 or tile * g.inner * itemsize < GROUP_TILE_MIN_ROW_BYTES:
+        return False
+    if not a.stream:
+        return True
+    return (g.channels >= GROUP_TILE_MIN_TILES * nthreads * tile
             and (itemsize == sizeof(float) or g.inner <= BN_F64_GRAD_LANES_MAX))
 
 
@@ -3115,9 +3146,12 @@ cdef int planar_backward_group_tiled(const floating *x, const floating *dy, floa
     """The tiles, consecutive ones to a thread; -1 where memory is short."""
     global group_tiled_calls
     cdef Py_ssize_t nchunks = g.chunks_per_channel
-    cdef Py_ssize_t tile = group_tile_channels(g, sizeof(floating))
+    cdef Py_ssize_t tile = group_tile_channels(g, sizeof(floating), nthreads, a.stream)
     cdef Py_ssize_t item, ntiles = (g.channels + tile - 1) // tile
-    cdef GradSums *table = <GradSums *>malloc(g.channels * (nchunks + 1) * sizeof(GradSums))
+    # The totals in place of one chunk a channel, as planar_backward's.
+    cdef Py_ssize_t ntotals = 0 if nchunks == 1 else g.channels
+    cdef GradSums *table = <GradSums *>malloc((g.channels * nchunks + ntotals)
+                                              * sizeof(GradSums))
     cdef floating *constants = <floating *>malloc(5 * g.channels * sizeof(floating))
     if table == NULL or constants == NULL:
         free(table)
@@ -3126,7 +3160,7 @@ cdef int planar_backward_group_tiled(const floating *x, const floating *dy, floa
     group_tiled_calls += 1
     for item in prange(ntiles, num_threads=nthreads, schedule="static"):
         group_tile(x, dy, dx, g, item * tile, min(item * tile + tile, g.channels), a, table,
-                   table + g.channels * nchunks, constants)
+                   table + g.channels * nchunks if ntotals > 0 else table, constants)
     free(table)
     free(constants)
     return 0

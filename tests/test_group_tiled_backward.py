@@ -100,6 +100,28 @@ def test_group_tiled_backward_is_chosen_by_size_for_small_maps_from_memory(resto
     assert _same_bits(_group_tiled(problem, shape, 2, 0), want)
 
 
+# In cache, by size, on a team: (outer, channels, inner, dtype, threads)
+# that the rule tiles, in tiles shared evenly among the threads: one round
+# of 32 channels on two threads, 22 on three; seven rounds of 19 channels,
+# the last tile 9; tiles of 32 (float64: 16) channels of runs of 25 values,
+# on two threads only (on three, rows of 22 or 11 such runs are too short).
+IN_CACHE_SHAPES = [(8, 64, 49, np.float32, (2, 3)), (32, 256, 49, np.float32, (2, 3)),
+                   (32, 64, 25, np.float32, (2,)), (32, 64, 25, np.float64, (2,))]
+
+
+@pytest.mark.parametrize("shape", IN_CACHE_SHAPES, ids=lambda s: "x".join(map(str, s[:3]))
+                         + ("-f64" if s[3] == np.float64 else ""))
+def test_group_tiled_backward_is_chosen_by_size_in_cache_on_a_team(shape, restore_tuning):
+    """The two passes on one thread, the group-tiled walk on a team, with
+    the same bits."""
+    problem = _problem(*shape[:3], seed=7, dtype=shape[3])
+    calls = _kernels.group_tiled_backward_calls()
+    want = _by_size(problem, shape, 1, 0)
+    assert _kernels.group_tiled_backward_calls() == calls
+    for threads in shape[4]:
+        assert _same_bits(_group_tiled(problem, shape, threads, 0), want), threads
+
+
 def test_set_group_tiled_backward_returns_the_previous_setting(restore_tuning):
     _kernels.set_group_tiled_backward(1, 4096)
     assert _kernels.set_group_tiled_backward(0) == (1, 4096)
