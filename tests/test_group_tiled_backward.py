@@ -102,9 +102,10 @@ def test_group_tiled_backward_is_chosen_by_size_for_small_maps_from_memory(resto
 
 # In cache, by size, on a team: (outer, channels, inner, dtype, threads)
 # that the rule tiles, in tiles shared evenly among the threads: one round
-# of 32 channels on two threads, 22 on three; seven rounds of 19 channels,
-# the last tile 9; tiles of 32 (float64: 16) channels of runs of 25 values,
-# on two threads only (on three, rows of 22 or 11 such runs are too short).
+# of 32 channels on two threads, 22 on three; seven rounds of 19 channels
+# on two (the last tile 9), five of 18 on three (the last 4); tiles of 32
+# (float64: 16) channels of runs of 25 values, on two threads only (on
+# three, rows of 22 or 11 such runs are too short).
 IN_CACHE_SHAPES = [(8, 64, 49, np.float32, (2, 3)), (32, 256, 49, np.float32, (2, 3)),
                    (32, 64, 25, np.float32, (2,)), (32, 64, 25, np.float64, (2,))]
 
