@@ -3066,12 +3066,13 @@ cdef inline Py_ssize_t group_tile_channels(const Planar *g, Py_ssize_t itemsize,
     float32 on two threads, seven tiles of 41 channels took 1.08 of the
     two passes' time)."""
     cdef Py_ssize_t per_channel = 2 * g.outer * g.inner * itemsize
+    cdef bint in_cache_team = not stream and nthreads >= 2 and group_tiled_mode == -1
     cdef Py_ssize_t tile_bytes = group_tile_bytes
     cdef Py_ssize_t tile, rounds
-    if not stream and nthreads >= 2 and group_tiled_mode == -1:
+    if in_cache_team:
         tile_bytes = min(tile_bytes, <Py_ssize_t>GROUP_TILE_BYTES_IN_CACHE)
     tile = max(<Py_ssize_t>1, min(<Py_ssize_t>LANE_GROUP, tile_bytes // per_channel))
-    if stream or nthreads < 2 or group_tiled_mode != -1:
+    if not in_cache_team:
         return tile
     # The fewest rounds of one tile a thread whose tiles hold at most `tile`.
     rounds = (g.channels + tile * nthreads - 1) // (tile * nthreads)
