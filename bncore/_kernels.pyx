@@ -1308,20 +1308,19 @@ cdef bint chunk_pairs_enabled = True  # set_chunk_pairs
 cdef Py_ssize_t chunk_pair_count = 0   # chunk_pair_calls
 
 
-cdef inline bint each_run_in_one_call(int stream, const void *constants,
-                                      Py_ssize_t itemsize) noexcept nogil:
+cdef inline bint each_run_in_one_call(int stream, Py_ssize_t itemsize) noexcept nogil:
     """Whether the normalisation and the training input gradient write each
     row's runs in one call (bn_affine_each_run, bn_grad_each_run), one run
-    after the other: in cache (normal stores), with AVX-512 and a table of
-    constants (the normalisation: and no relu gate). A call per run (or per
+    after the other: in cache (normal stores), with AVX-512 (the callers
+    also need their table of constants, and the normalisation no relu
+    gate). A call per run (or per
     pair of runs) cost about as much as a short run's loads and stores.
     Eval, float32, against the runs alone or paired (twin_rows), one / two
     threads: (8, 32, 14, 14) 0.73 / 0.74 of the time, (1, 128, 28, 28)
     0.84 / 0.90, (64, 64, 14, 14) 0.92 / 0.92, (128, 64, 10, 10) 0.97 /
     0.81, (8, 256, 14, 14) 1.00 / 0.89, (16, 128, 28, 28) 0.96 / 0.95;
     runs of 12.5 KB and more 0.95-1.03."""
-    return (not stream and constants != NULL and row_runs_enabled
-            and bn_periodic_lanes(itemsize) != 0)
+    return not stream and row_runs_enabled and bn_periodic_lanes(itemsize) != 0
 
 
 cdef inline Py_ssize_t paired_chunks(const Planar *g, const AffineIn *a,
@@ -1391,7 +1390,8 @@ cdef void planar_rows_affine(const floating *x, floating *y, const Planar *g, Py
         if a.stream:
             bn_stream_fence()
         return
-    if a.gate == NULL and each_run_in_one_call(a.stream, a.constants, sizeof(floating)):
+    if (a.gate == NULL and a.constants != NULL
+            and each_run_in_one_call(a.stream, sizeof(floating))):
         for j in range(n, s.n1):
             start = run_start(g, j, c0)
             if floating is float:
@@ -2629,6 +2629,18 @@ cdef inline void grad_runs(const floating *x, const floating *dy, floating *dx,
         bn_grad_runs_f64(x + start, dy + start, dx + start, nvalues, n, constants, stream)
 
 
+cdef inline void grad_each_run(const floating *x, const floating *dy, floating *dx,
+                               Py_ssize_t start, Py_ssize_t nruns, Py_ssize_t n,
+                               const floating *constants) noexcept nogil:
+    """The input gradient of nruns runs of n values side by side from
+    `start`, one run after the other in one call (bn_grad_each_run; normal
+    stores), constants as grad_runs'."""
+    if floating is float:
+        bn_grad_each_run_f32(x + start, dy + start, dx + start, nruns, n, constants)
+    else:
+        bn_grad_each_run_f64(x + start, dy + start, dx + start, nruns, n, constants)
+
+
 cdef void planar_rows_grad_input(const floating *x, const floating *dy, floating *dx,
                                  const Planar *g, Py_ssize_t item, int ngroups,
                                  const GradSums *totals, const BackwardArgs *a,
@@ -2650,15 +2662,11 @@ cdef void planar_rows_grad_input(const floating *x, const floating *dy, floating
         if a.stream:
             bn_stream_fence()
         return
-    if a.training and each_run_in_one_call(a.stream, a.constants, sizeof(floating)):
+    if (a.training and a.constants != NULL
+            and each_run_in_one_call(a.stream, sizeof(floating))):
         for n in range(s.n0, s.n1):
             start = run_start(g, n, c0)
-            if floating is float:
-                bn_grad_each_run_f32(x + start, dy + start, dx + start, c1 - c0, g.inner,
-                                     table + 5 * c0)
-            else:
-                bn_grad_each_run_f64(x + start, dy + start, dx + start, c1 - c0, g.inner,
-                                     table + 5 * c0)
+            grad_each_run(x, dy, dx, start, c1 - c0, g.inner, table + 5 * c0)
         return
     for n in range(s.n0, s.n1):
         for c in range(c0, c1):
@@ -3084,8 +3092,10 @@ cdef bint use_group_tiled_backward(const Planar *g, const BackwardArgs *a,
     """Whether the group-tiled backward pays.
 
     It needs a training backward that computes its sums and writes dx, over
-    row chunks of blocks of several runs (the lane groups' walk) written a
-    row at a time (grad_rows_as_runs: AVX-512). By size, it pays from
+    row chunks of blocks of several runs (the lane groups' walk), with
+    AVX-512: group_tile writes a row's runs as one stream where the two
+    passes do (grad_rows_as_runs), else in cache one run after the other
+    (each_run_in_one_call). By size, it pays from
     memory on two threads, where one thread's reads of a tile's sums
     overlap the other's writes of its dx: the tensor read twice from
     memory becomes read once. On one thread it measured even (0.94-1.03 of
@@ -3106,10 +3116,20 @@ cdef bint use_group_tiled_backward(const Planar *g, const BackwardArgs *a,
     (32, 256, 7, 7) 0.90-1.03; float64 0.83-0.96, but (32, 64, 5, 5) 1.06.
     In tiles of 512 KiB, (64, 128, 4, 4) took 0.82-0.85 of the time in one
     stretch of the session and 1.07-1.15 in another, when every two-thread
-    call ran slower; tiles of up to 256 KiB gained in both."""
+    call ran slower; tiles of up to 256 KiB gained in both. Runs too long
+    to be written as rows in cache (9 x 9 maps and up), their dx written
+    one run after the other, gained as much: float32, two threads, 14 x 14
+    maps (2, 64) and (8, 32) 0.86-0.88, (16, 64), (32, 64) and (32, 128)
+    0.75-0.83, (32, 256) 0.85-0.88 (once 1.14), (8, 512) 0.96, (32, 512)
+    and (16, 1024), past the L3, 0.65-0.84; (32, 64, 10, 10) 0.74-0.75,
+    17 x 17 and 20 x 20 maps 0.62-0.92; float64 0.74-0.88, (32, 128, 14,
+    14) 0.87-1.00. (One thread stays with the two passes: forced there,
+    14 x 14 maps took 0.86-1.10 of the time.)"""
     cdef Py_ssize_t tile
     if (group_tiled_mode == 0 or not sums_then_dx_in_row_chunks(g, a) or one_run_blocks(g)
-            or not lane_groups_enabled or not grad_rows_as_runs(g, a, itemsize)):
+            or not lane_groups_enabled
+            or not (grad_rows_as_runs(g, a, itemsize)
+                    or each_run_in_one_call(a.stream, itemsize))):
         return False
     if group_tiled_mode == 1:
         return True
@@ -3126,8 +3146,11 @@ cdef void group_tile(const floating *x, const floating *dy, floating *dx, const 
                      Py_ssize_t c0, Py_ssize_t c1, const BackwardArgs *a, GradSums *table,
                      GradSums *totals, floating *constants) noexcept nogil:
     """Channels [c0, c1): their chunk sums into table, totals, parameter
-    gradients and constants (hi, lo, k, c1, c0) into constants, then dx."""
+    gradients and constants (hi, lo, k, c1, c0) into constants, then dx,
+    each row's runs as one stream where the two passes write them so
+    (grad_rows_as_runs), else (in cache) one run after the other."""
     cdef Py_ssize_t k, c, n
+    cdef bint row_runs = grad_rows_as_runs(g, a, sizeof(floating))
     for k in range(g.chunks_per_channel):
         lane_group_grad_sums(x, dy, g, chunk_span(g, k), k, c0, c1, a.mean, table, True)
     for c in range(c0, c1):
@@ -3135,8 +3158,11 @@ cdef void group_tile(const floating *x, const floating *dy, floating *dx, const 
         channel_grad_constants(totals, c, a, constants)
     # Last row first: the rows read last are the likeliest still in L2.
     for n in range(g.outer - 1, -1, -1):
-        grad_runs(x, dy, dx, run_start(g, n, c0), (c1 - c0) * g.inner, g.inner,
-                  constants + 5 * c0, a.stream)
+        if row_runs:
+            grad_runs(x, dy, dx, run_start(g, n, c0), (c1 - c0) * g.inner, g.inner,
+                      constants + 5 * c0, a.stream)
+        else:
+            grad_each_run(x, dy, dx, run_start(g, n, c0), c1 - c0, g.inner, constants + 5 * c0)
     if a.stream:
         bn_stream_fence()
 
