@@ -1313,8 +1313,8 @@ cdef inline bint each_run_in_one_call(int stream, Py_ssize_t itemsize) noexcept 
     row's runs in one call (bn_affine_each_run, bn_grad_each_run), one run
     after the other: in cache (normal stores), with AVX-512 (the callers
     also need their table of constants, and the normalisation no relu
-    gate). A call per run (or per
-    pair of runs) cost about as much as a short run's loads and stores.
+    gate). A call per run (or per pair of runs) cost about as much as a
+    short run's loads and stores.
     Eval, float32, against the runs alone or paired (twin_rows), one / two
     threads: (8, 32, 14, 14) 0.73 / 0.74 of the time, (1, 128, 28, 28)
     0.84 / 0.90, (64, 64, 14, 14) 0.92 / 0.92, (128, 64, 10, 10) 0.97 /
