@@ -18,7 +18,7 @@ from test_tiled_backward import (_backward, _problem, _same_bits,
                                  assert_backward_matches_the_reference)
 
 pytestmark = pytest.mark.skipif(_kernels.VECTOR_ISA != "AVX-512",
-                                reason="the group-tiled walk needs AVX-512 (rows_as_runs)")
+                                reason="the group-tiled walk needs AVX-512")
 
 # (outer, channels, inner, dtype), each from memory and in cache: from
 # memory, chunks of 8 rows with a short last one (30, 70 rows), of blocks of
