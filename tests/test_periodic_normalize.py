@@ -102,25 +102,34 @@ def test_periodic_loop_gives_the_bits_of_the_row_loop(shape, dtype, run, restore
                 (stream_min, relu))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_periodic_loop_keeps_non_finite_values_and_signed_zeros(dtype, restore_tuning):
-    shape = (50, 24, 1)
-    problem = _problem(shape, dtype, seed=2)
+def assert_eval_keeps_non_finite_values(shape, dtype, seed, nan_every, inf_at, switch):
+    """The eval loop that `switch` turns on, on two threads one element off
+    a cache line, must give NaN and infinities (NaN at every `nan_every`-th
+    value from 3, +inf and -inf at `inf_at`) and a signed zero (x = -0.0
+    with running mean 0 and bias 0) the bits of the row loop on one thread,
+    with and without the ReLU."""
+    problem = _problem(shape, dtype, seed=seed)
     x = problem[0]
-    x[3::29] = np.nan
-    x[5] = np.inf
-    x[30] = -np.inf
-    problem[1][:] = 0.0      # running mean 0, bias 0: x = -0.0 maps to -0.0
+    x[3::nan_every] = np.nan
+    x[inf_at[0]] = np.inf
+    x[inf_at[1]] = -np.inf
+    problem[1][:] = 0.0
     problem[4][:] = 0.0
     x[7] = -0.0
     _kernels.set_stream_min_bytes(0)
     for relu in (False, True):
-        _kernels.set_periodic_loops(False)
+        switch(False)
         want = _eval(problem, shape, 1, relu, 0, False)
-        _kernels.set_periodic_loops(True)
+        switch(True)
         got = _eval(problem, shape, 2, relu, 1, False)
         assert np.isnan(got[0]).any() and np.isinf(got[0]).any()
         assert _same_bits(got, want), relu
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_periodic_loop_keeps_non_finite_values_and_signed_zeros(dtype, restore_tuning):
+    assert_eval_keeps_non_finite_values((50, 24, 1), dtype, 2, 29, (5, 30),
+                                        _kernels.set_periodic_loops)
 
 
 @pytest.mark.parametrize("shape", [(77, 8, 1), (700, 128, 1), (40, 5, 3)],

@@ -15,7 +15,8 @@ from bncore import _kernels, reference
 from test_interleaved_backward import (  # noqa: F401 (fixtures)
     _backward, _backward_problem, threads_on_small_calls)
 from test_periodic_normalize import (  # noqa: F401 (restore_tuning: a fixture)
-    _eval, _problem, _same_bits, _train, assert_periodic_gives_row_loop_bits, restore_tuning)
+    _eval, _problem, _same_bits, _train, assert_eval_keeps_non_finite_values,
+    assert_periodic_gives_row_loop_bits, restore_tuning)
 
 
 def assert_row_groups_give_tile_bits(run, context):
@@ -85,23 +86,8 @@ def test_row_groups_grad_input_gives_the_bits_of_the_tiles(case, training, resto
 def test_row_groups_keep_non_finite_values_and_signed_zeros(dtype, restore_tuning,
                                                             row_groups_restored,
                                                             threads_on_small_calls):
-    shape = (100, 2051, 1)
-    problem = _problem(shape, dtype, seed=3)
-    x = problem[0]
-    x[3::997] = np.nan
-    x[5] = np.inf
-    x[4100] = -np.inf
-    problem[1][:] = 0.0      # running mean 0, bias 0: x = -0.0 maps to -0.0
-    problem[4][:] = 0.0
-    x[7] = -0.0
-    _kernels.set_stream_min_bytes(0)
-    for relu in (False, True):
-        _kernels.set_row_groups(False)
-        want = _eval(problem, shape, 1, relu, 0, False)
-        _kernels.set_row_groups(True)
-        got = _eval(problem, shape, 2, relu, 1, False)
-        assert np.isnan(got[0]).any() and np.isinf(got[0]).any()
-        assert _same_bits(got, want), relu
+    assert_eval_keeps_non_finite_values((100, 2051, 1), dtype, 3, 997, (5, 4100),
+                                        _kernels.set_row_groups)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
