@@ -992,19 +992,23 @@ def _ratio(a, b):
 
 
 def scaling_table(rows, workloads, threads_list):
-    """bncore (and PyTorch) time on 1 thread over time on n threads."""
+    """bncore's, PyTorch's and the streaming copy's time on 1 thread over
+    time on n. The copy's column is the machine's own scaling in the same
+    run: where memory already runs at its limit on one thread, more threads
+    cannot be faster, and the copy shows when that was so."""
     if 1 not in threads_list or len(threads_list) < 2:
         return []
     index = _index(rows)
     others = [t for t in threads_list if t != 1]
-    head = "| workload | " + " | ".join(f"bncore 1->{t}" for t in others) + " | " + \
-        " | ".join(f"torch 1->{t}" for t in others) + " | bncore faster on more threads |"
-    lines = [head, "|---|" + "---:|" * (2 * len(others)) + "---|"]
+    impls = {"bncore": "bncore", "torch": "torch", "copy (stream)": "copy"}
+    head = "| workload | " + " | ".join(f"{label} 1->{t}" for label in impls.values()
+                                         for t in others) + " | bncore faster on more threads |"
+    lines = [head, "|---|" + "---:|" * (len(impls) * len(others)) + "---|"]
     for wl in workloads:
         if wl.latency:
             continue
         cells, ok, used = [], True, []
-        for impl in ("bncore", "torch"):
+        for impl in impls:
             for t in others:
                 one, many = index.get((wl.id, 1, impl)), index.get((wl.id, t, impl))
                 ratio = _ratio(one, many)
