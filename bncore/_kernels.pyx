@@ -532,14 +532,17 @@ cdef enum:
     # 3.2-3.3 against 2.7-3.1.
     PIPE_MIN_ROW_RUN_BYTES = 2048
     # float64's forward (its own fused loop, then a second pass per block
-    # from L1 for the statistics) needs runs of 3 KiB, and two threads: of a
-    # streaming copy, (N, C, H, W) of 51-103 MB, medians of 31 in shuffled
-    # order, two runs, pipelined against two passes (rerun in interleaved
-    # order: benchmarks/results/pipelined_forward.py --dtype float64):
-    # on two threads, runs of 2312 bytes 0.50-0.54 against 0.49-0.54, 3136
-    # 0.43-0.67 against 0.43-0.53, 6272-25088 0.51-0.72 against 0.51-0.58;
-    # on one, where the block's second pass competes with the memory,
-    # 3136-9800 bytes 0.41-0.49 against 0.42-0.52.
+    # from L1 for the statistics) needs runs of 3 KiB: of a streaming copy,
+    # (N, C, H, W) of 51-103 MB, medians of 31 in shuffled order, two runs,
+    # pipelined against two passes (rerun in interleaved order:
+    # benchmarks/results/pipelined_forward.py --dtype float64): on two
+    # threads, runs of 2312 bytes 0.50-0.54 against 0.49-0.54, 3136
+    # 0.43-0.67 against 0.43-0.53, 6272-25088 0.51-0.72 against 0.51-0.58.
+    # On one thread it paid nothing on Zen 4 (3136-9800 bytes 0.41-0.49
+    # against 0.42-0.52); on Zen 5 it does, at the same rule (12.8-103 MB,
+    # interleaved, medians of 15): runs of 3200 bytes 0.72 against 0.53,
+    # 6272 0.71 against 0.58, 9800 0.59-0.67 against 0.51, 25088 0.63
+    # against 0.58, 100352 0.63 against 0.51; 2312 bytes 0.44 against 0.52.
     PIPE_MIN_RUN_BYTES_F64 = 3072
     # The float64 backward (its own fused loop, seams and all) pays from
     # shorter runs: pipelined against two passes, of its bound, (N, C, H,
@@ -3517,6 +3520,9 @@ cdef int normalize_driver(const floating *x, floating *y, Py_ssize_t outer,
 cdef int pipelined_mode = -1    # -1: by size; 0: never; 1: whenever possible
 
 
+cdef Py_ssize_t pipelined_calls = 0     # pipelined_forward_calls
+
+
 cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
                         int nthreads) noexcept nogil:
     """Whether the pipelined training forward pays.
@@ -3527,7 +3533,7 @@ cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
     two channels in cache (PIPE_MAX_SLICE), and reads its first channel's
     statistics and normalises its last channel alone: with fewer than
     PIPE_MIN_CHANNELS per thread those unpipelined ends weigh too much.
-    float64 pays on two threads only (PIPE_MIN_RUN_BYTES_F64).
+    float64 needs longer runs (PIPE_MIN_RUN_BYTES_F64).
     """
     if (pipelined_mode == 0 or g.inner < PLANAR_MIN_INNER
             or g.inner >= CHUNK_VALUES):
@@ -3539,7 +3545,6 @@ cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
             and g.inner * itemsize >= pipe_min_run_bytes(itemsize, PIPE_MIN_RUN_BYTES_F64,
                                                          rows_as_runs(g, stream, itemsize,
                                                                       ROW_RUNS_MAX_BYTES))
-            and (itemsize == sizeof(float) or nthreads >= 2)
             and g.channels >= PIPE_MIN_CHANNELS * nthreads
             and g.outer * g.inner * itemsize <= PIPE_MAX_SLICE)
 
@@ -3549,6 +3554,7 @@ cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize
                       int requested) noexcept nogil:
     """Statistics into out, then y normalised with them (a.mean, a.invstd and
     a.residual are pointed at out's arrays here)."""
+    global pipelined_calls
     cdef int status
     cdef Planar g = planar_geometry(outer, channels, inner, sizeof(floating))
     cdef int nthreads = team_size(requested, channels, outer * channels * inner)
@@ -3565,6 +3571,7 @@ cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize
     # passes: it left the memory idle while it computed each channel's
     # statistics from cache.)
     if use_pipelined(&g, sizeof(floating), a.stream, nthreads):
+        pipelined_calls += 1
         planar_train_pipelined(x, y, &g, out, a, nthreads)
         status = 0
     else:
@@ -3658,6 +3665,12 @@ def set_group_tiled_backward(int mode, Py_ssize_t tile_bytes=0):
     group_tiled_mode = mode
     group_tile_bytes = tile_bytes if tile_bytes > 0 else GROUP_TILE_BYTES
     return previous
+
+
+def pipelined_forward_calls():
+    """How many training forwards have taken the pipelined walk (for tests:
+    that the size rule sends a shape through it)."""
+    return pipelined_calls
 
 
 def group_tiled_backward_calls():

@@ -156,15 +156,19 @@ def test_pipelined_path_statistics_are_right(dtype, restore_tuning):
     np.testing.assert_allclose(y.reshape(shape), want, rtol=1e-5, atol=1e-5)
 
 
-def test_float64_is_pipelined_on_two_threads_only_by_size(restore_tuning):
-    """By the size rule (mode -1) float64 takes two passes on one thread and
-    the pipelined path on two: the same bits."""
+def test_float64_is_pipelined_by_size_on_one_and_two_threads(restore_tuning):
+    """By the size rule (mode -1), with streaming stores, float64 takes the
+    pipelined path on one thread and on two where its CPU has the fused
+    loops, with the bits of the two passes (mode 0)."""
     shape = (4, 32, 4096)     # 16 channels per thread, channels of 128 KiB
     x = _input(*shape, 0, seed=2, dtype=np.float64)
     _kernels.set_stream_min_bytes(0)
-    want = _train(x, shape, (None, None), False, 1, -1, False, 0)
-    assert _same_bits(_train(x, shape, (None, None), False, 2, -1, False, 0), want)
-    assert _same_bits(_train(x, shape, (None, None), False, 2, 1, False, 0), want)
+    want = _train(x, shape, (None, None), False, 1, 0, False, 0)
+    for threads in (1, 2):
+        calls = _kernels.pipelined_forward_calls()
+        assert _same_bits(_train(x, shape, (None, None), False, threads, -1, False, 0), want)
+        if _kernels.VECTOR_ISA == "AVX-512":
+            assert _kernels.pipelined_forward_calls() == calls + 1, threads
 
 
 def test_set_pipelined_returns_the_previous_setting(restore_tuning):
