@@ -539,10 +539,11 @@ cdef enum:
     # threads, runs of 2312 bytes 0.50-0.54 against 0.49-0.54, 3136
     # 0.43-0.67 against 0.43-0.53, 6272-25088 0.51-0.72 against 0.51-0.58.
     # On one thread it paid nothing on Zen 4 (3136-9800 bytes 0.41-0.49
-    # against 0.42-0.52); on Zen 5 it does, at the same rule (12.8-103 MB,
-    # interleaved, medians of 15): runs of 3200 bytes 0.72 against 0.53,
-    # 6272 0.71 against 0.58, 9800 0.59-0.67 against 0.51, 25088 0.63
-    # against 0.58, 100352 0.63 against 0.51; 2312 bytes 0.44 against 0.52.
+    # against 0.42-0.52); on Zen 5 it does, at the same rule (26-103 MB,
+    # interleaved, medians of 15, two runs): runs of 3200 bytes 0.69-0.72
+    # against 0.53-0.56, 6272 0.66-0.71 against 0.52-0.58, 9800 0.59-0.69
+    # against 0.51-0.52, 25088 0.59-0.67 against 0.57-0.58, 100352
+    # 0.63-0.64 against 0.51-0.58; but 2312 bytes 0.44 against 0.52.
     PIPE_MIN_RUN_BYTES_F64 = 3072
     # The float64 backward (its own fused loop, seams and all) pays from
     # shorter runs: pipelined against two passes, of its bound, (N, C, H,

@@ -158,8 +158,8 @@ def test_pipelined_path_statistics_are_right(dtype, restore_tuning):
 
 def test_float64_is_pipelined_by_size_on_one_and_two_threads(restore_tuning):
     """By the size rule (mode -1), with streaming stores, float64 takes the
-    pipelined path on one thread and on two where its CPU has the fused
-    loops, with the bits of the two passes (mode 0)."""
+    pipelined path on one thread and on two where the CPU has AVX-512 (the
+    rule's machines), with the bits of the two passes (mode 0)."""
     shape = (4, 32, 4096)     # 16 channels per thread, channels of 128 KiB
     x = _input(*shape, 0, seed=2, dtype=np.float64)
     _kernels.set_stream_min_bytes(0)
