@@ -503,14 +503,31 @@ cdef enum:
     # core on Zen 4), a larger one from L3.
     PIPE_L2_SLICE = 512 * 1024
     # ... and is used only when each thread gets at least PIPE_MIN_CHANNELS
-    # channels of at most PIPE_MAX_SLICE bytes. Measured against the two
-    # passes (float32, 1 and 2 threads): channels of 0.2, 0.4, 0.8 and 1.6 MB
-    # gain 15-50 %, 3.2 MB break even, 6.4 MB lose 5-20 %; 3 channels of
-    # 12.8 MB lose 10 %. The channel count is a judgement: a thread reads
-    # its first channel and normalises its last one unpipelined. The
-    # channel-tiled backward uses the same two (use_tiled_backward says why).
+    # channels of at most PIPE_MAX_SLICE bytes. The channel count is a
+    # judgement: a thread reads its first channel and normalises its last
+    # one unpipelined. On Zen 4 (float32, 1 and 2 threads) channels of 0.2,
+    # 0.4, 0.8 and 1.6 MB gained 15-50 % over the two passes, 3.2 MB broke
+    # even, 6.4 MB lost 5-20 %. On Zen 5 (L2 1 MiB a core, L3 32 MiB),
+    # forward, of a streaming copy, pipelined against two passes, interleaved
+    # medians of 9-11, one / two threads: channels of 3.2 MB gain, float32
+    # (16, 32, 224, 224) 0.90 / 0.85 against 0.64 / 0.64 and (256, 64, 56,
+    # 56) 0.79 / 0.85 against 0.65 / 0.73, float64 (128, 128, 56, 56) 0.62 /
+    # 0.83 against 0.59 / 0.70 and (8, 32, 224, 224) 0.68 / 0.77 against
+    # 0.50 / 0.59; 4.0 MB too, float32 (320, 64, 56, 56) 0.78 / 0.78 against
+    # 0.68 / 0.67, float64 (160, 64, 56, 56) 0.62 / 0.75 against 0.60 / 0.65.
+    # Beyond that, runs decide: runs of 12.5-25 kB (56 x 56 planes) break
+    # even at 4.8 MB and lose at 5.6-6.4 MB (float32 (512, 64, 56, 56) 0.65
+    # / 0.73 against 0.70 / 0.75), while runs of 50 kB and more still gain
+    # at 4.8-8 MB (float32 (128, 64, 112, 112) 0.81 / 0.78 against 0.73 /
+    # 0.74, (40, 32, 224, 224) 0.80 / 0.74 against 0.68 / 0.60, float64 (14,
+    # 32, 224, 224) 0.70 / 0.85 against 0.55 / 0.72): PIPE_MAX_SLICE_LONG_RUNS
+    # for runs of PIPE_LONG_RUN_BYTES. The backward holds x and dy, twice
+    # the bytes, and takes less (PIPE_MAX_GRAD_SLICE; use_tiled_backward).
     PIPE_MIN_CHANNELS = 8
-    PIPE_MAX_SLICE = 2 * 1024 * 1024
+    PIPE_MAX_SLICE = 4 * 1024 * 1024
+    PIPE_MAX_SLICE_LONG_RUNS = 8 * 1024 * 1024
+    PIPE_LONG_RUN_BYTES = 32 * 1024
+    PIPE_MAX_GRAD_SLICE = 3584 * 1024
     # ... and runs of at least PIPE_MIN_RUN_BYTES, forward and backward:
     # each run costs the pipelined loops a fixed overhead (the next runs
     # found and prefetched, a call), and the two passes walk short runs row
@@ -2978,6 +2995,7 @@ cdef void planar_backward_tiled(const floating *x, const floating *dy, floating 
 
 
 cdef int tiled_backward_mode = -1   # -1: by size; 0: never; 1: whenever possible
+cdef Py_ssize_t tiled_calls = 0    # tiled_backward_calls
 
 
 cdef inline Py_ssize_t pipe_min_run_bytes(Py_ssize_t itemsize, Py_ssize_t float64_bytes,
@@ -2988,6 +3006,14 @@ cdef inline Py_ssize_t pipe_min_run_bytes(Py_ssize_t itemsize, Py_ssize_t float6
     if itemsize != sizeof(float):
         return float64_bytes
     return PIPE_MIN_ROW_RUN_BYTES if row_runs else PIPE_MIN_RUN_BYTES
+
+
+cdef inline Py_ssize_t pipe_max_slice(Py_ssize_t run_bytes) noexcept nogil:
+    """The largest channel the pipelined forward takes by size: larger where
+    its runs are long (PIPE_MAX_SLICE_LONG_RUNS; the constants say why)."""
+    if run_bytes >= PIPE_LONG_RUN_BYTES:
+        return PIPE_MAX_SLICE_LONG_RUNS
+    return PIPE_MAX_SLICE
 
 
 cdef inline bint sums_then_dx_in_row_chunks(const Planar *g,
@@ -3012,7 +3038,17 @@ cdef bint use_tiled_backward(const Planar *g, const BackwardArgs *a, Py_ssize_t 
     size rule is the forward's, measured again for the backward
     (benchmarks/results/pipelined_backward.md), float32, 1 and 2 threads:
     channels of 0.1-1.6 MB (of x) gain 3-46 % with streaming stores, 3.2
-    and 6.4 MB break even (-3 to +10 %). Unlike the forward's, it pays with
+    and 6.4 MB break even (-3 to +10 %). On Zen 5, tiled against two passes,
+    of the bound, one / two threads, channels of 3.2 MB gain: float32 (16,
+    32, 224, 224) 0.67 / 0.78 against 0.63 / 0.59, (256, 64, 56, 56) 0.61 /
+    0.79 against 0.56 / 0.68, float64 (128, 128, 56, 56) 0.71 / 0.71 against
+    0.61 / 0.60, (8, 32, 224, 224) 0.63 / 0.86 against 0.51 / 0.69; 4.0 MB
+    is mixed, float64 (160, 64, 56, 56) 0.64 / 0.72 against 0.58 / 0.61 but
+    float32 (320, 64, 56, 56) 0.59 / 0.70 against 0.64 / 0.62; from 4.8 MB
+    it loses with short runs, float32 (384, 64, 56, 56) 0.57 / 0.56 against
+    0.64 / 0.66, and with long ones on two threads, (32, 32, 224, 224) 0.63
+    / 0.53 against 0.59 / 0.65: hence PIPE_MAX_GRAD_SLICE, between 3.2 and
+    4.0 MB. Unlike the forward's, it pays with
     normal stores too, which the default gives outputs under
     STREAM_MIN_BYTES, there from cache: 0-35 % on 6 MB tensors. float64
     needs longer runs (PIPE_MIN_GRAD_RUN_BYTES_F64), longer still on one
@@ -3047,7 +3083,7 @@ cdef bint use_tiled_backward(const Planar *g, const BackwardArgs *a, Py_ssize_t 
             and g.inner * itemsize >= pipe_min_run_bytes(
                 itemsize, PIPE_MIN_GRAD_RUN_BYTES_F64 if nthreads >= 2
                 else PIPE_MIN_GRAD_RUN_BYTES_F64_ONE_THREAD, grad_rows_as_runs(g, a, itemsize))
-            and g.outer * g.inner * itemsize <= PIPE_MAX_SLICE)
+            and g.outer * g.inner * itemsize <= PIPE_MAX_GRAD_SLICE)
 
 
 # --------------------------------------------------------------------------
@@ -3456,6 +3492,7 @@ cdef int interleaved_backward(const floating *x, const floating *dy, floating *d
 cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
                          Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner,
                          const BackwardArgs *a, int requested) noexcept nogil:
+    global tiled_calls
     cdef Planar p
     cdef Interleaved q
     cdef int nthreads
@@ -3466,6 +3503,7 @@ cdef int backward_driver(const floating *x, const floating *dy, floating *dx,
         if use_group_tiled_backward(&p, a, sizeof(floating), nthreads):
             return planar_backward_group_tiled(x, dy, dx, &p, a, nthreads)
         if use_tiled_backward(&p, a, sizeof(floating), nthreads):
+            tiled_calls += 1
             planar_backward_tiled(x, dy, dx, &p, a, nthreads)
             return 0
         return planar_backward(x, dy, dx, &p, a, requested)
@@ -3531,7 +3569,7 @@ cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
     It needs runs walked as runs, in row chunks (the long-run chunking is
     not pipelined). It pays where the two-pass path reads its input twice
     from memory: outputs written with streaming stores. Each thread keeps
-    two channels in cache (PIPE_MAX_SLICE), and reads its first channel's
+    two channels in cache (pipe_max_slice), and reads its first channel's
     statistics and normalises its last channel alone: with fewer than
     PIPE_MIN_CHANNELS per thread those unpipelined ends weigh too much.
     float64 needs longer runs (PIPE_MIN_RUN_BYTES_F64).
@@ -3547,7 +3585,7 @@ cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
                                                          rows_as_runs(g, stream, itemsize,
                                                                       ROW_RUNS_MAX_BYTES))
             and g.channels >= PIPE_MIN_CHANNELS * nthreads
-            and g.outer * g.inner * itemsize <= PIPE_MAX_SLICE)
+            and g.outer * g.inner * itemsize <= pipe_max_slice(g.inner * itemsize))
 
 
 cdef int train_driver(const floating *x, floating *y, Py_ssize_t outer, Py_ssize_t channels,
@@ -3672,6 +3710,12 @@ def pipelined_forward_calls():
     """How many training forwards have taken the pipelined walk (for tests:
     that the size rule sends a shape through it)."""
     return pipelined_calls
+
+
+def tiled_backward_calls():
+    """How many backward calls have taken the channel-tiled walk (for tests:
+    that the size rule sends a shape through it)."""
+    return tiled_calls
 
 
 def group_tiled_backward_calls():

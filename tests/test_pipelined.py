@@ -171,6 +171,27 @@ def test_float64_is_pipelined_by_size_on_one_and_two_threads(restore_tuning):
             assert _kernels.pipelined_forward_calls() == calls + 1, threads
 
 
+@pytest.mark.parametrize("shape, pipelined", [
+    ((320, 8, 3136), True),      # channels of 4.0 MB, runs of 12.5 kB
+    ((384, 8, 3136), False),     # 4.8 MB
+    ((160, 8, 12544), True),     # 8.0 MB, runs of 50 kB
+    ((176, 8, 12544), False),    # 8.8 MB
+], ids=["4.0MB", "4.8MB", "8.0MB-long-runs", "8.8MB-long-runs"])
+def test_size_rule_takes_channels_up_to_4_mib_or_8_with_long_runs(shape, pipelined,
+                                                                   restore_tuning):
+    """By size, float32 on one thread with streaming stores, the pipelined
+    walk takes channels of up to PIPE_MAX_SLICE (4 MiB), and up to 8 MiB
+    where runs are of 32 KiB or more; larger ones take the two passes. The
+    bits are the two passes' either way."""
+    x = np.random.default_rng(3).standard_normal(shape, dtype=np.float32).ravel()
+    _kernels.set_stream_min_bytes(0)
+    want = _train(x, shape, (None, None), False, 1, 0, False, 0)
+    calls = _kernels.pipelined_forward_calls()
+    assert _same_bits(_train(x, shape, (None, None), False, 1, -1, False, 0), want)
+    if _kernels.VECTOR_ISA == "AVX-512":
+        assert _kernels.pipelined_forward_calls() == calls + pipelined
+
+
 def test_set_pipelined_returns_the_previous_setting(restore_tuning):
     _kernels.set_pipelined(1, 6)
     assert _kernels.set_pipelined(0) == (1, 6)

@@ -179,6 +179,23 @@ def test_calls_that_are_not_tiled_are_unchanged_when_forced(restore_tuning):
     assert _same_bits(*results)
 
 
+@pytest.mark.parametrize("shape, tiled", [
+    ((256, 8, 3136), True),      # channels of 3.2 MB (of x)
+    ((320, 8, 3136), False),     # 4.0 MB
+], ids=["3.2MB", "4.0MB"])
+def test_size_rule_tiles_channels_up_to_3_5_mib(shape, tiled, restore_tuning):
+    """By size, float32 on one thread with streaming stores, the tiled walk
+    takes channels of up to PIPE_MAX_GRAD_SLICE (3.5 MiB of x); larger ones
+    take the two passes. The bits are the two passes' either way."""
+    problem = _problem(*shape, seed=5)
+    _kernels.set_stream_min_bytes(0)
+    want = _backward(problem, shape, 1, 0, 0)
+    calls = _kernels.tiled_backward_calls()
+    assert _same_bits(_backward(problem, shape, 1, -1, 0), want)
+    if _kernels.VECTOR_ISA == "AVX-512":
+        assert _kernels.tiled_backward_calls() == calls + tiled
+
+
 def test_set_tiled_backward_returns_the_previous_setting(restore_tuning):
     _kernels.set_tiled_backward(1, 6)
     assert _kernels.set_tiled_backward(0) == (1, 6)
