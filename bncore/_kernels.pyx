@@ -560,8 +560,15 @@ cdef enum:
     # interleaved, medians of 15, two runs): runs of 3200 bytes 0.69-0.72
     # against 0.53-0.56, 6272 0.66-0.71 against 0.52-0.58, 9800 0.59-0.69
     # against 0.51-0.52, 25088 0.59-0.67 against 0.57-0.58, 100352
-    # 0.63-0.64 against 0.51-0.58; but 2312 bytes 0.44 against 0.52.
-    PIPE_MIN_RUN_BYTES_F64 = 3072
+    # 0.63-0.64 against 0.51-0.58; but 2312 bytes 0.44 against 0.52. Since
+    # the second statistics pass asks for the runs ahead (second_pass_ahead),
+    # two threads pay from shorter runs (medians of 31): 1568 bytes 0.87
+    # against 0.69, 2048 1.06 against 0.67, 2312 0.85 against 0.65-0.69;
+    # one thread still not (1568 and 2312 bytes 0.54-0.57 against
+    # 0.55-0.56), nor two threads from 1152 bytes down (0.64 against 0.62,
+    # 800 bytes 0.36 against 0.50).
+    PIPE_MIN_RUN_BYTES_F64 = 1536
+    PIPE_MIN_RUN_BYTES_F64_ONE_THREAD = 3072
     # The float64 backward (its own fused loop, seams and all) pays from
     # shorter runs: pipelined against two passes, of its bound, (N, C, H,
     # W) of 6-103 MB, 1 / 2 threads: runs of 2312 bytes 0.43-0.44 against
@@ -1690,6 +1697,32 @@ cdef inline void affine_head_seam(const floating *xn, floating *yn, Py_ssize_t n
                            relu)
 
 
+cdef inline Py_ssize_t second_pass_ahead(const floating *x, const Planar *g,
+                                         const floating *xs, const floating *pf,
+                                         Py_ssize_t block_end) noexcept nogil:
+    """How far ahead, in bytes, float64's second statistics pass over a
+    block of whole runs (the last one at xs) asks for memory in the
+    pipelined walk: the runs that the next block's fused loop asks for, pf
+    (this block's runs ahead) block_end rows on. That pass reads the block
+    from L1 and the memory had idled through it. 0 (nothing asked) for
+    pieces of long runs, where it measured 0-8 % slower (one thread, (16,
+    64, 112, 112)), and where the runs ahead are not further on than the
+    block (the walk has moved to the next channel) or lie past the tensor.
+    Whole runs, float64, of a streaming
+    copy, off / on, interleaved medians of 31, one / two threads: (64, 256,
+    28, 28) 0.77 -> 0.92 / 0.87 -> 0.93, (32, 192, 35, 35) 0.68 -> 0.79 /
+    0.86 -> 0.92, (64, 256, 20, 20) 0.79 -> 0.85 / 0.81 -> 0.86, (32, 512,
+    28, 28) 0.77 -> 0.89 / 0.82 -> 0.98, (64, 96, 35, 35) 0.64 -> 0.77 /
+    0.78 -> 0.83, (128, 256, 14, 28) 0.68 -> 0.76 / 0.76 -> 0.81."""
+    cdef Py_ssize_t gap
+    if pf == NULL or g.pieces_per_run != 1:
+        return 0
+    gap = (pf - xs) + block_end * g.channels * g.inner
+    if gap <= 0 or (xs - x) + gap + g.inner > g.outer * g.channels * g.inner:
+        return 0
+    return gap * <Py_ssize_t>sizeof(floating)
+
+
 cdef void pipelined_runs(const floating *x, floating *y, const Planar *g, Py_ssize_t n,
                          Py_ssize_t sc, double origin, double *s1, double *s2,
                          Py_ssize_t block_end, Moments *acc, const floating *ahead,
@@ -1749,12 +1782,13 @@ cdef void pipelined_runs(const floating *x, floating *y, const Planar *g, Py_ssi
                                     now[2], now[3], a.relu, a.stream, leave)
         if sc >= 0 and block_end > 0:
             # block_moments' passes: the first one above, float64's second
-            # one here, from L1.
+            # one here, from L1, asking for the runs ahead (second_pass_ahead).
             block = moments_from_shifted_sums(<double>(block_end * length), 0.0,
                                               bn_lanes_total(s1), bn_lanes_total(s2))
             if floating is double:
                 block = shifted_runs_moments(xs - (block_end - 1) * stride, block_end, stride,
-                                             length, origin, block.mean, 0)
+                                             length, origin, block.mean,
+                                             second_pass_ahead(x, g, xs, pf, block_end))
             merge_moments(acc, block)
             clear_lanes(s1, s2)
 
@@ -3572,7 +3606,8 @@ cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
     two channels in cache (pipe_max_slice), and reads its first channel's
     statistics and normalises its last channel alone: with fewer than
     PIPE_MIN_CHANNELS per thread those unpipelined ends weigh too much.
-    float64 needs longer runs (PIPE_MIN_RUN_BYTES_F64).
+    float64 needs longer runs (PIPE_MIN_RUN_BYTES_F64), longer still on
+    one thread.
     """
     if (pipelined_mode == 0 or g.inner < PLANAR_MIN_INNER
             or g.inner >= CHUNK_VALUES):
@@ -3581,7 +3616,9 @@ cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
         return True
     # Measured on AVX-512 machines only; elsewhere the two passes.
     return (bn_pipelined_fused() and stream != 0
-            and g.inner * itemsize >= pipe_min_run_bytes(itemsize, PIPE_MIN_RUN_BYTES_F64,
+            and g.inner * itemsize >= pipe_min_run_bytes(itemsize, PIPE_MIN_RUN_BYTES_F64
+                                                         if nthreads >= 2
+                                                         else PIPE_MIN_RUN_BYTES_F64_ONE_THREAD,
                                                          rows_as_runs(g, stream, itemsize,
                                                                       ROW_RUNS_MAX_BYTES))
             and g.channels >= PIPE_MIN_CHANNELS * nthreads

@@ -171,6 +171,21 @@ def test_float64_is_pipelined_by_size_on_one_and_two_threads(restore_tuning):
             assert _kernels.pipelined_forward_calls() == calls + 1, threads
 
 
+def test_float64_runs_of_1568_bytes_are_pipelined_on_two_threads_only(restore_tuning):
+    """By size, with streaming stores, float64 runs of 1.5-3 KiB take the
+    pipelined path on two threads (PIPE_MIN_RUN_BYTES_F64) and the two
+    passes on one (PIPE_MIN_RUN_BYTES_F64_ONE_THREAD), with the same bits."""
+    shape = (84, 32, 196)     # 14 x 14 maps, enough values for a team of two
+    x = _input(*shape, 0, seed=4, dtype=np.float64)
+    _kernels.set_stream_min_bytes(0)
+    want = _train(x, shape, (None, None), False, 1, 0, False, 0)
+    for threads, pipelined in ((1, False), (2, True)):
+        calls = _kernels.pipelined_forward_calls()
+        assert _same_bits(_train(x, shape, (None, None), False, threads, -1, False, 0), want)
+        if _kernels.VECTOR_ISA == "AVX-512":
+            assert _kernels.pipelined_forward_calls() == calls + pipelined, threads
+
+
 @pytest.mark.parametrize("shape, pipelined", [
     ((320, 8, 3136), True),      # channels of 4.0 MB, runs of 12.5 kB
     ((384, 8, 3136), False),     # 4.8 MB
