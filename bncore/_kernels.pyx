@@ -615,6 +615,18 @@ cdef enum:
     STATS_AHEAD_BYTES_F32 = 24 * 1024
     STATS_AHEAD_BYTES_F64 = 16 * 1024
     STATS_AHEAD_MIN_RUN = 9
+    # Float64's second pass over a block computes from L1 while the memory
+    # idles, so it asks for the blocks this many further on than the first
+    # pass does (the pipelined walk's second_pass_ahead likewise). Float64
+    # training, two passes, of a streaming copy, off / on, interleaved
+    # medians of 21-31, one thread: (64, 512, 14, 14) 0.57-0.59 ->
+    # 0.58-0.67, (256, 512, 7, 7) 0.47-0.51 -> 0.58-0.60, (128, 256, 10, 10)
+    # 0.56-0.63 -> 0.62-0.70, (512, 256, 5, 5) 0.48-0.55 -> 0.54-0.59; two
+    # threads: (256, 512, 7, 7) 0.53-0.64 -> 0.59-0.69, (128, 256, 10, 10)
+    # 0.63-0.71 -> 0.57-0.84, (512, 256, 5, 5) 0.65-0.78 -> 0.63-0.73 (one
+    # block further, 0.61-0.87 on two threads but 0.49-0.63 on one; four,
+    # 0.55-0.82).
+    SECOND_PASS_BLOCKS_AHEAD = 2
     # Tensors of this many bytes and more ask ahead below the streaming
     # size too: beside their output (normal stores) they do not stay in
     # this machine's 32 MiB L3 from call to call. Float32 moments /
@@ -703,10 +715,12 @@ cdef Moments shifted_runs_moments(const floating *x, Py_ssize_t nruns, Py_ssize_
 
 
 cdef Moments block_moments(const floating *x, Py_ssize_t nruns, Py_ssize_t stride,
-                           Py_ssize_t n, double origin, Py_ssize_t ahead_bytes=0) noexcept nogil:
+                           Py_ssize_t n, double origin, Py_ssize_t ahead_bytes=0,
+                           Py_ssize_t second_ahead_bytes=0) noexcept nogil:
     """The triple of a block, nruns runs of n contiguous values stride apart
     (one piece of a run: nruns = 1), its mean an offset from ``origin``;
-    ahead_bytes as shifted_runs_moments, for the pass that reads memory.
+    ahead_bytes as shifted_runs_moments, for the pass that reads memory,
+    and second_ahead_bytes for float64's second pass.
 
     For float32 input one pass of float64 sums of x - origin is exact
     enough: the accumulators have 29 bits to spare. For float64 input a
@@ -717,7 +731,7 @@ cdef Moments block_moments(const floating *x, Py_ssize_t nruns, Py_ssize_t strid
     """
     cdef Moments m = shifted_runs_moments(x, nruns, stride, n, origin, 0.0, ahead_bytes)
     if floating is double:
-        m = shifted_runs_moments(x, nruns, stride, n, origin, m.mean, 0)
+        m = shifted_runs_moments(x, nruns, stride, n, origin, m.mean, second_ahead_bytes)
     return m
 
 
@@ -1135,7 +1149,7 @@ cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t ite
     cdef Py_ssize_t k = item // ngroups
     cdef Py_ssize_t nchunks = g.chunks_per_channel
     cdef Span s = chunk_span(g, k)
-    cdef Py_ssize_t n, c, nrows, ahead, ahead_bytes, c0 = 0, c1 = 0
+    cdef Py_ssize_t n, c, nrows, ahead, ahead_bytes, second_ahead_bytes, c0 = 0, c1 = 0
     group_channels(g, item % ngroups, ngroups, &c0, &c1)
     for c in range(c0, c1):
         table[c * nchunks + k] = empty_moments()
@@ -1159,12 +1173,16 @@ cdef void planar_rows_moments(const floating *x, const Planar *g, Py_ssize_t ite
     while n < s.n1:
         nrows = block_rows(g, n, s.n1)
         for c in range(c0, c1):
-            ahead_bytes = 0
+            ahead_bytes = second_ahead_bytes = 0
             if ahead > 0:
                 ahead_bytes = block_ahead(g, c, c0, c1, nrows, ahead) * sizeof(floating)
+                if floating is double:
+                    second_ahead_bytes = sizeof(floating) * block_ahead(
+                        g, c, c0, c1, nrows, ahead + SECOND_PASS_BLOCKS_AHEAD)
             merge_moments(&table[c * nchunks + k],
                           block_moments(x + run_start(g, n, c), nrows, g.channels * g.inner,
-                                        g.inner, channel_origin(x, c, g.inner), ahead_bytes))
+                                        g.inner, channel_origin(x, c, g.inner), ahead_bytes,
+                                        second_ahead_bytes))
         n = n + nrows
 
 
