@@ -521,7 +521,8 @@ cdef enum:
     # at 4.8-8 MB (float32 (128, 64, 112, 112) 0.81 / 0.78 against 0.73 /
     # 0.74, (40, 32, 224, 224) 0.80 / 0.74 against 0.68 / 0.60, float64 (14,
     # 32, 224, 224) 0.70 / 0.85 against 0.55 / 0.72): PIPE_MAX_SLICE_LONG_RUNS
-    # for runs of PIPE_LONG_RUN_BYTES. The backward holds x and dy, twice
+    # for runs of PIPE_LONG_RUN_BYTES, a bound between the two (runs of
+    # 25-50 kB were not measured). The backward holds x and dy, twice
     # the bytes, and takes less (PIPE_MAX_GRAD_SLICE; use_tiled_backward).
     PIPE_MIN_CHANNELS = 8
     PIPE_MAX_SLICE = 4 * 1024 * 1024
@@ -1723,15 +1724,15 @@ cdef inline Py_ssize_t second_pass_ahead(const floating *x, const Planar *g,
     pipelined walk: the runs that the next block's fused loop asks for, pf
     (this block's runs ahead) block_end rows on. That pass reads the block
     from L1 and the memory had idled through it. 0 (nothing asked) for
-    pieces of long runs, where it measured 0-8 % slower (one thread, (16,
+    pieces of long runs, where it measured 2-8 % slower (one thread, (16,
     64, 112, 112)), and where the runs ahead are not further on than the
     block (the walk has moved to the next channel) or lie past the tensor.
-    Whole runs, float64, of a streaming
-    copy, off / on, interleaved medians of 31, one / two threads: (64, 256,
-    28, 28) 0.77 -> 0.92 / 0.87 -> 0.93, (32, 192, 35, 35) 0.68 -> 0.79 /
-    0.86 -> 0.92, (64, 256, 20, 20) 0.79 -> 0.85 / 0.81 -> 0.86, (32, 512,
-    28, 28) 0.77 -> 0.89 / 0.82 -> 0.98, (64, 96, 35, 35) 0.64 -> 0.77 /
-    0.78 -> 0.83, (128, 256, 14, 28) 0.68 -> 0.76 / 0.76 -> 0.81."""
+    Whole runs, float64, of a streaming copy, off / on, interleaved medians
+    of 31, one / two threads: (64, 256, 28, 28) 0.77 -> 0.92 / 0.87 ->
+    0.93, (32, 192, 35, 35) 0.68 -> 0.79 / 0.86 -> 0.92, (64, 256, 20, 20)
+    0.79 -> 0.85 / 0.81 -> 0.86, (32, 512, 28, 28) 0.77 -> 0.89 / 0.82 ->
+    0.98, (64, 96, 35, 35) 0.64 -> 0.77 / 0.78 -> 0.83, (128, 256, 14, 28)
+    0.68 -> 0.76 / 0.76 -> 0.81."""
     cdef Py_ssize_t gap
     if pf == NULL or g.pieces_per_run != 1:
         return 0
