@@ -156,34 +156,33 @@ def test_pipelined_path_statistics_are_right(dtype, restore_tuning):
     np.testing.assert_allclose(y.reshape(shape), want, rtol=1e-5, atol=1e-5)
 
 
-def test_float64_is_pipelined_by_size_on_one_and_two_threads(restore_tuning):
-    """By the size rule (mode -1), with streaming stores, float64 takes the
-    pipelined path on one thread and on two where the CPU has AVX-512 (the
-    rule's machines), with the bits of the two passes (mode 0)."""
-    shape = (4, 32, 4096)     # 16 channels per thread, channels of 128 KiB
-    x = _input(*shape, 0, seed=2, dtype=np.float64)
+def assert_pipelined_by_size(x, shape, pipelined_on):
+    """By the size rule (mode -1), with streaming stores, the forward gives
+    the bits of the two passes (mode 0) on each thread count in
+    pipelined_on; where the CPU has AVX-512 (the rule's machines), it takes
+    the pipelined walk on those mapped to True and only on those."""
     _kernels.set_stream_min_bytes(0)
     want = _train(x, shape, (None, None), False, 1, 0, False, 0)
-    for threads in (1, 2):
-        calls = _kernels.pipelined_forward_calls()
-        assert _same_bits(_train(x, shape, (None, None), False, threads, -1, False, 0), want)
-        if _kernels.VECTOR_ISA == "AVX-512":
-            assert _kernels.pipelined_forward_calls() == calls + 1, threads
-
-
-def test_float64_runs_of_1568_bytes_are_pipelined_on_two_threads_only(restore_tuning):
-    """By size, with streaming stores, float64 runs of 1.5-3 KiB take the
-    pipelined path on two threads (PIPE_MIN_RUN_BYTES_F64) and the two
-    passes on one (PIPE_MIN_RUN_BYTES_F64_ONE_THREAD), with the same bits."""
-    shape = (84, 32, 196)     # 14 x 14 maps, enough values for a team of two
-    x = _input(*shape, 0, seed=4, dtype=np.float64)
-    _kernels.set_stream_min_bytes(0)
-    want = _train(x, shape, (None, None), False, 1, 0, False, 0)
-    for threads, pipelined in ((1, False), (2, True)):
+    for threads, pipelined in pipelined_on.items():
         calls = _kernels.pipelined_forward_calls()
         assert _same_bits(_train(x, shape, (None, None), False, threads, -1, False, 0), want)
         if _kernels.VECTOR_ISA == "AVX-512":
             assert _kernels.pipelined_forward_calls() == calls + pipelined, threads
+
+
+def test_float64_is_pipelined_by_size_on_one_and_two_threads(restore_tuning):
+    shape = (4, 32, 4096)     # 16 channels per thread, channels of 128 KiB
+    assert_pipelined_by_size(_input(*shape, 0, seed=2, dtype=np.float64), shape,
+                             {1: True, 2: True})
+
+
+def test_float64_runs_of_1568_bytes_are_pipelined_on_two_threads_only(restore_tuning):
+    """Float64 runs of 1.5-3 KiB: pipelined on two threads
+    (PIPE_MIN_RUN_BYTES_F64), two passes on one
+    (PIPE_MIN_RUN_BYTES_F64_ONE_THREAD)."""
+    shape = (84, 32, 196)     # 14 x 14 maps, enough values for a team of two
+    assert_pipelined_by_size(_input(*shape, 0, seed=4, dtype=np.float64), shape,
+                             {1: False, 2: True})
 
 
 @pytest.mark.parametrize("shape, pipelined", [
@@ -194,17 +193,11 @@ def test_float64_runs_of_1568_bytes_are_pipelined_on_two_threads_only(restore_tu
 ], ids=["4.0MB", "4.8MB", "8.0MB-long-runs", "8.8MB-long-runs"])
 def test_size_rule_takes_channels_up_to_4_mib_or_8_with_long_runs(shape, pipelined,
                                                                    restore_tuning):
-    """By size, float32 on one thread with streaming stores, the pipelined
-    walk takes channels of up to PIPE_MAX_SLICE (4 MiB), and up to 8 MiB
-    where runs are of 32 KiB or more; larger ones take the two passes. The
-    bits are the two passes' either way."""
+    """Float32 on one thread: the pipelined walk takes channels of up to
+    PIPE_MAX_SLICE (4 MiB), and up to 8 MiB where runs are of 32 KiB or
+    more; larger ones take the two passes."""
     x = np.random.default_rng(3).standard_normal(shape, dtype=np.float32).ravel()
-    _kernels.set_stream_min_bytes(0)
-    want = _train(x, shape, (None, None), False, 1, 0, False, 0)
-    calls = _kernels.pipelined_forward_calls()
-    assert _same_bits(_train(x, shape, (None, None), False, 1, -1, False, 0), want)
-    if _kernels.VECTOR_ISA == "AVX-512":
-        assert _kernels.pipelined_forward_calls() == calls + pipelined
+    assert_pipelined_by_size(x, shape, {1: pipelined})
 
 
 def test_set_pipelined_returns_the_previous_setting(restore_tuning):
