@@ -1977,16 +1977,15 @@ cdef void columns_moments(const floating *x, Py_ssize_t nrows, Py_ssize_t stride
     float32 takes a column's rows as one block, one pass of float64 sums of
     x minus its channel's origin (exact enough, as in block_moments), walked
     in slabs of rows; float64 takes blocks of ROW_BLOCK_BYTES in two passes
-    like block_moments, merged in row order."""
+    like block_moments, merged in row order. Its first pass sums x alone:
+    the second needs only the block's mean from it."""
     cdef double offset[COLUMN_TILE]
     cdef double s1[COLUMN_TILE]
     cdef double s2[COLUMN_TILE]
-    cdef Moments block
     cdef Py_ssize_t r, n, j
     cdef Py_ssize_t slab = max(<Py_ssize_t>1, SLAB_BYTES // (ncols * <Py_ssize_t>sizeof(floating)))
     cdef Py_ssize_t rows_per_block = max(<Py_ssize_t>1,
                                          ROW_BLOCK_BYTES // (ncols * <Py_ssize_t>sizeof(double)))
-    cdef int npass
     if nrows == 0:
         return
     if floating is float:
@@ -2004,19 +2003,18 @@ cdef void columns_moments(const floating *x, Py_ssize_t nrows, Py_ssize_t stride
         r = 0
         while r < nrows:
             n = min(rows_per_block, nrows - r)
-            for npass in range(2):
-                for j in range(ncols):
-                    s1[j] = 0.0
-                    s2[j] = 0.0
-                rows_shifted_sums(x + r * stride, n, stride, ncols, origin,
-                                  NULL if npass == 0 else offset, s1, s2)
-                for j in range(ncols):
-                    block = moments_from_shifted_sums(
-                        <double>n, 0.0 if npass == 0 else offset[j], s1[j], s2[j])
-                    if npass == 0:
-                        offset[j] = block.mean
-                    else:
-                        merge_moments(&acc[j], block)
+            # The first pass needs only the block's mean, so it sums x alone.
+            for j in range(ncols):
+                s1[j] = 0.0
+            rows_shifted_sums(x + r * stride, n, stride, ncols, origin, NULL, s1, NULL)
+            for j in range(ncols):
+                offset[j] = s1[j] / <double>n
+                s1[j] = 0.0
+                s2[j] = 0.0
+            rows_shifted_sums(x + r * stride, n, stride, ncols, origin, offset, s1, s2)
+            for j in range(ncols):
+                merge_moments(&acc[j], moments_from_shifted_sums(<double>n, offset[j], s1[j],
+                                                                 s2[j]))
             r = r + n
 
 

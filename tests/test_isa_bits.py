@@ -32,11 +32,13 @@ from conftest import assert_output_close, make_input, make_params
 # of 16), runs of 9 and 15 values in rows wider than 16 KiB (and of 12 in
 # rows of 33 KB, which AVX-512 normalises as rows but sums as runs), runs
 # cut in pieces of BLOCK_LEN with 1 and 3 values left over, channels-last
-# and (N, C) rows.
+# and (N, C) rows (128 float64 columns: rows of 1 KiB, which float64's
+# first statistics pass asks for ahead rather than touching).
 SHAPES = ([((512, 64, 7, 7), 1), ((300, 8, 4, 4), 1), ((64, 32, 14, 14), 1),
            ((16, 24, 9, 9), 1), ((33, 20, 5, 3), 1), ((6, 1900, 1, 9), 1),
            ((6, 1200, 1, 15), 1), ((8, 700, 1, 12), 1), ((4, 3, 1, 2049), 1),
-           ((4, 3, 1, 2051), 1), ((8, 14, 14, 64), -1), ((5000, 67), 1), ((4000, 8), 1)]
+           ((4, 3, 1, 2051), 1), ((8, 14, 14, 64), -1), ((5000, 67), 1), ((4000, 8), 1),
+           ((2000, 128), 1)]
           + [((40, 12, 1, n), 1) for n in (1, 2, 3, 5, 9, 15, 16, 17, 23, 31, 32, 33, 47)])
 
 
