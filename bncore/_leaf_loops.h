@@ -904,17 +904,8 @@ BN_DEFINE_GROUP_GRAD_SUMS(double, f64, avx512, "avx512f", bn_carried_grad_sums_f
             b[t] = MULADD(d, d, b[t]);                                                 \
         }                                                                              \
     }
-/* The same for s1 alone: float64's first pass, which needs only the mean. */
-#define BN_ROWS_MEAN_SUMS_LOOP(ISA, DT)                                                    \
-    for (ptrdiff_t r = 0; r < nrows; r++) {                                            \
-        const T *p = x + r * stride + j;                                               \
-        for (int t = 0; t < NV; t++)                                                   \
-            a[t] = BNV_##ISA##_ADD(a[t], BNV_##ISA##_SUB(BNV_##ISA##_LOAD_##DT(p + W * t), \
-                                                         o[t]));                       \
-    }
 /* bn_rows_sums_<dtype>_<isa>_<NV>: the columns of whole groups of NV
- * vectors; returns how many. Without s2 (then offset is NULL too), s1
- * alone, in the same operations as with it. */
+ * vectors; returns how many. */
 #define BN_DEFINE_ROWS_SUMS(ISA, TYPE, SFX, DT, NVECS)                                  \
 __attribute__((target(BNV_##ISA##_TARGET))) static ptrdiff_t                            \
 bn_rows_sums_##SFX##_##ISA##_##NVECS(                                                  \
@@ -930,15 +921,8 @@ bn_rows_sums_##SFX##_##ISA##_##NVECS(                                           
         for (int t = 0; t < NV; t++) {                                                 \
             o[t] = BNV_##ISA##_LOADU(origin + j + W * t);                              \
             a[t] = BNV_##ISA##_LOADU(s1 + j + W * t);                                  \
-        }                                                                              \
-        if (s2 == NULL) {                                                              \
-            BN_ROWS_MEAN_SUMS_LOOP(ISA, DT)                                            \
-            for (int t = 0; t < NV; t++)                                               \
-                BNV_##ISA##_STOREU(s1 + j + W * t, a[t]);                              \
-            continue;                                                                  \
-        }                                                                              \
-        for (int t = 0; t < NV; t++)                                                   \
             b[t] = BNV_##ISA##_LOADU(s2 + j + W * t);                                  \
+        }                                                                              \
         if (offset == NULL) {                                                          \
             BN_ROWS_SUMS_LOOP(ISA, BNV_##ISA##_SUB(BNV_##ISA##_LOAD_##DT(p + W * t), o[t]), \
                               BNV_##ISA##_MULADD_##DT)                                 \
@@ -1022,13 +1006,11 @@ static inline int bn_touch_each_rows(const void *x, ptrdiff_t stride_bytes, ptrd
  *   10-35 % slower.)
  * Tiles narrower than their rows are left as they come (not measured). */
 #define BN_WIDE_ROWS_AHEAD 2
-/* Float64's first pass (s1 alone, its block's mean) asks for rows of up to
- * 1 KiB ahead rather than touching them first, as its sums are light: (N,
- * 128) and (N, 96) float64 moments on one thread, Zen 5, 0.90-1.01
- * streaming-copy times against 0.95-1.09 touched, training 1.73-1.81
- * against 1.80-2.04 (interleaved medians of 25). Rows of 2 KiB asked for
- * ahead took 1.16 against 1.13 touched, so wider rows are still touched. */
-#define BN_MEAN_PASS_TOUCH_MIN_ROW_BYTES 1024
+/* Float64 statistics ask for rows of up to 1 KiB ahead rather than
+ * touching them first: their one pass of sums, from memory, (N, 128) and
+ * (N, 96) moments on one thread, Zen 5, took 0.74-0.80 streaming-copy times
+ * against 0.84-0.85 touched (interleaved medians of 21). */
+#define BN_F64_TOUCH_MIN_ROW_BYTES 1024
 static inline int bn_wide_rows_ahead(ptrdiff_t ncols, ptrdiff_t row_bytes,
                                      ptrdiff_t stride_bytes, ptrdiff_t group_cols,
                                      ptrdiff_t touch_min_row_bytes)
@@ -1104,8 +1086,8 @@ __attribute__((target(BNV_##ISA##_TARGET))) static void bn_rows_shifted_sums_##S
     ptrdiff_t row_bytes = ncols * (ptrdiff_t)sizeof(TYPE);                             \
     ptrdiff_t stride_bytes = stride * (ptrdiff_t)sizeof(TYPE);                         \
     int from_memory = offset == NULL;  /* with an offset, the second pass: in cache */ \
-    ptrdiff_t touch_min = s2 == NULL ? BN_MEAN_PASS_TOUCH_MIN_ROW_BYTES                  \
-                                     : BNV_##ISA##_TOUCH_MIN_ROW_BYTES;                \
+    ptrdiff_t touch_min = sizeof(TYPE) == sizeof(double) ? BN_F64_TOUCH_MIN_ROW_BYTES     \
+                                                         : BNV_##ISA##_TOUCH_MIN_ROW_BYTES; \
     int ask_ahead = from_memory && bn_wide_rows_ahead(ncols, row_bytes, stride_bytes,    \
                                                       group_cols, touch_min);          \
     if (from_memory && row_bytes > touch_min)                                          \
@@ -1117,16 +1099,13 @@ __attribute__((target(BNV_##ISA##_TARGET))) static void bn_rows_shifted_sums_##S
             bn_prefetch_rows_ahead(x, r, step, nrows, row_bytes);                      \
         j = bn_rows_sums_##SFX##_##ISA##_##NV1(p, n, stride, ncols, origin, offset, s1, s2); \
         j += bn_rows_sums_##SFX##_##ISA##_##NV2(p + j, n, stride, ncols - j, origin + j, \
-                                                offset ? offset + j : NULL, s1 + j,    \
-                                                s2 ? s2 + j : NULL);                   \
+                                                offset ? offset + j : NULL, s1 + j, s2 + j); \
         j += bn_rows_sums_##SFX##_##ISA##_##NV3(p + j, n, stride, ncols - j, origin + j, \
-                                                offset ? offset + j : NULL, s1 + j,    \
-                                                s2 ? s2 + j : NULL);                   \
+                                                offset ? offset + j : NULL, s1 + j, s2 + j); \
     }                                                                                  \
     if (j < ncols)                                                                     \
         bn_rows_shifted_sums_generic_##SFX(x + j, nrows, stride, ncols - j, origin + j, \
-                                           offset ? offset + j : NULL, s1 + j,         \
-                                           s2 ? s2 + j : NULL);                        \
+                                           offset ? offset + j : NULL, s1 + j, s2 + j); \
 }
 BN_DEFINE_ROWS_SHIFTED_SUMS(avx512, float, f32, F32, 8, 4, 2)
 BN_DEFINE_ROWS_SHIFTED_SUMS(avx512, double, f64, F64, 8, 4, 2)
@@ -1136,7 +1115,6 @@ BN_DEFINE_ROWS_SHIFTED_SUMS(avx2, float, f32, F32, 8, 4, 2)
 #undef BN_DEFINE_ROWS_SHIFTED_SUMS
 #undef BN_DEFINE_ROWS_SUMS
 #undef BN_ROWS_SUMS_LOOP
-#undef BN_ROWS_MEAN_SUMS_LOOP
 
 /* The gradient sums' version of the blocked loops above: s_dy[j] += dy and
  * s_dy_dev[j] += dy * (x - mean[j]) (MULADD) down the rows, in the same

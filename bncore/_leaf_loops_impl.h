@@ -35,8 +35,7 @@ BN_LEAF void BN_SFX(bn_lane_shifted_sums_generic)(
 /* The interleaved layout's version: nrows rows of ncols values, `stride`
  * apart; value j of a row belongs to column j, whose sums s1[j], s2[j]
  * gather d = (x - origin[j]) - offset[j] row after row. offset may be NULL
- * for zeros; s2 may be NULL (offset then is) for s1 alone, as a first pass
- * that needs only the mean gathers it. */
+ * for zeros. */
 BN_LEAF void BN_SFX(bn_rows_shifted_sums_generic)(
     const BN_T *BN_RESTRICT x, ptrdiff_t nrows, ptrdiff_t stride, ptrdiff_t ncols,
     const double *BN_RESTRICT origin, const double *BN_RESTRICT offset,
@@ -44,10 +43,7 @@ BN_LEAF void BN_SFX(bn_rows_shifted_sums_generic)(
 {
     for (ptrdiff_t r = 0; r < nrows; r++) {
         const BN_T *row = x + r * stride;
-        if (s2 == NULL) {
-            for (ptrdiff_t j = 0; j < ncols; j++)
-                s1[j] += (double)row[j] - origin[j];
-        } else if (offset == NULL) {
+        if (offset == NULL) {
             for (ptrdiff_t j = 0; j < ncols; j++) {
                 double d = (double)row[j] - origin[j];
                 s1[j] += d;

@@ -14,7 +14,7 @@ from bncore import _kernels
 
 # (channels, inner): row widths 1, 3, 5, 8, 9, 15, 16, 33, 40 (two channels
 # of 20 inner values), 48, 63, 64, 100, 128 and 136 (float64 rows of 1 KiB,
-# its first pass's widest asked for ahead, and just over); then wider than a
+# the widest its statistics ask for ahead, and just over); then wider than a
 # tile: 900 (tiles of 170 whole channels of 3), 1030 (its last 6 columns
 # past the vectors) and 2049.
 GEOMETRIES = [(1, 1), (3, 1), (5, 1), (8, 1), (3, 3), (15, 1), (16, 1), (33, 1), (2, 20),

@@ -33,7 +33,7 @@ from conftest import assert_output_close, make_input, make_params
 # rows of 33 KB, which AVX-512 normalises as rows but sums as runs), runs
 # cut in pieces of BLOCK_LEN with 1 and 3 values left over, channels-last
 # and (N, C) rows (128 float64 columns: rows of 1 KiB, which float64's
-# first statistics pass asks for ahead rather than touching).
+# statistics ask for ahead rather than touching).
 SHAPES = ([((512, 64, 7, 7), 1), ((300, 8, 4, 4), 1), ((64, 32, 14, 14), 1),
            ((16, 24, 9, 9), 1), ((33, 20, 5, 3), 1), ((6, 1900, 1, 9), 1),
            ((6, 1200, 1, 15), 1), ((8, 700, 1, 12), 1), ((4, 3, 1, 2049), 1),

@@ -6,11 +6,13 @@ algorithm; a mean 1e4 times the spread still gives the variance to about
 channel has variance exactly 0 and its output is exactly the bias.
 """
 
+import math
+
 import numpy as np
 import pytest
 
 import bncore
-from bncore import reference
+from bncore import _kernels, reference
 from conftest import (
     DTYPE_PARAMS,
     LARGE_LAYOUT_PARAMS,
@@ -313,3 +315,63 @@ def test_denormal_inputs(layout):
     # range, where a subnormal mean carries only ~1e-45 absolute precision:
     # 1e-4 of the output's scale is what float32 can promise there.
     np.testing.assert_allclose(y, ref.y, rtol=0, atol=1e-4 * np.max(np.abs(ref.y)))
+
+
+def _exactly_summed_variance(values):
+    """The population variance of float64 values from correctly rounded sums
+    (math.fsum) in two passes: off by a few eps at most."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    mean = math.fsum(values) / values.size
+    return math.fsum((values - mean) ** 2) / values.size
+
+
+# (shape, axis): (N, C) rows, whose first block's shift is its first row
+# (3 and 64 columns); planar runs of 3136 values (two per block), of
+# 12544 (pieces), and short runs as rows (3x3) and as blocks of runs (7x7).
+FAR_SHIFT_LAYOUTS = [((200000, 3), -1), ((20000, 64), -1), ((8, 4, 56, 56), 1),
+                     ((16, 3, 112, 112), 1), ((4096, 2, 3, 3), 1), ((64, 3, 7, 7), 1)]
+
+
+def _statistics(x, axis, num_threads):
+    """The variance of moments and the mean and invstd of a training forward."""
+    _, var = bncore.moments(x, axis=axis, num_threads=num_threads)
+    _, mean, invstd = bncore.batch_norm(x, training=True, axis=axis, return_stats=True,
+                                        num_threads=num_threads)
+    return var, mean, invstd
+
+
+@pytest.mark.parametrize("pipelined", [0, 1], ids=["two-pass", "pipelined"])
+@pytest.mark.parametrize("layout", FAR_SHIFT_LAYOUTS, ids=str)
+def test_float64_shift_far_from_the_mean(layout, pipelined):
+    """float64 statistics take one pass of sums about a shift where it lies
+    near the block's mean, else a second pass about the mean. The shifts
+    are values of the data (the channel's first, the block's first row), so
+    an outlier there, 1e5 spreads off, sends blocks to the second pass: the
+    variance then stays within 2e-14 of an exactly summed one (one pass
+    alone measured 2e-13 to 7e-12 off), in moments and in the training
+    forward, pipelined (where the layout allows) or not. The same bits on
+    1 and 3 threads, and capped to AVX2."""
+    shape, axis = layout
+    x = make_input(shape, np.float64, axis=axis, kind="normal", seed=215)
+    channels_first = np.moveaxis(x, axis, 0)   # a view: writes land in x
+    channels_first[(slice(None),) + (0,) * (x.ndim - 1)] = 1e5
+    want = np.array([_exactly_summed_variance(c) for c in channels_first])
+    previous = _kernels.set_pipelined(pipelined)
+    try:
+        var, mean, invstd = got = _statistics(x, axis, 1)
+        again = [_statistics(x, axis, 3)]
+        if _kernels.VECTOR_ISA == "AVX-512":
+            widest = _kernels.set_vector_isa_cap("AVX2")
+            try:
+                again.append(_statistics(x, axis, 1))
+            finally:
+                _kernels.set_vector_isa_cap(widest)
+    finally:
+        _kernels.set_pipelined(*previous)
+    np.testing.assert_allclose(var, want, rtol=2e-14, atol=0)
+    np.testing.assert_allclose(invstd, 1 / np.sqrt(want + 1e-5), rtol=2e-14, atol=0)
+    # the mean is an offset from the channel's origin, here the outlier
+    exact_mean = [math.fsum(c.ravel()) / c.size for c in channels_first]
+    np.testing.assert_allclose(mean, exact_mean, rtol=0, atol=16 * np.spacing(1e5))
+    for other in again:
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(other, got))
