@@ -722,10 +722,11 @@ cdef inline bint shifted_sums_keep_digits(double count, double s1, double s2) no
     float64's precision: when s1^2 / count, the part of s2 that the
     corrected formula takes away, is at most 16/17 of s2. That is, the
     shift lies within 4 standard deviations of the mean, the subtraction
-    cancels at most 4 bits (s2 <= 17 M2), and M2's rounding error is at
-    most about 17 times a second pass's, under 1e-14 relative. Else a
-    second pass around the mean is needed. NaN sums fail the test (and
-    take the second pass, which keeps them NaN)."""
+    cancels at most 4 bits (s2 <= 17 M2), and M2's rounding error grows by
+    at most about that factor over a second pass's (tests/test_numerics.py
+    holds it within 2e-14 of exactly rounded sums). Else a second pass
+    around the mean is needed. NaN sums fail the test (and take the second
+    pass, which keeps them NaN)."""
     return 17.0 * (s1 * (s1 / count)) <= 16.0 * s2
 
 
