@@ -578,6 +578,25 @@ cdef enum:
     # 800 bytes 0.36 against 0.50).
     PIPE_MIN_RUN_BYTES_F64 = 1536
     PIPE_MIN_RUN_BYTES_F64_ONE_THREAD = 3072
+    # Since a float64 block takes its second statistics pass only where its
+    # shift lies far from its mean (shifted_sums_keep_digits), runs of whole
+    # lines pay from 17 lines on one thread and two. Training, of a
+    # streaming copy, two passes against pipelined (set_pipelined), one
+    # process, interleaved medians of 15, one / two threads: (N, C, L) runs
+    # of 1088 bytes (512, 256, 136) 0.64 -> 0.65 / 0.62 -> 0.80; 1152
+    # (512, 256, 144) 0.62 -> 0.74 / 0.64 -> 0.90, (1024, 128, 144) 0.58
+    # -> 0.66 / 0.64 -> 0.88, (128, 512, 12, 12) 0.65-0.75 -> 0.91-0.92 /
+    # 0.68-0.73 -> 0.78-0.97, (256, 512, 12, 12) 0.60-0.61 -> 0.72-0.74 /
+    # 0.59-0.64 -> 0.65-0.75; 1280 (512, 256, 160) 0.62 -> 0.75 / 0.66 ->
+    # 0.83, (384, 256, 160) 0.61 -> 0.63 / 0.61 -> 0.77; 1536 (256, 256,
+    # 192) 0.59 -> 0.67 (two threads took it already); 2048 (128, 256, 16,
+    # 16) 0.60-0.61 -> 0.77-0.82, (256, 256, 16, 16) 0.55 -> 0.80. But
+    # 1024 bytes (512, 256, 128) 0.64 -> 0.54 / 0.60 -> 0.47 ((256, 256,
+    # 128) 0.68 -> 0.64 / 0.75 -> 0.95) and 512 (1024, 256, 8, 8) 0.59 ->
+    # 0.48 / 0.61 -> 0.54. Runs that share lines stayed mixed on one thread:
+    # 1568 bytes (256, 256, 14, 14) 0.61-0.63 -> 0.58-0.61, (128, 512, 14,
+    # 14) 0.58-0.60 -> 0.64-0.67; 2312 (128, 256, 17, 17) 0.69 -> 0.61.
+    PIPE_MIN_WHOLE_LINE_RUN_BYTES_F64 = 1088
     # The float64 backward (its own fused loop, seams and all) pays from
     # shorter runs: pipelined against two passes, of its bound, (N, C, H,
     # W) of 6-103 MB, 1 / 2 threads: runs of 2312 bytes 0.43-0.44 against
@@ -3724,6 +3743,17 @@ cdef int pipelined_mode = -1    # -1: by size; 0: never; 1: whenever possible
 cdef Py_ssize_t pipelined_calls = 0     # pipelined_forward_calls
 
 
+cdef inline Py_ssize_t pipe_min_run_bytes_f64(const Planar *g, int nthreads) noexcept nogil:
+    """The shortest float64 runs the pipelined forward takes by size: whole
+    lines from PIPE_MIN_WHOLE_LINE_RUN_BYTES_F64, other runs longer on one
+    thread than on two."""
+    if not runs_share_lines(g, sizeof(double)):
+        return PIPE_MIN_WHOLE_LINE_RUN_BYTES_F64
+    if nthreads >= 2:
+        return PIPE_MIN_RUN_BYTES_F64
+    return PIPE_MIN_RUN_BYTES_F64_ONE_THREAD
+
+
 cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
                         int nthreads) noexcept nogil:
     """Whether the pipelined training forward pays.
@@ -3734,8 +3764,7 @@ cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
     two channels in cache (pipe_max_slice), and reads its first channel's
     statistics and normalises its last channel alone: with fewer than
     PIPE_MIN_CHANNELS per thread those unpipelined ends weigh too much.
-    float64 needs longer runs (PIPE_MIN_RUN_BYTES_F64), longer still on
-    one thread.
+    float64 needs longer runs (pipe_min_run_bytes_f64).
     """
     if (pipelined_mode == 0 or g.inner < PLANAR_MIN_INNER
             or g.inner >= CHUNK_VALUES):
@@ -3744,11 +3773,9 @@ cdef bint use_pipelined(const Planar *g, Py_ssize_t itemsize, int stream,
         return True
     # Measured on AVX-512 machines only; elsewhere the two passes.
     return (bn_pipelined_fused() and stream != 0
-            and g.inner * itemsize >= pipe_min_run_bytes(itemsize, PIPE_MIN_RUN_BYTES_F64
-                                                         if nthreads >= 2
-                                                         else PIPE_MIN_RUN_BYTES_F64_ONE_THREAD,
-                                                         rows_as_runs(g, stream, itemsize,
-                                                                      ROW_RUNS_MAX_BYTES))
+            and g.inner * itemsize >= pipe_min_run_bytes(
+                itemsize, pipe_min_run_bytes_f64(g, nthreads),
+                rows_as_runs(g, stream, itemsize, ROW_RUNS_MAX_BYTES))
             and g.channels >= PIPE_MIN_CHANNELS * nthreads
             and g.outer * g.inner * itemsize <= pipe_max_slice(g.inner * itemsize))
 

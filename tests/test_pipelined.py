@@ -185,6 +185,18 @@ def test_float64_runs_of_1568_bytes_are_pipelined_on_two_threads_only(restore_tu
                              {1: False, 2: True})
 
 
+@pytest.mark.parametrize("inner, pipelined", [(136, True), (144, True), (128, False)],
+                         ids=["1088B", "1152B", "1024B"])
+def test_float64_runs_of_whole_lines_are_pipelined_from_17_lines(inner, pipelined,
+                                                                  restore_tuning):
+    """Float64 runs of whole 64-byte lines: pipelined on one thread and two
+    from 1088 bytes (PIPE_MIN_WHOLE_LINE_RUN_BYTES_F64), two passes at 1
+    KiB (under PIPE_MIN_RUN_BYTES_F64 too)."""
+    shape = (64, 32, inner)
+    assert_pipelined_by_size(_input(*shape, 0, seed=5, dtype=np.float64), shape,
+                             {1: pipelined, 2: pipelined})
+
+
 @pytest.mark.parametrize("shape, pipelined", [
     ((320, 8, 3136), True),      # channels of 4.0 MB, runs of 12.5 kB
     ((384, 8, 3136), False),     # 4.8 MB
