@@ -1008,8 +1008,10 @@ static inline int bn_touch_each_rows(const void *x, ptrdiff_t stride_bytes, ptrd
 #define BN_WIDE_ROWS_AHEAD 2
 /* Float64 statistics ask for rows of up to 1 KiB ahead rather than
  * touching them first: their one pass of sums, from memory, (N, 128) and
- * (N, 96) moments on one thread, Zen 5, took 0.74-0.80 streaming-copy times
- * against 0.84-0.85 touched (interleaved medians of 21). */
+ * (N, 96) moments on one thread, Zen 5, took 0.75-0.80 streaming-copy times
+ * against 0.84-0.85 touched (interleaved medians of 21). Wider rows are
+ * still touched (measured for a pass of s1 alone: 2 KiB rows asked for
+ * took 1.16 against 1.13). */
 #define BN_F64_TOUCH_MIN_ROW_BYTES 1024
 static inline int bn_wide_rows_ahead(ptrdiff_t ncols, ptrdiff_t row_bytes,
                                      ptrdiff_t stride_bytes, ptrdiff_t group_cols,

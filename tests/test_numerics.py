@@ -326,8 +326,9 @@ def _exactly_summed_variance(values):
 
 
 # (shape, axis): (N, C) rows, whose first block's shift is its first row
-# (3 and 64 columns); planar runs of 3136 values (two per block), of
-# 12544 (pieces), and short runs as rows (3x3) and as blocks of runs (7x7).
+# (3 and 64 columns); planar runs of 3136 and 12544 values (cut in pieces
+# of BLOCK_LEN), and short runs as rows (3x3) and in blocks of whole runs
+# (7x7).
 FAR_SHIFT_LAYOUTS = [((200000, 3), -1), ((20000, 64), -1), ((8, 4, 56, 56), 1),
                      ((16, 3, 112, 112), 1), ((4096, 2, 3, 3), 1), ((64, 3, 7, 7), 1)]
 
