@@ -783,6 +783,29 @@ cdef Moments shifted_runs_moments(const floating *x, Py_ssize_t nruns, Py_ssize_
     return moments_from_shifted_sums(<double>(nruns * n), offset, s1, s2)
 
 
+cdef Moments moments_after_first_pass(const floating *x, Py_ssize_t nruns, Py_ssize_t stride,
+                                      Py_ssize_t n, double origin, double s1, double s2,
+                                      Py_ssize_t second_ahead_bytes) noexcept nogil:
+    """The triple of a block (as block_moments) from its first pass's sums s1,
+    s2 of x - origin: float64's second pass where they did not keep their
+    digits; where they did, what that pass would have asked for is still
+    asked for (second_ahead_bytes on), as the memory would idle without.
+    Float64 training, of a streaming copy, in-process medians of 21, one
+    thread, with a second pass on every block / none and nothing asked /
+    none and the runs asked: (64, 256, 28, 28) 0.84 / 0.77 / 0.90, (32,
+    192, 35, 35) 0.74 / 0.74 / 0.86, (128, 128, 56, 56) 0.58 / 0.65 / 0.66
+    (the pipelined walk; the two passes' figures are at
+    SECOND_PASS_BLOCKS_AHEAD)."""
+    cdef double count = <double>(nruns * n)
+    cdef Moments m = moments_from_shifted_sums(count, 0.0, s1, s2)
+    if floating is double:
+        if shifted_sums_keep_digits(count, s1, s2):
+            ask_for_runs(x, nruns, stride, n, second_ahead_bytes)
+        else:
+            m = shifted_runs_moments(x, nruns, stride, n, origin, m.mean, second_ahead_bytes)
+    return m
+
+
 cdef Moments block_moments(const floating *x, Py_ssize_t nruns, Py_ssize_t stride,
                            Py_ssize_t n, double origin, Py_ssize_t ahead_bytes=0,
                            Py_ssize_t second_ahead_bytes=0) noexcept nogil:
@@ -800,15 +823,8 @@ cdef Moments block_moments(const floating *x, Py_ssize_t nruns, Py_ssize_t strid
     exactly 0.
     """
     cdef double s1 = 0.0, s2 = 0.0
-    cdef double count = <double>(nruns * n)
     runs_shifted_sums(x, nruns, stride, n, origin, 0.0, ahead_bytes, &s1, &s2)
-    cdef Moments m = moments_from_shifted_sums(count, 0.0, s1, s2)
-    if floating is double:
-        if shifted_sums_keep_digits(count, s1, s2):
-            ask_for_runs(x, nruns, stride, n, second_ahead_bytes)
-        else:
-            m = shifted_runs_moments(x, nruns, stride, n, origin, m.mean, second_ahead_bytes)
-    return m
+    return moments_after_first_pass(x, nruns, stride, n, origin, s1, s2, second_ahead_bytes)
 
 
 cdef struct StatsOut:
@@ -1840,9 +1856,7 @@ cdef void pipelined_runs(const floating *x, floating *y, const Planar *g, Py_ssi
     cdef const floating *pf = NULL
     cdef floating *yn = NULL
     cdef int leave = 0
-    cdef double count, t1, t2
-    cdef const floating *first_run
-    cdef Py_ssize_t ahead_bytes
+    cdef Py_ssize_t ahead_bytes = 0
     cdef Moments block
     if nc >= 0:
         affine_params(a, nc, &now[0], &now[1], &now[2], &now[3])
@@ -1880,24 +1894,12 @@ cdef void pipelined_runs(const floating *x, floating *y, const Planar *g, Py_ssi
         if sc >= 0 and block_end > 0:
             # block_moments' passes: the first one above, float64's second
             # one (where it needs one) here, from L1, asking for the runs
-            # ahead (second_pass_ahead). Where it needs none, the runs are
-            # asked for all the same. Float64 training, of a streaming copy,
-            # in-process medians of 21, one thread, with a second pass on
-            # every block / none and nothing asked / none and the runs
-            # asked: (64, 256, 28, 28) 0.84 / 0.77 / 0.90, (32, 192, 35,
-            # 35) 0.74 / 0.74 / 0.86, (128, 128, 56, 56) 0.58 / 0.65 / 0.66.
-            count = <double>(block_end * length)
-            t1 = bn_lanes_total(s1)
-            t2 = bn_lanes_total(s2)
-            block = moments_from_shifted_sums(count, 0.0, t1, t2)
+            # ahead (second_pass_ahead).
             if floating is double:
-                first_run = xs - (block_end - 1) * stride
                 ahead_bytes = second_pass_ahead(x, g, xs, pf, block_end)
-                if shifted_sums_keep_digits(count, t1, t2):
-                    ask_for_runs(first_run, block_end, stride, length, ahead_bytes)
-                else:
-                    block = shifted_runs_moments(first_run, block_end, stride, length, origin,
-                                                 block.mean, ahead_bytes)
+            block = moments_after_first_pass(xs - (block_end - 1) * stride, block_end, stride,
+                                             length, origin, bn_lanes_total(s1),
+                                             bn_lanes_total(s2), ahead_bytes)
             merge_moments(acc, block)
             clear_lanes(s1, s2)
 
@@ -2094,33 +2096,33 @@ cdef void columns_moments(const floating *x, Py_ssize_t nrows, Py_ssize_t stride
             r = r + n
         for j in range(ncols):
             merge_moments(&acc[j], moments_from_shifted_sums(<double>nrows, 0.0, s1[j], s2[j]))
-        return
-    for j in range(ncols):
-        shift[j] = x[j]
-    r = 0
-    while r < nrows:
-        n = min(rows_per_block, nrows - r)
-        # One subtraction a value: the shift as the rows' origin, and the
-        # offset that puts the mean back on the channel's origin. (Origin
-        # and offset subtracted apart, (N, 128) and (N, 96) statistics took
-        # 0.77-0.80 streaming-copy times on one thread against 0.74-0.77.)
+    else:
         for j in range(ncols):
-            offset[j] = shift[j] - origin[j]
-        rows_shifted_sums(x + r * stride, n, stride, ncols, shift, NULL, s1, s2)
-        for j in range(ncols):
-            if not shifted_sums_keep_digits(<double>n, s1[j], s2[j]):
-                second_rows_pass(x + r * stride, n, stride, ncols, origin, offset, s1, s2)
-                break
-        for j in range(ncols):
-            block = moments_from_shifted_sums(<double>n, offset[j], s1[j], s2[j])
-            merge_moments(&acc[j], block)
-            # (A column with a NaN or an infinity keeps its first shift: a
-            # mean of NaN would send every later block to the second pass.)
-            if fabs(block.mean) <= DBL_MAX:
-                shift[j] = origin[j] + block.mean
-            s1[j] = 0.0
-            s2[j] = 0.0
-        r = r + n
+            shift[j] = x[j]
+        r = 0
+        while r < nrows:
+            n = min(rows_per_block, nrows - r)
+            # One subtraction a value: the shift as the rows' origin, and the
+            # offset that puts the mean back on the channel's origin. (Origin
+            # and offset subtracted apart, (N, 128) and (N, 96) statistics took
+            # 0.77-0.80 streaming-copy times on one thread against 0.74-0.77.)
+            for j in range(ncols):
+                offset[j] = shift[j] - origin[j]
+            rows_shifted_sums(x + r * stride, n, stride, ncols, shift, NULL, s1, s2)
+            for j in range(ncols):
+                if not shifted_sums_keep_digits(<double>n, s1[j], s2[j]):
+                    second_rows_pass(x + r * stride, n, stride, ncols, origin, offset, s1, s2)
+                    break
+            for j in range(ncols):
+                block = moments_from_shifted_sums(<double>n, offset[j], s1[j], s2[j])
+                merge_moments(&acc[j], block)
+                # (A column with a NaN or an infinity keeps its first shift: a
+                # mean of NaN would send every later block to the second pass.)
+                if fabs(block.mean) <= DBL_MAX:
+                    shift[j] = origin[j] + block.mean
+                s1[j] = 0.0
+                s2[j] = 0.0
+            r = r + n
 
 
 cdef void second_rows_pass(const floating *x, Py_ssize_t nrows, Py_ssize_t stride,
